@@ -1,0 +1,196 @@
+"""Explanation methods: signed input gradients of a model, batched.
+
+An explanation is described by :class:`Explanation` ``(method, target, output, **params)``:
+
+- method: ``gradient``, ``smoothgrad``, ``integrated_gradients`` or ``input_x_gradient``;
+- target: ``"predicted"`` (the class the model predicts for the clean input), a class
+  index, or ``"all"`` (one map per class);
+- output: the quantity differentiated: ``probability``, ``log_probability`` or ``logit``.
+
+Maps are signed (no abs) and taken with respect to the [0, 1] input. For target "all" they
+have shape (N, K, C, H, W), else (N, C, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Explanation", "METHODS", "OUTPUTS", "explain"]
+
+METHODS = ("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient")
+OUTPUTS = ("probability", "log_probability", "logit")
+
+_DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "gradient": {},
+    "input_x_gradient": {},
+    # Vertex AI's SmoothGrad defaults: noiseSigma 0.1, noisySampleCount 3.
+    "smoothgrad": {"sigma": 0.1, "samples": 3},
+    "integrated_gradients": {"steps": 16, "baseline": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What kind of explanation to compute. Parameters depend on the method:
+    smoothgrad: sigma (noise std on the [0, 1] scale), samples;
+    integrated_gradients: steps, baseline (a number, the fill value of the baseline image).
+    """
+
+    method: str = "gradient"
+    target: str | int = "predicted"
+    output: str = "probability"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        method: str = "gradient",
+        target: str | int = "predicted",
+        output: str = "probability",
+        **params: Any,
+    ):
+        if method not in METHODS:
+            raise ValueError(
+                f"explanation method: unknown {method!r}; expected one of {', '.join(METHODS)}"
+            )
+        if isinstance(target, bool) or not (
+            target in ("predicted", "all") or isinstance(target, int)
+        ):
+            raise ValueError(
+                f"explanation target: expected 'predicted', 'all' or a class index, got {target!r}"
+            )
+        if isinstance(target, int) and target < 0:
+            raise ValueError(f"explanation target: class index must be >= 0, got {target}")
+        if output not in OUTPUTS:
+            raise ValueError(
+                f"explanation output: unknown {output!r}; expected one of {', '.join(OUTPUTS)}"
+            )
+        allowed = _DEFAULT_PARAMS[method]
+        unknown = set(params) - set(allowed)
+        if unknown:
+            raise ValueError(
+                f"explanation parameters: {sorted(unknown)} not known for {method!r}; "
+                f"expected {sorted(allowed) or 'none'}"
+            )
+        merged = {**allowed, **params}
+        if method == "smoothgrad":
+            if not float(merged["sigma"]) >= 0:
+                raise ValueError(f"smoothgrad sigma: expected >= 0, got {merged['sigma']}")
+            if int(merged["samples"]) < 1:
+                raise ValueError(f"smoothgrad samples: expected >= 1, got {merged['samples']}")
+            merged = {"sigma": float(merged["sigma"]), "samples": int(merged["samples"])}
+        if method == "integrated_gradients":
+            if int(merged["steps"]) < 1:
+                raise ValueError(f"integrated_gradients steps: expected >= 1, got {merged['steps']}")
+            merged = {"steps": int(merged["steps"]), "baseline": float(merged["baseline"])}
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "output", output)
+        object.__setattr__(self, "params", merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "target": self.target, "output": self.output, **self.params}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Explanation:
+        data = dict(data)
+        return cls(
+            data.pop("method", "gradient"),
+            target=data.pop("target", "predicted"),
+            output=data.pop("output", "probability"),
+            **data,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.method, self.target, self.output, tuple(sorted(self.params.items()))))
+
+    def describe(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.method}(target={self.target}, output={self.output}{', ' + extra if extra else ''})"
+
+
+def _transform(logits: torch.Tensor, output: str) -> torch.Tensor:
+    if output == "logit":
+        return logits
+    if output == "log_probability":
+        return torch.log_softmax(logits, dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def _gradients(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    output: str,
+    classes: torch.Tensor | None,
+) -> torch.Tensor:
+    """d output[class] / dx for each image; classes None means every class (N, K, ...)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        values = _transform(forward(x), output)
+        if classes is not None:
+            selected = values.gather(1, classes.view(-1, 1)).sum()
+            (grad,) = torch.autograd.grad(selected, x)
+            return grad
+        k = values.shape[1]
+        grads = []
+        # Images in a batch are independent (eval mode), so one backward per class
+        # gives every image's gradient for that class.
+        for c in range(k):
+            (g,) = torch.autograd.grad(values[:, c].sum(), x, retain_graph=c < k - 1)
+            grads.append(g)
+        return torch.stack(grads, dim=1)
+
+
+def explain(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    explanation: Explanation,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Compute `explanation` for images `x` (float, [0, 1], (N, C, H, W)).
+
+    `forward` maps images to logits (e.g. a :class:`megex.Victim` in eval mode).
+    `generator` seeds SmoothGrad's noise.
+    """
+    with torch.no_grad():
+        logits = forward(x)
+    num_classes = logits.shape[1]
+    target = explanation.target
+    if target == "all":
+        classes = None
+    elif target == "predicted":
+        classes = logits.argmax(dim=1)
+    else:
+        if target >= num_classes:
+            raise ValueError(
+                f"explanation target: class {target} does not exist (model has {num_classes})"
+            )
+        classes = torch.full((x.shape[0],), int(target), dtype=torch.long, device=x.device)
+
+    method, params, output = explanation.method, explanation.params, explanation.output
+    if method == "gradient":
+        return _gradients(forward, x, output, classes)
+    if method == "input_x_gradient":
+        grad = _gradients(forward, x, output, classes)
+        return grad * (x if classes is not None else x.unsqueeze(1))
+    if method == "smoothgrad":
+        total = None
+        for _ in range(params["samples"]):
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            g = _gradients(forward, x + params["sigma"] * noise, output, classes)
+            total = g if total is None else total + g
+        return total / params["samples"]
+    # integrated gradients: midpoint Riemann sum along the straight path baseline -> x
+    baseline = torch.full_like(x, params["baseline"])
+    steps = params["steps"]
+    total = None
+    for i in range(steps):
+        alpha = (i + 0.5) / steps
+        g = _gradients(forward, baseline + alpha * (x - baseline), output, classes)
+        total = g if total is None else total + g
+    delta = x - baseline
+    return (total / steps) * (delta if classes is not None else delta.unsqueeze(1))

@@ -1,0 +1,279 @@
+"""The black box: the Oracle protocol and LocalOracle, which owns the query ledger.
+
+One query is one image sent to the oracle, with or without an explanation. A request that
+would take the ledger past its budget is refused whole (:class:`BudgetExceeded`) and costs
+nothing. Attacks only ever see this protocol, so the same attack runs in-process or over
+HTTP (:class:`megex.client.RemoteOracle`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .defenses import Defense
+from .explain import Explanation, explain
+from .victim import Victim
+
+__all__ = [
+    "Answer",
+    "Oracle",
+    "LocalOracle",
+    "BudgetExceeded",
+    "InvalidQuery",
+    "ExplanationNotOffered",
+    "PREDICTION_MODES",
+    "validate_images",
+]
+
+PREDICTION_MODES = ("probabilities", "logits", "top-k", "label")
+
+
+class BudgetExceeded(RuntimeError):
+    """A request would take the ledger past its budget; nothing was charged."""
+
+    def __init__(self, requested: int, remaining: int | float, budget: int | float):
+        self.requested, self.remaining, self.budget = requested, remaining, budget
+        super().__init__(
+            f"query budget exceeded: this request needs {requested} queries but only "
+            f"{remaining} of {budget} remain; nothing was charged"
+        )
+
+
+class InvalidQuery(ValueError):
+    """The images sent to the oracle are not valid (shape, dtype, range, NaN/inf)."""
+
+
+class ExplanationNotOffered(ValueError):
+    """The oracle does not return the explanation that was asked for."""
+
+
+@dataclass
+class Answer:
+    """What the oracle returns for a batch of N images.
+
+    probabilities: (N, K) float32 as the service exposes them (top-k: others are 0;
+    label only: one-hot). logits: (N, K) in "logits" mode, else None. labels: (N,) argmax.
+    explanation: (N, K, C, H, W) for target "all", (N, C, H, W) otherwise, or None;
+    explanation_spec says which explanation it is.
+    """
+
+    probabilities: torch.Tensor
+    labels: torch.Tensor
+    logits: torch.Tensor | None = None
+    explanation: torch.Tensor | None = None
+    explanation_spec: Explanation | None = None
+    prediction: str = "probabilities"
+
+
+@runtime_checkable
+class Oracle(Protocol):
+    """Anything an attack can query: in-process, over HTTP, or the user's own."""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def queries_used(self) -> int: ...
+
+    @property
+    def remaining(self) -> int | float: ...
+
+    def query(
+        self, x: torch.Tensor, explanation: Explanation | bool | None = None
+    ) -> Answer: ...
+
+
+def validate_images(x: Any, input_shape: Sequence[int], name: str = "x") -> torch.Tensor:
+    """Check a batch of images and return it as a float32 CPU tensor, or raise InvalidQuery."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InvalidQuery(
+                f"{name}: dtype {x.dtype} is not floating point; send float32 images in [0, 1] "
+                "(divide uint8 images by 255)"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise InvalidQuery(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InvalidQuery(
+            f"{name}: dtype {x.dtype} is not floating point; send float32 images in [0, 1] "
+            "(divide uint8 images by 255)"
+        )
+    expected = tuple(int(s) for s in input_shape)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise InvalidQuery(
+            f"{name}: shape {tuple(x.shape)} does not match (N, {', '.join(map(str, expected))})"
+        )
+    if x.shape[0] == 0:
+        raise InvalidQuery(f"{name}: the batch is empty")
+    x = x.detach().to("cpu", torch.float32)
+    if not torch.isfinite(x).all():
+        raise InvalidQuery(f"{name}: contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InvalidQuery(f"{name}: values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}")
+    return x
+
+
+class LocalOracle:
+    """An in-process service around a :class:`Victim`.
+
+    budget: queries allowed (None: unlimited). prediction: "probabilities", "logits",
+    "top-k" (with top_k) or "label". explanation: the explanation the service returns when
+    asked (None: it returns none). allow_explanation_choice: whether a request may ask for
+    a different explanation (method, target, output), as Vertex AI's parameters allow.
+    defenses: applied to what is returned, in order.
+    """
+
+    def __init__(
+        self,
+        victim: Victim,
+        budget: int | None = None,
+        *,
+        prediction: str = "probabilities",
+        top_k: int | None = None,
+        explanation: Explanation | None = Explanation("gradient"),
+        allow_explanation_choice: bool = True,
+        defenses: Sequence[Defense] = (),
+        seed: int = 0,
+        queries_used: int = 0,
+        device: str = "cpu",
+        batch_size: int = 1024,
+    ):
+        if prediction not in PREDICTION_MODES:
+            raise ValueError(
+                f"prediction: unknown mode {prediction!r}; expected one of "
+                f"{', '.join(PREDICTION_MODES)}"
+            )
+        if prediction == "top-k" and (top_k is None or not 1 <= int(top_k) <= victim.num_classes):
+            raise ValueError(f"top_k: expected 1..{victim.num_classes} for 'top-k', got {top_k}")
+        if budget is not None and int(budget) < 0:
+            raise ValueError(f"budget: expected >= 0 or None, got {budget}")
+        if int(queries_used) < 0:
+            raise ValueError(f"queries_used: expected >= 0, got {queries_used}")
+        self.victim = victim.eval().to(device)
+        self.budget: int | float = math.inf if budget is None else int(budget)
+        self.prediction = prediction
+        self.top_k = None if top_k is None else int(top_k)
+        self.explanation = explanation
+        self.allow_explanation_choice = allow_explanation_choice
+        self.defenses = list(defenses)
+        self.device = device
+        self.batch_size = int(batch_size)
+        self._used = int(queries_used)
+        self._ledger_lock = threading.Lock()
+        self._compute_lock = threading.Lock()
+        self._rng = torch.Generator().manual_seed(seed)
+
+    # --- the ledger ---------------------------------------------------------------------
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.victim.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.victim.num_classes
+
+    @property
+    def queries_used(self) -> int:
+        return self._used
+
+    @property
+    def remaining(self) -> int | float:
+        return self.budget - self._used
+
+    def _charge(self, n: int) -> None:
+        with self._ledger_lock:
+            if self._used + n > self.budget:
+                raise BudgetExceeded(n, self.budget - self._used, self.budget)
+            self._used += n
+
+    def _refund(self, n: int) -> None:
+        with self._ledger_lock:
+            self._used -= n
+
+    def state_dict(self) -> dict[str, Any]:
+        """The service's state (ledger and noise RNG), for a service that restarts."""
+        return {"queries_used": self._used, "rng": self._rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._used = int(state["queries_used"])
+        self._rng.set_state(state["rng"])
+
+    # --- answering ----------------------------------------------------------------------
+
+    def resolve_explanation(self, requested: Explanation | bool | None) -> Explanation | None:
+        """The explanation a request will get, or ExplanationNotOffered."""
+        if requested is None or requested is False:
+            return None
+        if self.explanation is None:
+            raise ExplanationNotOffered("explanation: this oracle returns no explanations")
+        if requested is True:
+            return self.explanation
+        if not isinstance(requested, Explanation):
+            raise ExplanationNotOffered(
+                f"explanation: expected None, True or an Explanation, got {type(requested).__name__}"
+            )
+        if requested != self.explanation and not self.allow_explanation_choice:
+            raise ExplanationNotOffered(
+                f"explanation: this oracle returns only {self.explanation.describe()}, "
+                f"not {requested.describe()}"
+            )
+        if isinstance(requested.target, int) and requested.target >= self.num_classes:
+            raise ExplanationNotOffered(
+                f"explanation target: class {requested.target} does not exist "
+                f"(the model has {self.num_classes} classes)"
+            )
+        return requested
+
+    def query(self, x: Any, explanation: Explanation | bool | None = None) -> Answer:
+        """Answer a batch of images; charges one query per image."""
+        images = validate_images(x, self.input_shape)
+        spec = self.resolve_explanation(explanation)
+        n = images.shape[0]
+        self._charge(n)
+        try:
+            with self._compute_lock:
+                return self._answer(images, spec)
+        except BaseException:
+            self._refund(n)
+            raise
+
+    def _answer(self, images: torch.Tensor, spec: Explanation | None) -> Answer:
+        logits_parts, expl_parts = [], []
+        for i in range(0, images.shape[0], self.batch_size):
+            chunk = images[i : i + self.batch_size].to(self.device)
+            with torch.no_grad():
+                logits_parts.append(self.victim(chunk).float().cpu())
+            if spec is not None:
+                expl_parts.append(explain(self.victim, chunk, spec, generator=self._rng).cpu())
+        logits = torch.cat(logits_parts)
+        probs = torch.softmax(logits, dim=1)
+        labels = logits.argmax(dim=1)
+        for defense in self.defenses:
+            probs = defense.probabilities(probs)
+        shown_logits = None
+        if self.prediction == "logits":
+            shown_logits = logits
+        elif self.prediction == "top-k":
+            top = probs.topk(self.top_k, dim=1)
+            probs = torch.zeros_like(probs).scatter_(1, top.indices, top.values)
+        elif self.prediction == "label":
+            probs = torch.nn.functional.one_hot(labels, self.num_classes).float()
+        expl = None
+        if spec is not None:
+            expl = torch.cat(expl_parts)
+            for defense in self.defenses:
+                expl = defense.explanation(expl, generator=self._rng)
+        return Answer(probs, labels, shown_logits, expl, spec, self.prediction)

@@ -1,0 +1,313 @@
+"""Victim = a classifier + its input normalisation + metadata; training; save and load.
+
+A victim takes float32 images in [0, 1] of shape (N, C, H, W) and returns logits.
+Normalisation happens inside, so nothing outside needs to know the victim's mean and std.
+Weights are stored as safetensors with a JSON sidecar; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .models import build_classifier
+
+__all__ = ["Victim", "RECIPES", "Recipe", "train_victim", "sidecar_path"]
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_suffix(".json")
+
+
+class Victim(nn.Module):
+    """A classifier over [0, 1] images with its normalisation and metadata."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        mean: tuple[float, ...] | float = 0.0,
+        std: tuple[float, ...] | float = 1.0,
+        arch: str | None = None,
+        dataset: str | None = None,
+        accuracy: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape: expected (C, H, W), got {tuple(input_shape)}")
+        channels = int(input_shape[0])
+        mean_t = _per_channel("mean", mean, channels)
+        std_t = _per_channel("std", std, channels)
+        if (std_t <= 0).any():
+            raise ValueError(f"std: every value must be > 0, got {std_t.tolist()}")
+        self.model = model
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std_t.view(1, -1, 1, 1), persistent=False)
+        self.arch = arch
+        self.dataset = dataset
+        self.accuracy = accuracy
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        mean: tuple[float, ...] | float = 0.0,
+        std: tuple[float, ...] | float = 1.0,
+        **metadata: Any,
+    ) -> Victim:
+        """Wrap any user `nn.Module` that maps normalised images to logits."""
+        victim = cls(module, input_shape, num_classes, mean, std, metadata=metadata)
+        with torch.no_grad():
+            was_training = module.training
+            module.eval()
+            out = victim(torch.zeros(1, *victim.input_shape))
+            module.train(was_training)
+        if out.shape != (1, num_classes):
+            raise ValueError(
+                f"module: on one image of shape {victim.input_shape} it returned "
+                f"{tuple(out.shape)}, expected (1, {num_classes}) logits"
+            )
+        return victim.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Predicted labels for [0, 1] images, in eval mode, batched."""
+        was_training = self.training
+        self.eval()
+        out = [self(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "dataset": self.dataset,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+            "accuracy": self.accuracy,
+            **self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path` (.safetensors) and its JSON sidecar, atomically."""
+        from safetensors.torch import save_file
+
+        if self.arch is None:
+            raise ValueError(
+                "save: this victim wraps a custom module (arch is None); save that module "
+                "yourself and wrap it again with Victim.from_module"
+            )
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp))
+        write_json_atomic(sidecar_path(path), self.info())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str = "cpu") -> Victim:
+        """Load a victim written by :meth:`save` (safetensors + JSON sidecar)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file() and path.with_name(path.name + ".safetensors").is_file():
+            path = path.with_name(path.name + ".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"victim: no file at {path}")
+        side = sidecar_path(path)
+        if not side.is_file():
+            raise FileNotFoundError(f"victim: {path} has no JSON sidecar at {side}")
+        info = json.loads(side.read_text())
+        for key in ("arch", "input_shape", "num_classes"):
+            if key not in info:
+                raise ValueError(f"victim: sidecar {side} lacks {key!r}")
+        c, h, _ = info["input_shape"]
+        model = build_classifier(info["arch"], info["num_classes"], c, h)
+        model.load_state_dict(load_file(str(path), device=map_location))
+        extra = {
+            k: v
+            for k, v in info.items()
+            if k not in {"arch", "dataset", "input_shape", "num_classes", "mean", "std", "accuracy"}
+        }
+        victim = cls(
+            model,
+            tuple(info["input_shape"]),
+            info["num_classes"],
+            tuple(info.get("mean", [0.0])),
+            tuple(info.get("std", [1.0])),
+            arch=info["arch"],
+            dataset=info.get("dataset"),
+            accuracy=info.get("accuracy"),
+            metadata=extra,
+        )
+        return victim.eval()
+
+
+def _per_channel(name: str, value, channels: int) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(channels).clone()
+    if t.numel() != channels:
+        raise ValueError(f"{name}: expected 1 or {channels} values, got {t.numel()}")
+    return t
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train a victim: the settings, and the test accuracy it is documented to reach."""
+
+    arch: str
+    epochs: int
+    lr: float
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    expected_accuracy: float = 0.0
+
+
+# Measured on 2 CPU cores with seed 0 (see README, "Victims").
+RECIPES: dict[str, Recipe] = {
+    "digits": Recipe("small_cnn", epochs=40, lr=0.05, batch_size=64, expected_accuracy=0.97),
+    "fashion-mnist": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.89),
+    "mnist": Recipe("lenet5", epochs=8, lr=0.05, expected_accuracy=0.98),
+    "svhn": Recipe("resnet34_8x", epochs=30, lr=0.1, expected_accuracy=0.95),
+    "cifar10": Recipe("resnet34_8x", epochs=200, lr=0.1, expected_accuracy=0.94),
+}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of `model` (maps [0, 1] images to logits) in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        pred = model(x[i : i + batch_size].to(device)).argmax(1).cpu()
+        correct += int((pred == y[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(len(x), 1)
+
+
+def train_victim(
+    dataset: str | data_mod.Dataset,
+    arch: str | None = None,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    data_root: str | os.PathLike | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Victim:
+    """Train a victim on a named dataset with its recipe (any setting can be overridden).
+
+    SGD with momentum 0.9, Nesterov, cosine learning-rate decay, random 1-pixel shifts for
+    images larger than 8x8. Returns the victim in eval mode with its test accuracy set.
+    """
+    ds = dataset if isinstance(dataset, data_mod.Dataset) else data_mod.load(dataset, data_root)
+    recipe = RECIPES.get(ds.name, Recipe(arch or "lenet5", epochs=10, lr=0.05))
+    arch = arch or recipe.arch
+    epochs = recipe.epochs if epochs is None else epochs
+    lr = recipe.lr if lr is None else lr
+    batch_size = recipe.batch_size if batch_size is None else batch_size
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected > 0, got {lr}")
+
+    torch.manual_seed(seed)
+    x_train, y_train = ds.train_tensors()
+    x_test, y_test = ds.test_tensors()
+    mean = x_train.mean(dim=(0, 2, 3)).tolist()
+    std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    c, h, _ = ds.input_shape
+    model = build_classifier(arch, ds.num_classes, c, h)
+    victim = Victim(model, ds.input_shape, ds.num_classes, mean, std, arch=arch, dataset=ds.name)
+    victim.to(device)
+    opt = torch.optim.SGD(
+        victim.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    gen = torch.Generator().manual_seed(seed)
+    shift = h > 8
+    start = time.time()
+    bar = _progress(epochs, progress, f"train {arch} on {ds.name}")
+    for _ in range(epochs):
+        victim.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            if shift:
+                xb = _random_shift(xb, gen)
+            loss = nn.functional.cross_entropy(victim(xb.to(device)), yb.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    victim.eval()
+    victim.accuracy = accuracy(victim, x_test, y_test)
+    victim.metadata.update(
+        {"epochs": epochs, "lr": lr, "seed": seed, "train_seconds": round(time.time() - start, 1)}
+    )
+    return victim.cpu()
+
+
+def _random_shift(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translations of up to `pad` pixels (one offset per batch keeps it cheap)."""
+    dx, dy = torch.randint(-pad, pad + 1, (2,), generator=gen).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
