@@ -121,9 +121,7 @@ def _load_digits() -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "dataset 'digits' needs scikit-learn: pip install 'megex[data]'"
-        ) from exc
+        raise ImportError("dataset 'digits' needs scikit-learn: pip install 'megex[data]'") from exc
     bunch = load_digits()
     # sklearn's digits are integers 0..16; scale to the full uint8 range.
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
@@ -162,7 +160,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"{path}: IDX header promises {count} values of {dtype} but the file holds "
             f"{len(data) - header} bytes"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def _find(folder: Path, stem: str) -> Path | None:

@@ -29,7 +29,9 @@ class Defense:
     def probabilities(self, p: torch.Tensor) -> torch.Tensor:
         return p
 
-    def explanation(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def explanation(
+        self, e: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return e
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,7 +62,9 @@ class ExplanationNoise(Defense):
             raise ValueError(f"noise scale: expected >= 0, got {scale}")
         self.scale = float(scale)
 
-    def explanation(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def explanation(
+        self, e: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         dims = tuple(range(e.dim() - 3, e.dim()))
         std = e.std(dim=dims, keepdim=True)
         noise = torch.randn(e.shape, generator=generator, dtype=e.dtype, device=e.device)
@@ -72,7 +76,9 @@ class ExplanationSign(Defense):
 
     name = "sign"
 
-    def explanation(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def explanation(
+        self, e: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return torch.sign(e)
 
 
@@ -86,7 +92,9 @@ class ExplanationTopK(Defense):
             raise ValueError(f"topk fraction: expected in (0, 1], got {fraction}")
         self.fraction = float(fraction)
 
-    def explanation(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def explanation(
+        self, e: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         flat = e.flatten(e.dim() - 3)
         k = max(1, int(round(self.fraction * flat.shape[-1])))
         threshold = flat.abs().topk(k, dim=-1).values[..., -1:]

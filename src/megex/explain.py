@@ -84,7 +84,9 @@ class Explanation:
             merged = {"sigma": float(merged["sigma"]), "samples": int(merged["samples"])}
         if method == "integrated_gradients":
             if int(merged["steps"]) < 1:
-                raise ValueError(f"integrated_gradients steps: expected >= 1, got {merged['steps']}")
+                raise ValueError(
+                    f"integrated_gradients steps: expected >= 1, got {merged['steps']}"
+                )
             merged = {"steps": int(merged["steps"]), "baseline": float(merged["baseline"])}
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "target", target)
@@ -109,7 +111,8 @@ class Explanation:
 
     def describe(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{self.method}(target={self.target}, output={self.output}{', ' + extra if extra else ''})"
+        extra = ", " + extra if extra else ""
+        return f"{self.method}(target={self.target}, output={self.output}{extra})"
 
 
 def _transform(logits: torch.Tensor, output: str) -> torch.Tensor:

@@ -162,7 +162,9 @@ def build_classifier(
         raise ValueError(
             f"arch: unknown classifier {name!r}; expected one of {', '.join(CLASSIFIERS)}"
         )
-    return CLASSIFIERS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    return CLASSIFIERS[name](
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size
+    )
 
 
 # --- generators -------------------------------------------------------------------------

@@ -88,9 +88,7 @@ class Oracle(Protocol):
     @property
     def remaining(self) -> int | float: ...
 
-    def query(
-        self, x: torch.Tensor, explanation: Explanation | bool | None = None
-    ) -> Answer: ...
+    def query(self, x: torch.Tensor, explanation: Explanation | bool | None = None) -> Answer: ...
 
 
 def validate_images(x: Any, input_shape: Sequence[int], name: str = "x") -> torch.Tensor:
@@ -103,7 +101,9 @@ def validate_images(x: Any, input_shape: Sequence[int], name: str = "x") -> torc
             )
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
-        raise InvalidQuery(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
+        raise InvalidQuery(
+            f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}"
+        )
     if not x.is_floating_point():
         raise InvalidQuery(
             f"{name}: dtype {x.dtype} is not floating point; send float32 images in [0, 1] "
@@ -223,7 +223,8 @@ class LocalOracle:
             return self.explanation
         if not isinstance(requested, Explanation):
             raise ExplanationNotOffered(
-                f"explanation: expected None, True or an Explanation, got {type(requested).__name__}"
+                "explanation: expected None, True or an Explanation, "
+                f"got {type(requested).__name__}"
             )
         if requested != self.explanation and not self.allow_explanation_choice:
             raise ExplanationNotOffered(

@@ -1,0 +1,391 @@
+"""The loop every data-free extraction attack shares.
+
+One iteration = `generator_steps` generator updates (the attack's own `generator_step`)
+then `clone_steps` clone updates on fresh generator queries. The loop owns schedules,
+evaluation, checkpoints and resume; it spends queries only through the oracle, checks the
+remaining budget before each iteration and never asks for more than is left.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import build_classifier, build_generator
+from ..oracle import Oracle
+from ..runs import RunFolder
+
+__all__ = ["Attack", "AttackConfig", "AttackResult", "default_clone_arch", "victim_targets"]
+
+LOG_EPS = 1e-8
+
+
+def default_clone_arch(input_shape: tuple[int, int, int]) -> str:
+    """A clone that fits the images: small_cnn for 8x8, lenet5 up to 28x28, else ResNet-18-8x."""
+    size = input_shape[1]
+    if size <= 8:
+        return "small_cnn"
+    if size <= 28:
+        return "lenet5"
+    return "resnet18_8x"
+
+
+def victim_targets(probabilities: torch.Tensor) -> torch.Tensor:
+    """DFME's "mean" logit recovery: log p - mean_k log p (defined up to a constant anyway)."""
+    logp = probabilities.clamp_min(LOG_EPS).log()
+    return logp - logp.mean(dim=1, keepdim=True)
+
+
+def disagreement(
+    clone_logits: torch.Tensor, probabilities: torch.Tensor, loss: str
+) -> torch.Tensor:
+    """Per-image distance between clone and victim: 'l1' on recovered logits, or 'kl'."""
+    if loss == "l1":
+        return (clone_logits - victim_targets(probabilities)).abs().mean(dim=1)
+    p = probabilities.clamp_min(LOG_EPS)
+    p = p / p.sum(dim=1, keepdim=True)
+    return (p * (p.log() - F.log_softmax(clone_logits, dim=1))).sum(dim=1)
+
+
+@dataclass
+class AttackConfig:
+    """Settings shared by every attack. Defaults are DFME's unless noted in the README."""
+
+    clone: str | None = None  # architecture; None: picked from the image size
+    nz: int = 256
+    ngf: int = 64
+    batch_size: int = 256
+    generator_steps: int = 1
+    clone_steps: int = 5
+    clone_lr: float = 0.1
+    clone_momentum: float = 0.9
+    clone_weight_decay: float = 5e-4
+    generator_lr: float = 1e-4
+    lr_milestones: tuple[float, ...] = (0.1, 0.3, 0.5)  # fractions of the run
+    lr_gamma: float = 0.3
+    loss: str = "l1"  # 'l1' (recovered logits) or 'kl'
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for name in ("nz", "ngf", "batch_size", "clone_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if int(self.generator_steps) < 0:
+            raise ValueError(f"generator_steps: expected >= 0, got {self.generator_steps}")
+        for name in ("clone_lr", "generator_lr"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if self.loss not in ("l1", "kl"):
+            raise ValueError(f"loss: expected 'l1' or 'kl', got {self.loss!r}")
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError(
+                f"lr_milestones: fractions in (0, 1) expected, got {self.lr_milestones}"
+            )
+
+
+@dataclass
+class AttackResult:
+    method: str
+    queries_used: int
+    clone_accuracy: float | None
+    fidelity: float | None
+    elapsed_s: float
+    iterations: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    clone: nn.Module | None = field(default=None, repr=False)
+    finished: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("clone")
+        return out
+
+
+class Attack:
+    """Base class: subclasses set `name`, `queries_per_generator_step` and `generator_step`."""
+
+    name = "attack"
+    config_class = AttackConfig
+
+    def __init__(self, config: AttackConfig | None = None, **overrides: Any):
+        config = config or self.config_class()
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(f"{type(self).__name__}: unknown setting {key!r}")
+            setattr(config, key, value)
+        config.validate()
+        self.config = config
+
+    # --- what a subclass provides -------------------------------------------------------
+
+    def queries_per_generator_step(self) -> int:
+        raise NotImplementedError
+
+    def generator_step(self, oracle: Oracle) -> dict[str, Any]:
+        """One generator update; returns values worth logging."""
+        raise NotImplementedError
+
+    def details(self) -> dict[str, Any]:
+        """What the attack used (e.g. which explanation), for the result."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- the shared loop -----------------------------------------------------------------
+
+    def iteration_cost(self) -> int:
+        c = self.config
+        return c.batch_size * (
+            c.generator_steps * self.queries_per_generator_step() + c.clone_steps
+        )
+
+    def setup(self, oracle: Oracle) -> None:
+        c = self.config
+        channels, size, _ = oracle.input_shape
+        torch.manual_seed(c.seed)
+        self.rng = torch.Generator(device="cpu").manual_seed(c.seed)
+        self.clone_arch = c.clone or default_clone_arch(oracle.input_shape)
+        self.clone = build_classifier(self.clone_arch, oracle.num_classes, channels, size).to(
+            c.device
+        )
+        gen_size = size if size % 4 == 0 else 4 * math.ceil(size / 4)
+        self.generator = build_generator("generator_a", gen_size, channels, c.nz, c.ngf).to(
+            c.device
+        )
+        self.crop = size
+        self.clone_opt = torch.optim.SGD(
+            self.clone.parameters(),
+            lr=c.clone_lr,
+            momentum=c.clone_momentum,
+            weight_decay=c.clone_weight_decay,
+        )
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=c.generator_lr)
+
+    def make_schedulers(self, iterations: int) -> None:
+        c = self.config
+        milestones = sorted({max(1, int(m * iterations)) for m in c.lr_milestones})
+        self.clone_sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.clone_opt, milestones, c.lr_gamma
+        )
+        self.generator_sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.generator_opt, milestones, c.lr_gamma
+        )
+
+    def sample_latent(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.config.nz, generator=self.rng).to(self.config.device)
+
+    def generate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-activation, image in [0, 1]) cropped to the victim's size."""
+        pre = self.generator.pre_activation(z)[..., : self.crop, : self.crop]
+        return pre, self.generator.to_image(pre)
+
+    def clone_step(self, oracle: Oracle) -> float:
+        c = self.config
+        with torch.no_grad():
+            _, x = self.generate(self.sample_latent(c.batch_size))
+        answer = oracle.query(x.cpu())
+        probs = answer.probabilities.to(c.device)
+        loss = disagreement(self.clone(x), probs, c.loss).mean()
+        self.clone_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.clone_opt.step()
+        return loss.item()
+
+    def state(self, iteration: int, spent: int, metrics: list, elapsed: float) -> dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "queries_spent": spent,
+            "elapsed_s": elapsed,
+            "metrics": metrics,
+            "clone": self.clone.state_dict(),
+            "generator": self.generator.state_dict(),
+            "clone_opt": self.clone_opt.state_dict(),
+            "generator_opt": self.generator_opt.state_dict(),
+            "clone_sched": self.clone_sched.state_dict(),
+            "generator_sched": self.generator_sched.state_dict(),
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.clone.load_state_dict(state["clone"])
+        self.generator.load_state_dict(state["generator"])
+        self.clone_opt.load_state_dict(state["clone_opt"])
+        self.generator_opt.load_state_dict(state["generator_opt"])
+        self.clone_sched.load_state_dict(state["clone_sched"])
+        self.generator_sched.load_state_dict(state["generator_sched"])
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.load_extra_state(state.get("extra", {}))
+
+    def run(
+        self,
+        oracle: Oracle,
+        budget: int | None = None,
+        *,
+        evaluator: Any = None,
+        eval_every: int | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        callback: Any = None,
+        service_state: Any = None,
+    ) -> AttackResult:
+        """Attack `oracle` with at most `budget` queries (default: all it has left).
+
+        evaluator: called as evaluator(clone) -> {"clone_accuracy", "fidelity", ...} every
+        `eval_every` queries (default: a tenth of the budget) and at the end.
+        run_dir: a run folder to write config, metrics, checkpoints and the result into;
+        with resume=True an existing checkpoint there is continued exactly.
+        callback: called as callback(iteration, queries_spent) after every iteration.
+        service_state: a callable returning the in-process service's state to store in the
+        checkpoint (the CLI uses it so that a resumed LocalOracle continues its ledger).
+        """
+        c = self.config
+        remaining = oracle.remaining
+        if budget is None:
+            if not math.isfinite(remaining):
+                raise ValueError("budget: the oracle has no budget of its own; pass budget=...")
+            budget = int(remaining)
+        budget = int(budget)
+        if budget < 1:
+            raise ValueError(f"budget: expected >= 1, got {budget}")
+        cost = self.iteration_cost()
+        iterations = budget // cost
+        if iterations < 1:
+            raise ValueError(
+                f"budget: {budget} queries is less than one iteration of {self.name} "
+                f"({cost} = batch {c.batch_size} x (generator steps x "
+                f"{self.queries_per_generator_step()} + {c.clone_steps} clone steps)); "
+                "raise the budget or lower batch_size"
+            )
+        eval_every = int(eval_every or max(cost, budget // 10))
+        self.setup(oracle)
+        self.make_schedulers(iterations)
+        folder = RunFolder(run_dir).create() if run_dir is not None else None
+        start_iteration, spent, metrics, elapsed0 = 0, 0, [], 0.0
+        if folder is not None and resume and folder.has_checkpoint():
+            state = folder.load_checkpoint()
+            self.load_state(state)
+            start_iteration, spent = state["iteration"], state["queries_spent"]
+            metrics, elapsed0 = list(state["metrics"]), state["elapsed_s"]
+        if folder is not None:
+            folder.write_config(self.describe(budget, oracle))
+        if spent > 0 and oracle.queries_used < spent and math.isfinite(oracle.remaining):
+            pass  # a fresh remote key: the ledger is the service's business, not the attack's
+        next_eval = (spent // eval_every + 1) * eval_every
+        t0 = time.time() - elapsed0
+        bar = _progress_bar(budget, spent, progress, self.name)
+        interrupted = False
+        iteration = start_iteration
+        try:
+            for iteration in range(start_iteration, iterations):
+                if oracle.remaining < cost:
+                    break
+                self.clone.train()
+                self.generator.train()
+                info: dict[str, Any] = {}
+                for _ in range(c.generator_steps):
+                    info = self.generator_step(oracle)
+                for _ in range(c.clone_steps):
+                    info["clone_loss"] = self.clone_step(oracle)
+                self.clone_sched.step()
+                self.generator_sched.step()
+                spent += cost
+                if bar is not None:
+                    bar.update(cost)
+                last = iteration + 1 == iterations
+                if evaluator is not None and (spent >= next_eval or last):
+                    row = {
+                        "queries": spent,
+                        "elapsed_s": round(time.time() - t0, 2),
+                        **evaluator(self.clone),
+                    }
+                    row.update({k: round(v, 5) for k, v in info.items() if isinstance(v, float)})
+                    metrics.append(row)
+                    next_eval = (spent // eval_every + 1) * eval_every
+                    if bar is not None:
+                        bar.set_postfix(acc=f"{row['clone_accuracy']:.3f}")
+                    if folder is not None:
+                        self._checkpoint(folder, iteration + 1, spent, metrics, t0, service_state)
+                if callback is not None:
+                    callback(iteration + 1, spent)
+            iteration = iterations
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = time.time() - t0
+        if folder is not None:
+            done = iteration if interrupted else iterations
+            if interrupted:
+                # The interrupted iteration is discarded: the checkpoint holds the last whole one.
+                pass
+            else:
+                self._checkpoint(folder, done, spent, metrics, t0, service_state)
+        final = metrics[-1] if metrics else {}
+        result = AttackResult(
+            method=self.name,
+            queries_used=spent,
+            clone_accuracy=final.get("clone_accuracy"),
+            fidelity=final.get("fidelity"),
+            elapsed_s=round(elapsed, 2),
+            iterations=iteration,
+            metrics=metrics,
+            details={**self.details(), "clone_arch": self.clone_arch, "budget": budget},
+            clone=self.clone,
+            finished=not interrupted,
+        )
+        if folder is not None and not interrupted:
+            folder.save_clone(
+                self.clone,
+                {
+                    "arch": self.clone_arch,
+                    "input_shape": list(oracle.input_shape),
+                    "num_classes": oracle.num_classes,
+                },
+            )
+            folder.write_result(result.to_dict())
+        return result
+
+    def _checkpoint(self, folder, iteration, spent, metrics, t0, service_state) -> None:
+        state = self.state(iteration, spent, metrics, time.time() - t0)
+        if service_state is not None:
+            state["service"] = service_state()
+        folder.save_checkpoint(state)
+        folder.write_metrics(metrics)
+
+    def describe(self, budget: int, oracle: Oracle) -> dict[str, Any]:
+        cfg = asdict(self.config)
+        cfg["lr_milestones"] = list(cfg["lr_milestones"])
+        return {
+            "method": self.name,
+            "budget": budget,
+            "iteration_cost": self.iteration_cost(),
+            "input_shape": list(oracle.input_shape),
+            "num_classes": oracle.num_classes,
+            **cfg,
+        }
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="q", unit_scale=True, leave=False)

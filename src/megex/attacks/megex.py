@@ -1,0 +1,130 @@
+"""MEGEX (Miura et al., 2021): the generator learns from the explanations the service returns.
+
+The generator maximises DFME's disagreement L(x) = mean_k |lv_k(x) - ls_k(x)| between the
+victim's recovered logits lv = log p - mean(log p) and the clone's logits ls. With
+s = sign(lv - ls) and s_bar = mean_k s:
+
+    dL/dx = (1/K) [ sum_k (s_k - s_bar) d log p_k/dx  -  sum_k s_k d ls_k/dx ]
+
+The clone term comes from autograd; the victim term from an explanation of every class
+("exact"). When the service explains one class c only, the loss is |log pV_c - log pS_c|,
+whose gradient needs only that class ("single-class"). Either way a generator query costs 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..explain import Explanation
+from ..oracle import Answer, Oracle
+from .base import LOG_EPS, Attack, AttackConfig, victim_targets
+
+__all__ = ["MEGEX", "MEGEXConfig", "log_probability_gradients"]
+
+
+@dataclass
+class MEGEXConfig(AttackConfig):
+    # What to ask the service for; None takes whatever explanation it offers by default.
+    explanation: Explanation | None = None
+
+
+def _undo_attribution(maps: torch.Tensor, x: torch.Tensor, spec: Explanation) -> torch.Tensor:
+    """Turn input-times-gradient style maps back into (average) gradients where possible."""
+    if spec.method not in ("input_x_gradient", "integrated_gradients"):
+        return maps
+    baseline = spec.params.get("baseline", 0.0) if spec.method == "integrated_gradients" else 0.0
+    delta = x - baseline
+    if maps.dim() == 5:
+        delta = delta.unsqueeze(1)
+    safe = delta.abs() > 1e-3
+    return torch.where(safe, maps / torch.where(safe, delta, torch.ones_like(delta)), 0.0)
+
+
+def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
+    """d log p / dx from an explanation: (N, K, C, H, W) for 'all', else (N, C, H, W)."""
+    spec = answer.explanation_spec
+    maps = _undo_attribution(answer.explanation.to(x.device), x, spec)
+    p = answer.probabilities.to(x.device).clamp_min(LOG_EPS)
+    if spec.output == "log_probability":
+        return maps
+    if maps.dim() == 5:
+        if spec.output == "probability":
+            return maps / p.view(*p.shape, 1, 1, 1)
+        # logits: d log p_k = d z_k - sum_j p_j d z_j
+        return maps - (p.view(*p.shape, 1, 1, 1) * maps).sum(dim=1, keepdim=True)
+    cls = _explained_class(answer)
+    if spec.output == "probability":
+        return maps / p.gather(1, cls.view(-1, 1)).view(-1, 1, 1, 1)
+    # One logit's gradient alone cannot give d log p_c; (1 - p_c) d z_c is its main term.
+    return maps * (1 - p.gather(1, cls.view(-1, 1))).view(-1, 1, 1, 1)
+
+
+def _explained_class(answer: Answer) -> torch.Tensor:
+    target = answer.explanation_spec.target
+    if target == "predicted":
+        return answer.labels
+    return torch.full_like(answer.labels, int(target))
+
+
+class MEGEX(Attack):
+    name = "megex"
+    config_class = MEGEXConfig
+
+    def queries_per_generator_step(self) -> int:
+        return 1
+
+    def setup(self, oracle: Oracle) -> None:
+        super().setup(oracle)
+        self.explanation_used: Explanation | None = None
+
+    def generator_step(self, oracle: Oracle) -> dict[str, Any]:
+        c = self.config
+        _, x = self.generate(self.sample_latent(c.batch_size))
+        request = c.explanation if c.explanation is not None else True
+        answer = oracle.query(x.detach().cpu(), explanation=request)
+        if answer.explanation is None or answer.explanation_spec is None:
+            raise RuntimeError("megex: the oracle returned no explanation; MEGEX needs one")
+        self.explanation_used = answer.explanation_spec
+        dlogp = log_probability_gradients(answer, x.detach())
+        probs = answer.probabilities.to(x.device)
+        clone_logits = self.clone(x)
+        n, k = probs.shape
+        if dlogp.dim() == 5:
+            lv = victim_targets(probs)
+            s = torch.sign(lv - clone_logits.detach())
+            weights = (s - s.mean(dim=1, keepdim=True)).view(n, k, 1, 1, 1)
+            victim_grad = (weights * dlogp).sum(dim=1) / k
+            clone_term = (s * clone_logits).sum() / k
+            loss_value = (lv - clone_logits.detach()).abs().mean()
+        else:
+            cls = _explained_class(answer).to(x.device).view(-1, 1)
+            lpv = probs.clamp_min(LOG_EPS).log().gather(1, cls)
+            lps = F.log_softmax(clone_logits, dim=1).gather(1, cls)
+            s = torch.sign(lpv - lps.detach())
+            victim_grad = s.view(-1, 1, 1, 1) * dlogp
+            clone_term = (s * lps).sum()
+            loss_value = (lpv - lps.detach()).abs().mean()
+        # Ascend L: the victim term enters through the image with its gradient held fixed.
+        objective = -((x * victim_grad.detach()).sum() - clone_term) / n
+        self.generator_opt.zero_grad(set_to_none=True)
+        self.clone_opt.zero_grad(set_to_none=True)
+        objective.backward()
+        self.generator_opt.step()
+        self.clone_opt.zero_grad(set_to_none=True)
+        return {"generator_loss": float(loss_value)}
+
+    def details(self) -> dict[str, Any]:
+        spec = self.explanation_used
+        if spec is None:
+            return {"explanation": None}
+        exact = spec.target == "all" and spec.method == "gradient"
+        return {
+            "explanation": spec.to_dict(),
+            "generator_gradient": "exact (all classes)"
+            if exact
+            else ("all classes, approximate maps" if spec.target == "all" else "single class"),
+        }

@@ -1,0 +1,105 @@
+"""A run folder: config.json, metrics.jsonl, checkpoint.pt, result.json, clone.safetensors.
+
+Every write is atomic (write a temporary file, then rename), so an interrupted run never
+leaves a half-written file behind and can always be resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["RunFolder", "write_json_atomic", "read_metrics"]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunFolder:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def create(self) -> RunFolder:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def result_path(self) -> Path:
+        return self.path / "result.json"
+
+    @property
+    def clone_path(self) -> Path:
+        return self.path / "clone.safetensors"
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def is_finished(self) -> bool:
+        return self.result_path.is_file()
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json_atomic(self.config_path, config)
+
+    def read_config(self) -> dict[str, Any]:
+        return json.loads(self.config_path.read_text())
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        # Rewritten whole (it is small) so that it always matches the checkpoint on resume.
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_path)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        # Only tensors, numbers, strings and containers: safe with weights_only.
+        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        write_json_atomic(self.result_path, result)
+
+    def read_result(self) -> dict[str, Any]:
+        return json.loads(self.result_path.read_text())
+
+    def save_clone(self, clone: torch.nn.Module, info: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.clone_path.with_name(self.clone_path.name + ".tmp")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in clone.state_dict().items()}, str(tmp)
+        )
+        write_json_atomic(self.path / "clone.json", info)
+        os.replace(tmp, self.clone_path)
