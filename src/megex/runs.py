@@ -65,7 +65,10 @@ class RunFolder:
         return self.result_path.is_file()
 
     def write_config(self, config: dict[str, Any]) -> None:
-        write_json_atomic(self.config_path, config)
+        """Write config.json, keeping keys written earlier (e.g. by the CLI) unless replaced."""
+        merged = self.read_config() if self.config_path.is_file() else {}
+        merged.update(config)
+        write_json_atomic(self.config_path, merged)
 
     def read_config(self) -> dict[str, Any]:
         return json.loads(self.config_path.read_text())

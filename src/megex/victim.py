@@ -20,6 +20,7 @@ from torch import nn
 
 from . import data as data_mod
 from .models import build_classifier
+from .runs import write_json_atomic
 
 __all__ = ["Victim", "RECIPES", "Recipe", "train_victim", "sidecar_path"]
 
@@ -176,13 +177,6 @@ def _per_channel(name: str, value, channels: int) -> torch.Tensor:
     if t.numel() != channels:
         raise ValueError(f"{name}: expected 1 or {channels} values, got {t.numel()}")
     return t
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # --- training ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ remaining budget before each iteration and never asks for more than is left.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_classifier, build_generator
-from ..oracle import Oracle
+from ..oracle import Answer, Oracle
 from ..runs import RunFolder
+from .replay import ReplayBuffer
 
 __all__ = ["Attack", "AttackConfig", "AttackResult", "default_clone_arch", "victim_targets"]
 
@@ -73,6 +75,22 @@ class AttackConfig:
     loss: str = "l1"  # 'l1' (recovered logits) or 'kl'
     seed: int = 0
     device: str = "cpu"
+    # --- options beyond the literal port; each one is measured in the benchmark's ablation ---
+    # 'multistep': DFME's decays at fractions of the run (so results depend on the budget);
+    # 'constant': no decay, so one run measures every smaller budget on its way.
+    lr_schedule: str = "multistep"
+    # Evaluate (and return) an exponential moving average of the clone's weights: what a
+    # decaying learning rate gives, without knowing the budget in advance. 0 turns it off.
+    clone_ema: float = 0.0
+    # Experience replay (MAZE, CaBaGE): keep up to replay_size answered queries and take
+    # replay_steps extra clone steps on them per iteration; they cost no queries.
+    replay_size: int = 0
+    replay_steps: int = 0
+    # The generator step's queries are paid for: also take a clone step on their answers.
+    train_on_generator_queries: bool = False
+    # Generator diversity: reward an even spread of the clone's classes over a batch
+    # (entropy of the batch-mean prediction), computed on the clone alone, no queries.
+    class_balance: float = 0.0
 
     def validate(self) -> None:
         for name in ("nz", "ngf", "batch_size", "clone_steps"):
@@ -85,6 +103,19 @@ class AttackConfig:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if self.loss not in ("l1", "kl"):
             raise ValueError(f"loss: expected 'l1' or 'kl', got {self.loss!r}")
+        if self.lr_schedule not in ("multistep", "constant"):
+            raise ValueError(
+                f"lr_schedule: expected 'multistep' or 'constant', got {self.lr_schedule!r}"
+            )
+        if not 0 <= float(self.clone_ema) < 1:
+            raise ValueError(f"clone_ema: expected 0 <= decay < 1, got {self.clone_ema}")
+        for name in ("replay_size", "replay_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if int(self.replay_steps) > 0 and int(self.replay_size) < 1:
+            raise ValueError("replay_steps > 0 needs replay_size >= 1 (a buffer to replay)")
+        if float(self.class_balance) < 0:
+            raise ValueError(f"class_balance: expected >= 0, got {self.class_balance}")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(
                 f"lr_milestones: fractions in (0, 1) expected, got {self.lr_milestones}"
@@ -139,10 +170,25 @@ class Attack:
         return {}
 
     def extra_state(self) -> dict[str, Any]:
-        return {}
+        """State beyond models, optimisers and RNGs; subclasses extend it (call super)."""
+        out: dict[str, Any] = {}
+        if self.replay is not None:
+            out["replay"] = self.replay.state_dict()
+        if self.clone_ema_model is not None:
+            out["clone_ema"] = self.clone_ema_model.state_dict()
+            out["ema_updates"] = self.ema_updates
+        return out
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        if self.replay is not None and "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+        if self.clone_ema_model is not None and "clone_ema" in state:
+            self.clone_ema_model.load_state_dict(state["clone_ema"])
+            self.ema_updates = int(state["ema_updates"])
+
+    def clone_query_explanation(self) -> Any:
+        """What clone-step queries ask for besides predictions (None: nothing)."""
+        return None
 
     # --- the shared loop -----------------------------------------------------------------
 
@@ -173,10 +219,21 @@ class Attack:
             weight_decay=c.clone_weight_decay,
         )
         self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=c.generator_lr)
+        self.replay = (
+            ReplayBuffer(c.replay_size, oracle.input_shape, oracle.num_classes)
+            if c.replay_size > 0
+            else None
+        )
+        self.clone_ema_model = None
+        self.ema_updates = 0
+        if c.clone_ema > 0:
+            self.clone_ema_model = copy.deepcopy(self.clone).requires_grad_(False)
 
     def make_schedulers(self, iterations: int) -> None:
         c = self.config
         milestones = sorted({max(1, int(m * iterations)) for m in c.lr_milestones})
+        if c.lr_schedule == "constant":
+            milestones = []
         self.clone_sched = torch.optim.lr_scheduler.MultiStepLR(
             self.clone_opt, milestones, c.lr_gamma
         )
@@ -192,17 +249,58 @@ class Attack:
         pre = self.generator.pre_activation(z)[..., : self.crop, : self.crop]
         return pre, self.generator.to_image(pre)
 
+    def eval_model(self) -> nn.Module:
+        """The clone that is evaluated and returned: its weight average when clone_ema > 0."""
+        return self.clone_ema_model if self.clone_ema_model is not None else self.clone
+
+    def clone_loss(
+        self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None
+    ) -> torch.Tensor:
+        """The clone's training loss on images `x` answered with `probs` (and `answer`)."""
+        return disagreement(self.clone(x), probs, self.config.loss).mean()
+
+    def clone_update(
+        self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None
+    ) -> float:
+        """One clone optimiser step on answered images (fresh, replayed or generator's)."""
+        loss = self.clone_loss(x, probs, answer)
+        self.clone_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.clone_opt.step()
+        if self.clone_ema_model is not None:
+            self.ema_updates += 1
+            # Warm-up so that the average does not drag the random initial weights along.
+            decay = min(self.config.clone_ema, (1 + self.ema_updates) / (10 + self.ema_updates))
+            with torch.no_grad():
+                for avg, cur in zip(self.clone_ema_model.parameters(), self.clone.parameters()):
+                    avg.lerp_(cur, 1 - decay)
+                for avg, cur in zip(self.clone_ema_model.buffers(), self.clone.buffers()):
+                    avg.copy_(cur)
+        return loss.item()
+
+    def observe(self, x: torch.Tensor, probs: torch.Tensor) -> None:
+        """Remember answered queries for replay (they were paid for once)."""
+        if self.replay is not None:
+            self.replay.add(x, probs)
+
     def clone_step(self, oracle: Oracle) -> float:
         c = self.config
         with torch.no_grad():
             _, x = self.generate(self.sample_latent(c.batch_size))
-        answer = oracle.query(x.cpu())
+        request = self.clone_query_explanation()
+        answer = oracle.query(x.cpu(), explanation=request) if request else oracle.query(x.cpu())
         probs = answer.probabilities.to(c.device)
-        loss = disagreement(self.clone(x), probs, c.loss).mean()
-        self.clone_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.clone_opt.step()
-        return loss.item()
+        self.observe(x, probs)
+        return self.clone_update(x, probs, answer)
+
+    def replay_step(self) -> float:
+        x, probs = self.replay.sample(self.config.batch_size, self.rng, self.config.device)
+        return self.clone_update(x, probs)
+
+    def balance_term(self, clone_logits: torch.Tensor) -> torch.Tensor:
+        """Entropy of the batch-mean clone prediction (high when classes are evenly hit)."""
+        mean = F.softmax(clone_logits, dim=1).mean(dim=0)
+        return -(mean * mean.clamp_min(LOG_EPS).log()).sum()
 
     def state(self, iteration: int, spent: int, metrics: list, elapsed: float) -> dict[str, Any]:
         return {
@@ -244,6 +342,7 @@ class Attack:
         progress: bool = True,
         callback: Any = None,
         service_state: Any = None,
+        eval_at: Any = None,
     ) -> AttackResult:
         """Attack `oracle` with at most `budget` queries (default: all it has left).
 
@@ -254,6 +353,9 @@ class Attack:
         callback: called as callback(iteration, queries_spent) after every iteration.
         service_state: a callable returning the in-process service's state to store in the
         checkpoint (the CLI uses it so that a resumed LocalOracle continues its ledger).
+        eval_at: query counts at which to evaluate as well: after the last iteration that
+        stays within each (so a run of budget B reports what a run of budget b < B would,
+        when the schedule does not depend on the budget: lr_schedule='constant').
         """
         c = self.config
         remaining = oracle.remaining
@@ -288,6 +390,7 @@ class Attack:
         if spent > 0 and oracle.queries_used < spent and math.isfinite(oracle.remaining):
             pass  # a fresh remote key: the ledger is the service's business, not the attack's
         next_eval = (spent // eval_every + 1) * eval_every
+        marks = sorted(int(b) for b in (eval_at or ()) if int(b) >= cost)
         t0 = time.time() - elapsed0
         bar = _progress_bar(budget, spent, progress, self.name)
         interrupted = False
@@ -303,17 +406,21 @@ class Attack:
                     info = self.generator_step(oracle)
                 for _ in range(c.clone_steps):
                     info["clone_loss"] = self.clone_step(oracle)
+                if self.replay is not None and len(self.replay) > 0:
+                    for _ in range(c.replay_steps):
+                        info["replay_loss"] = self.replay_step()
                 self.clone_sched.step()
                 self.generator_sched.step()
                 spent += cost
                 if bar is not None:
                     bar.update(cost)
                 last = iteration + 1 == iterations
-                if evaluator is not None and (spent >= next_eval or last):
+                marked = any(spent <= b < spent + cost for b in marks)
+                if evaluator is not None and (spent >= next_eval or last or marked):
                     row = {
                         "queries": spent,
                         "elapsed_s": round(time.time() - t0, 2),
-                        **evaluator(self.clone),
+                        **evaluator(self.eval_model()),
                     }
                     row.update({k: round(v, 5) for k, v in info.items() if isinstance(v, float)})
                     metrics.append(row)
@@ -348,12 +455,12 @@ class Attack:
             iterations=iteration,
             metrics=metrics,
             details={**self.details(), "clone_arch": self.clone_arch, "budget": budget},
-            clone=self.clone,
+            clone=self.eval_model(),
             finished=not interrupted,
         )
         if folder is not None and not interrupted:
             folder.save_clone(
-                self.clone,
+                self.eval_model(),
                 {
                     "arch": self.clone_arch,
                     "input_shape": list(oracle.input_shape),

@@ -55,10 +55,22 @@ class DFME(Attack):
         grad = (dims / (c.directions * c.epsilon)) * (diffs * u).sum(dim=1)
         # Maximise the disagreement: descend on -L, entering through the pre-activation.
         objective = -(pre * grad.view_as(pre)).sum() / n
+        if c.class_balance > 0:
+            # The clone is the attacker's own: this term has an exact gradient, no queries.
+            clone_logits = self.clone(self.generator.to_image(pre))
+            objective = objective - c.class_balance * self.balance_term(clone_logits)
         self.generator_opt.zero_grad(set_to_none=True)
+        self.clone_opt.zero_grad(set_to_none=True)
         objective.backward()
         self.generator_opt.step()
-        return {"generator_loss": float(losses[:, 0].mean())}
+        self.clone_opt.zero_grad(set_to_none=True)
+        # Every one of the (m + 1) n answered images is a labelled example already paid for.
+        probs = answer.probabilities.to(base.device)
+        self.observe(images.detach(), probs)
+        info = {"generator_loss": float(losses[:, 0].mean())}
+        if c.train_on_generator_queries:
+            info["generator_query_loss"] = self.clone_update(images.detach(), probs)
+        return info
 
     def details(self) -> dict[str, Any]:
         return {"gradient": f"zeroth-order, m={self.config.directions}, eps={self.config.epsilon}"}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..explain import Explanation
 from ..oracle import Answer, Oracle
-from .base import LOG_EPS, Attack, AttackConfig, victim_targets
+from .base import LOG_EPS, Attack, AttackConfig, disagreement, victim_targets
 
 __all__ = ["MEGEX", "MEGEXConfig", "log_probability_gradients"]
 
@@ -30,6 +30,19 @@ __all__ = ["MEGEX", "MEGEXConfig", "log_probability_gradients"]
 class MEGEXConfig(AttackConfig):
     # What to ask the service for; None takes whatever explanation it offers by default.
     explanation: Explanation | None = None
+    # Train the clone on the explanations too (double backprop): match the clone's input
+    # gradients of log-probabilities to the returned maps, as a relative squared error with
+    # this weight. For maps of every class one random projection over classes per image
+    # keeps it to one extra backward pass; 0 turns it off.
+    explanation_loss: float = 0.0
+    # Ask for the explanation on clone-step queries as well (the same query count: one
+    # image is one query either way), so the explanation loss sees every fresh batch.
+    explain_clone_queries: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if float(self.explanation_loss) < 0:
+            raise ValueError(f"explanation_loss: expected >= 0, got {self.explanation_loss}")
 
 
 def _undo_attribution(maps: torch.Tensor, x: torch.Tensor, spec: Explanation) -> torch.Tensor:
@@ -110,12 +123,51 @@ class MEGEX(Attack):
             loss_value = (lpv - lps.detach()).abs().mean()
         # Ascend L: the victim term enters through the image with its gradient held fixed.
         objective = -((x * victim_grad.detach()).sum() - clone_term) / n
+        if c.class_balance > 0:
+            objective = objective - c.class_balance * self.balance_term(clone_logits)
         self.generator_opt.zero_grad(set_to_none=True)
         self.clone_opt.zero_grad(set_to_none=True)
         objective.backward()
         self.generator_opt.step()
         self.clone_opt.zero_grad(set_to_none=True)
-        return {"generator_loss": float(loss_value)}
+        # These answers are paid for: keep them, and learn from them now if asked to.
+        self.observe(x.detach(), probs)
+        info = {"generator_loss": float(loss_value)}
+        if c.train_on_generator_queries:
+            info["generator_query_loss"] = self.clone_update(x.detach(), probs, answer)
+        return info
+
+    def clone_query_explanation(self) -> Any:
+        c = self.config
+        if not (c.explain_clone_queries and c.explanation_loss > 0):
+            return None
+        return c.explanation if c.explanation is not None else True
+
+    def clone_loss(
+        self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None
+    ) -> torch.Tensor:
+        c = self.config
+        if c.explanation_loss <= 0 or answer is None or answer.explanation is None:
+            return super().clone_loss(x, probs, answer)
+        x = x.detach().requires_grad_(True)
+        logits = self.clone(x)
+        loss = disagreement(logits, probs, c.loss).mean()
+        target = log_probability_gradients(answer, x.detach())
+        logp = F.log_softmax(logits, dim=1)
+        n, k = logp.shape
+        if target.dim() == 5:
+            # E_v[(v.(Js - Jv))^2] = ||Js - Jv||^2 for v ~ N(0, I): one backward, unbiased.
+            v = torch.randn(n, k, generator=self.rng).to(x.device)
+            target = (v.view(n, k, 1, 1, 1) * target).sum(dim=1)
+            selected = (v * logp).sum()
+        else:
+            cls = _explained_class(answer).to(x.device).view(-1, 1)
+            selected = logp.gather(1, cls).sum()
+        (grad,) = torch.autograd.grad(selected, x, create_graph=True)
+        error = (grad - target).pow(2).flatten(1).sum(dim=1).mean()
+        # Relative to the maps' own size, so one weight suits any victim and output scale.
+        scale = target.pow(2).flatten(1).sum(dim=1).mean().clamp_min(1e-12)
+        return loss + c.explanation_loss * error / scale
 
     def details(self) -> dict[str, Any]:
         spec = self.explanation_used

@@ -1,0 +1,435 @@
+"""The server's ledger: API keys, per-key budgets and counts, audit log, idempotent replays.
+
+Everything lives in one SQLite database (WAL mode), so a restarted server neither resets nor
+loses a count. Keys are stored only as salted SHA-256 hashes. A request is charged inside a
+transaction *before* it is computed and refunded if the computation fails; a request that
+would pass the key's budget is refused whole and costs nothing.
+
+Durability: commits use ``synchronous=NORMAL``, which survives a crash of the server process;
+a power failure may lose the last few commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Account",
+    "Charge",
+    "IdempotencyConflict",
+    "Ledger",
+    "QuotaExceeded",
+    "RateLimiter",
+    "StoredResponse",
+    "Unauthorized",
+    "Usage",
+    "read_keys_file",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (
+    id INTEGER PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    label TEXT NOT NULL,
+    budget INTEGER,                      -- NULL: unlimited
+    used INTEGER NOT NULL DEFAULT 0,
+    active INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    time REAL NOT NULL,
+    endpoint TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    refunded INTEGER NOT NULL DEFAULT 0,
+    images BLOB                          -- float32 little-endian (N, C, H, W), if audited
+);
+CREATE INDEX IF NOT EXISTS audit_account ON audit(account_id, time);
+CREATE TABLE IF NOT EXISTS idempotency (
+    account_id INTEGER NOT NULL,
+    idem_key TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    status INTEGER,                      -- NULL while the first request is being computed
+    content_type TEXT,
+    headers TEXT,
+    body BLOB,
+    PRIMARY KEY (account_id, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created);
+"""
+
+# The open (no-auth) account: a value no SHA-256 hex digest can take.
+_OPEN_KEY_HASH = "open"
+
+
+class Unauthorized(Exception):
+    """No API key, or one the server does not know."""
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key is being served right now, or was used for a different body."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    label: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    used: int
+    budget: int | None
+
+    @property
+    def remaining(self) -> int | float:
+        return math.inf if self.budget is None else self.budget - self.used
+
+    def headers(self) -> dict[str, str]:
+        """The quota headers sent on every authenticated response."""
+        unlimited = self.budget is None
+        return {
+            "X-Queries-Used": str(self.used),
+            "X-Query-Budget": "unlimited" if unlimited else str(self.budget),
+            "X-Queries-Remaining": "unlimited" if unlimited else str(self.remaining),
+        }
+
+    def to_dict(self) -> dict[str, int | None]:
+        remaining = None if self.budget is None else int(self.remaining)
+        return {"used": self.used, "budget": self.budget, "remaining": remaining}
+
+
+class QuotaExceeded(Exception):
+    """The request needs more queries than the key has left; nothing was charged."""
+
+    def __init__(self, requested: int, usage: Usage):
+        self.requested, self.usage = requested, usage
+        super().__init__(
+            f"query budget exceeded: this request needs {requested} queries but only "
+            f"{usage.remaining} of {usage.budget} remain; nothing was charged"
+        )
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A charged request, to be finished (response stored) or failed (refunded)."""
+
+    account_id: int
+    count: int
+    audit_id: int
+    idem_key: str | None
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    status: int
+    content_type: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def read_keys_file(path: str | os.PathLike) -> dict[str, int | None]:
+    """Read API keys, one per line: ``KEY`` or ``KEY,BUDGET``; '#' starts a comment."""
+    keys: dict[str, int | None] = {}
+    for number, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, budget = (part.strip() for part in line.partition(","))
+        if not key or any(c.isspace() for c in key):
+            raise ValueError(f"keys file {path}, line {number}: not a key: {raw.strip()!r}")
+        if budget:
+            try:
+                value = int(budget)
+            except ValueError:
+                raise ValueError(
+                    f"keys file {path}, line {number}: budget {budget!r} is not an integer"
+                ) from None
+            if value < 0:
+                raise ValueError(f"keys file {path}, line {number}: budget must be >= 0")
+            keys[key] = value
+        else:
+            keys[key] = None
+    return keys
+
+
+class Ledger:
+    """Keys, budgets, counts, audit log and stored responses in one SQLite database.
+
+    keys: API key -> budget (None: the default budget); None or empty runs the server open,
+    with one shared account. Keys in the database but not in `keys` are deactivated; their
+    counts are kept. default_budget: None means unlimited.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike = ":memory:",
+        *,
+        keys: Mapping[str, int | None] | Iterable[str] | None = None,
+        default_budget: int | None = None,
+        idempotency_ttl_s: float = 24 * 3600.0,
+    ):
+        if default_budget is not None and int(default_budget) < 0:
+            raise ValueError(f"budget: expected >= 0 or None, got {default_budget}")
+        if keys is not None and not isinstance(keys, Mapping):
+            keys = dict.fromkeys(keys)
+        self.open = not keys
+        self.idempotency_ttl_s = float(idempotency_ttl_s)
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection guarded by a lock: requests run in a thread pool, and SQLite
+        # serialises writers anyway.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._salt = self._load_salt()
+            self._sync_keys(keys or {}, default_budget)
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def _load_salt(self) -> bytes:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'salt'").fetchone()
+        if row:
+            return bytes.fromhex(row[0])
+        salt = secrets.token_bytes(16)
+        self._db.execute("INSERT INTO meta(name, value) VALUES ('salt', ?)", (salt.hex(),))
+        return salt
+
+    def hash_key(self, key: str) -> str:
+        return hashlib.sha256(self._salt + key.encode()).hexdigest()
+
+    def _sync_keys(self, keys: Mapping[str, int | None], default_budget: int | None) -> None:
+        now = time.time()
+        entries = (
+            [(_OPEN_KEY_HASH, "open", default_budget)]
+            if self.open
+            else [
+                (h, f"key-{h[:8]}", default_budget if b is None else int(b))
+                for h, b in ((self.hash_key(k), b) for k, b in keys.items())
+            ]
+        )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("UPDATE accounts SET active = 0")
+            for key_hash, label, budget in entries:
+                self._db.execute(
+                    "INSERT INTO accounts(key_hash, label, budget, used, active, created) "
+                    "VALUES (?, ?, ?, 0, 1, ?) ON CONFLICT(key_hash) DO UPDATE SET "
+                    "budget = excluded.budget, active = 1",
+                    (key_hash, label, budget, now),
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- keys and usage ---------------------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> Account:
+        """The account of `key` (any key, or none, on an open server), or Unauthorized."""
+        key_hash = _OPEN_KEY_HASH if self.open else None
+        if key_hash is None:
+            if not key:
+                raise Unauthorized(
+                    "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+                )
+            key_hash = self.hash_key(key)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, label FROM accounts WHERE key_hash = ? AND active = 1", (key_hash,)
+            ).fetchone()
+        if row is None:
+            raise Unauthorized("unknown API key")
+        return Account(int(row[0]), row[1])
+
+    def usage(self, account_id: int) -> Usage:
+        with self._lock:
+            return self._usage(account_id)
+
+    def _usage(self, account_id: int) -> Usage:
+        used, budget = self._db.execute(
+            "SELECT used, budget FROM accounts WHERE id = ?", (account_id,)
+        ).fetchone()
+        return Usage(int(used), None if budget is None else int(budget))
+
+    def total_used(self) -> int:
+        """Queries charged over every account."""
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COALESCE(SUM(used), 0) FROM accounts").fetchone()[0]
+            )
+
+    def audit_rows(self, account_id: int | None = None) -> list[tuple[float, str, int, int]]:
+        """(time, endpoint, count, refunded) of every audited request, oldest first."""
+        sql = "SELECT time, endpoint, count, refunded FROM audit"
+        args: tuple = ()
+        if account_id is not None:
+            sql, args = sql + " WHERE account_id = ?", (account_id,)
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+
+    # --- charging ---------------------------------------------------------------------------
+
+    def charge(
+        self,
+        account_id: int,
+        count: int,
+        endpoint: str,
+        *,
+        idem_key: str | None = None,
+        body_hash: str = "",
+        images: bytes | None = None,
+    ) -> Charge | StoredResponse:
+        """Charge `count` queries, or return the stored response of a repeated idempotent
+        request (charging nothing). Raises QuotaExceeded or IdempotencyConflict."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if idem_key is not None:
+                    stored = self._claim(account_id, idem_key, body_hash, now)
+                    if stored is not None:
+                        self._db.execute("COMMIT")
+                        return stored
+                usage = self._usage(account_id)
+                if count > usage.remaining:
+                    raise QuotaExceeded(count, usage)
+                self._db.execute(
+                    "UPDATE accounts SET used = used + ? WHERE id = ?", (count, account_id)
+                )
+                audit_id = self._db.execute(
+                    "INSERT INTO audit(account_id, time, endpoint, count, images) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (account_id, now, endpoint, count, images),
+                ).lastrowid
+                if idem_key is not None:
+                    self._db.execute(
+                        "INSERT INTO idempotency(account_id, idem_key, body_hash, created) "
+                        "VALUES (?, ?, ?, ?)",
+                        (account_id, idem_key, body_hash, now),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        new_usage = Usage(usage.used + count, usage.budget)
+        return Charge(account_id, count, int(audit_id), idem_key, new_usage)
+
+    def _claim(
+        self, account_id: int, idem_key: str, body_hash: str, now: float
+    ) -> StoredResponse | None:
+        self._db.execute(
+            "DELETE FROM idempotency WHERE created < ?", (now - self.idempotency_ttl_s,)
+        )
+        row = self._db.execute(
+            "SELECT body_hash, status, content_type, headers, body FROM idempotency "
+            "WHERE account_id = ? AND idem_key = ?",
+            (account_id, idem_key),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[0] != body_hash:
+            raise IdempotencyConflict(
+                "Idempotency-Key was already used for a different request body", 422
+            )
+        if row[1] is None:
+            raise IdempotencyConflict(
+                "a request with this Idempotency-Key is still being served; retry shortly", 409
+            )
+        return StoredResponse(int(row[1]), row[2], json.loads(row[3]), bytes(row[4]))
+
+    def finish(
+        self,
+        charge: Charge,
+        status: int,
+        content_type: str,
+        body: bytes,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store the response of an idempotent request, for replays."""
+        if charge.idem_key is None:
+            return
+        with self._lock:
+            self._db.execute(
+                "UPDATE idempotency SET status = ?, content_type = ?, headers = ?, body = ? "
+                "WHERE account_id = ? AND idem_key = ?",
+                (
+                    status,
+                    content_type,
+                    json.dumps(dict(headers or {})),
+                    body,
+                    charge.account_id,
+                    charge.idem_key,
+                ),
+            )
+
+    def refund(self, charge: Charge) -> None:
+        """Give back a charge whose computation failed; a retry may then run again."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "UPDATE accounts SET used = used - ? WHERE id = ?",
+                    (charge.count, charge.account_id),
+                )
+                self._db.execute("UPDATE audit SET refunded = 1 WHERE id = ?", (charge.audit_id,))
+                if charge.idem_key is not None:
+                    self._db.execute(
+                        "DELETE FROM idempotency WHERE account_id = ? AND idem_key = ?",
+                        (charge.account_id, charge.idem_key),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` requests per second, bursts of up to `burst`."""
+
+    def __init__(self, rate: float, burst: float | None = None):
+        if not rate > 0:
+            raise ValueError(f"rate limit: expected > 0 requests/s, got {rate}")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
+        self._buckets: dict[int, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, account_id: int) -> float:
+        """Take one token; returns 0 if granted, else the seconds to wait for one."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(account_id, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[account_id] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[account_id] = (tokens, now)
+            return (1.0 - tokens) / self.rate

@@ -1,0 +1,122 @@
+"""Tables and plots from run folders (markdown table; accuracy-vs-queries PNG)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .runs import RunFolder
+
+__all__ = ["load_run", "markdown_table", "plot_accuracy", "write_report"]
+
+
+def load_run(path: str | os.PathLike) -> dict[str, Any]:
+    """Config, metrics and result of one run folder (result may be missing if unfinished)."""
+    folder = RunFolder(path)
+    if not folder.config_path.is_file():
+        raise FileNotFoundError(f"run folder: {folder.path} has no config.json (not a run folder)")
+    config = folder.read_config()
+    result = folder.read_result() if folder.is_finished() else {}
+    return {
+        "path": str(folder.path),
+        "label": config.get("label") or folder.path.name,
+        "config": config,
+        "metrics": folder.read_metrics(),
+        "result": result,
+        "finished": bool(result),
+    }
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(runs: list[dict[str, Any]], victim_accuracy: float | None = None) -> str:
+    """One row per run: clone accuracy, ratio to the victim, fidelity, queries, seconds."""
+    lines = []
+    if victim_accuracy is not None:
+        lines += [f"Victim accuracy: {100 * victim_accuracy:.1f}%", ""]
+    lines += [
+        "| run | method | explanation | clone accuracy | x victim | fidelity | queries | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        last = run["metrics"][-1] if run["metrics"] else {}
+        result, config = run["result"], run["config"]
+        acc = result.get("clone_accuracy", last.get("clone_accuracy"))
+        ratio = acc / victim_accuracy if (acc is not None and victim_accuracy) else last.get("ratio")
+        explanation = (result.get("details") or {}).get("explanation")
+        expl = (
+            f"{explanation['method']}/{explanation['target']}"
+            if isinstance(explanation, dict)
+            else ("none (zeroth-order)" if config.get("method") == "dfme" else "-")
+        )
+        queries = result.get("queries_used", last.get("queries"))
+        seconds = result.get("elapsed_s", last.get("elapsed_s"))
+        status = "" if run["finished"] else " (unfinished)"
+        lines.append(
+            f"| {run['label']}{status} | {config.get('method', '-')} | {expl} | {_fmt(acc, True)} "
+            f"| {_fmt(ratio)} | {_fmt(result.get('fidelity', last.get('fidelity')), True)} "
+            f"| {_fmt(queries)} | {_fmt(seconds)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(
+    runs: list[dict[str, Any]], path: str | os.PathLike, victim_accuracy: float | None = None
+) -> Path | None:
+    """Clone accuracy vs. queries, one line per run; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for run in runs:
+        xs = [m["queries"] for m in run["metrics"]]
+        ys = [100 * m["clone_accuracy"] for m in run["metrics"]]
+        ax.plot(xs, ys, marker="o", markersize=3, label=run["label"])
+    if victim_accuracy is not None:
+        ax.axhline(100 * victim_accuracy, color="grey", linestyle="--", label="victim")
+    ax.set_xlabel("queries")
+    ax.set_ylabel("clone test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(
+    run_paths: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    victim_accuracy: float | None = None,
+) -> tuple[Path, Path | None, str]:
+    """Write report.md and accuracy.png for run folders; returns (md path, png path, table)."""
+    runs = [load_run(p) for p in run_paths]
+    if victim_accuracy is None:
+        for run in runs:
+            victim_accuracy = run["config"].get("victim_accuracy") or victim_accuracy
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(runs, victim_accuracy)
+    md = out / "report.md"
+    tmp = md.with_name("report.md.tmp")
+    png = plot_accuracy(runs, out / "accuracy.png", victim_accuracy)
+    body = "# megex report\n\n" + table
+    if png is not None:
+        body += f"\n![clone accuracy vs queries]({png.name})\n"
+    tmp.write_text(body)
+    os.replace(tmp, md)
+    return md, png, table
