@@ -4,6 +4,7 @@ Core imports need only torch and numpy; the server, client, plots and reports im
 extras lazily.
 """
 
+from . import data
 from .explain import Explanation, explain
 from .oracle import (
     Answer,
@@ -26,6 +27,7 @@ __all__ = [
     "LocalOracle",
     "Oracle",
     "Victim",
+    "data",
     "explain",
     "train_victim",
     "__version__",

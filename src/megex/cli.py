@@ -143,6 +143,13 @@ def _attack_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_attack(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     folder = RunFolder(args.out)
+    if folder.is_finished() and args.resume and not args.force:
+        result = folder.read_result()
+        print(
+            f"{folder.path} is already finished ({result.get('queries_used')} queries); "
+            "nothing to resume"
+        )
+        return 0
     if folder.is_finished() and not args.force:
         raise UsageError(
             f"--out: {folder.path} already holds a finished run; choose another folder or "
@@ -234,7 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = Path(args.run)
     clone_path = path / "clone.safetensors" if path.is_dir() else path
-    info_path = clone_path.with_name("clone.json") if path.is_dir() else clone_path.with_suffix(".json")
+    info_path = (
+        clone_path.with_name("clone.json") if path.is_dir() else clone_path.with_suffix(".json")
+    )
     if not clone_path.is_file():
         raise UsageError(f"run: no clone at {clone_path} (is the run finished?)")
     if not info_path.is_file():
@@ -271,7 +280,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     md, png, table = write_report(args.runs, args.out)
     print(table)
     print(f"report: {md}")
-    print(f"plot:   {png}" if png else "plot:   skipped (install matplotlib: pip install 'megex[plots]')")
+    print(
+        f"plot:   {png}"
+        if png
+        else "plot:   skipped (install matplotlib: pip install 'megex[plots]')"
+    )
     return 0
 
 

@@ -157,8 +157,15 @@ def explain(
     """Compute `explanation` for images `x` (float, [0, 1], (N, C, H, W)).
 
     `forward` maps images to logits (e.g. a :class:`megex.Victim` in eval mode).
-    `generator` seeds SmoothGrad's noise.
+    `generator` seeds SmoothGrad's noise. A module is explained in eval mode (its mode is
+    restored afterwards), so that batch statistics never mix images.
     """
+    if isinstance(forward, torch.nn.Module) and forward.training:
+        forward.eval()
+        try:
+            return explain(forward, x, explanation, generator=generator)
+        finally:
+            forward.train()
     with torch.no_grad():
         logits = forward(x)
     num_classes = logits.shape[1]

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     idem_key TEXT NOT NULL,
     body_hash TEXT NOT NULL,
     created REAL NOT NULL,
+    audit_id INTEGER NOT NULL,
     status INTEGER,                      -- NULL while the first request is being computed
     content_type TEXT,
     headers TEXT,
@@ -207,6 +208,7 @@ class Ledger:
             self._db.executescript(_SCHEMA)
             self._salt = self._load_salt()
             self._sync_keys(keys or {}, default_budget)
+            self._refund_interrupted()
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -241,6 +243,26 @@ class Ledger:
                     "budget = excluded.budget, active = 1",
                     (key_hash, label, budget, now),
                 )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _refund_interrupted(self) -> None:
+        """Refund idempotent requests that a previous server process charged but never
+        answered, so that the client's retry runs (and is charged) once."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            pending = self._db.execute(
+                "SELECT i.account_id, a.count, i.audit_id FROM idempotency i "
+                "JOIN audit a ON a.id = i.audit_id WHERE i.status IS NULL AND a.refunded = 0"
+            ).fetchall()
+            for account_id, count, audit_id in pending:
+                self._db.execute(
+                    "UPDATE accounts SET used = used - ? WHERE id = ?", (count, account_id)
+                )
+                self._db.execute("UPDATE audit SET refunded = 1 WHERE id = ?", (audit_id,))
+            self._db.execute("DELETE FROM idempotency WHERE status IS NULL")
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -331,9 +353,9 @@ class Ledger:
                 ).lastrowid
                 if idem_key is not None:
                     self._db.execute(
-                        "INSERT INTO idempotency(account_id, idem_key, body_hash, created) "
-                        "VALUES (?, ?, ?, ?)",
-                        (account_id, idem_key, body_hash, now),
+                        "INSERT INTO idempotency(account_id, idem_key, body_hash, created, "
+                        "audit_id) VALUES (?, ?, ?, ?, ?)",
+                        (account_id, idem_key, body_hash, now, audit_id),
                     )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -49,7 +49,9 @@ def markdown_table(runs: list[dict[str, Any]], victim_accuracy: float | None = N
         last = run["metrics"][-1] if run["metrics"] else {}
         result, config = run["result"], run["config"]
         acc = result.get("clone_accuracy", last.get("clone_accuracy"))
-        ratio = acc / victim_accuracy if (acc is not None and victim_accuracy) else last.get("ratio")
+        ratio = (
+            acc / victim_accuracy if (acc is not None and victim_accuracy) else last.get("ratio")
+        )
         explanation = (result.get("details") or {}).get("explanation")
         expl = (
             f"{explanation['method']}/{explanation['target']}"

@@ -7,6 +7,7 @@ command registers the same subcommand with :func:`add_serve_parser`.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -125,7 +126,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_app(args: argparse.Namespace):
+def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
     """The FastAPI app and a description of it, from parsed arguments (raises CLIError)."""
     try:
         from .server import create_app
@@ -196,10 +197,22 @@ def build_app(args: argparse.Namespace):
     return app, keys
 
 
+def _check_address(host: str, port: int) -> None:
+    """Fail early, in one line, when the address cannot be listened on."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as err:
+        raise CLIError(f"--host/--port: cannot listen on {host}:{port} ({err})") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``serve``: build the app, print its URLs, run uvicorn until stopped."""
     try:
         app, keys = build_app(args)
+        _check_address(args.host, args.port)
         import uvicorn
     except CLIError as err:
         print(f"megex serve: error: {err}", file=sys.stderr)

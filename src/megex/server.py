@@ -204,7 +204,9 @@ class Parsed:
     request_id: str | None = None
 
 
-def parse_v1(body: bytes, input_shape: Sequence[int], explain: bool, default) -> Parsed:
+def parse_v1(
+    body: bytes, input_shape: Sequence[int], explain: bool, default: Explanation | None
+) -> Parsed:
     """{"instances": [...], "parameters": {...}} -> images and requested explanation."""
     doc = _load_json(body)
     unknown = set(doc) - {"instances", "parameters"}
@@ -391,11 +393,11 @@ def render_v1_explain(answer: Answer, parsed: Parsed) -> tuple[bytes, str, dict[
     explanations = []
     if expl is not None and spec is not None:
         maps = expl.numpy()
-        for i, labels in enumerate(answer.labels.tolist()):
+        for i, label in enumerate(answer.labels.tolist()):
             if spec.target == "all":
                 pairs = [(k, maps[i, k]) for k in range(maps.shape[1])]
             else:
-                k = labels if spec.target == "predicted" else int(spec.target)
+                k = label if spec.target == "predicted" else int(spec.target)
                 pairs = [(k, maps[i])]
             explanations.append(
                 {
@@ -516,7 +518,7 @@ class Service:
         if self.engine.top_k is not None:
             parameters["top_k"] = self.engine.top_k
         if spec is not None:
-            parameters.update({f"explanation_{k}": v for k, v in spec.to_dict().items()})
+            parameters.update({f"explanation_{key}": v for key, v in spec.to_dict().items()})
         return {
             "name": self.name,
             "versions": ["1"],
@@ -590,9 +592,13 @@ class Service:
         idem_key = headers.get("idempotency-key")
         if idem_key is not None and not 0 < len(idem_key) <= 255:
             raise _bad("Idempotency-Key: expected 1 to 255 characters")
-        digest = hashlib.sha256(endpoint.encode() + b"\0")
-        digest.update(headers.get("inference-header-content-length", "").encode() + b"\0")
-        digest.update(body)
+        body_hash = ""
+        if idem_key is not None:
+            # A replay must answer the same request: bind the key to endpoint and body.
+            digest = hashlib.sha256(endpoint.encode() + b"\0")
+            digest.update(headers.get("inference-header-content-length", "").encode() + b"\0")
+            digest.update(body)
+            body_hash = digest.hexdigest()
         images = parsed.images.numpy().astype("<f4").tobytes() if self.audit_images else None
         try:
             charge = self.ledger.charge(
@@ -600,7 +606,7 @@ class Service:
                 n,
                 endpoint,
                 idem_key=idem_key,
-                body_hash=digest.hexdigest(),
+                body_hash=body_hash,
                 images=images,
             )
         except QuotaExceeded as err:

@@ -91,6 +91,17 @@ class AttackConfig:
     # Generator diversity: reward an even spread of the clone's classes over a batch
     # (entropy of the batch-mean prediction), computed on the clone alone, no queries.
     class_balance: float = 0.0
+    # Victim-guided queries (as DAFL's one-hot loss): the generator also raises the victim's
+    # log-probability of a target class, the one its latent picks (so queries are
+    # class-balanced) when the victim's gradient for every class is known, else the
+    # predicted class. MEGEX reads the gradient off the explanation; DFME estimates it from
+    # the same zeroth-order queries. No extra queries either way. 0 turns it off.
+    victim_confidence: float = 0.0
+    # A brightness prior for the queries: each generated image is raised to a power gamma
+    # drawn from this range (a function of its latent, so DFME's perturbed copies share it).
+    # Real images have dark and light backgrounds; the generator's final batch norm alone
+    # pins every batch near mean intensity 0.5. (1, 1) turns it off.
+    query_gamma: tuple[float, float] = (1.0, 1.0)
 
     def validate(self) -> None:
         for name in ("nz", "ngf", "batch_size", "clone_steps"):
@@ -114,6 +125,11 @@ class AttackConfig:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if int(self.replay_steps) > 0 and int(self.replay_size) < 1:
             raise ValueError("replay_steps > 0 needs replay_size >= 1 (a buffer to replay)")
+        lo, hi = (float(g) for g in self.query_gamma)
+        if not 0 < lo <= hi:
+            raise ValueError(f"query_gamma: expected 0 < low <= high, got {self.query_gamma}")
+        if float(self.victim_confidence) < 0:
+            raise ValueError(f"victim_confidence: expected >= 0, got {self.victim_confidence}")
         if float(self.class_balance) < 0:
             raise ValueError(f"class_balance: expected >= 0, got {self.class_balance}")
         if any(not 0 < m < 1 for m in self.lr_milestones):
@@ -245,9 +261,22 @@ class Attack:
         return torch.randn(n, self.config.nz, generator=self.rng).to(self.config.device)
 
     def generate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pre-activation, image in [0, 1]) cropped to the victim's size."""
+        """(pre-activation, query image in [0, 1]) cropped to the victim's size."""
         pre = self.generator.pre_activation(z)[..., : self.crop, : self.crop]
-        return pre, self.generator.to_image(pre)
+        return pre, self.to_query(pre, z)
+
+    def to_query(self, pre: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Images from pre-activations (one latent per image, or per image group)."""
+        image = self.generator.to_image(pre)
+        lo, hi = (float(g) for g in self.config.query_gamma)
+        if lo == hi == 1.0:
+            return image
+        # The latent's last value, through the normal CDF, picks gamma uniformly in [lo, hi].
+        u = 0.5 * (1 + torch.erf(z[:, -1] / math.sqrt(2)))
+        gamma = (lo + (hi - lo) * u).to(image.device)
+        gamma = gamma.repeat_interleave(image.shape[0] // z.shape[0]).view(-1, 1, 1, 1)
+        # Clamped away from 0: the gradient of x^gamma at 0 is infinite for gamma < 1.
+        return image.clamp_min(1e-6).pow(gamma)
 
     def eval_model(self) -> nn.Module:
         """The clone that is evaluated and returned: its weight average when clone_ema > 0."""
@@ -296,6 +325,14 @@ class Attack:
     def replay_step(self) -> float:
         x, probs = self.replay.sample(self.config.batch_size, self.rng, self.config.device)
         return self.clone_update(x, probs)
+
+    @staticmethod
+    def latent_classes(z: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The class a latent asks for: argmax of its first K values (uniform over classes).
+
+        A function of z, so the generator can learn which images to make for which class.
+        """
+        return z[:, :num_classes].argmax(dim=1)
 
     def balance_term(self, clone_logits: torch.Tensor) -> torch.Tensor:
         """Entropy of the batch-mean clone prediction (high when classes are evenly hit)."""
@@ -359,6 +396,10 @@ class Attack:
         """
         c = self.config
         remaining = oracle.remaining
+        folder = RunFolder(run_dir) if run_dir is not None else None
+        if budget is None and resume and folder is not None and folder.config_path.is_file():
+            # A resumed run keeps the budget it started with, not what the oracle has left.
+            budget = folder.read_config().get("budget")
         if budget is None:
             if not math.isfinite(remaining):
                 raise ValueError("budget: the oracle has no budget of its own; pass budget=...")
@@ -378,7 +419,8 @@ class Attack:
         eval_every = int(eval_every or max(cost, budget // 10))
         self.setup(oracle)
         self.make_schedulers(iterations)
-        folder = RunFolder(run_dir).create() if run_dir is not None else None
+        if folder is not None:
+            folder.create()
         start_iteration, spent, metrics, elapsed0 = 0, 0, [], 0.0
         if folder is not None and resume and folder.has_checkpoint():
             state = folder.load_checkpoint()
@@ -387,8 +429,6 @@ class Attack:
             metrics, elapsed0 = list(state["metrics"]), state["elapsed_s"]
         if folder is not None:
             folder.write_config(self.describe(budget, oracle))
-        if spent > 0 and oracle.queries_used < spent and math.isfinite(oracle.remaining):
-            pass  # a fresh remote key: the ledger is the service's business, not the attack's
         next_eval = (spent // eval_every + 1) * eval_every
         marks = sorted(int(b) for b in (eval_at or ()) if int(b) >= cost)
         t0 = time.time() - elapsed0
@@ -438,13 +478,10 @@ class Attack:
             if bar is not None:
                 bar.close()
         elapsed = time.time() - t0
-        if folder is not None:
-            done = iteration if interrupted else iterations
-            if interrupted:
-                # The interrupted iteration is discarded: the checkpoint holds the last whole one.
-                pass
-            else:
-                self._checkpoint(folder, done, spent, metrics, t0, service_state)
+        # After an interrupt the checkpoint of the last evaluation stands: a half-done
+        # iteration cannot be resumed exactly, so it is not saved.
+        if folder is not None and not interrupted:
+            self._checkpoint(folder, iterations, spent, metrics, t0, service_state)
         final = metrics[-1] if metrics else {}
         result = AttackResult(
             method=self.name,
@@ -480,6 +517,7 @@ class Attack:
     def describe(self, budget: int, oracle: Oracle) -> dict[str, Any]:
         cfg = asdict(self.config)
         cfg["lr_milestones"] = list(cfg["lr_milestones"])
+        cfg["query_gamma"] = list(cfg["query_gamma"])
         return {
             "method": self.name,
             "budget": budget,

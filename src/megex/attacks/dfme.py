@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..oracle import Oracle
-from .base import Attack, AttackConfig, disagreement
+from .base import LOG_EPS, Attack, AttackConfig, disagreement
 
 __all__ = ["DFME", "DFMEConfig"]
 
@@ -39,17 +39,26 @@ class DFME(Attack):
 
     def generator_step(self, oracle: Oracle) -> dict[str, Any]:
         c = self.config
-        pre, _ = self.generate(self.sample_latent(c.batch_size))
+        z = self.sample_latent(c.batch_size)
+        pre, _ = self.generate(z)
         base = pre.detach()
         n, dims = base.shape[0], base[0].numel()
         u = torch.randn(n, c.directions, dims, generator=self.rng).to(base.device)
         u = u / u.norm(dim=2, keepdim=True)
         shifted = base.view(n, 1, dims) + c.epsilon * u
         points = torch.cat([base.view(n, 1, dims), shifted], dim=1).view(-1, *base.shape[1:])
-        images = self.generator.to_image(points)
+        images = self.to_query(points, z)
         answer = oracle.query(images.cpu())
         with torch.no_grad():
             losses = disagreement(self.clone(images), answer.probabilities.to(base.device), c.loss)
+            if c.victim_confidence > 0:
+                # The same queries estimate the gradient of the victim's log p of the class
+                # the latent picks.
+                k = answer.probabilities.shape[1]
+                targets = self.latent_classes(z, k).cpu().repeat_interleave(c.directions + 1)
+                logp = answer.probabilities.clamp_min(LOG_EPS).log()
+                conf = logp[torch.arange(len(targets)), targets].to(base.device)
+                losses = losses + c.victim_confidence * conf
         losses = losses.view(n, c.directions + 1)
         diffs = (losses[:, 1:] - losses[:, :1]).unsqueeze(2)  # (n, m, 1)
         grad = (dims / (c.directions * c.epsilon)) * (diffs * u).sum(dim=1)
@@ -57,7 +66,7 @@ class DFME(Attack):
         objective = -(pre * grad.view_as(pre)).sum() / n
         if c.class_balance > 0:
             # The clone is the attacker's own: this term has an exact gradient, no queries.
-            clone_logits = self.clone(self.generator.to_image(pre))
+            clone_logits = self.clone(self.to_query(pre, z))
             objective = objective - c.class_balance * self.balance_term(clone_logits)
         self.generator_opt.zero_grad(set_to_none=True)
         self.clone_opt.zero_grad(set_to_none=True)

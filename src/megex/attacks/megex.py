@@ -96,7 +96,8 @@ class MEGEX(Attack):
 
     def generator_step(self, oracle: Oracle) -> dict[str, Any]:
         c = self.config
-        _, x = self.generate(self.sample_latent(c.batch_size))
+        z = self.sample_latent(c.batch_size)
+        _, x = self.generate(z)
         request = c.explanation if c.explanation is not None else True
         answer = oracle.query(x.detach().cpu(), explanation=request)
         if answer.explanation is None or answer.explanation_spec is None:
@@ -121,6 +122,15 @@ class MEGEX(Attack):
             victim_grad = s.view(-1, 1, 1, 1) * dlogp
             clone_term = (s * lps).sum()
             loss_value = (lpv - lps.detach()).abs().mean()
+        if c.victim_confidence > 0:
+            if dlogp.dim() == 5:
+                # The latent picks the class (argmax of its first K values: uniform, so the
+                # queries are class-balanced); its gradient is read off the all-class maps.
+                targets = self.latent_classes(z, k).to(x.device)
+                confidence = dlogp[torch.arange(n, device=x.device), targets]
+            else:
+                confidence = dlogp  # the explained (predicted) class: sharpen it
+            victim_grad = victim_grad + c.victim_confidence * confidence
         # Ascend L: the victim term enters through the image with its gradient held fixed.
         objective = -((x * victim_grad.detach()).sum() - clone_term) / n
         if c.class_balance > 0:
@@ -164,10 +174,11 @@ class MEGEX(Attack):
             cls = _explained_class(answer).to(x.device).view(-1, 1)
             selected = logp.gather(1, cls).sum()
         (grad,) = torch.autograd.grad(selected, x, create_graph=True)
-        error = (grad - target).pow(2).flatten(1).sum(dim=1).mean()
-        # Relative to the maps' own size, so one weight suits any victim and output scale.
-        scale = target.pow(2).flatten(1).sum(dim=1).mean().clamp_min(1e-12)
-        return loss + c.explanation_loss * error / scale
+        # Relative squared error, per image, bounded in [0, 2]: one weight suits any victim and
+        # output scale, and images with vanishing maps cannot blow the clone up.
+        error = (grad - target).pow(2).flatten(1).sum(dim=1)
+        size = (grad.pow(2) + target.pow(2)).flatten(1).sum(dim=1) + 1e-12
+        return loss + c.explanation_loss * (error / size).mean()
 
     def details(self) -> dict[str, Any]:
         spec = self.explanation_used

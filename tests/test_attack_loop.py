@@ -1,0 +1,177 @@
+"""The shared attack loop through the Oracle protocol: budgets, user oracles, resume."""
+
+import pytest
+import torch
+from torch import nn
+
+import megex
+from megex import Answer, BudgetExceeded, Explanation, LocalOracle
+from megex.attacks import DFME, MEGEX
+from megex.evaluate import Evaluator
+
+SMALL = {"batch_size": 32, "clone_steps": 2}
+
+
+class UsersOwnOracle:
+    """An Oracle written by a user from scratch: its own ledger, its own victim call."""
+
+    def __init__(self, model: nn.Module, budget: int):
+        self.model, self.budget, self.used = model.eval(), budget, 0
+        self.seen_explanations = []
+
+    input_shape = (1, 8, 8)
+    num_classes = 10
+
+    @property
+    def queries_used(self):
+        return self.used
+
+    @property
+    def remaining(self):
+        return self.budget - self.used
+
+    def query(self, x, explanation=None):
+        if self.used + len(x) > self.budget:
+            raise BudgetExceeded(len(x), self.remaining, self.budget)
+        self.used += len(x)
+        with torch.no_grad():
+            probs = torch.softmax(self.model(x), 1)
+        maps, spec = None, None
+        if explanation:
+            spec = Explanation(target="all") if explanation is True else explanation
+            self.seen_explanations.append(spec)
+            maps = megex.explain(self.model, x, spec)
+        return Answer(probs, probs.argmax(1), explanation=maps, explanation_spec=spec)
+
+
+@pytest.fixture
+def hand_written_victim():
+    torch.manual_seed(1)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return megex.Victim.from_module(module, (1, 8, 8), 10, mean=0.5, std=0.5)
+
+
+@pytest.mark.parametrize("attack_class", [MEGEX, DFME])
+def test_both_attacks_run_against_a_users_own_oracle(hand_written_victim, attack_class):
+    oracle = UsersOwnOracle(hand_written_victim, budget=3000)
+    assert isinstance(oracle, megex.Oracle)
+    result = attack_class(seed=0, **SMALL).run(oracle, progress=False)
+    assert result.queries_used == oracle.queries_used <= 3000
+    assert result.queries_used > 3000 - attack_class(**SMALL).iteration_cost() - 1
+    if attack_class is MEGEX:
+        assert oracle.seen_explanations and result.details["generator_gradient"].startswith("exact")
+    else:
+        assert not oracle.seen_explanations
+
+
+def test_wrapped_module_is_queried_explained_and_attacked(hand_written_victim, digits_test):
+    x, y = digits_test
+    oracle = LocalOracle(hand_written_victim, budget=2500, explanation=Explanation(target="all"))
+    evaluator = Evaluator.from_victim(hand_written_victim, x, y)
+    result = MEGEX(**SMALL).run(oracle, evaluator=evaluator, progress=False)
+    assert result.queries_used == oracle.queries_used
+    assert result.metrics and 0 <= result.fidelity <= 1
+    assert result.details["explanation"]["target"] == "all"
+
+
+def test_attack_stops_at_the_oracles_budget(digits_victim):
+    oracle = LocalOracle(digits_victim, budget=10_000)
+    oracle.query(torch.rand(1000, 1, 8, 8))  # someone else spent part of it
+    result = MEGEX(**SMALL).run(oracle, budget=50_000, progress=False)
+    assert oracle.queries_used <= 10_000 and result.queries_used == oracle.queries_used - 1000
+
+
+def test_attack_reports_which_explanation_it_used(digits_victim):
+    for spec, kind in [
+        (Explanation("gradient", target="all"), "exact (all classes)"),
+        (Explanation("gradient"), "single class"),
+        (Explanation("smoothgrad", target="all"), "all classes, approximate maps"),
+        (Explanation("integrated_gradients", target="predicted", steps=4), "single class"),
+        (Explanation("input_x_gradient", output="logit"), "single class"),
+    ]:
+        oracle = LocalOracle(digits_victim, budget=500)
+        result = MEGEX(explanation=spec, **SMALL).run(oracle, progress=False)
+        assert result.details["generator_gradient"] == kind
+        assert result.details["explanation"]["method"] == spec.method
+
+
+def test_megex_exact_generator_gradient_matches_autograd(digits_victim):
+    """The explanation-based gradient equals autograd through a differentiable victim."""
+    from megex.attacks.megex import log_probability_gradients
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    for output in ("probability", "log_probability", "logit"):
+        oracle = LocalOracle(digits_victim, explanation=Explanation(target="all", output=output))
+        answer = oracle.query(x, explanation=True)
+        dlogp = log_probability_gradients(answer, x)
+        reference = megex.explain(
+            digits_victim, x, Explanation(target="all", output="log_probability")
+        )
+        torch.testing.assert_close(dlogp, reference, rtol=1e-3, atol=1e-5)
+
+
+def test_too_small_budget_is_a_clear_error(digits_victim):
+    with pytest.raises(ValueError, match="less than one iteration"):
+        DFME(**SMALL).run(LocalOracle(digits_victim, budget=10), progress=False)
+    with pytest.raises(ValueError, match="pass budget"):
+        MEGEX(**SMALL).run(LocalOracle(digits_victim), progress=False)
+    with pytest.raises(TypeError, match="unknown setting 'lerning_rate'"):
+        MEGEX(lerning_rate=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        MEGEX(batch_size=0)
+
+
+@pytest.mark.parametrize("attack_class", [MEGEX, DFME])
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    tmp_path, digits_victim, digits_test, attack_class
+):
+    x, y = digits_test
+    evaluator = Evaluator.from_victim(digits_victim, x, y)
+    budget, every = 6000, 1000
+    settings = dict(seed=3, **SMALL)
+
+    whole = LocalOracle(digits_victim, budget=budget)
+    straight = attack_class(**settings).run(
+        whole, evaluator=evaluator, eval_every=every, run_dir=tmp_path / "a", progress=False,
+        service_state=whole.state_dict,
+    )  # fmt: skip
+
+    def interrupt(iteration, spent):
+        if spent >= 3500:
+            raise KeyboardInterrupt
+
+    first = LocalOracle(digits_victim, budget=budget)
+    partial = attack_class(**settings).run(
+        first, evaluator=evaluator, eval_every=every, run_dir=tmp_path / "b", progress=False,
+        callback=interrupt, service_state=first.state_dict,
+    )  # fmt: skip
+    assert not partial.finished and not (tmp_path / "b" / "result.json").exists()
+
+    # The service side comes back with its ledger as of the last checkpoint.
+    from megex.runs import RunFolder
+
+    saved = RunFolder(tmp_path / "b").load_checkpoint()["service"]
+    second = LocalOracle(digits_victim, budget=budget)
+    second.load_state_dict(saved)
+    resumed = attack_class(**settings).run(
+        second, evaluator=evaluator, eval_every=every, run_dir=tmp_path / "b", resume=True,
+        progress=False, service_state=second.state_dict,
+    )  # fmt: skip
+    assert resumed.finished
+    assert resumed.queries_used == straight.queries_used == second.queries_used
+    assert resumed.clone_accuracy == straight.clone_accuracy
+    assert [m["clone_accuracy"] for m in resumed.metrics] == [
+        m["clone_accuracy"] for m in straight.metrics
+    ]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["clone"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["clone"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "result.json",
+        "clone.safetensors",
+    ):
+        assert (tmp_path / "b" / name).is_file()

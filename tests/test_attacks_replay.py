@@ -1,0 +1,196 @@
+"""Experience replay, the new attack options, exact resume with them, and `megex bench`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import megex
+from megex.attacks import DFME, MEGEX, MEGEXConfig
+from megex.attacks.replay import ReplayBuffer
+from megex.evaluate import Evaluator
+from megex.models import build_classifier
+from megex.victim import Victim
+
+
+def test_replay_ring_keeps_the_newest_and_samples_what_it_holds():
+    buf = ReplayBuffer(5, (1, 2, 2), 3)
+    for i in range(4):
+        x = torch.full((2, 1, 2, 2), i / 10)
+        buf.add(x, torch.full((2, 3), float(i)))
+    assert len(buf) == 5 and buf.added == 8
+    # 8 pairs through a ring of 5: the three oldest (i = 0, 0, 1) are gone.
+    assert sorted(buf.probs[:, 0].tolist()) == [1.0, 2.0, 2.0, 3.0, 3.0]
+    x, p = buf.sample(64, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and x.shape == (64, 1, 2, 2)
+    # Each image comes with the answer it was stored with.
+    assert torch.allclose(x[:, 0, 0, 0] * 10, p[:, 0], atol=1e-2)
+    state = buf.state_dict()
+    other = ReplayBuffer(5, (1, 2, 2), 3)
+    other.load_state_dict(state)
+    assert len(other) == 5 and torch.equal(other.probs[:5], buf.probs[:5])
+    assert other.position == buf.position
+
+
+def test_replay_batch_larger_than_capacity():
+    buf = ReplayBuffer(3, (1, 1, 1), 2)
+    buf.add(torch.rand(7, 1, 1, 1), torch.arange(14.0).view(7, 2))
+    assert len(buf) == 3 and buf.probs[:, 0].tolist() == [8.0, 10.0, 12.0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: threads only add contention when other processes share the cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def victim() -> Victim:
+    # Not seed 0: the attack's clone is built under its own seed and must differ.
+    torch.manual_seed(123)
+    model = build_classifier("small_cnn", 10, 1, 8)
+    return Victim(model, (1, 8, 8), 10, arch="small_cnn", dataset="digits").eval()
+
+
+@pytest.fixture(scope="module")
+def evaluator(victim: Victim) -> Evaluator:
+    x = torch.rand(64, 1, 8, 8)
+    return Evaluator.from_victim(victim, x, victim.predict(x))
+
+
+SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
+OPTIONS = {
+    "replay_size": 200,
+    "replay_steps": 2,
+    "train_on_generator_queries": True,
+    "class_balance": 0.5,
+    "clone_ema": 0.9,
+    "lr_schedule": "constant",
+}
+
+
+@pytest.mark.parametrize(
+    "attack, extra",
+    [
+        (MEGEX, {"explanation": megex.Explanation("gradient", target="all")}),
+        (MEGEX, {"explanation_loss": 1.0, "explain_clone_queries": True}),
+        (DFME, {"directions": 2}),
+    ],
+)
+def test_options_run_within_budget_and_resume_exactly(tmp_path, victim, evaluator, attack, extra):
+    settings = {**SMALL, **OPTIONS, **extra}
+    budget = 1000
+    full = attack(seed=3, **settings).run(
+        megex.LocalOracle(victim, budget=budget), evaluator=evaluator, progress=False
+    )
+    assert 0 < full.queries_used <= budget
+    # Interrupted after two iterations, then resumed from the run folder.
+    oracle = megex.LocalOracle(victim, budget=budget)
+
+    def stop(iteration, spent):
+        if iteration == 2:
+            raise KeyboardInterrupt
+
+    first = attack(seed=3, **settings).run(
+        oracle,
+        evaluator=evaluator,
+        eval_every=1,
+        run_dir=tmp_path,
+        progress=False,
+        callback=stop,
+        service_state=oracle.state_dict,
+    )
+    assert not first.finished
+    resumed_oracle = megex.LocalOracle(victim, budget=budget)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    resumed_oracle.load_state_dict(state["service"])
+    resumed = attack(seed=3, **settings).run(
+        resumed_oracle, budget, evaluator=evaluator, run_dir=tmp_path, resume=True, progress=False
+    )
+    assert resumed.queries_used == full.queries_used
+    assert resumed_oracle.queries_used == full.queries_used
+    assert resumed.clone_accuracy == full.clone_accuracy
+    for a, b in zip(resumed.clone.parameters(), full.clone.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_eval_at_reports_smaller_budgets_exactly(victim, evaluator):
+    settings = {**SMALL, "lr_schedule": "constant", "replay_size": 100, "replay_steps": 1}
+    cost = MEGEX(**settings).iteration_cost()
+    long = MEGEX(seed=1, **settings).run(
+        megex.LocalOracle(victim, budget=10 * cost),
+        evaluator=evaluator,
+        eval_at=[4 * cost + 5],
+        progress=False,
+    )
+    short = MEGEX(seed=1, **settings).run(
+        megex.LocalOracle(victim, budget=4 * cost + 5), evaluator=evaluator, progress=False
+    )
+    row = next(r for r in long.metrics if r["queries"] == 4 * cost)
+    assert row["clone_accuracy"] == short.clone_accuracy
+
+
+def test_explanation_loss_matches_gradients_on_a_known_target(victim):
+    attack = MEGEX(**SMALL, explanation_loss=1.0)
+    oracle = megex.LocalOracle(victim, budget=None, explanation=megex.Explanation("gradient"))
+    attack.setup(oracle)
+    attack.make_schedulers(10)
+    x = torch.rand(8, 1, 8, 8)
+    answer = oracle.query(x, explanation=True)
+    with_maps = attack.clone_loss(x, answer.probabilities, answer)
+    without = attack.clone_loss(x, answer.probabilities, None)
+    # The extra term is a relative squared error: positive, and of order one for a random clone.
+    assert with_maps.item() > without.item()
+    assert with_maps.item() - without.item() < 10
+
+
+def test_invalid_options_are_refused():
+    with pytest.raises(ValueError, match="replay_size"):
+        MEGEX(replay_steps=2)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        DFME(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="explanation_loss"):
+        MEGEX(config=MEGEXConfig(explanation_loss=-1.0))
+    with pytest.raises(ValueError, match="clone_ema"):
+        DFME(clone_ema=1.0)
+
+
+def test_bench_quick_path_on_digits(tmp_path, capsys):
+    from megex import bench
+
+    config = tmp_path / "digits.json"
+    config.write_text(
+        json.dumps(
+            {
+                "dataset": "digits",
+                "settings": {**SMALL, "lr_schedule": "constant", "replay_size": 500},
+                "quick_budgets": [300, 600],
+                "method_settings": {"megex-all": {"replay_steps": 1}},
+            }
+        )
+    )
+    victim = Victim(
+        build_classifier("small_cnn", 10, 1, 8), (1, 8, 8), 10, arch="small_cnn", dataset="digits"
+    )
+    victim.accuracy = 0.5
+    vpath = victim.save(tmp_path / "victim.safetensors")
+    argv = [
+        "--config", str(config), "--quick", "--out", str(tmp_path / "out"), "--victim",
+        str(vpath), "--methods", "megex-all", "dfme-m1", "--no-progress",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "query_efficiency.json").read_text())
+    assert set(summary["stats"]) == {"megex-all", "dfme-m1"}
+    assert set(summary["stats"]["megex-all"]) == {"300", "600"}
+    assert all(c["queries"] <= c["budget"] for c in summary["cells"])
+    table = (tmp_path / "out" / "query_efficiency.md").read_text()
+    assert "| megex-all |" in table
+    # A second call finds the finished runs and skips them.
+    capsys.readouterr()
+    assert bench.main(argv + ["--no-plot"]) == 0
+    assert "already done" in capsys.readouterr().out
