@@ -83,3 +83,10 @@ def test_demo_prints_the_table_and_where_output_went(tmp_path, capsys):
     # The second demo reuses the cached victim.
     assert main(["demo", "--budget", "15000", "--out", str(out), "--quiet"]) == 0
     assert "victim: reusing" in capsys.readouterr().out
+
+
+def test_unreachable_service_is_a_one_line_error(tmp_path, capsys):
+    argv = ["attack", "--victim", "http://127.0.0.1:9/v2/models/x", "--budget", "1000"]
+    assert main(argv + ["--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -121,3 +121,21 @@ def test_modules_are_explained_in_eval_mode():
     assert model.training  # restored
     model.eval()
     torch.testing.assert_close(maps, finite_difference(model, x, "probability"))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"method": "smoothgrad", "sigma": float("inf")}, "sigma: expected a number in"),
+        ({"method": "smoothgrad", "sigma": float("nan")}, "sigma"),
+        ({"method": "smoothgrad", "samples": 10**7}, "samples: expected 1..256"),
+        ({"method": "smoothgrad", "samples": 2.5}, "whole number"),
+        ({"method": "integrated_gradients", "steps": 10**400}, "steps: expected 1..256"),
+        ({"method": "integrated_gradients", "baseline": float("nan")}, "baseline"),
+    ],
+)
+def test_explanation_settings_are_bounded(params, message):
+    # One request must not be able to make a service compute for minutes or return NaN.
+    params = dict(params)
+    with pytest.raises(ValueError, match=message):
+        Explanation(params.pop("method"), **params)

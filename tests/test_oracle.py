@@ -139,3 +139,10 @@ def test_defences_change_what_is_returned(user_victim):
 
 def test_local_oracle_is_an_oracle(user_victim):
     assert isinstance(LocalOracle(user_victim), megex.Oracle)
+
+
+def test_probability_defences_cannot_be_bypassed_by_logits(user_victim):
+    with pytest.raises(ValueError, match="does not apply to prediction='logits'"):
+        LocalOracle(user_victim, prediction="logits", defenses=[build_defense("round:2")])
+    # Explanation defences are fine with any prediction mode.
+    LocalOracle(user_victim, prediction="logits", defenses=[build_defense("sign")])

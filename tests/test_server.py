@@ -397,6 +397,40 @@ BAD_INPUTS = [
         400,
     ),
     (
+        "non-ascii-digit-target",
+        "POST",
+        V1E,
+        {"instances": GOOD, "parameters": {"target": "\u00b2"}},
+        {},
+        400,
+    ),
+    (
+        "infinite-sigma",
+        "POST",
+        V1E,
+        json.dumps({"instances": GOOD, "parameters": {"method": "smoothgrad", "noiseSigma": 7.25}})
+        .replace("7.25", "Infinity")
+        .encode(),
+        {},
+        400,
+    ),
+    (
+        "huge-sample-count",
+        "POST",
+        V1E,
+        {"instances": GOOD, "parameters": {"method": "smoothgrad", "noisySampleCount": 10**7}},
+        {},
+        400,
+    ),
+    (
+        "overflowing-steps",
+        "POST",
+        V1E,
+        {"instances": GOOD, "parameters": {"method": "integrated_gradients", "stepCount": 10**400}},
+        {},
+        400,
+    ),
+    (
         "param-for-other-method",
         "POST",
         V1E,

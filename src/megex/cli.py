@@ -140,6 +140,16 @@ def _attack_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+RUN_FILES = (
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "result.json",
+    "config.json",
+    "clone.safetensors",
+    "clone.json",
+)
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     folder = RunFolder(args.out)
@@ -161,7 +171,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             "or --force to start over"
         )
     if args.force and folder.path.exists():
-        for name in ("checkpoint.pt", "metrics.jsonl", "result.json", "config.json"):
+        for name in RUN_FILES:
             (folder.path / name).unlink(missing_ok=True)
     checkpoint = folder.load_checkpoint() if (args.resume and folder.has_checkpoint()) else None
     explanation = _explanation_from_args(args) if args.method == "megex" else None
@@ -335,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_paths = []
     for label, method, extra in methods:
         folder = RunFolder(out / label).create()
-        for name in ("checkpoint.pt", "metrics.jsonl", "result.json"):
+        for name in RUN_FILES:
             (folder.path / name).unlink(missing_ok=True)
         folder.write_config(
             {"label": label, "dataset": args.dataset, "victim_accuracy": evaluator.victim_accuracy}
@@ -471,7 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        print(f"megex {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Mistakes and refusals a user can act on: one line, no traceback."""
+    known: tuple[type[BaseException], ...] = (
         UsageError,
         ValueError,
         FileNotFoundError,
@@ -479,9 +498,14 @@ def main(argv: list[str] | None = None) -> int:
         InvalidQuery,
         ExplanationNotOffered,
         ImportError,
-    ) as exc:
-        print(f"megex {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    )
+    try:
+        from .client import ServiceError
+
+        known += (ServiceError,)
+    except ImportError:  # the server extra is not installed
+        pass
+    return isinstance(exc, known)
 
 
 if __name__ == "__main__":

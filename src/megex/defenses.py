@@ -67,7 +67,7 @@ class ExplanationNoise(Defense):
     ) -> torch.Tensor:
         dims = tuple(range(e.dim() - 3, e.dim()))
         std = e.std(dim=dims, keepdim=True)
-        noise = torch.randn(e.shape, generator=generator, dtype=e.dtype, device=e.device)
+        noise = torch.randn(e.shape, generator=generator, dtype=e.dtype).to(e.device)
         return e + self.scale * std * noise
 
 

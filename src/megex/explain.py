@@ -13,6 +13,7 @@ have shape (N, K, C, H, W), else (N, C, H, W).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,11 @@ __all__ = ["Explanation", "METHODS", "OUTPUTS", "explain"]
 
 METHODS = ("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient")
 OUTPUTS = ("probability", "log_probability", "logit")
+
+# One request must not be able to hold the service for minutes: at most this many
+# forward/backward passes per image (SmoothGrad samples, IG steps).
+MAX_PASSES = 256
+MAX_SIGMA = 10.0
 
 _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "gradient": {},
@@ -77,17 +83,15 @@ class Explanation:
             )
         merged = {**allowed, **params}
         if method == "smoothgrad":
-            if not float(merged["sigma"]) >= 0:
-                raise ValueError(f"smoothgrad sigma: expected >= 0, got {merged['sigma']}")
-            if int(merged["samples"]) < 1:
-                raise ValueError(f"smoothgrad samples: expected >= 1, got {merged['samples']}")
-            merged = {"sigma": float(merged["sigma"]), "samples": int(merged["samples"])}
+            merged = {
+                "sigma": _number("smoothgrad sigma", merged["sigma"], 0.0, MAX_SIGMA),
+                "samples": _count("smoothgrad samples", merged["samples"], MAX_PASSES),
+            }
         if method == "integrated_gradients":
-            if int(merged["steps"]) < 1:
-                raise ValueError(
-                    f"integrated_gradients steps: expected >= 1, got {merged['steps']}"
-                )
-            merged = {"steps": int(merged["steps"]), "baseline": float(merged["baseline"])}
+            merged = {
+                "steps": _count("integrated_gradients steps", merged["steps"], MAX_PASSES),
+                "baseline": _number("integrated_gradients baseline", merged["baseline"], 0.0, 1.0),
+            }
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "output", output)
@@ -113,6 +117,26 @@ class Explanation:
         extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
         extra = ", " + extra if extra else ""
         return f"{self.method}(target={self.target}, output={self.output}{extra})"
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ValueError(f"{name}: expected a number in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+def _count(name: str, value: Any, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a whole number, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{name}: expected a whole number, got {value!r}")
+    if not 1 <= value <= high:
+        raise ValueError(f"{name}: expected 1..{high}, got {value!r}")
+    return int(value)
 
 
 def _transform(logits: torch.Tensor, output: str) -> torch.Tensor:
@@ -190,7 +214,8 @@ def explain(
     if method == "smoothgrad":
         total = None
         for _ in range(params["samples"]):
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            # Drawn on the CPU so that a CPU generator seeds it wherever the model runs.
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             g = _gradients(forward, x + params["sigma"] * noise, output, classes)
             total = g if total is None else total + g
         return total / params["samples"]

@@ -157,6 +157,13 @@ class LocalOracle:
             )
         if prediction == "top-k" and (top_k is None or not 1 <= int(top_k) <= victim.num_classes):
             raise ValueError(f"top_k: expected 1..{victim.num_classes} for 'top-k', got {top_k}")
+        if prediction in ("logits", "label") and any(
+            type(d).probabilities is not Defense.probabilities for d in defenses
+        ):
+            # Logits would expose what a probability defence hides; labels are unaffected.
+            raise ValueError(
+                f"defenses: a defence of probabilities does not apply to prediction={prediction!r}"
+            )
         if budget is not None and int(budget) < 0:
             raise ValueError(f"budget: expected >= 0 or None, got {budget}")
         if int(queries_used) < 0:

@@ -155,7 +155,7 @@ def _validated(arr: np.ndarray, input_shape: Sequence[int], what: str) -> torch.
 def _parse_target(value: Any) -> str | int:
     if isinstance(value, bool):
         raise _bad(f"parameters.target: expected 'predicted', 'all' or a class index, got {value}")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -190,7 +190,7 @@ def explanation_from_parameters(
     params.update(settings)
     try:
         return Explanation(method, target=target, output=output, **params)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise _bad(str(err), "invalid_explanation") from None
 
 
