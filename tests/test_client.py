@@ -177,6 +177,54 @@ def test_retry_after_server_error_is_refunded(server):
     assert server.app.state.ledger.total_used() == 6
 
 
+class TimeOutFirstAttempt(httpx.BaseTransport):
+    """The first request reaches the server, but the client gives up waiting for it."""
+
+    def __init__(self):
+        self.inner = httpx.HTTPTransport()
+        self.statuses: list[int] = []
+        self.background: threading.Thread | None = None
+
+    def handle_request(self, request):
+        if self.background is None:
+            request.read()
+
+            def deliver():
+                self.inner.handle_request(request).read()
+
+            self.background = threading.Thread(target=deliver)
+            self.background.start()
+            raise httpx.ReadTimeout("simulated timeout", request=request)
+        response = self.inner.handle_request(request)
+        self.statuses.append(response.status_code)
+        return response
+
+
+def test_retry_while_first_attempt_computes_waits_and_pays_once(server, victim):
+    engine = server.app.state.service.engine
+    real = engine.query
+
+    def slow(x, explanation=None):
+        time.sleep(1.0)
+        return real(x, explanation)
+
+    engine.query = slow
+    before = server.app.state.ledger.total_used()
+    try:
+        remote = RemoteOracle(server.url, KEY, backoff=0.05)
+        transport = TimeOutFirstAttempt()
+        remote._http = httpx.Client(transport=transport, headers=remote._http.headers)
+        x = images(3)
+        answer = remote.query(x)
+        transport.background.join()
+    finally:
+        del engine.query
+    assert 409 in transport.statuses and transport.statuses[-1] == 200
+    assert server.app.state.ledger.total_used() == before + 3
+    torch.testing.assert_close(answer.probabilities, LocalOracle(victim).query(x).probabilities)
+    remote.close()
+
+
 def test_unreachable_server_raises_service_error():
     with ServerThread(create_app(tiny_victim())) as s:
         url = s.url

@@ -224,7 +224,13 @@ class RemoteOracle:
                 continue
             self._read_usage(response.headers)
             status = response.status_code
-            if (status >= 500 or status == 409) and attempt < self.retries:
+            if status == 409 and waits < self.max_rate_limit_waits:
+                # The same request is still being computed (an earlier attempt timed out):
+                # wait for it under the same idempotency key rather than lose a paid answer.
+                waits += 1
+                time.sleep(min(5.0, self.backoff * 2 ** min(waits, 5)))
+                continue
+            if status >= 500 and attempt < self.retries:
                 time.sleep(self.backoff * 2**attempt)
                 attempt += 1
                 continue
