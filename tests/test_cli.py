@@ -80,6 +80,9 @@ def test_demo_prints_the_table_and_where_output_went(tmp_path, capsys):
         assert (out / "digits" / label / "result.json").is_file()
     assert f"report: {out / 'digits' / 'report.md'}" in text
     assert (out / "digits" / "accuracy.png").stat().st_size > 1000
+    summary = json.loads((out / "digits" / "report.json").read_text())
+    assert [r["label"] for r in summary["runs"]] == ["megex", "megex-predicted", "dfme"]
+    assert all(r["queries"] <= 15000 and r["curve"] for r in summary["runs"])
     # The second demo reuses the cached victim.
     assert main(["demo", "--budget", "15000", "--out", str(out), "--quiet"]) == 0
     assert "victim: reusing" in capsys.readouterr().out

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .runs import RunFolder
+from .runs import RunFolder, write_json_atomic
 
-__all__ = ["load_run", "markdown_table", "plot_accuracy", "write_report"]
+__all__ = ["load_run", "markdown_table", "plot_accuracy", "summary", "write_report"]
 
 
 def load_run(path: str | os.PathLike) -> dict[str, Any]:
@@ -36,6 +36,36 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One plain record per run (what report.json holds)."""
+    rows = []
+    for run in runs:
+        last = run["metrics"][-1] if run["metrics"] else {}
+        result, config = run["result"], run["config"]
+        acc = result.get("clone_accuracy", last.get("clone_accuracy"))
+        victim = config.get("victim_accuracy")
+        rows.append(
+            {
+                "label": run["label"],
+                "path": run["path"],
+                "method": config.get("method"),
+                "finished": run["finished"],
+                "victim_accuracy": victim,
+                "clone_accuracy": acc,
+                "ratio": acc / victim if (acc is not None and victim) else None,
+                "fidelity": result.get("fidelity", last.get("fidelity")),
+                "queries": result.get("queries_used", last.get("queries")),
+                "elapsed_s": result.get("elapsed_s", last.get("elapsed_s")),
+                "details": result.get("details", {}),
+                "curve": [
+                    {k: m.get(k) for k in ("queries", "clone_accuracy", "fidelity")}
+                    for m in run["metrics"]
+                ],
+            }
+        )
+    return rows
+
+
 def markdown_table(runs: list[dict[str, Any]], victim_accuracy: float | None = None) -> str:
     """One row per run: clone accuracy, ratio to the victim, fidelity, queries, seconds."""
     lines = []
@@ -49,9 +79,9 @@ def markdown_table(runs: list[dict[str, Any]], victim_accuracy: float | None = N
         last = run["metrics"][-1] if run["metrics"] else {}
         result, config = run["result"], run["config"]
         acc = result.get("clone_accuracy", last.get("clone_accuracy"))
-        ratio = (
-            acc / victim_accuracy if (acc is not None and victim_accuracy) else last.get("ratio")
-        )
+        # Each run against its own victim: runs of different victims can share a report.
+        reference = config.get("victim_accuracy") or victim_accuracy
+        ratio = acc / reference if (acc is not None and reference) else None
         explanation = (result.get("details") or {}).get("explanation")
         expl = (
             f"{explanation['method']}/{explanation['target']}"
@@ -105,7 +135,10 @@ def write_report(
     out_dir: str | os.PathLike,
     victim_accuracy: float | None = None,
 ) -> tuple[Path, Path | None, str]:
-    """Write report.md and accuracy.png for run folders; returns (md path, png path, table)."""
+    """Write report.md, report.json and accuracy.png for run folders.
+
+    Returns (markdown path, plot path or None without matplotlib, the table).
+    """
     runs = [load_run(p) for p in run_paths]
     if victim_accuracy is None:
         for run in runs:
@@ -121,4 +154,6 @@ def write_report(
         body += f"\n![clone accuracy vs queries]({png.name})\n"
     tmp.write_text(body)
     os.replace(tmp, md)
+    report = {"victim_accuracy": victim_accuracy, "runs": summary(runs)}
+    write_json_atomic(out / "report.json", report)
     return md, png, table
