@@ -1,6 +1,6 @@
 """Query efficiency of MEGEX vs DFME (clone accuracy against queries); see megex.bench.
 
-python benchmarks/query_efficiency.py --quick            # one seed, 100k and 250k
+python benchmarks/query_efficiency.py --quick            # one seed, 50k and 150k
 python benchmarks/query_efficiency.py --jobs 2           # 3 seeds, 100k to 1M
 python benchmarks/query_efficiency.py --config benchmarks/configs/svhn.json --data-root DIR
 """

@@ -6,6 +6,11 @@ import torch
 from megex import data
 
 
+# Tests run beside a server or a second process on small machines: one thread each avoids
+# the oversubscription that makes torch many times slower.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     # Trained victims and demo output go to the test's own folder, never the user's cache.

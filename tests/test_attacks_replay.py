@@ -151,7 +151,7 @@ def test_explanation_loss_matches_gradients_on_a_known_target(victim):
 
 def test_invalid_options_are_refused():
     with pytest.raises(ValueError, match="replay_size"):
-        MEGEX(replay_steps=2)
+        MEGEX(replay_size=0, replay_steps=2)
     with pytest.raises(ValueError, match="lr_schedule"):
         DFME(lr_schedule="cosine")
     with pytest.raises(ValueError, match="explanation_loss"):
@@ -184,13 +184,30 @@ def test_bench_quick_path_on_digits(tmp_path, capsys):
         str(vpath), "--methods", "megex-all", "dfme-m1", "--no-progress",
     ]  # fmt: skip
     assert bench.main(argv) == 0
-    summary = json.loads((tmp_path / "out" / "query_efficiency.json").read_text())
+    summary = json.loads((tmp_path / "out" / "query_efficiency_quick.json").read_text())
     assert set(summary["stats"]) == {"megex-all", "dfme-m1"}
     assert set(summary["stats"]["megex-all"]) == {"300", "600"}
     assert all(c["queries"] <= c["budget"] for c in summary["cells"])
-    table = (tmp_path / "out" / "query_efficiency.md").read_text()
+    table = (tmp_path / "out" / "query_efficiency_quick.md").read_text()
     assert "| megex-all |" in table
     # A second call finds the finished runs and skips them.
     capsys.readouterr()
     assert bench.main(argv + ["--no-plot"]) == 0
     assert "already done" in capsys.readouterr().out
+
+
+def test_brightness_prior_is_a_function_of_the_latent(victim):
+    attack = DFME(**SMALL, query_gamma=(0.5, 4.5))
+    attack.setup(megex.LocalOracle(victim, budget=None))
+    z = torch.randn(4, SMALL["nz"])
+    pre = torch.randn(4, 1, 8, 8)
+    x = attack.to_query(pre, z)
+    assert x.min() >= 0 and x.max() <= 1
+    # A group of copies per latent (DFME's perturbed points) shares that latent's gamma.
+    group = attack.to_query(pre.repeat_interleave(3, dim=0), z)
+    assert torch.allclose(group[::3], x)
+    plain = DFME(**SMALL, query_gamma=(1.0, 1.0))
+    plain.setup(megex.LocalOracle(victim, budget=None))
+    assert torch.allclose(plain.to_query(pre, z), (torch.tanh(pre) + 1) / 2)
+    classes = attack.latent_classes(torch.randn(5000, 16), 10)
+    assert torch.bincount(classes, minlength=10).min() > 350  # about uniform

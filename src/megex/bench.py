@@ -7,7 +7,8 @@ average of the clone). A setting with a budget-dependent schedule ('multistep') 
 run per budget instead. Runs are run folders: an interrupted benchmark resumes where it
 stopped and skips what is finished.
 
-Writes <out>/query_efficiency.json, .md (mean +- std per method and budget) and .png.
+Writes <out>/query_efficiency.json, .md (mean +- std per method and budget) and .png
+(query_efficiency_quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,10 @@ DEFAULTS: dict[str, Any] = {
     "budgets": [100_000, 250_000, 500_000, 1_000_000],
     "seeds": [0, 1, 2],
     "methods": list(METHODS),
-    "quick_budgets": [100_000, 250_000],
+    "quick_budgets": [50_000, 150_000],
     "quick_seeds": [0],
     # Shared attack settings; a small generator keeps 1M queries within CPU reach.
-    "settings": {"ngf": 16, "lr_schedule": "constant"},
+    "settings": {"ngf": 8, "lr_schedule": "constant"},
     "method_settings": {},
     "device": "cpu",
 }
@@ -120,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def victim_path(out: Path, config: dict[str, Any]) -> Path:
-    arch = config["victim_arch"] or "recipe"
+    from .victim import RECIPES
+
+    recipe = RECIPES.get(config["dataset"])
+    arch = config["victim_arch"] or (recipe.arch if recipe else "lenet5")
     return out / "victims" / f"{config['dataset']}-{arch}-seed{config['victim_seed']}.safetensors"
 
 
 def get_victim(config: dict[str, Any], out: Path, data_root: str | None, given: str | None):
     """The cached victim, or a freshly trained one (then cached for the next run)."""
-    from .victim import Victim, train_victim
+    from .victim import RECIPES, Victim, train_victim
 
     path = Path(given) if given else victim_path(out, config)
     if path.is_file():
@@ -145,6 +148,12 @@ def get_victim(config: dict[str, Any], out: Path, data_root: str | None, given: 
     )
     victim.save(path)
     _log(f"victim: test accuracy {victim.accuracy:.4f}, {victim.metadata.get('train_seconds')} s")
+    recipe = RECIPES.get(config["dataset"])
+    if recipe is not None and victim.accuracy < recipe.expected_accuracy:
+        _log(
+            f"victim: warning: below the recipe's documented {recipe.expected_accuracy:.2f}; "
+            "clone ratios are relative to this victim"
+        )
     return victim, path
 
 
@@ -302,14 +311,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     else:
         import multiprocessing
 
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(run_one, job) for job in jobs]
-            for future in as_completed(futures):
-                done(future.result())
+        # One process per run (spawned: no forked torch state); on Ctrl-C the workers are
+        # ended at once. Checkpoints are written atomically, so each run resumes from its
+        # last evaluation next time.
+        pool = multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1)
+        try:
+            for res in pool.imap_unordered(run_one, jobs, chunksize=1):
+                done(res)
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.close()
+            pool.join()
     wall = time.time() - t0
     summary = summarise(finished, victim.accuracy, config, wall, args)
-    paths = write_outputs(summary, out, plot=not args.no_plot)
+    stem = "query_efficiency_quick" if args.quick else "query_efficiency"
+    paths = write_outputs(summary, out, stem, plot=not args.no_plot)
     _log(f"benchmark: {wall:.0f} s wall time; wrote {', '.join(str(p) for p in paths)}")
     return summary
 
@@ -400,7 +418,9 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"Clone test accuracy % (mean +- std over {seeds} seed(s)), (x victim accuracy "
-        f"{100 * summary['victim_accuracy']:.1f}%). Wall time {summary['wall_s']:.0f} s, "
+        f"{100 * summary['victim_accuracy']:.1f}%). Wall time of this invocation "
+        f"{summary['wall_s']:.0f} s (finished runs are reused; their own times are in the "
+        f"JSON's run_wall_s), "
         f"{summary['jobs']} run(s) at a time, {summary['threads_per_run']} thread(s) each."
     )
     reach = summary.get("queries_to_reach") or {}
@@ -418,15 +438,17 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(summary: dict[str, Any], out: Path, plot: bool = True) -> list[Path]:
+def write_outputs(
+    summary: dict[str, Any], out: Path, stem: str = "query_efficiency", plot: bool = True
+) -> list[Path]:
     from .runs import write_json_atomic
 
-    paths = [out / "query_efficiency.json", out / "query_efficiency.md"]
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
     write_json_atomic(paths[0], summary)
     paths[1].write_text(markdown(summary))
     if plot:
         try:
-            paths.append(plot_curves(summary, out / "query_efficiency.png"))
+            paths.append(plot_curves(summary, out / f"{stem}.png"))
         except ImportError:
             _log("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
     return paths

@@ -1,6 +1,6 @@
 """Data-free model extraction attacks over the Oracle protocol."""
 
-from .base import Attack, AttackConfig, AttackResult
+from .base import LITERAL, Attack, AttackConfig, AttackResult
 from .dfme import DFME, DFMEConfig
 from .megex import MEGEX, MEGEXConfig
 
@@ -8,6 +8,7 @@ ATTACKS = {"megex": MEGEX, "dfme": DFME}
 
 __all__ = [
     "ATTACKS",
+    "LITERAL",
     "Attack",
     "AttackConfig",
     "AttackResult",

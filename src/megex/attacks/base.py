@@ -1,9 +1,11 @@
 """The loop every data-free extraction attack shares.
 
-One iteration = `generator_steps` generator updates (the attack's own `generator_step`)
-then `clone_steps` clone updates on fresh generator queries. The loop owns schedules,
-evaluation, checkpoints and resume; it spends queries only through the oracle, checks the
-remaining budget before each iteration and never asks for more than is left.
+One iteration = `generator_steps` generator updates (the attack's own `generator_step`,
+whose answered queries may train the clone too) then `clone_steps` clone updates on fresh
+generator queries, then `replay_steps` clone updates on stored answers (no queries). The
+loop owns schedules, evaluation, checkpoints and resume; it spends queries only through the
+oracle, checks the remaining budget before each iteration and never asks for more than is
+left.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from ..oracle import Answer, Oracle
 from ..runs import RunFolder
 from .replay import ReplayBuffer
 
-__all__ = ["Attack", "AttackConfig", "AttackResult", "default_clone_arch", "victim_targets"]
+__all__ = [
+    "LITERAL",
+    "Attack",
+    "AttackConfig",
+    "AttackResult",
+    "default_clone_arch",
+    "victim_targets",
+]
 
 LOG_EPS = 1e-8
 
@@ -58,18 +67,24 @@ def disagreement(
 
 @dataclass
 class AttackConfig:
-    """Settings shared by every attack. Defaults are DFME's unless noted in the README."""
+    """Settings shared by every attack.
+
+    Architecture and clone optimiser are DFME's. The loop's settings are the best measured
+    on Fashion-MNIST (benchmarks/RESULTS_query_efficiency.md, "Ablation"); DFME's literal
+    values are noted where they differ, and `LITERAL` holds them all.
+    """
 
     clone: str | None = None  # architecture; None: picked from the image size
     nz: int = 256
     ngf: int = 64
-    batch_size: int = 256
+    batch_size: int = 128  # DFME: 256
     generator_steps: int = 1
-    clone_steps: int = 5
+    clone_steps: int = 1  # DFME: 5 (the generator's queries train the clone too, below)
     clone_lr: float = 0.1
     clone_momentum: float = 0.9
     clone_weight_decay: float = 5e-4
-    generator_lr: float = 1e-4
+    # DFME: 1e-4, with which the generator hardly moves within a few million queries.
+    generator_lr: float = 1e-2
     lr_milestones: tuple[float, ...] = (0.1, 0.3, 0.5)  # fractions of the run
     lr_gamma: float = 0.3
     loss: str = "l1"  # 'l1' (recovered logits) or 'kl'
@@ -78,16 +93,16 @@ class AttackConfig:
     # --- options beyond the literal port; each one is measured in the benchmark's ablation ---
     # 'multistep': DFME's decays at fractions of the run (so results depend on the budget);
     # 'constant': no decay, so one run measures every smaller budget on its way.
-    lr_schedule: str = "multistep"
+    lr_schedule: str = "constant"  # DFME: 'multistep'
     # Evaluate (and return) an exponential moving average of the clone's weights: what a
     # decaying learning rate gives, without knowing the budget in advance. 0 turns it off.
     clone_ema: float = 0.0
     # Experience replay (MAZE, CaBaGE): keep up to replay_size answered queries and take
     # replay_steps extra clone steps on them per iteration; they cost no queries.
-    replay_size: int = 0
-    replay_steps: int = 0
+    replay_size: int = 100_000
+    replay_steps: int = 5
     # The generator step's queries are paid for: also take a clone step on their answers.
-    train_on_generator_queries: bool = False
+    train_on_generator_queries: bool = True
     # Generator diversity: reward an even spread of the clone's classes over a batch
     # (entropy of the batch-mean prediction), computed on the clone alone, no queries.
     class_balance: float = 0.0
@@ -96,12 +111,12 @@ class AttackConfig:
     # class-balanced) when the victim's gradient for every class is known, else the
     # predicted class. MEGEX reads the gradient off the explanation; DFME estimates it from
     # the same zeroth-order queries. No extra queries either way. 0 turns it off.
-    victim_confidence: float = 0.0
+    victim_confidence: float = 1.0
     # A brightness prior for the queries: each generated image is raised to a power gamma
     # drawn from this range (a function of its latent, so DFME's perturbed copies share it).
     # Real images have dark and light backgrounds; the generator's final batch norm alone
     # pins every batch near mean intensity 0.5. (1, 1) turns it off.
-    query_gamma: tuple[float, float] = (1.0, 1.0)
+    query_gamma: tuple[float, float] = (0.5, 4.5)
 
     def validate(self) -> None:
         for name in ("nz", "ngf", "batch_size", "clone_steps"):
@@ -130,12 +145,26 @@ class AttackConfig:
             raise ValueError(f"query_gamma: expected 0 < low <= high, got {self.query_gamma}")
         if float(self.victim_confidence) < 0:
             raise ValueError(f"victim_confidence: expected >= 0, got {self.victim_confidence}")
-        if float(self.class_balance) < 0:
+        if self.class_balance is not None and float(self.class_balance) < 0:
             raise ValueError(f"class_balance: expected >= 0, got {self.class_balance}")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(
                 f"lr_milestones: fractions in (0, 1) expected, got {self.lr_milestones}"
             )
+
+
+# DFME's settings as published (with every option of this loop off): `Attack(**LITERAL)`.
+LITERAL: dict[str, Any] = {
+    "batch_size": 256,
+    "clone_steps": 5,
+    "generator_lr": 1e-4,
+    "lr_schedule": "multistep",
+    "replay_size": 0,
+    "replay_steps": 0,
+    "train_on_generator_queries": False,
+    "victim_confidence": 0.0,
+    "query_gamma": (1.0, 1.0),
+}
 
 
 @dataclass

@@ -9,6 +9,12 @@ s = sign(lv - ls) and s_bar = mean_k s:
 The clone term comes from autograd; the victim term from an explanation of every class
 ("exact"). When the service explains one class c only, the loss is |log pV_c - log pS_c|,
 whose gradient needs only that class ("single-class"). Either way a generator query costs 1.
+
+Beyond the paper, each a named option measured in benchmarks/RESULTS_query_efficiency.md:
+the generator also raises the victim's log-probability of a class its latent picks, read off
+the maps (`victim_confidence`); the clone also learns the maps themselves by matching its own
+input gradients to them (`explanation_loss`); plus the shared loop's options (replay, clone
+steps on the generator's queries, brightness prior, constant schedule).
 """
 
 from __future__ import annotations
@@ -34,10 +40,14 @@ class MEGEXConfig(AttackConfig):
     # gradients of log-probabilities to the returned maps, as a relative squared error with
     # this weight. For maps of every class one random projection over classes per image
     # keeps it to one extra backward pass; 0 turns it off.
-    explanation_loss: float = 0.0
+    explanation_loss: float = 1.0
     # Ask for the explanation on clone-step queries as well (the same query count: one
     # image is one query either way), so the explanation loss sees every fresh batch.
     explain_clone_queries: bool = False
+    # None: 1.0 when the service explains one class only (the generator would otherwise
+    # collapse onto few classes), 0 when it explains every class (the latent then picks
+    # balanced classes already). See AttackConfig.class_balance.
+    class_balance: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -128,13 +138,23 @@ class MEGEX(Attack):
                 # queries are class-balanced); its gradient is read off the all-class maps.
                 targets = self.latent_classes(z, k).to(x.device)
                 confidence = dlogp[torch.arange(n, device=x.device), targets]
+                victim_grad = victim_grad + c.victim_confidence * confidence
             else:
-                confidence = dlogp  # the explained (predicted) class: sharpen it
-            victim_grad = victim_grad + c.victim_confidence * confidence
+                # Only the predicted class's map: where it is the latent's class, the victim's
+                # gradient raises it; elsewhere the clone stands in for the victim (its own
+                # log-probability of the latent's class, by autograd, no queries).
+                targets = self.latent_classes(z, k).to(x.device)
+                hit = (targets == _explained_class(answer).to(x.device)).float()
+                victim_grad = victim_grad + c.victim_confidence * hit.view(-1, 1, 1, 1) * dlogp
+                lps_t = F.log_softmax(clone_logits, dim=1).gather(1, targets.view(-1, 1))
+                clone_term = clone_term - c.victim_confidence * ((1 - hit) * lps_t.view(-1)).sum()
         # Ascend L: the victim term enters through the image with its gradient held fixed.
         objective = -((x * victim_grad.detach()).sum() - clone_term) / n
-        if c.class_balance > 0:
-            objective = objective - c.class_balance * self.balance_term(clone_logits)
+        balance = c.class_balance
+        if balance is None:
+            balance = 0.0 if dlogp.dim() == 5 else 1.0
+        if balance > 0:
+            objective = objective - balance * self.balance_term(clone_logits)
         self.generator_opt.zero_grad(set_to_none=True)
         self.clone_opt.zero_grad(set_to_none=True)
         objective.backward()
