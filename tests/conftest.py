@@ -5,7 +5,6 @@ import torch
 
 from megex import data
 
-
 # Tests run beside a server or a second process on small machines: one thread each avoids
 # the oversubscription that makes torch many times slower.
 torch.set_num_threads(1)

@@ -175,3 +175,45 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
         "clone.safetensors",
     ):
         assert (tmp_path / "b" / name).is_file()
+
+
+def test_early_stop_on_an_exhausted_oracle_is_evaluated_and_recorded(
+    tmp_path, digits_victim, digits_test
+):
+    x, y = digits_test
+    oracle = LocalOracle(digits_victim, budget=300)
+    attack = MEGEX(**SMALL)
+    result = attack.run(
+        oracle, budget=1000, evaluator=Evaluator.from_victim(digits_victim, x, y),
+        run_dir=tmp_path / "r", progress=False,
+    )  # fmt: skip
+    per_iteration = attack.iteration_cost()
+    assert result.queries_used == oracle.queries_used == (300 // per_iteration) * per_iteration
+    assert result.iterations == 300 // per_iteration
+    assert result.metrics[-1]["queries"] == result.queries_used
+    assert "less than one iteration" in result.details["stopped_early"]
+    saved = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert saved["iteration"] == result.iterations
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, digits_victim):
+    def stop(iteration, spent):
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    oracle = LocalOracle(digits_victim, budget=5000)
+    MEGEX(**SMALL).run(
+        oracle, eval_every=100, run_dir=tmp_path / "r", progress=False, callback=stop,
+        evaluator=lambda clone: {"clone_accuracy": 0.0},
+    )  # fmt: skip
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+    with pytest.raises(ValueError, match="batch_size: 32 then, 64 now"):
+        MEGEX(batch_size=64, clone_steps=2).run(
+            LocalOracle(digits_victim, budget=5000), run_dir=tmp_path / "r", resume=True,
+            progress=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="method: 'megex' then, 'dfme' now"):
+        DFME(**SMALL).run(
+            LocalOracle(digits_victim, budget=5000), run_dir=tmp_path / "r", resume=True,
+            progress=False,
+        )  # fmt: skip

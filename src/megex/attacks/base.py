@@ -11,6 +11,7 @@ left.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -457,16 +458,23 @@ class Attack:
             start_iteration, spent = state["iteration"], state["queries_spent"]
             metrics, elapsed0 = list(state["metrics"]), state["elapsed_s"]
         if folder is not None:
-            folder.write_config(self.describe(budget, oracle))
+            described = self.describe(budget, oracle)
+            if resume and folder.has_checkpoint():
+                _check_same_settings(folder, described)
+            folder.write_config(described)
         next_eval = (spent // eval_every + 1) * eval_every
         marks = sorted(int(b) for b in (eval_at or ()) if int(b) >= cost)
         t0 = time.time() - elapsed0
         bar = _progress_bar(budget, spent, progress, self.name)
         interrupted = False
-        iteration = start_iteration
+        stopped = None
+        done = start_iteration
         try:
             for iteration in range(start_iteration, iterations):
                 if oracle.remaining < cost:
+                    stopped = (
+                        f"the oracle had {oracle.remaining} queries left, less than one iteration"
+                    )
                     break
                 self.clone.train()
                 self.generator.train()
@@ -498,19 +506,33 @@ class Attack:
                         bar.set_postfix(acc=f"{row['clone_accuracy']:.3f}")
                     if folder is not None:
                         self._checkpoint(folder, iteration + 1, spent, metrics, t0, service_state)
+                done = iteration + 1
                 if callback is not None:
-                    callback(iteration + 1, spent)
-            iteration = iterations
+                    callback(done, spent)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             if bar is not None:
                 bar.close()
+        if (
+            stopped
+            and evaluator is not None
+            and spent
+            and (not metrics or metrics[-1]["queries"] != spent)
+        ):
+            # Stopped early: the clone as it is at the end still gets its evaluation.
+            metrics.append(
+                {
+                    "queries": spent,
+                    "elapsed_s": round(time.time() - t0, 2),
+                    **evaluator(self.eval_model()),
+                }
+            )
         elapsed = time.time() - t0
         # After an interrupt the checkpoint of the last evaluation stands: a half-done
         # iteration cannot be resumed exactly, so it is not saved.
         if folder is not None and not interrupted:
-            self._checkpoint(folder, iterations, spent, metrics, t0, service_state)
+            self._checkpoint(folder, done, spent, metrics, t0, service_state)
         final = metrics[-1] if metrics else {}
         result = AttackResult(
             method=self.name,
@@ -518,9 +540,14 @@ class Attack:
             clone_accuracy=final.get("clone_accuracy"),
             fidelity=final.get("fidelity"),
             elapsed_s=round(elapsed, 2),
-            iterations=iteration,
+            iterations=done,
             metrics=metrics,
-            details={**self.details(), "clone_arch": self.clone_arch, "budget": budget},
+            details={
+                **self.details(),
+                "clone_arch": self.clone_arch,
+                "budget": budget,
+                **({"stopped_early": stopped} if stopped else {}),
+            },
             clone=self.eval_model(),
             finished=not interrupted,
         )
@@ -555,6 +582,27 @@ class Attack:
             "num_classes": oracle.num_classes,
             **cfg,
         }
+
+
+# Settings that may differ between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = {"device"}
+
+
+def _check_same_settings(folder: RunFolder, described: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint with other settings: the result would mix two runs."""
+    before = folder.read_config()
+    now = json.loads(json.dumps(described, default=str))
+    changed = [
+        f"{key}: {before.get(key)!r} then, {value!r} now"
+        for key, value in now.items()
+        if key not in _RESUMABLE_CHANGES and key in before and before[key] != value
+    ]
+    if changed:
+        raise ValueError(
+            f"resume: the run in {folder.path} was started with other settings "
+            f"({'; '.join(changed)}); resume it with the same settings, or start a new run "
+            "folder (the CLI's --force starts this one over)"
+        )
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
