@@ -217,3 +217,20 @@ def test_resume_with_other_settings_is_refused(tmp_path, digits_victim):
             LocalOracle(digits_victim, budget=5000), run_dir=tmp_path / "r", resume=True,
             progress=False,
         )  # fmt: skip
+
+
+def test_classes_hidden_by_rounding_do_not_blow_up_the_generator_gradient(digits_victim):
+    from megex.attacks.megex import log_probability_gradients
+    from megex.defenses import build_defense
+
+    x = torch.rand(8, 1, 8, 8)
+    spec = Explanation(target="all")
+    rounded = LocalOracle(digits_victim, explanation=spec, defenses=[build_defense("round:2")])
+    answer = rounded.query(x, explanation=True)
+    assert (answer.probabilities == 0).any()
+    dlogp = log_probability_gradients(answer, x)
+    hidden = answer.probabilities == 0
+    assert torch.isfinite(dlogp).all() and (dlogp[hidden] == 0).all()
+    exact = megex.explain(digits_victim, x, Explanation(target="all", output="log_probability"))
+    # Visible classes keep (approximately, since p itself was rounded) their true gradient.
+    assert dlogp[~hidden].abs().max() < 10 * exact.abs().max()

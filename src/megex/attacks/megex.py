@@ -71,12 +71,16 @@ def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
     """d log p / dx from an explanation: (N, K, C, H, W) for 'all', else (N, C, H, W)."""
     spec = answer.explanation_spec
     maps = _undo_attribution(answer.explanation.to(x.device), x, spec)
-    p = answer.probabilities.to(x.device).clamp_min(LOG_EPS)
+    shown = answer.probabilities.to(x.device)
+    p = shown.clamp_min(LOG_EPS)
     if spec.output == "log_probability":
         return maps
     if maps.dim() == 5:
         if spec.output == "probability":
-            return maps / p.view(*p.shape, 1, 1, 1)
+            # A class shown as exactly 0 (rounded, top-k, label only) hides its true p:
+            # dividing its map by the floor would blow it up, so it is left out instead.
+            visible = (shown > 0).view(*p.shape, 1, 1, 1)
+            return torch.where(visible, maps / p.view(*p.shape, 1, 1, 1), 0.0)
         # logits: d log p_k = d z_k - sum_j p_j d z_j
         return maps - (p.view(*p.shape, 1, 1, 1) * maps).sum(dim=1, keepdim=True)
     cls = _explained_class(answer)
