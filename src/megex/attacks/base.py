@@ -71,7 +71,7 @@ class AttackConfig:
     """Settings shared by every attack.
 
     Architecture and clone optimiser are DFME's. The loop's settings are the best measured
-    on Fashion-MNIST (benchmarks/RESULTS_query_efficiency.md, "Ablation"); DFME's literal
+    on Fashion-MNIST (benchmarks/RESULTS.md, "Ablation"); DFME's literal
     values are noted where they differ, and `LITERAL` holds them all.
     """
 
