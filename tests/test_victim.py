@@ -30,8 +30,21 @@ def test_load_errors_are_clear(tmp_path, digits_victim):
         Victim.load(tmp_path / "nothing.safetensors")
     path = digits_victim.save(tmp_path / "v.safetensors")
     path.with_suffix(".json").unlink()
+    # The weights file describes itself: the sidecar is a convenience.
+    assert Victim.load(path).arch == "small_cnn"
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(1)}, str(bare))
     with pytest.raises(FileNotFoundError, match="no JSON sidecar"):
-        Victim.load(path)
+        Victim.load(bare)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        Victim.load(tmp_path / "junk.safetensors")
+    bare.with_suffix(".json").write_text('{"arch": "lenet5", "input_shape": [1, 28, 28], '
+                                         '"num_classes": 10}')  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit lenet5"):
+        Victim.load(bare)
     custom = Victim.from_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
                                 (1, 8, 8), 10)  # fmt: skip
     with pytest.raises(ValueError, match="custom module"):

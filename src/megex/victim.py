@@ -126,9 +126,11 @@ class Victim(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp))
-        write_json_atomic(sidecar_path(path), self.info())
+        # The weights file carries its own description too, so that it never depends on a
+        # sidecar written a moment earlier or later; the sidecar is for people and tools.
+        save_file(state, str(tmp), metadata={"megex": json.dumps(self.info())})
         os.replace(tmp, path)
+        write_json_atomic(sidecar_path(path), self.info())
         return path
 
     @classmethod
@@ -141,16 +143,24 @@ class Victim(nn.Module):
             path = path.with_name(path.name + ".safetensors")
         if not path.is_file():
             raise FileNotFoundError(f"victim: no file at {path}")
+        info = _embedded_info(path)
         side = sidecar_path(path)
-        if not side.is_file():
-            raise FileNotFoundError(f"victim: {path} has no JSON sidecar at {side}")
-        info = json.loads(side.read_text())
+        if info is None:
+            if not side.is_file():
+                raise FileNotFoundError(f"victim: {path} has no JSON sidecar at {side}")
+            info = json.loads(side.read_text())
         for key in ("arch", "input_shape", "num_classes"):
             if key not in info:
-                raise ValueError(f"victim: sidecar {side} lacks {key!r}")
+                raise ValueError(f"victim: the description of {path} lacks {key!r}")
         c, h, _ = info["input_shape"]
         model = build_classifier(info["arch"], info["num_classes"], c, h)
-        model.load_state_dict(load_file(str(path), device=map_location))
+        try:
+            model.load_state_dict(load_file(str(path), device=map_location))
+        except RuntimeError as err:
+            raise ValueError(
+                f"victim: the weights in {path} do not fit {info['arch']} with input "
+                f"{info['input_shape']} and {info['num_classes']} classes ({err})"
+            ) from None
         extra = {
             k: v
             for k, v in info.items()
@@ -168,6 +178,18 @@ class Victim(nn.Module):
             metadata=extra,
         )
         return victim.eval()
+
+
+def _embedded_info(path: Path) -> dict[str, Any] | None:
+    """The description stored in a safetensors file's metadata, if it has one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("megex")
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise ValueError(f"victim: {path} is not a readable safetensors file ({err})") from None
+    return json.loads(text) if text else None
 
 
 def _per_channel(name: str, value, channels: int) -> torch.Tensor:
