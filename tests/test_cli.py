@@ -64,6 +64,7 @@ def test_attack_refuses_to_overwrite_and_resumes(tmp_path, victim_file, capsys):
     assert main(argv) == 2 and "already holds a finished run" in capsys.readouterr().err
     assert main(argv + ["--resume"]) == 0 and "nothing to resume" in capsys.readouterr().out
     assert main(argv + ["--force"]) == 0
+    (tmp_path / "run" / "clone.json").unlink()  # the weights file describes itself
     assert main(["eval", out, "--victim", victim_file]) == 0
     evaluation = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert evaluation["clone_accuracy"] == pytest.approx(result["clone_accuracy"])

@@ -256,9 +256,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if not clone_path.is_file():
         raise UsageError(f"run: no clone at {clone_path} (is the run finished?)")
-    if not info_path.is_file():
-        raise UsageError(f"run: {clone_path} has no sidecar {info_path}")
-    info = json.loads(info_path.read_text())
+    try:
+        info = RunFolder(clone_path.parent).clone_info(clone_path)
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise UsageError(f"run: {clone_path} is not a readable safetensors file ({err})") from None
+    if info is None:
+        if not info_path.is_file():
+            raise UsageError(f"run: {clone_path} has no sidecar {info_path}")
+        info = json.loads(info_path.read_text())
     c, h, _ = info["input_shape"]
     clone = build_classifier(info["arch"], info["num_classes"], c, h)
     clone.load_state_dict(load_file(str(clone_path)))

@@ -178,7 +178,13 @@ class RemoteOracle:
         spec = None
         if "explanation" in tensors:
             params = {k: v for k, v in tensors["explanation"][1].items() if k != "binary_data_size"}
-            spec = Explanation.from_dict(params)
+            try:
+                spec = Explanation.from_dict(params)
+            except (TypeError, ValueError) as err:
+                raise ServiceError(
+                    f"the service described its explanation as {params!r}, which is not one "
+                    f"megex knows ({err})"
+                ) from None
         return Answer(
             probabilities=get("probabilities"),
             labels=get("labels"),

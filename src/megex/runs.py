@@ -101,8 +101,17 @@ class RunFolder:
         from safetensors.torch import save_file
 
         tmp = self.clone_path.with_name(self.clone_path.name + ".tmp")
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in clone.state_dict().items()}, str(tmp)
-        )
-        write_json_atomic(self.path / "clone.json", info)
+        state = {k: v.detach().cpu().contiguous() for k, v in clone.state_dict().items()}
+        # Described inside the weights file too, so a crash between the two writes cannot
+        # pair new weights with an old description.
+        save_file(state, str(tmp), metadata={"megex": json.dumps(info)})
         os.replace(tmp, self.clone_path)
+        write_json_atomic(self.path / "clone.json", info)
+
+    def clone_info(self, path: str | os.PathLike | None = None) -> dict[str, Any] | None:
+        """The description stored in a clone's weights file (None for files without one)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path or self.clone_path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("megex")
+        return json.loads(text) if text else None
