@@ -18,7 +18,7 @@ from .defenses import build_defense
 from .evaluate import Evaluator, accuracy, predict
 from .explain import METHODS, OUTPUTS, Explanation
 from .oracle import PREDICTION_MODES, BudgetExceeded, ExplanationNotOffered, InvalidQuery
-from .runs import RunFolder
+from .runs import RunFolder, read_weights_description
 
 __all__ = ["main", "build_parser"]
 
@@ -251,15 +251,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = Path(args.run)
     clone_path = path / "clone.safetensors" if path.is_dir() else path
-    info_path = (
-        clone_path.with_name("clone.json") if path.is_dir() else clone_path.with_suffix(".json")
-    )
+    info_path = clone_path.with_suffix(".json")
     if not clone_path.is_file():
         raise UsageError(f"run: no clone at {clone_path} (is the run finished?)")
-    try:
-        info = RunFolder(clone_path.parent).clone_info(clone_path)
-    except Exception as err:  # safetensors raises its own error types for bad files
-        raise UsageError(f"run: {clone_path} is not a readable safetensors file ({err})") from None
+    info = read_weights_description(clone_path)
     if info is None:
         if not info_path.is_file():
             raise UsageError(f"run: {clone_path} has no sidecar {info_path}")

@@ -27,7 +27,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
         for i in range(0, len(x), batch_size)
     ]
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunFolder", "write_json_atomic", "read_metrics"]
+__all__ = [
+    "RunFolder",
+    "read_metrics",
+    "read_weights_description",
+    "save_described_weights",
+    "write_json_atomic",
+]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -21,6 +27,34 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def save_described_weights(
+    path: str | os.PathLike, module: torch.nn.Module, info: dict[str, Any]
+) -> None:
+    """A module's weights as safetensors, described in the file's own metadata (so that a
+    crash between two writes cannot pair new weights with an old description) and in a
+    JSON sidecar beside it (`path` with the suffix .json) for people and tools."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(tmp), metadata={"megex": json.dumps(info)})
+    os.replace(tmp, path)
+    write_json_atomic(path.with_suffix(".json"), info)
+
+
+def read_weights_description(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The description stored in a safetensors file's metadata (None if it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("megex")
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    return json.loads(text) if text else None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -98,20 +132,4 @@ class RunFolder:
         return json.loads(self.result_path.read_text())
 
     def save_clone(self, clone: torch.nn.Module, info: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
-
-        tmp = self.clone_path.with_name(self.clone_path.name + ".tmp")
-        state = {k: v.detach().cpu().contiguous() for k, v in clone.state_dict().items()}
-        # Described inside the weights file too, so a crash between the two writes cannot
-        # pair new weights with an old description.
-        save_file(state, str(tmp), metadata={"megex": json.dumps(info)})
-        os.replace(tmp, self.clone_path)
-        write_json_atomic(self.path / "clone.json", info)
-
-    def clone_info(self, path: str | os.PathLike | None = None) -> dict[str, Any] | None:
-        """The description stored in a clone's weights file (None for files without one)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path or self.clone_path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get("megex")
-        return json.loads(text) if text else None
+        save_described_weights(self.clone_path, clone, info)

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from .evaluate import accuracy
+from .evaluate import predict as predict_labels
 from .models import build_classifier
-from .runs import write_json_atomic
+from .runs import read_weights_description, save_described_weights
 
 __all__ = ["Victim", "RECIPES", "Recipe", "train_victim", "sidecar_path"]
 
@@ -90,14 +92,9 @@ class Victim(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) / self.std)
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Predicted labels for [0, 1] images, in eval mode, batched."""
-        was_training = self.training
-        self.eval()
-        out = [self(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
-        self.train(was_training)
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+        return predict_labels(self, x, batch_size)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -112,9 +109,7 @@ class Victim(nn.Module):
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `path` (.safetensors) and its JSON sidecar, atomically."""
-        from safetensors.torch import save_file
-
+        """Write `path` (.safetensors, described in its metadata) and a JSON sidecar."""
         if self.arch is None:
             raise ValueError(
                 "save: this victim wraps a custom module (arch is None); save that module "
@@ -124,13 +119,7 @@ class Victim(nn.Module):
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        # The weights file carries its own description too, so that it never depends on a
-        # sidecar written a moment earlier or later; the sidecar is for people and tools.
-        save_file(state, str(tmp), metadata={"megex": json.dumps(self.info())})
-        os.replace(tmp, path)
-        write_json_atomic(sidecar_path(path), self.info())
+        save_described_weights(path, self.model, self.info())
         return path
 
     @classmethod
@@ -143,7 +132,10 @@ class Victim(nn.Module):
             path = path.with_name(path.name + ".safetensors")
         if not path.is_file():
             raise FileNotFoundError(f"victim: no file at {path}")
-        info = _embedded_info(path)
+        try:
+            info = read_weights_description(path)
+        except ValueError as err:
+            raise ValueError(f"victim: {err}") from None
         side = sidecar_path(path)
         if info is None:
             if not side.is_file():
@@ -180,18 +172,6 @@ class Victim(nn.Module):
         return victim.eval()
 
 
-def _embedded_info(path: Path) -> dict[str, Any] | None:
-    """The description stored in a safetensors file's metadata, if it has one."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get("megex")
-    except Exception as err:  # safetensors raises its own error types for bad files
-        raise ValueError(f"victim: {path} is not a readable safetensors file ({err})") from None
-    return json.loads(text) if text else None
-
-
 def _per_channel(name: str, value, channels: int) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32).flatten()
     if t.numel() == 1:
@@ -224,20 +204,6 @@ RECIPES: dict[str, Recipe] = {
     "svhn": Recipe("resnet34_8x", epochs=30, lr=0.1, expected_accuracy=0.95),
     "cifar10": Recipe("resnet34_8x", epochs=200, lr=0.1, expected_accuracy=0.94),
 }
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of `model` (maps [0, 1] images to logits) in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        pred = model(x[i : i + batch_size].to(device)).argmax(1).cpu()
-        correct += int((pred == y[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(len(x), 1)
 
 
 def train_victim(
