@@ -36,14 +36,20 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One plain record per run (what report.json holds)."""
+def summary(
+    runs: list[dict[str, Any]], victim_accuracy: float | None = None
+) -> list[dict[str, Any]]:
+    """One plain record per run (what report.json holds and the table shows).
+
+    Each run's ratio is against its own victim (from its config), so runs of different
+    victims can share a report; `victim_accuracy` stands in for runs that record none.
+    """
     rows = []
     for run in runs:
         last = run["metrics"][-1] if run["metrics"] else {}
         result, config = run["result"], run["config"]
         acc = result.get("clone_accuracy", last.get("clone_accuracy"))
-        victim = config.get("victim_accuracy")
+        victim = config.get("victim_accuracy") or victim_accuracy
         rows.append(
             {
                 "label": run["label"],
@@ -75,26 +81,18 @@ def markdown_table(runs: list[dict[str, Any]], victim_accuracy: float | None = N
         "| run | method | explanation | clone accuracy | x victim | fidelity | queries | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for run in runs:
-        last = run["metrics"][-1] if run["metrics"] else {}
-        result, config = run["result"], run["config"]
-        acc = result.get("clone_accuracy", last.get("clone_accuracy"))
-        # Each run against its own victim: runs of different victims can share a report.
-        reference = config.get("victim_accuracy") or victim_accuracy
-        ratio = acc / reference if (acc is not None and reference) else None
-        explanation = (result.get("details") or {}).get("explanation")
+    for row in summary(runs, victim_accuracy):
+        explanation = (row["details"] or {}).get("explanation")
         expl = (
             f"{explanation['method']}/{explanation['target']}"
             if isinstance(explanation, dict)
-            else ("none (zeroth-order)" if config.get("method") == "dfme" else "-")
+            else ("none (zeroth-order)" if row["method"] == "dfme" else "-")
         )
-        queries = result.get("queries_used", last.get("queries"))
-        seconds = result.get("elapsed_s", last.get("elapsed_s"))
-        status = "" if run["finished"] else " (unfinished)"
+        status = "" if row["finished"] else " (unfinished)"
         lines.append(
-            f"| {run['label']}{status} | {config.get('method', '-')} | {expl} | {_fmt(acc, True)} "
-            f"| {_fmt(ratio)} | {_fmt(result.get('fidelity', last.get('fidelity')), True)} "
-            f"| {_fmt(queries)} | {_fmt(seconds)} |"
+            f"| {row['label']}{status} | {_fmt(row['method'])} | {expl} "
+            f"| {_fmt(row['clone_accuracy'], True)} | {_fmt(row['ratio'])} "
+            f"| {_fmt(row['fidelity'], True)} | {_fmt(row['queries'])} | {_fmt(row['elapsed_s'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -154,6 +152,6 @@ def write_report(
         body += f"\n![clone accuracy vs queries]({png.name})\n"
     tmp.write_text(body)
     os.replace(tmp, md)
-    report = {"victim_accuracy": victim_accuracy, "runs": summary(runs)}
+    report = {"victim_accuracy": victim_accuracy, "runs": summary(runs, victim_accuracy)}
     write_json_atomic(out / "report.json", report)
     return md, png, table
