@@ -80,6 +80,8 @@ OPTIONS = {
         (MEGEX, {"explanation": megex.Explanation("gradient", target="all")}),
         (MEGEX, {"explanation_loss": 1.0, "explain_clone_queries": True}),
         (DFME, {"directions": 2}),
+        (MEGEX, {"confidence_cap": 0.5, "query_mixup": 0.5}),
+        (DFME, {"confidence_cap": 0.5, "query_mixup": 1.0}),
     ],
 )
 def test_options_run_within_budget_and_resume_exactly(tmp_path, victim, evaluator, attack, extra):
@@ -158,6 +160,47 @@ def test_invalid_options_are_refused():
         MEGEX(config=MEGEXConfig(explanation_loss=-1.0))
     with pytest.raises(ValueError, match="clone_ema"):
         DFME(clone_ema=1.0)
+    with pytest.raises(ValueError, match="confidence_cap"):
+        MEGEX(confidence_cap=0.0)
+    with pytest.raises(ValueError, match="query_mixup"):
+        DFME(query_mixup=1.5)
+
+
+def test_query_mixup_mixes_the_first_fraction_of_a_batch(victim):
+    attack = DFME(**SMALL, query_mixup=0.25)
+    attack.setup(megex.LocalOracle(victim, budget=None))
+    x = torch.rand(16, 1, 8, 8)
+    mixed = attack.mix_queries(x)
+    assert mixed.shape == x.shape
+    assert torch.equal(mixed[4:], x[4:])  # the rest are the generator's own
+    assert not torch.equal(mixed[:4], x[:4])
+    # Each mix lies between two images of the batch: within the batch's range, pixelwise.
+    assert (mixed[:4] >= x.min(dim=0).values - 1e-6).all()
+    assert (mixed[:4] <= x.max(dim=0).values + 1e-6).all()
+    off = DFME(**SMALL)
+    off.setup(megex.LocalOracle(victim, budget=None))
+    assert off.mix_queries(x) is x
+
+
+def test_confidence_cap_stops_rewarding_confident_targets(victim):
+    attack = MEGEX(**SMALL, confidence_cap=0.6)
+    probs = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]])
+    targets = torch.tensor([0, 0, 1])
+    assert attack.confidence_mask(probs, targets).tolist() == [0.0, 1.0, 0.0]
+    # A MEGEX generator step where every target is past the cap: the victim-guided term
+    # adds nothing, so the step equals one with victim_confidence off.
+    steps = []
+    for settings in ({"confidence_cap": 1e-9}, {"victim_confidence": 0.0}):
+        attack = MEGEX(**SMALL, seed=5, train_on_generator_queries=False, **settings)
+        oracle = megex.LocalOracle(
+            victim, budget=None, explanation=megex.Explanation("gradient", target="all")
+        )
+        attack.setup(oracle)
+        attack.make_schedulers(10)
+        attack.generator_step(oracle)
+        steps.append([p.detach().clone() for p in attack.generator.parameters()])
+    for a, b in zip(*steps):
+        assert torch.allclose(a, b)
 
 
 def test_bench_quick_path_on_digits(tmp_path, capsys):

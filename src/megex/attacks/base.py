@@ -113,6 +113,14 @@ class AttackConfig:
     # predicted class. MEGEX reads the gradient off the explanation; DFME estimates it from
     # the same zeroth-order queries. No extra queries either way. 0 turns it off.
     victim_confidence: float = 1.0
+    # The victim-guided term stops rewarding the target class's probability above this
+    # cap: the queries then sit near the class, not deep inside it, where answers tell the
+    # clone little. 1 keeps pushing all the way.
+    confidence_cap: float = 1.0
+    # Query mixup: this fraction of each fresh clone-step batch are convex mixes of two
+    # generated images (weights uniform in [0, 1]); they probe the regions between the
+    # generator's modes at the same query cost. 0 turns it off.
+    query_mixup: float = 0.0
     # A brightness prior for the queries: each generated image is raised to a power gamma
     # drawn from this range (a function of its latent, so DFME's perturbed copies share it).
     # Real images have dark and light backgrounds; the generator's final batch norm alone
@@ -146,6 +154,10 @@ class AttackConfig:
             raise ValueError(f"query_gamma: expected 0 < low <= high, got {self.query_gamma}")
         if float(self.victim_confidence) < 0:
             raise ValueError(f"victim_confidence: expected >= 0, got {self.victim_confidence}")
+        if not 0 < float(self.confidence_cap) <= 1:
+            raise ValueError(f"confidence_cap: expected 0 < cap <= 1, got {self.confidence_cap}")
+        if not 0 <= float(self.query_mixup) <= 1:
+            raise ValueError(f"query_mixup: expected a fraction in [0, 1], got {self.query_mixup}")
         if self.class_balance is not None and float(self.class_balance) < 0:
             raise ValueError(f"class_balance: expected >= 0, got {self.class_balance}")
         if any(not 0 < m < 1 for m in self.lr_milestones):
@@ -346,11 +358,27 @@ class Attack:
         c = self.config
         with torch.no_grad():
             _, x = self.generate(self.sample_latent(c.batch_size))
+            x = self.mix_queries(x)
         request = self.clone_query_explanation()
         answer = oracle.query(x.cpu(), explanation=request) if request else oracle.query(x.cpu())
         probs = answer.probabilities.to(c.device)
         self.observe(x, probs)
         return self.clone_update(x, probs, answer)
+
+    def mix_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Replace the first `query_mixup` fraction of a batch by mixes of two of its images."""
+        n = int(round(self.config.query_mixup * x.shape[0]))
+        if n == 0:
+            return x
+        other = torch.randperm(x.shape[0], generator=self.rng)[:n].to(x.device)
+        lam = torch.rand(n, 1, 1, 1, generator=self.rng).to(x.device)
+        mixed = lam * x[:n] + (1 - lam) * x[other]
+        return torch.cat([mixed, x[n:]])
+
+    def confidence_mask(self, probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """1 where the target class's probability is still below `confidence_cap`, else 0."""
+        p = probabilities.gather(1, targets.view(-1, 1)).view(-1)
+        return (p < self.config.confidence_cap).float()
 
     def replay_step(self) -> float:
         x, probs = self.replay.sample(self.config.batch_size, self.rng, self.config.device)

@@ -6,6 +6,7 @@ grad ~ (d / (m eps)) sum_j [L(x + eps u_j) - L(x)] u_j, costing m + 1 queries pe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,8 @@ class DFME(Attack):
                 k = answer.probabilities.shape[1]
                 targets = self.latent_classes(z, k).cpu().repeat_interleave(c.directions + 1)
                 logp = answer.probabilities.clamp_min(LOG_EPS).log()
-                conf = logp[torch.arange(len(targets)), targets].to(base.device)
+                conf = logp[torch.arange(len(targets)), targets]
+                conf = conf.clamp_max(math.log(c.confidence_cap)).to(base.device)
                 losses = losses + c.victim_confidence * conf
         losses = losses.view(n, c.directions + 1)
         diffs = (losses[:, 1:] - losses[:, :1]).unsqueeze(2)  # (n, m, 1)

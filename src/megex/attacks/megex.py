@@ -19,6 +19,7 @@ steps on the generator's queries, brightness prior, constant schedule).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,7 @@ def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
             return torch.where(visible, maps / p.view(*p.shape, 1, 1, 1), 0.0)
         # logits: d log p_k = d z_k - sum_j p_j d z_j
         return maps - (p.view(*p.shape, 1, 1, 1) * maps).sum(dim=1, keepdim=True)
-    cls = _explained_class(answer)
+    cls = _explained_class(answer).to(x.device)
     if spec.output == "probability":
         return maps / p.gather(1, cls.view(-1, 1)).view(-1, 1, 1, 1)
     # One logit's gradient alone cannot give d log p_c; (1 - p_c) d z_c is its main term.
@@ -142,16 +143,19 @@ class MEGEX(Attack):
                 # queries are class-balanced); its gradient is read off the all-class maps.
                 targets = self.latent_classes(z, k).to(x.device)
                 confidence = dlogp[torch.arange(n, device=x.device), targets]
-                victim_grad = victim_grad + c.victim_confidence * confidence
+                keep = self.confidence_mask(probs, targets).view(-1, 1, 1, 1)
+                victim_grad = victim_grad + c.victim_confidence * keep * confidence
             else:
                 # Only the predicted class's map: where it is the latent's class, the victim's
                 # gradient raises it; elsewhere the clone stands in for the victim (its own
                 # log-probability of the latent's class, by autograd, no queries).
                 targets = self.latent_classes(z, k).to(x.device)
                 hit = (targets == _explained_class(answer).to(x.device)).float()
+                hit = hit * self.confidence_mask(probs, targets)
                 victim_grad = victim_grad + c.victim_confidence * hit.view(-1, 1, 1, 1) * dlogp
                 lps_t = F.log_softmax(clone_logits, dim=1).gather(1, targets.view(-1, 1))
-                clone_term = clone_term - c.victim_confidence * ((1 - hit) * lps_t.view(-1)).sum()
+                lps_t = lps_t.clamp_max(math.log(c.confidence_cap)).view(-1)
+                clone_term = clone_term - c.victim_confidence * ((1 - hit) * lps_t).sum()
         # Ascend L: the victim term enters through the image with its gradient held fixed.
         objective = -((x * victim_grad.detach()).sum() - clone_term) / n
         balance = c.class_balance
