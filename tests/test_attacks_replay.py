@@ -40,6 +40,31 @@ def test_replay_batch_larger_than_capacity():
     assert len(buf) == 3 and buf.probs[:, 0].tolist() == [8.0, 10.0, 12.0]
 
 
+def test_reservoir_keeps_a_uniform_sample_of_everything_added():
+    buf = ReplayBuffer(1000, (1, 1, 1), 1, policy="reservoir")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(50):
+        ids = torch.arange(i * 200, (i + 1) * 200, dtype=torch.float32)
+        buf.add(ids.view(-1, 1, 1, 1) / 16384, ids.view(-1, 1), gen)
+    assert len(buf) == 1000 and buf.added == 10_000
+    kept = buf.probs.view(-1)
+    assert len(set(kept.tolist())) == 1000  # no pair stored twice
+    # A ring would hold only ids 9000-9999; the reservoir spreads over all 10 phases.
+    per_phase = torch.bincount((kept // 1000).long(), minlength=10)
+    assert per_phase.min() >= 60 and per_phase.max() <= 140
+    # Images and answers stay paired.
+    assert torch.allclose(buf.images.view(-1).float() * 16384, kept, rtol=1e-3)
+    # The same generator state repeats the same choices (a resumed run samples the same).
+    again = ReplayBuffer(1000, (1, 1, 1), 1, policy="reservoir")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(50):
+        ids = torch.arange(i * 200, (i + 1) * 200, dtype=torch.float32)
+        again.add(ids.view(-1, 1, 1, 1) / 16384, ids.view(-1, 1), gen)
+    assert torch.equal(again.probs, buf.probs)
+    with pytest.raises(ValueError, match="replay policy"):
+        ReplayBuffer(10, (1, 1, 1), 1, policy="fifo")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Tiny models: threads only add contention when other processes share the cores.
@@ -80,7 +105,7 @@ OPTIONS = {
         (MEGEX, {"explanation": megex.Explanation("gradient", target="all")}),
         (MEGEX, {"explanation_loss": 1.0, "explain_clone_queries": True}),
         (DFME, {"directions": 2}),
-        (MEGEX, {"confidence_cap": 0.5, "query_mixup": 0.5}),
+        (MEGEX, {"confidence_cap": 0.5, "query_mixup": 0.5, "replay_policy": "reservoir"}),
         (DFME, {"confidence_cap": 0.5, "query_mixup": 1.0}),
     ],
 )
@@ -160,6 +185,10 @@ def test_invalid_options_are_refused():
         MEGEX(config=MEGEXConfig(explanation_loss=-1.0))
     with pytest.raises(ValueError, match="clone_ema"):
         DFME(clone_ema=1.0)
+    with pytest.raises(ValueError, match="disagreement_weight"):
+        DFME(disagreement_weight=-1.0)
+    with pytest.raises(ValueError, match="replay_policy"):
+        MEGEX(replay_policy="fifo")
     with pytest.raises(ValueError, match="confidence_cap"):
         MEGEX(confidence_cap=0.0)
     with pytest.raises(ValueError, match="query_mixup"):
@@ -254,3 +283,21 @@ def test_brightness_prior_is_a_function_of_the_latent(victim):
     assert torch.allclose(plain.to_query(pre, z), (torch.tanh(pre) + 1) / 2)
     classes = attack.latent_classes(torch.randn(5000, 16), 10)
     assert torch.bincount(classes, minlength=10).min() > 350  # about uniform
+
+
+@pytest.mark.parametrize("attack", [MEGEX, DFME])
+def test_generator_objective_weights_can_switch_every_term_off(victim, attack):
+    # With both the disagreement and the victim-guided term weighted 0 the generator's
+    # gradient is exactly zero, so its step changes nothing; with the defaults it moves.
+    moved = []
+    for settings in ({"disagreement_weight": 0.0, "victim_confidence": 0.0}, {}):
+        a = attack(**SMALL, seed=2, train_on_generator_queries=False, **settings)
+        oracle = megex.LocalOracle(
+            victim, budget=None, explanation=megex.Explanation("gradient", target="all")
+        )
+        a.setup(oracle)
+        a.make_schedulers(10)
+        before = [p.detach().clone() for p in a.generator.parameters()]
+        a.generator_step(oracle)
+        moved.append(any(not torch.equal(b, p) for b, p in zip(before, a.generator.parameters())))
+    assert moved == [False, True]

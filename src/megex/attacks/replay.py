@@ -2,7 +2,9 @@
 
 MAZE and CaBaGE keep the queries they sent and take extra clone steps on them; reusing an
 answer costs no query. Images are held in float16 (half the memory; the clone does not
-notice the rounding) and probabilities in float32, in a ring that overwrites the oldest.
+notice the rounding) and probabilities in float32. Once full, a 'ring' overwrites the oldest
+pairs; a 'reservoir' keeps a uniform sample of every pair ever added (Vitter's algorithm R),
+so the queries of the run's early phases stay in it however long the run.
 The buffer's contents are part of a run's checkpoint, so a resumed run samples exactly the
 same batches as an uninterrupted one.
 """
@@ -16,12 +18,26 @@ import torch
 __all__ = ["ReplayBuffer"]
 
 
-class ReplayBuffer:
-    """A ring of at most `capacity` (image, probabilities) pairs, sampled uniformly."""
+POLICIES = ("ring", "reservoir")
 
-    def __init__(self, capacity: int, image_shape: tuple[int, ...], num_classes: int):
+
+class ReplayBuffer:
+    """At most `capacity` (image, probabilities) pairs, sampled uniformly."""
+
+    def __init__(
+        self,
+        capacity: int,
+        image_shape: tuple[int, ...],
+        num_classes: int,
+        policy: str = "ring",
+    ):
         if int(capacity) < 1:
             raise ValueError(f"replay capacity: expected >= 1, got {capacity}")
+        if policy not in POLICIES:
+            raise ValueError(
+                f"replay policy: expected one of {', '.join(POLICIES)}, got {policy!r}"
+            )
+        self.policy = policy
         self.capacity = int(capacity)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
@@ -35,12 +51,23 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def add(self, images: torch.Tensor, probs: torch.Tensor) -> None:
-        """Store a batch of images in [0, 1] with the victim's probabilities for them."""
+    def add(
+        self,
+        images: torch.Tensor,
+        probs: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Store a batch of images in [0, 1] with the victim's probabilities for them.
+
+        `generator` draws the reservoir's replacements (so a resumed run repeats them).
+        """
         images = images.detach().to("cpu", torch.float16)
         probs = probs.detach().to("cpu", torch.float32)
         if images.shape[0] != probs.shape[0]:
             raise ValueError(f"replay: {images.shape[0]} images but {probs.shape[0]} answers")
+        if self.policy == "reservoir":
+            self._add_reservoir(images, probs, generator)
+            return
         self.added += images.shape[0]
         images, probs = images[-self.capacity :], probs[-self.capacity :]
         while images.shape[0] > 0:
@@ -50,6 +77,27 @@ class ReplayBuffer:
             self.position = (self.position + take) % self.capacity
             self.size = min(self.capacity, self.size + take)
             images, probs = images[take:], probs[take:]
+
+    def _add_reservoir(
+        self, images: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None
+    ) -> None:
+        free = min(images.shape[0], self.capacity - self.size)
+        if free > 0:
+            self.images[self.size : self.size + free] = images[:free]
+            self.probs[self.size : self.size + free] = probs[:free]
+            self.size += free
+            self.added += free
+            images, probs = images[free:], probs[free:]
+        n = images.shape[0]
+        if n == 0:
+            return
+        # The t-th pair ever added (t >= capacity) takes a random slot with chance capacity/t.
+        seen = self.added + 1 + torch.arange(n, dtype=torch.float64)
+        slot = (torch.rand(n, generator=generator, dtype=torch.float64) * seen).long()
+        keep = slot < self.capacity
+        self.images[slot[keep]] = images[keep]
+        self.probs[slot[keep]] = probs[keep]
+        self.added += n
 
     def sample(
         self, n: int, generator: torch.Generator, device: str | torch.device = "cpu"
