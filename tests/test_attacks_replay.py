@@ -266,6 +266,20 @@ def test_bench_quick_path_on_digits(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(argv + ["--no-plot"]) == 0
     assert "already done" in capsys.readouterr().out
+    # Other settings in the same output folder: refused, not silently reported as done.
+    config.write_text(
+        json.dumps(
+            {
+                "dataset": "digits",
+                "settings": {**SMALL, "lr_schedule": "constant", "replay_size": 400},
+                "quick_budgets": [300, 600],
+            }
+        )
+    )
+    assert bench.main(argv + ["--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "replay_size: 500 then, 400 now" in err
+    assert "--fresh" in err
 
 
 def test_brightness_prior_is_a_function_of_the_latent(victim):

@@ -190,6 +190,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from . import data as data_mod
+    from .attacks.base import changed_settings
     from .evaluate import Evaluator
     from .oracle import LocalOracle
     from .runs import RunFolder
@@ -202,14 +203,23 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     folder = RunFolder(job["run_dir"])
+    victim = Victim.load(job["victim"])
+    attack = _build(job["attack"], job["settings"], job["seed"], job["device"])
+    if folder.config_path.is_file() and not job["fresh"]:
+        # A finished or interrupted run is reused only if it had these very settings.
+        oracle = LocalOracle(victim, budget=job["budget"], explanation=None)
+        changed = changed_settings(folder, attack.describe(job["budget"], oracle))
+        if changed:
+            raise ValueError(
+                f"{folder.path} holds a run with other settings ({'; '.join(changed)}); "
+                "pass --fresh to run it again, or choose another --out"
+            )
     if folder.is_finished() and not job["fresh"]:
         result = json.loads(folder.result_path.read_text())
         return {**job, "metrics": result["metrics"], "wall_s": result["elapsed_s"], "skipped": True}
-    victim = Victim.load(job["victim"])
     ds = data_mod.load(job["dataset"], job["data_root"])
     x_test, y_test = ds.test_tensors()
     evaluator = Evaluator.from_victim(victim, x_test, y_test)
-    attack = _build(job["attack"], job["settings"], job["seed"], job["device"])
     oracle = LocalOracle(
         victim, budget=job["budget"], explanation=None, seed=job["seed"], device=job["device"]
     )

@@ -630,15 +630,26 @@ class Attack:
 _RESUMABLE_CHANGES = {"device"}
 
 
-def _check_same_settings(folder: RunFolder, described: dict[str, Any]) -> None:
-    """Refuse to continue a checkpoint with other settings: the result would mix two runs."""
+def changed_settings(folder: RunFolder, described: dict[str, Any]) -> list[str]:
+    """How `described` differs from the settings a run folder was started with.
+
+    A setting the folder does not record (a run from a version without that option) counts
+    as changed: its value then is unknown.
+    """
     before = folder.read_config()
     now = json.loads(json.dumps(described, default=str))
-    changed = [
-        f"{key}: {before.get(key)!r} then, {value!r} now"
+    return [
+        f"{key}: {before[key]!r} then, {value!r} now"
+        if key in before
+        else f"{key}: not recorded then, {value!r} now"
         for key, value in now.items()
-        if key not in _RESUMABLE_CHANGES and key in before and before[key] != value
+        if key not in _RESUMABLE_CHANGES and (key not in before or before[key] != value)
     ]
+
+
+def _check_same_settings(folder: RunFolder, described: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint with other settings: the result would mix two runs."""
+    changed = changed_settings(folder, described)
     if changed:
         raise ValueError(
             f"resume: the run in {folder.path} was started with other settings "
