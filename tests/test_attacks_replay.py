@@ -106,7 +106,7 @@ OPTIONS = {
         (MEGEX, {"explanation_loss": 1.0, "explain_clone_queries": True}),
         (DFME, {"directions": 2}),
         (MEGEX, {"confidence_cap": 0.5, "query_mixup": 0.5, "replay_policy": "reservoir"}),
-        (DFME, {"confidence_cap": 0.5, "query_mixup": 1.0}),
+        (DFME, {"confidence_cap": 0.5, "query_mixup": 1.0, "disagreement_until": 400}),
     ],
 )
 def test_options_run_within_budget_and_resume_exactly(tmp_path, victim, evaluator, attack, extra):
@@ -315,3 +315,14 @@ def test_generator_objective_weights_can_switch_every_term_off(victim, attack):
         a.generator_step(oracle)
         moved.append(any(not torch.equal(b, p) for b, p in zip(before, a.generator.parameters())))
     assert moved == [False, True]
+
+
+def test_disagreement_is_dropped_after_the_given_query_count(victim):
+    attack = MEGEX(**SMALL, disagreement_until=100)
+    attack.queries_spent = 99
+    assert attack.disagreement_now() == 1.0
+    attack.queries_spent = 100
+    assert attack.disagreement_now() == 0.0
+    assert MEGEX(**SMALL).disagreement_now() == 1.0
+    with pytest.raises(ValueError, match="disagreement_until"):
+        MEGEX(disagreement_until=-5)

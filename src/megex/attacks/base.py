@@ -121,6 +121,9 @@ class AttackConfig:
     # gradients it finds queries the clone gets wrong in ways that do not carry over to
     # real images; victim_confidence is then what keeps the queries useful.
     disagreement_weight: float = 1.0
+    # Queries after which the disagreement term is dropped (the victim-guided term stays):
+    # it speeds up the start and caps the end (benchmarks/RESULTS.md). 0: never dropped.
+    disagreement_until: int = 0
     # The victim-guided term stops rewarding the target class's probability above this
     # cap: the queries then sit near the class, not deep inside it, where answers tell the
     # clone little. 1 keeps pushing all the way.
@@ -166,6 +169,10 @@ class AttackConfig:
             raise ValueError(f"query_gamma: expected 0 < low <= high, got {self.query_gamma}")
         if float(self.disagreement_weight) < 0:
             raise ValueError(f"disagreement_weight: expected >= 0, got {self.disagreement_weight}")
+        if int(self.disagreement_until) < 0:
+            raise ValueError(
+                f"disagreement_until: expected a query count >= 0, got {self.disagreement_until}"
+            )
         if float(self.victim_confidence) < 0:
             raise ValueError(f"victim_confidence: expected >= 0, got {self.victim_confidence}")
         if not 0 < float(self.confidence_cap) <= 1:
@@ -379,6 +386,14 @@ class Attack:
         self.observe(x, probs)
         return self.clone_update(x, probs, answer)
 
+    def disagreement_now(self) -> float:
+        """The disagreement term's weight at this point of the run."""
+        c = self.config
+        spent = getattr(self, "queries_spent", 0)
+        if c.disagreement_until and spent >= c.disagreement_until:
+            return 0.0
+        return float(c.disagreement_weight)
+
     def mix_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Replace the first `query_mixup` fraction of a batch by mixes of two of its images."""
         n = int(round(self.config.query_mixup * x.shape[0]))
@@ -518,6 +533,7 @@ class Attack:
                         f"the oracle had {oracle.remaining} queries left, less than one iteration"
                     )
                     break
+                self.queries_spent = spent
                 self.clone.train()
                 self.generator.train()
                 info: dict[str, Any] = {}

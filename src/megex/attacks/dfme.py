@@ -52,7 +52,7 @@ class DFME(Attack):
         answer = oracle.query(images.cpu())
         with torch.no_grad():
             losses = disagreement(self.clone(images), answer.probabilities.to(base.device), c.loss)
-            losses = c.disagreement_weight * losses
+            losses = self.disagreement_now() * losses
             if c.victim_confidence > 0:
                 # The same queries estimate the gradient of the victim's log p of the class
                 # the latent picks.

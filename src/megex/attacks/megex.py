@@ -138,8 +138,9 @@ class MEGEX(Attack):
             clone_term = (s * lps).sum()
             loss_value = (lpv - lps.detach()).abs().mean()
         # The weight of the disagreement objective itself (the paper's: 1).
-        victim_grad = c.disagreement_weight * victim_grad
-        clone_term = c.disagreement_weight * clone_term
+        weight = self.disagreement_now()
+        victim_grad = weight * victim_grad
+        clone_term = weight * clone_term
         if c.victim_confidence > 0:
             if dlogp.dim() == 5:
                 # The latent picks the class (argmax of its first K values: uniform, so the
