@@ -46,6 +46,37 @@ def test_bad_options_are_refused_by_the_parser(tmp_path, victim_file, capsys, ex
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_any_attack_setting_can_be_set(tmp_path, victim_file, capsys):
+    out = tmp_path / "run"
+    argv = ["attack", "--victim", victim_file, "--budget", "2000", "--out", str(out), "--quiet"]
+    argv += ["--batch-size", "32", "--set", "replay_policy=ring", "--set", "query_gamma=[1, 1]"]
+    argv += ["--set", "disagreement-until=1000", "--set", "train_on_generator_queries=false"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["replay_policy"] == "ring" and config["query_gamma"] == [1, 1]
+    assert config["disagreement_until"] == 1000
+    assert config["train_on_generator_queries"] is False
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("replay_steps=1.5", "--set replay_steps: expected a whole number, got '1.5'"),
+        ("clone_ema=high", "--set clone_ema: expected a number, got 'high'"),
+        ("directions=3", "megex has no setting 'directions'; settable: "),
+        ("replay_policy=fifo", "replay_policy: expected 'ring' or 'reservoir', got 'fifo'"),
+        ("no-equals-sign", "--set: expected NAME=VALUE"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, victim_file, capsys, setting, message):
+    out = tmp_path / "run"
+    argv = ["attack", "--victim", victim_file, "--budget", "2000", "--out", str(out), "--quiet"]
+    assert main(argv + ["--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (out / "result.json").exists()
+
+
 def test_budget_smaller_than_one_iteration(tmp_path, victim_file, capsys):
     argv = ["attack", "--victim", victim_file, "--budget", "100", "--out", str(tmp_path / "r")]
     assert main(argv + ["--quiet"]) == 2
