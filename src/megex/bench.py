@@ -205,9 +205,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     folder = RunFolder(job["run_dir"])
     victim = Victim.load(job["victim"])
     attack = _build(job["attack"], job["settings"], job["seed"], job["device"])
+    oracle = LocalOracle(
+        victim, budget=job["budget"], explanation=None, seed=job["seed"], device=job["device"]
+    )
     if folder.config_path.is_file() and not job["fresh"]:
         # A finished or interrupted run is reused only if it had these very settings.
-        oracle = LocalOracle(victim, budget=job["budget"], explanation=None)
         changed = changed_settings(folder, attack.describe(job["budget"], oracle))
         if changed:
             raise ValueError(
@@ -220,9 +222,6 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     ds = data_mod.load(job["dataset"], job["data_root"])
     x_test, y_test = ds.test_tensors()
     evaluator = Evaluator.from_victim(victim, x_test, y_test)
-    oracle = LocalOracle(
-        victim, budget=job["budget"], explanation=None, seed=job["seed"], device=job["device"]
-    )
     explanation = getattr(attack.config, "explanation", None)
     if job["attack"] == "megex":
         oracle.explanation = explanation

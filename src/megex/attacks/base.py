@@ -25,6 +25,7 @@ from torch import nn
 from ..models import build_classifier, build_generator
 from ..oracle import Answer, Oracle
 from ..runs import RunFolder
+from .replay import POLICIES as REPLAY_POLICIES
 from .replay import ReplayBuffer
 
 __all__ = [
@@ -158,7 +159,7 @@ class AttackConfig:
         for name in ("replay_size", "replay_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if self.replay_policy not in ("ring", "reservoir"):
+        if self.replay_policy not in REPLAY_POLICIES:
             raise ValueError(
                 f"replay_policy: expected 'ring' or 'reservoir', got {self.replay_policy!r}"
             )
@@ -234,6 +235,7 @@ class Attack:
             setattr(config, key, value)
         config.validate()
         self.config = config
+        self.queries_spent = 0  # queries spent before the current iteration (set by run)
 
     # --- what a subclass provides -------------------------------------------------------
 
@@ -389,8 +391,7 @@ class Attack:
     def disagreement_now(self) -> float:
         """The disagreement term's weight at this point of the run."""
         c = self.config
-        spent = getattr(self, "queries_spent", 0)
-        if c.disagreement_until and spent >= c.disagreement_until:
+        if c.disagreement_until and self.queries_spent >= c.disagreement_until:
             return 0.0
         return float(c.disagreement_weight)
 

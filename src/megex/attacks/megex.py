@@ -142,10 +142,11 @@ class MEGEX(Attack):
         victim_grad = weight * victim_grad
         clone_term = weight * clone_term
         if c.victim_confidence > 0:
+            # The latent picks the class (argmax of its first K values: uniform, so the
+            # queries are class-balanced).
+            targets = self.latent_classes(z, k).to(x.device)
             if dlogp.dim() == 5:
-                # The latent picks the class (argmax of its first K values: uniform, so the
-                # queries are class-balanced); its gradient is read off the all-class maps.
-                targets = self.latent_classes(z, k).to(x.device)
+                # Its gradient is read off the all-class maps.
                 confidence = dlogp[torch.arange(n, device=x.device), targets]
                 keep = self.confidence_mask(probs, targets).view(-1, 1, 1, 1)
                 victim_grad = victim_grad + c.victim_confidence * keep * confidence
@@ -153,7 +154,6 @@ class MEGEX(Attack):
                 # Only the predicted class's map: where it is the latent's class, the victim's
                 # gradient raises it; elsewhere the clone stands in for the victim (its own
                 # log-probability of the latent's class, by autograd, no queries).
-                targets = self.latent_classes(z, k).to(x.device)
                 hit = (targets == _explained_class(answer).to(x.device)).float()
                 hit = hit * self.confidence_mask(probs, targets)
                 victim_grad = victim_grad + c.victim_confidence * hit.view(-1, 1, 1, 1) * dlogp
