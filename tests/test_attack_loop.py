@@ -87,7 +87,10 @@ def test_attack_reports_which_explanation_it_used(digits_victim):
         (Explanation("gradient"), "single class"),
         (Explanation("smoothgrad", target="all"), "all classes, approximate maps"),
         (Explanation("integrated_gradients", target="predicted", steps=4), "single class"),
-        (Explanation("input_x_gradient", output="logit"), "single class"),
+        (
+            Explanation("input_x_gradient", output="logit"),
+            "single class, approximated from one logit",
+        ),
     ]:
         oracle = LocalOracle(digits_victim, budget=500)
         result = MEGEX(explanation=spec, **SMALL).run(oracle, progress=False)

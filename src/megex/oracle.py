@@ -19,6 +19,7 @@ import torch
 
 from .defenses import Defense
 from .explain import Explanation, explain
+from .models import fast_layout
 from .victim import Victim
 
 __all__ = [
@@ -168,7 +169,7 @@ class LocalOracle:
             raise ValueError(f"budget: expected >= 0 or None, got {budget}")
         if int(queries_used) < 0:
             raise ValueError(f"queries_used: expected >= 0, got {queries_used}")
-        self.victim = victim.eval().to(device)
+        self.victim = fast_layout(victim.eval(), device)
         self.budget: int | float = math.inf if budget is None else int(budget)
         self.prediction = prediction
         self.top_k = None if top_k is None else int(top_k)

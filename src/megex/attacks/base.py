@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import build_classifier, build_generator
+from ..models import build_classifier, build_generator, fast_layout
 from ..oracle import Answer, Oracle
 from ..runs import RunFolder
 from .replay import POLICIES as REPLAY_POLICIES
@@ -285,12 +285,12 @@ class Attack:
         torch.manual_seed(c.seed)
         self.rng = torch.Generator(device="cpu").manual_seed(c.seed)
         self.clone_arch = c.clone or default_clone_arch(oracle.input_shape)
-        self.clone = build_classifier(self.clone_arch, oracle.num_classes, channels, size).to(
-            c.device
+        self.clone = fast_layout(
+            build_classifier(self.clone_arch, oracle.num_classes, channels, size), c.device
         )
         gen_size = size if size % 4 == 0 else 4 * math.ceil(size / 4)
-        self.generator = build_generator("generator_a", gen_size, channels, c.nz, c.ngf).to(
-            c.device
+        self.generator = fast_layout(
+            build_generator("generator_a", gen_size, channels, c.nz, c.ngf), c.device
         )
         self.crop = size
         self.clone_opt = torch.optim.SGD(

@@ -216,10 +216,15 @@ class MEGEX(Attack):
         spec = self.explanation_used
         if spec is None:
             return {"explanation": None}
-        exact = spec.target == "all" and spec.method == "gradient"
-        return {
-            "explanation": spec.to_dict(),
-            "generator_gradient": "exact (all classes)"
-            if exact
-            else ("all classes, approximate maps" if spec.target == "all" else "single class"),
-        }
+        if spec.target == "all":
+            kind = (
+                "exact (all classes)"
+                if spec.method == "gradient"
+                else "all classes, approximate maps"
+            )
+        elif spec.output == "logit":
+            # d log p_c is approximated by (1 - p_c) d z_c (log_probability_gradients).
+            kind = "single class, approximated from one logit"
+        else:
+            kind = "single class"
+        return {"explanation": spec.to_dict(), "generator_gradient": kind}
