@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -583,6 +584,27 @@ def test_failed_computation_is_refunded(victim):
         assert [row[3] for row in s.app.state.ledger.audit_rows()] == [1, 0]
 
 
+def test_failure_to_store_an_idempotent_response_is_refunded(victim):
+    app = create_app(victim, keys=[KEY])
+    ledger = app.state.ledger
+    real_finish = ledger.finish
+
+    def failing_finish(*args, **kwargs):
+        raise sqlite3.OperationalError("simulated: disk full")
+
+    with ServerThread(app) as s:
+        ledger.finish = failing_finish
+        body = {"instances": images(3).tolist()}
+        r = post(f"{s.url}{V1P}", body, {"Idempotency-Key": "k-1"})
+        assert r.status_code == 500 and ledger.total_used() == 0
+        ledger.finish = real_finish
+        # The retry is served afresh, not refused as a request still in progress.
+        r = post(f"{s.url}{V1P}", body, {"Idempotency-Key": "k-1"})
+        assert r.status_code == 200 and ledger.total_used() == 3
+        again = post(f"{s.url}{V1P}", body, {"Idempotency-Key": "k-1"})
+        assert again.headers["Idempotent-Replayed"] == "true" and ledger.total_used() == 3
+
+
 def test_concurrent_clients_count_every_query_once(victim):
     keys = {"a": None, "b": None}
     with ServerThread(create_app(victim, keys=keys)) as s:
@@ -657,6 +679,28 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert flag in err and "\n" not in err and "Traceback" not in err
+
+
+def test_one_server_per_ledger(victim, tmp_path, capsys):
+    from megex.keystore import Ledger, LedgerInUse
+    from megex.serve_cli import main
+
+    db = tmp_path / "l.sqlite"
+    first = Ledger(db, keys={KEY: 10})
+    with pytest.raises(LedgerInUse, match="already in use by another server"):
+        Ledger(db, keys={KEY: 10})
+    path = save_tiny_victim(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["--victim", str(path), "--db", str(db)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert str(db) in err and "--db" in err and "\n" not in err and "Traceback" not in err
+    first.close()
+    # Released on close; an app whose settings fail releases it too.
+    with pytest.raises(ValueError):
+        create_app(victim, db_path=db, rate_limit=-1.0)
+    second = Ledger(db, keys={KEY: 10})
+    second.close()
 
 
 def test_add_serve_parser_registers_the_subcommand(tmp_path):

@@ -28,6 +28,7 @@ __all__ = [
     "Charge",
     "IdempotencyConflict",
     "Ledger",
+    "LedgerInUse",
     "QuotaExceeded",
     "RateLimiter",
     "StoredResponse",
@@ -78,6 +79,30 @@ _OPEN_KEY_HASH = "open"
 
 class Unauthorized(Exception):
     """No API key, or one the server does not know."""
+
+
+def _hold_exclusively(lock_path: Path, db_path: str):
+    """An open lock file held exclusively, or LedgerInUse. One server per ledger: each one
+    refunds, when it starts, the requests it finds charged but unanswered, which would be
+    the other server's requests in flight."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks on this platform: nothing to enforce with
+        return None
+    handle = open(lock_path, "a")  # noqa: SIM115 - held open for the Ledger's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LedgerInUse(
+            f"ledger {db_path}: already in use by another server (lock {lock_path}); "
+            "run one server per ledger, or give this one another --db"
+        ) from None
+    return handle
+
+
+class LedgerInUse(RuntimeError):
+    """Another open Ledger (another server) holds this database file."""
 
 
 class IdempotencyConflict(Exception):
@@ -195,8 +220,10 @@ class Ledger:
         self.open = not keys
         self.idempotency_ttl_s = float(idempotency_ttl_s)
         self.path = str(path)
+        self._lock_file = None
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _hold_exclusively(Path(self.path + ".lock"), self.path)
         # One connection guarded by a lock: requests run in a thread pool, and SQLite
         # serialises writers anyway.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -271,6 +298,9 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the lock
+                self._lock_file = None
 
     # --- keys and usage ---------------------------------------------------------------------
 

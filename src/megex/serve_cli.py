@@ -136,7 +136,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
         ) from None
     from .defenses import build_defense
     from .explain import Explanation
-    from .keystore import read_keys_file
+    from .keystore import LedgerInUse, read_keys_file
     from .victim import Victim
 
     try:
@@ -192,7 +192,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
             audit_images=args.audit_images,
             seed=args.seed,
         )
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, LedgerInUse) as err:
         raise CLIError(str(err)) from None
     return app, keys
 

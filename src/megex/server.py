@@ -24,6 +24,7 @@ with ``{"error": "..."}``. This module needs the ``server`` extra (fastapi, uvic
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -625,10 +626,13 @@ class Service:
         try:
             answer = self.engine.query(parsed.images, spec)
             content, content_type, extra = render(answer, parsed)
+            # Storing the response for replays is part of serving it: if that fails, the
+            # client gets an error, so the charge is given back and a retry runs afresh
+            # (instead of meeting a request "still being served" until the row expires).
+            self.ledger.finish(charge, 200, content_type, content, extra)
         except BaseException:
             self.ledger.refund(charge)
             raise
-        self.ledger.finish(charge, 200, content_type, content, extra)
         return Response(content, 200, {**extra, **charge.usage.headers()}, content_type)
 
     def _replay(self, account: Account, stored: StoredResponse) -> Response:
@@ -743,10 +747,26 @@ def create_app(
     if int(max_body_bytes) < 1:
         raise ValueError(f"max_body_bytes: expected >= 1, got {max_body_bytes}")
     ledger = Ledger(db_path, keys=keys, default_budget=budget, idempotency_ttl_s=idempotency_ttl_s)
-    limiter = RateLimiter(rate_limit, rate_burst) if rate_limit is not None else None
+    try:
+        limiter = RateLimiter(rate_limit, rate_burst) if rate_limit is not None else None
+    except BaseException:
+        ledger.close()  # an app that is not made must not keep the ledger locked
+        raise
     service = Service(engine, name, ledger, limiter, max_body_bytes, audit_images)
 
-    app = FastAPI(title=f"megex: {name}", version=__version__, docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # Closing releases the ledger's lock, so that the next server can take it over.
+        ledger.close()
+
+    app = FastAPI(
+        title=f"megex: {name}",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.state.service = service
     app.state.ledger = ledger
     _install_error_handlers(app)
