@@ -216,6 +216,9 @@ def test_confidence_cap_stops_rewarding_confident_targets(victim):
     probs = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]])
     targets = torch.tensor([0, 0, 1])
     assert attack.confidence_mask(probs, targets).tolist() == [0.0, 1.0, 0.0]
+    # The default cap of 1 is no cap, even for a probability shown as exactly 1.0.
+    certain = torch.tensor([[1.0, 0.0], [0.2, 0.8]])
+    assert MEGEX(**SMALL).confidence_mask(certain, torch.tensor([0, 1])).tolist() == [1.0, 1.0]
     # A MEGEX generator step where every target is past the cap: the victim-guided term
     # adds nothing, so the step equals one with victim_confidence off.
     steps = []

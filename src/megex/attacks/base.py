@@ -406,8 +406,13 @@ class Attack:
         return torch.cat([mixed, x[n:]])
 
     def confidence_mask(self, probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """1 where the target class's probability is still below `confidence_cap`, else 0."""
+        """1 where the target class's probability is still below `confidence_cap`, else 0.
+
+        A cap of 1 is no cap: a probability shown as exactly 1.0 (float32 rounding) is kept.
+        """
         p = probabilities.gather(1, targets.view(-1, 1)).view(-1)
+        if self.config.confidence_cap >= 1:
+            return torch.ones_like(p)
         return (p < self.config.confidence_cap).float()
 
     def replay_step(self) -> float:
