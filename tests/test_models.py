@@ -38,3 +38,31 @@ def test_fast_layout_generator_matches_and_other_devices_keep_the_default_layout
     elsewhere = fast_layout(build_classifier("lenet5", 10, 1, 28), "meta")
     assert all(w.device.type == "meta" for w in _conv_weights(elsewhere))
     assert all(w.is_contiguous() for w in _conv_weights(elsewhere))
+
+
+def test_cpu_layout_benchmark_prints_both_layouts_and_ratios():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_layout.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--repeats", "1", "--queries", "600"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [
+        line
+        for line in out.splitlines()
+        if re.match(r"\| (explain|clone|generator|megex|dfme)", line)
+    ]
+    assert len(rows) == 6
+    for row in rows:
+        slow, fast, ratio = row.strip("| ").split(" | ")[1:]
+        slow, fast, ratio = float(slow), float(fast), float(ratio.rstrip("x"))
+        assert slow > 0 and fast > 0
+        # The ratio is of the unrounded times; the table rounds them to 0.1.
+        assert (slow - 0.05) / (fast + 0.05) - 0.01 <= ratio <= (slow + 0.05) / (fast - 0.05) + 0.01
