@@ -329,3 +329,19 @@ def test_disagreement_is_dropped_after_the_given_query_count(victim):
     assert MEGEX(**SMALL).disagreement_now() == 1.0
     with pytest.raises(ValueError, match="disagreement_until"):
         MEGEX(disagreement_until=-5)
+
+
+def test_bench_settings_per_method_and_the_paper_configs():
+    from pathlib import Path
+
+    from megex import bench
+
+    _, settings = bench.method_settings(bench.load_config(None), "megex-all")
+    assert settings["disagreement_until"] == 150_000 and settings["explanation"] == "gradient-all"
+    for other in ("megex-predicted", "dfme-m1"):
+        assert "disagreement_until" not in bench.method_settings(bench.load_config(None), other)[1]
+    configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+    for name in ("svhn.json", "cifar10.json"):
+        config = bench.load_config(configs / name)
+        assert config["device"] == "cuda" and config["settings"]["clone"] == "resnet18_8x"
+        assert bench.method_settings(config, "megex-all")[1]["disagreement_until"] == 0
