@@ -701,6 +701,12 @@ def test_one_server_per_ledger(victim, tmp_path, capsys):
         create_app(victim, db_path=db, rate_limit=-1.0)
     second = Ledger(db, keys={KEY: 10})
     second.close()
+    # A ledger that fails to open (here: the path is a folder) does not keep the lock.
+    folder = tmp_path / "folder.sqlite"
+    folder.mkdir()
+    for _ in range(2):
+        with pytest.raises(sqlite3.OperationalError):
+            Ledger(folder)
 
 
 def test_add_serve_parser_registers_the_subcommand(tmp_path):

@@ -224,18 +224,23 @@ class Ledger:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._lock_file = _hold_exclusively(Path(self.path + ".lock"), self.path)
-        # One connection guarded by a lock: requests run in a thread pool, and SQLite
-        # serialises writers anyway.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            self._salt = self._load_salt()
-            self._sync_keys(keys or {}, default_budget)
-            self._refund_interrupted()
+        try:
+            # One connection guarded by a lock: requests run in a thread pool, and SQLite
+            # serialises writers anyway.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._lock = threading.Lock()
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("PRAGMA busy_timeout=5000")
+                self._db.executescript(_SCHEMA)
+                self._salt = self._load_salt()
+                self._sync_keys(keys or {}, default_budget)
+                self._refund_interrupted()
+        except BaseException:
+            if self._lock_file is not None:  # a ledger that failed to open holds nothing
+                self._lock_file.close()
+            raise
 
     # --- setup ------------------------------------------------------------------------------
 
