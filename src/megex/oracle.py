@@ -133,7 +133,9 @@ class LocalOracle:
     "top-k" (with top_k) or "label". explanation: the explanation the service returns when
     asked (None: it returns none). allow_explanation_choice: whether a request may ask for
     a different explanation (method, target, output), as Vertex AI's parameters allow.
-    defenses: applied to what is returned, in order.
+    defenses: applied to what is returned, in order. The victim is moved to `device` in
+    place, and on a CPU its convolutions are put in channels-last layout
+    (:func:`megex.models.fast_layout`: same values, several times faster explanations).
     """
 
     def __init__(
