@@ -746,12 +746,9 @@ def create_app(
         raise ValueError(f"name: {name!r} cannot appear in a URL path segment")
     if int(max_body_bytes) < 1:
         raise ValueError(f"max_body_bytes: expected >= 1, got {max_body_bytes}")
+    # Checked before the ledger is opened (and locked): a refused setting leaves it untouched.
+    limiter = RateLimiter(rate_limit, rate_burst) if rate_limit is not None else None
     ledger = Ledger(db_path, keys=keys, default_budget=budget, idempotency_ttl_s=idempotency_ttl_s)
-    try:
-        limiter = RateLimiter(rate_limit, rate_burst) if rate_limit is not None else None
-    except BaseException:
-        ledger.close()  # an app that is not made must not keep the ledger locked
-        raise
     service = Service(engine, name, ledger, limiter, max_body_bytes, audit_images)
 
     @contextlib.asynccontextmanager
