@@ -114,6 +114,19 @@ def test_megex_exact_generator_gradient_matches_autograd(digits_victim):
         torch.testing.assert_close(dlogp, reference, rtol=1e-3, atol=1e-5)
 
 
+def test_class_combination_is_the_weighted_sum_over_classes():
+    from megex.attacks.megex import class_combination
+
+    torch.manual_seed(0)
+    maps = torch.randn(6, 10, 3, 5, 7)
+    weights = torch.randn(6, 10)
+    expected = (weights.view(6, 10, 1, 1, 1) * maps).sum(dim=1)
+    torch.testing.assert_close(class_combination(weights, maps), expected)
+    # Channels-last maps (as a CPU service returns them) give the same.
+    cl = maps.flatten(0, 1).contiguous(memory_format=torch.channels_last).view_as(maps)
+    torch.testing.assert_close(class_combination(weights, cl), expected)
+
+
 def test_too_small_budget_is_a_clear_error(digits_victim):
     with pytest.raises(ValueError, match="less than one iteration"):
         DFME(**SMALL).run(LocalOracle(digits_victim, budget=10), progress=False)

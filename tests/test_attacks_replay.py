@@ -104,7 +104,9 @@ OPTIONS = {
     [
         (MEGEX, {"explanation": megex.Explanation("gradient", target="all")}),
         (MEGEX, {"explanation_loss": 1.0, "explain_clone_queries": True}),
-        (DFME, {"directions": 2}),
+        # Interrupted at 96 queries, just after a restart fell due: the resumed run makes it.
+        (MEGEX, {"generator_restart_every": 90}),
+        (DFME, {"directions": 2, "generator_restart_every": 90}),
         (MEGEX, {"confidence_cap": 0.5, "query_mixup": 0.5, "replay_policy": "reservoir"}),
         (DFME, {"confidence_cap": 0.5, "query_mixup": 1.0, "disagreement_until": 400}),
     ],
@@ -193,6 +195,45 @@ def test_invalid_options_are_refused():
         MEGEX(confidence_cap=0.0)
     with pytest.raises(ValueError, match="query_mixup"):
         DFME(query_mixup=1.5)
+    with pytest.raises(ValueError, match="generator_restart_every: expected a number"):
+        MEGEX(generator_restart_every=-1)
+
+
+def test_generator_is_redrawn_once_per_period(victim):
+    oracle = megex.LocalOracle(victim, budget=None, explanation=megex.Explanation())
+
+    def fresh_attack():
+        attack = MEGEX(**SMALL, generator_restart_every=1000)
+        attack.setup(oracle)
+        attack.make_schedulers(10)
+        return attack
+
+    attack = fresh_attack()
+    initial = {k: v.clone() for k, v in attack.generator.state_dict().items()}
+    for _ in range(2):
+        attack.generator_step(oracle)
+    assert attack.generator_opt.state  # Adam has moments now
+    trained = {k: v.clone() for k, v in attack.generator.state_dict().items()}
+    attack.restart_generator_if_due(999)
+    assert all(torch.equal(trained[k], v) for k, v in attack.generator.state_dict().items())
+    attack.restart_generator_if_due(1000)
+    redrawn = {k: v.clone() for k, v in attack.generator.state_dict().items()}
+    weights = [k for k in redrawn if k.endswith("weight") and redrawn[k].dim() > 1]  # not BN
+    assert not any(torch.equal(redrawn[k], trained[k]) for k in weights)
+    assert not any(torch.equal(redrawn[k], initial[k]) for k in weights)
+    assert not attack.generator_opt.state  # a fresh optimiser
+    assert attack.generator_restarts == 1
+    # Due once per period; the same run (or a resumed one) re-draws the same weights.
+    attack.restart_generator_if_due(1999)
+    assert all(torch.equal(redrawn[k], v) for k, v in attack.generator.state_dict().items())
+    other = fresh_attack()
+    other.restart_generator_if_due(1500)
+    assert all(torch.equal(redrawn[k], v) for k, v in other.generator.state_dict().items())
+    # Re-drawing leaves the attack's own random streams where they were.
+    torch_state, rng_state = torch.get_rng_state(), attack.rng.get_state()
+    attack.restart_generator_if_due(2000)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert torch.equal(attack.rng.get_state(), rng_state)
 
 
 def test_query_mixup_mixes_the_first_fraction_of_a_batch(victim):
@@ -340,8 +381,13 @@ def test_bench_settings_per_method_and_the_paper_configs():
     assert settings["disagreement_until"] == 150_000 and settings["explanation"] == "gradient-all"
     for other in ("megex-predicted", "dfme-m1"):
         assert "disagreement_until" not in bench.method_settings(bench.load_config(None), other)[1]
+    for name in bench.METHODS:
+        _, settings = bench.method_settings(bench.load_config(None), name)
+        assert settings["generator_restart_every"] == 100_000
     configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
     for name in ("svhn.json", "cifar10.json"):
         config = bench.load_config(configs / name)
         assert config["device"] == "cuda" and config["settings"]["clone"] == "resnet18_8x"
         assert bench.method_settings(config, "megex-all")[1]["disagreement_until"] == 0
+        for method in bench.METHODS:
+            assert bench.method_settings(config, method)[1]["generator_restart_every"] == 0

@@ -139,3 +139,14 @@ def test_explanation_settings_are_bounded(params, message):
     params = dict(params)
     with pytest.raises(ValueError, match=message):
         Explanation(params.pop("method"), **params)
+
+
+def test_given_logits_save_the_forward_pass_and_give_the_same_maps():
+    model = tiny_model()
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    for spec in (Explanation(target="all"), Explanation(target="predicted")):
+        assert torch.equal(explain(model, x, spec, logits=logits), explain(model, x, spec))
+    with pytest.raises(ValueError, match="logits: expected 5 rows"):
+        explain(model, x, Explanation(), logits=logits[:3])

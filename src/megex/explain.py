@@ -177,12 +177,15 @@ def explain(
     explanation: Explanation,
     *,
     generator: torch.Generator | None = None,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Compute `explanation` for images `x` (float, [0, 1], (N, C, H, W)).
 
     `forward` maps images to logits (e.g. a :class:`megex.Victim` in eval mode).
-    `generator` seeds SmoothGrad's noise. A module is explained in eval mode (its mode is
-    restored afterwards), so that batch statistics never mix images.
+    `generator` seeds SmoothGrad's noise. `logits`: forward(x) in eval mode if the caller
+    has it already (a service answering the same images), which saves one forward pass.
+    A module is explained in eval mode (its mode is restored afterwards), so that batch
+    statistics never mix images.
     """
     if isinstance(forward, torch.nn.Module) and forward.training:
         forward.eval()
@@ -190,8 +193,13 @@ def explain(
             return explain(forward, x, explanation, generator=generator)
         finally:
             forward.train()
-    with torch.no_grad():
-        logits = forward(x)
+    if logits is None:
+        with torch.no_grad():
+            logits = forward(x)
+    elif logits.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"logits: expected {x.shape[0]} rows (one per image), got {logits.shape[0]}"
+        )
     num_classes = logits.shape[1]
     target = explanation.target
     if target == "all":

@@ -266,10 +266,12 @@ class LocalOracle:
         for i in range(0, images.shape[0], self.batch_size):
             chunk = images[i : i + self.batch_size].to(self.device)
             with torch.no_grad():
-                logits_parts.append(self.victim(chunk).float().cpu())
+                chunk_logits = self.victim(chunk)
+            logits_parts.append(chunk_logits.float().cpu())
             if spec is not None:
-                expl_parts.append(explain(self.victim, chunk, spec, generator=self._rng).cpu())
-        logits = torch.cat(logits_parts)
+                maps = explain(self.victim, chunk, spec, generator=self._rng, logits=chunk_logits)
+                expl_parts.append(maps.cpu())
+        logits = _joined(logits_parts)
         probs = torch.softmax(logits, dim=1)
         labels = logits.argmax(dim=1)
         for defense in self.defenses:
@@ -284,7 +286,12 @@ class LocalOracle:
             probs = torch.nn.functional.one_hot(labels, self.num_classes).float()
         expl = None
         if spec is not None:
-            expl = torch.cat(expl_parts)
+            expl = _joined(expl_parts)
             for defense in self.defenses:
                 expl = defense.explanation(expl, generator=self._rng)
         return Answer(probs, labels, shown_logits, expl, spec, self.prediction)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    # One chunk (the usual case) is returned as is: torch.cat would copy it.
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -138,6 +138,10 @@ class AttackConfig:
     # Real images have dark and light backgrounds; the generator's final batch norm alone
     # pins every batch near mean intensity 0.5. (1, 1) turns it off.
     query_gamma: tuple[float, float] = (0.5, 4.5)
+    # Re-draw the generator (fresh weights, fresh optimiser state) every this many queries:
+    # a generator late in a run makes queries the victim is sure of, which teach the clone
+    # little; a fresh one makes varied queries again. 0: never.
+    generator_restart_every: int = 0
 
     def validate(self) -> None:
         for name in ("nz", "ngf", "batch_size", "clone_steps"):
@@ -156,6 +160,11 @@ class AttackConfig:
             )
         if not 0 <= float(self.clone_ema) < 1:
             raise ValueError(f"clone_ema: expected 0 <= decay < 1, got {self.clone_ema}")
+        if isinstance(self.generator_restart_every, bool) or int(self.generator_restart_every) < 0:
+            raise ValueError(
+                "generator_restart_every: expected a number of queries >= 0 (0: never), "
+                f"got {self.generator_restart_every!r}"
+            )
         for name in ("replay_size", "replay_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
@@ -289,6 +298,7 @@ class Attack:
             build_classifier(self.clone_arch, oracle.num_classes, channels, size), c.device
         )
         gen_size = size if size % 4 == 0 else 4 * math.ceil(size / 4)
+        self.generator_size, self.generator_channels = gen_size, channels
         self.generator = fast_layout(
             build_generator("generator_a", gen_size, channels, c.nz, c.ngf), c.device
         )
@@ -307,8 +317,27 @@ class Attack:
         )
         self.clone_ema_model = None
         self.ema_updates = 0
+        self.generator_restarts = 0
         if c.clone_ema > 0:
             self.clone_ema_model = copy.deepcopy(self.clone).requires_grad_(False)
+
+    def restart_generator_if_due(self, spent: int) -> None:
+        """Re-draw the generator once `spent` passes the next multiple of the restart period."""
+        every = int(self.config.generator_restart_every)
+        if not every or spent // every <= self.generator_restarts:
+            return
+        self.generator_restarts = spent // every
+        c = self.config
+        # Its own seed per restart, so a run (and a resumed run) re-draws the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(c.seed * 1_000_003 + self.generator_restarts)
+            fresh = build_generator(
+                "generator_a", self.generator_size, self.generator_channels, c.nz, c.ngf
+            )
+        self.generator.load_state_dict(fresh.state_dict())
+        # The same parameter tensors: clearing Adam's moments is a fresh optimiser, and the
+        # learning-rate schedule keeps its place.
+        self.generator_opt.state.clear()
 
     def make_schedulers(self, iterations: int) -> None:
         c = self.config
@@ -447,6 +476,7 @@ class Attack:
             "rng": self.rng.get_state(),
             "torch_rng": torch.get_rng_state(),
             "extra": self.extra_state(),
+            "generator_restarts": self.generator_restarts,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -459,6 +489,7 @@ class Attack:
         self.rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.load_extra_state(state.get("extra", {}))
+        self.generator_restarts = int(state.get("generator_restarts", 0))
 
     def run(
         self,
@@ -540,6 +571,7 @@ class Attack:
                     )
                     break
                 self.queries_spent = spent
+                self.restart_generator_if_due(spent)
                 self.clone.train()
                 self.generator.train()
                 info: dict[str, Any] = {}
