@@ -306,6 +306,10 @@ def test_bench_quick_path_on_digits(tmp_path, capsys):
     assert all(c["queries"] <= c["budget"] for c in summary["cells"])
     table = (tmp_path / "out" / "query_efficiency_quick.md").read_text()
     assert "| megex-all |" in table
+    reach = summary["queries_to_reach"]
+    assert reach["target"]["method"] == "dfme-m1" and reach["target"]["budget"] == 600
+    assert [hit["seed"] for hit in reach["megex-all"]] == [0]
+    assert "(seed 0)" in table.split("Queries to reach")[1]
     # A second call finds the finished runs and skips them.
     capsys.readouterr()
     assert bench.main(argv + ["--no-plot"]) == 0
@@ -383,7 +387,7 @@ def test_bench_settings_per_method_and_the_paper_configs():
         assert "disagreement_until" not in bench.method_settings(bench.load_config(None), other)[1]
     for name in bench.METHODS:
         _, settings = bench.method_settings(bench.load_config(None), name)
-        assert settings["generator_restart_every"] == 100_000
+        assert settings["generator_restart_every"] == (0 if name == "dfme-m10" else 100_000)
     configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
     for name in ("svhn.json", "cifar10.json"):
         config = bench.load_config(configs / name)

@@ -56,9 +56,11 @@ DEFAULTS: dict[str, Any] = {
     # successive evaluations of the raw clone at a constant learning rate, so a budget's
     # figure is not one lucky or unlucky step (benchmarks/RESULTS.md).
     # Every method re-draws its generator every 100k queries: a generator late in a run
-    # makes queries the victim is sure of; MEGEX and DFME both gained 3-11 points at 400k-500k
-    # on seeds 0 and 2 (benchmarks/RESULTS.md). The period is in queries, specific to this
-    # setting's scale, like disagreement_until below.
+    # makes queries the victim is sure of; MEGEX and DFME (m = 1) both gained 3-12 points at
+    # 500k on seeds 0 and 2 (benchmarks/RESULTS.md). The period is in queries, specific to
+    # this setting's scale, like disagreement_until below. DFME with m = 10 takes a generator
+    # step per 11 query batches, too few per period: it keeps one generator (with restarts
+    # it lost 6 points at 1M on 3 seeds).
     "settings": {
         "ngf": 8,
         "lr_schedule": "constant",
@@ -69,7 +71,10 @@ DEFAULTS: dict[str, Any] = {
     # queries and keeps only the victim-guided term: the exact disagreement gradient holds the
     # clone back late in a run (benchmarks/RESULTS.md, 3 seeds). The switch point is in
     # queries, so it is specific to this setting's scale.
-    "method_settings": {"megex-all": {"disagreement_until": 150_000}},
+    "method_settings": {
+        "megex-all": {"disagreement_until": 150_000},
+        "dfme-m10": {"generator_restart_every": 0},
+    },
     "device": "cpu",
 }
 
@@ -421,11 +426,12 @@ def queries_to_reach_dfme(finished: list, stats: dict) -> dict[str, Any]:
     best = max((s[max(s)]["mean"], m, max(s)) for m, s in dfme)
     target, name, budget = best
     out: dict[str, Any] = {"target": {"method": name, "budget": budget, "accuracy": target}}
-    for res in finished:
+    # In seed order (runs finish in any order), each hit labelled with its seed.
+    for res in sorted(finished, key=lambda r: (r["method"], r["seed"], r["budget"])):
         if res["method"].startswith("megex"):
             rows = res["metrics"]
             hit = next((m["queries"] for m in rows if m["clone_accuracy"] >= target), None)
-            out.setdefault(res["method"], []).append(hit)
+            out.setdefault(res["method"], []).append({"seed": res["seed"], "queries": hit})
     return out
 
 
@@ -463,7 +469,11 @@ def markdown(summary: dict[str, Any]) -> str:
         )
         for method, hits in reach.items():
             if method != "target":
-                shown = ", ".join("not reached" if h is None else f"{h:,}" for h in hits)
+                shown = ", ".join(
+                    f"{'not reached' if h['queries'] is None else format(h['queries'], ',')} "
+                    f"(seed {h['seed']})"
+                    for h in hits
+                )
                 lines.append(f"- {method}: {shown}")
     return "\n".join(lines) + "\n"
 
