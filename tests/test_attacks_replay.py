@@ -195,8 +195,9 @@ def test_invalid_options_are_refused():
         MEGEX(confidence_cap=0.0)
     with pytest.raises(ValueError, match="query_mixup"):
         DFME(query_mixup=1.5)
-    with pytest.raises(ValueError, match="generator_restart_every: expected a number"):
-        MEGEX(generator_restart_every=-1)
+    for bad in (-1, "100k", 1.5, True):
+        with pytest.raises(ValueError, match="generator_restart_every: expected a number"):
+            MEGEX(generator_restart_every=bad)
 
 
 def test_generator_is_redrawn_once_per_period(victim):

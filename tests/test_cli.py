@@ -51,10 +51,11 @@ def test_any_attack_setting_can_be_set(tmp_path, victim_file, capsys):
     argv = ["attack", "--victim", victim_file, "--budget", "2000", "--out", str(out), "--quiet"]
     argv += ["--batch-size", "32", "--set", "replay_policy=ring", "--set", "query_gamma=[1, 1]"]
     argv += ["--set", "disagreement-until=1000", "--set", "train_on_generator_queries=false"]
+    argv += ["--set", "generator_restart_every=500"]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["replay_policy"] == "ring" and config["query_gamma"] == [1, 1]
-    assert config["disagreement_until"] == 1000
+    assert config["disagreement_until"] == 1000 and config["generator_restart_every"] == 500
     assert config["train_on_generator_queries"] is False
 
 

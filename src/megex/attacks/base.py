@@ -160,7 +160,8 @@ class AttackConfig:
             )
         if not 0 <= float(self.clone_ema) < 1:
             raise ValueError(f"clone_ema: expected 0 <= decay < 1, got {self.clone_ema}")
-        if isinstance(self.generator_restart_every, bool) or int(self.generator_restart_every) < 0:
+        every = self.generator_restart_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(
                 "generator_restart_every: expected a number of queries >= 0 (0: never), "
                 f"got {self.generator_restart_every!r}"
