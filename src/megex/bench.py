@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     # makes queries the victim is sure of; MEGEX and DFME (m = 1) both gained 3-12 points at
     # 500k on seeds 0 and 2 (benchmarks/RESULTS.md). The period is in queries, specific to
     # this setting's scale, like disagreement_until below. DFME with m = 10 takes a generator
-    # step per 11 query batches, too few per period: it keeps one generator (with restarts
+    # step per 12 query batches, too few per period: it keeps one generator (with restarts
     # it lost 6 points at 1M on 3 seeds).
     "settings": {
         "ngf": 8,
