@@ -299,10 +299,8 @@ class Attack:
             build_classifier(self.clone_arch, oracle.num_classes, channels, size), c.device
         )
         gen_size = size if size % 4 == 0 else 4 * math.ceil(size / 4)
-        self.generator_size, self.generator_channels = gen_size, channels
-        self.generator = fast_layout(
-            build_generator("generator_a", gen_size, channels, c.nz, c.ngf), c.device
-        )
+        self.generator_shape = (gen_size, channels)
+        self.generator = fast_layout(self.new_generator(), c.device)
         self.crop = size
         self.clone_opt = torch.optim.SGD(
             self.clone.parameters(),
@@ -322,19 +320,24 @@ class Attack:
         if c.clone_ema > 0:
             self.clone_ema_model = copy.deepcopy(self.clone).requires_grad_(False)
 
+    def new_generator(self) -> nn.Module:
+        """A freshly initialised query generator for this attack (default layout, on the CPU)."""
+        c = self.config
+        size, channels = self.generator_shape
+        return build_generator("generator_a", size, channels, c.nz, c.ngf)
+
     def restart_generator_if_due(self, spent: int) -> None:
         """Re-draw the generator once `spent` passes the next multiple of the restart period."""
-        every = int(self.config.generator_restart_every)
+        every = self.config.generator_restart_every
         if not every or spent // every <= self.generator_restarts:
             return
         self.generator_restarts = spent // every
-        c = self.config
         # Its own seed per restart, so a run (and a resumed run) re-draws the same weights.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(c.seed * 1_000_003 + self.generator_restarts)
-            fresh = build_generator(
-                "generator_a", self.generator_size, self.generator_channels, c.nz, c.ngf
+            torch.default_generator.manual_seed(
+                self.config.seed * 1_000_003 + self.generator_restarts
             )
+            fresh = self.new_generator()
         self.generator.load_state_dict(fresh.state_dict())
         # The same parameter tensors: clearing Adam's moments is a fresh optimiser, and the
         # learning-rate schedule keeps its place.
