@@ -26,6 +26,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+import megex
 import megex.attacks.base as attack_base
 import megex.oracle as oracle_mod
 from megex import Explanation, LocalOracle, Victim, explain
@@ -109,7 +110,7 @@ def attacks(queries: int) -> list[tuple[str, float, float]]:
             with nullcontext() if channels_last else default_layout():
                 oracle = LocalOracle(copy.deepcopy(victim), budget=queries)
                 start = time.perf_counter()
-                make().run(oracle, progress=False)
+                megex.run(make(), oracle, progress=False)
                 timings.append(time.perf_counter() - start)
         rows.append((f"{name}, {queries} queries (s)", *timings))
     return rows

@@ -91,7 +91,7 @@ def evaluator(victim: Victim) -> Evaluator:
 SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
 OPTIONS = {
     "replay_size": 200,
-    "replay_steps": 2,
+    "clone_updates_per_1k_queries": 150.0,
     "train_on_generator_queries": True,
     "class_balance": 0.5,
     "clone_ema": 0.9,
@@ -107,15 +107,18 @@ OPTIONS = {
         # Interrupted at 96 queries, just after a restart fell due: the resumed run makes it.
         (MEGEX, {"generator_restart_every": 90}),
         (DFME, {"directions": 2, "generator_restart_every": 90}),
-        (MEGEX, {"confidence_cap": 0.5, "query_mixup": 0.5, "replay_policy": "reservoir"}),
-        (DFME, {"confidence_cap": 0.5, "query_mixup": 1.0, "disagreement_until": 400}),
+        (MEGEX, {"replay_policy": "ring", "query_gamma": (0.5, 4.5)}),
+        (DFME, {"disagreement_until": 400}),
     ],
 )
 def test_options_run_within_budget_and_resume_exactly(tmp_path, victim, evaluator, attack, extra):
     settings = {**SMALL, **OPTIONS, **extra}
     budget = 1000
-    full = attack(seed=3, **settings).run(
-        megex.LocalOracle(victim, budget=budget), evaluator=evaluator, progress=False
+    full = megex.run(
+        attack(seed=3, **settings),
+        megex.LocalOracle(victim, budget=budget),
+        evaluator=evaluator,
+        progress=False,
     )
     assert 0 < full.queries_used <= budget
     # Interrupted after two iterations, then resumed from the run folder.
@@ -125,7 +128,8 @@ def test_options_run_within_budget_and_resume_exactly(tmp_path, victim, evaluato
         if iteration == 2:
             raise KeyboardInterrupt
 
-    first = attack(seed=3, **settings).run(
+    first = megex.run(
+        attack(seed=3, **settings),
         oracle,
         evaluator=evaluator,
         eval_every=1,
@@ -138,8 +142,14 @@ def test_options_run_within_budget_and_resume_exactly(tmp_path, victim, evaluato
     resumed_oracle = megex.LocalOracle(victim, budget=budget)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     resumed_oracle.load_state_dict(state["service"])
-    resumed = attack(seed=3, **settings).run(
-        resumed_oracle, budget, evaluator=evaluator, run_dir=tmp_path, resume=True, progress=False
+    resumed = megex.run(
+        attack(seed=3, **settings),
+        resumed_oracle,
+        budget,
+        evaluator=evaluator,
+        run_dir=tmp_path,
+        resume=True,
+        progress=False,
     )
     assert resumed.queries_used == full.queries_used
     assert resumed_oracle.queries_used == full.queries_used
@@ -149,16 +159,20 @@ def test_options_run_within_budget_and_resume_exactly(tmp_path, victim, evaluato
 
 
 def test_eval_at_reports_smaller_budgets_exactly(victim, evaluator):
-    settings = {**SMALL, "lr_schedule": "constant", "replay_size": 100, "replay_steps": 1}
+    settings = {**SMALL, "lr_schedule": "constant", "replay_size": 100}
     cost = MEGEX(**settings).iteration_cost()
-    long = MEGEX(seed=1, **settings).run(
+    long = megex.run(
+        MEGEX(seed=1, **settings),
         megex.LocalOracle(victim, budget=10 * cost),
         evaluator=evaluator,
         eval_at=[4 * cost + 5],
         progress=False,
     )
-    short = MEGEX(seed=1, **settings).run(
-        megex.LocalOracle(victim, budget=4 * cost + 5), evaluator=evaluator, progress=False
+    short = megex.run(
+        MEGEX(seed=1, **settings),
+        megex.LocalOracle(victim, budget=4 * cost + 5),
+        evaluator=evaluator,
+        progress=False,
     )
     row = next(r for r in long.metrics if r["queries"] == 4 * cost)
     assert row["clone_accuracy"] == short.clone_accuracy
@@ -167,8 +181,7 @@ def test_eval_at_reports_smaller_budgets_exactly(victim, evaluator):
 def test_explanation_loss_matches_gradients_on_a_known_target(victim):
     attack = MEGEX(**SMALL, explanation_loss=1.0)
     oracle = megex.LocalOracle(victim, budget=None, explanation=megex.Explanation("gradient"))
-    attack.setup(oracle)
-    attack.make_schedulers(10)
+    attack.setup(oracle, 10)
     x = torch.rand(8, 1, 8, 8)
     answer = oracle.query(x, explanation=True)
     with_maps = attack.clone_loss(x, answer.probabilities, answer)
@@ -180,7 +193,7 @@ def test_explanation_loss_matches_gradients_on_a_known_target(victim):
 
 def test_invalid_options_are_refused():
     with pytest.raises(ValueError, match="replay_size"):
-        MEGEX(replay_size=0, replay_steps=2)
+        MEGEX(replay_size=0, clone_updates_per_1k_queries=10.0)
     with pytest.raises(ValueError, match="lr_schedule"):
         DFME(lr_schedule="cosine")
     with pytest.raises(ValueError, match="explanation_loss"):
@@ -191,12 +204,8 @@ def test_invalid_options_are_refused():
         DFME(disagreement_weight=-1.0)
     with pytest.raises(ValueError, match="replay_policy"):
         MEGEX(replay_policy="fifo")
-    with pytest.raises(ValueError, match="confidence_cap"):
-        MEGEX(confidence_cap=0.0)
-    with pytest.raises(ValueError, match="query_mixup"):
-        DFME(query_mixup=1.5)
     for bad in (-1, "100k", 1.5, True):
-        with pytest.raises(ValueError, match="generator_restart_every: expected a number"):
+        with pytest.raises(ValueError, match="generator_restart_every: expected a whole number"):
             MEGEX(generator_restart_every=bad)
 
 
@@ -205,8 +214,7 @@ def test_generator_is_redrawn_once_per_period(victim):
 
     def fresh_attack():
         attack = MEGEX(**SMALL, generator_restart_every=1000)
-        attack.setup(oracle)
-        attack.make_schedulers(10)
+        attack.setup(oracle, 10)
         return attack
 
     attack = fresh_attack()
@@ -237,46 +245,6 @@ def test_generator_is_redrawn_once_per_period(victim):
     assert torch.equal(attack.rng.get_state(), rng_state)
 
 
-def test_query_mixup_mixes_the_first_fraction_of_a_batch(victim):
-    attack = DFME(**SMALL, query_mixup=0.25)
-    attack.setup(megex.LocalOracle(victim, budget=None))
-    x = torch.rand(16, 1, 8, 8)
-    mixed = attack.mix_queries(x)
-    assert mixed.shape == x.shape
-    assert torch.equal(mixed[4:], x[4:])  # the rest are the generator's own
-    assert not torch.equal(mixed[:4], x[:4])
-    # Each mix lies between two images of the batch: within the batch's range, pixelwise.
-    assert (mixed[:4] >= x.min(dim=0).values - 1e-6).all()
-    assert (mixed[:4] <= x.max(dim=0).values + 1e-6).all()
-    off = DFME(**SMALL)
-    off.setup(megex.LocalOracle(victim, budget=None))
-    assert off.mix_queries(x) is x
-
-
-def test_confidence_cap_stops_rewarding_confident_targets(victim):
-    attack = MEGEX(**SMALL, confidence_cap=0.6)
-    probs = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]])
-    targets = torch.tensor([0, 0, 1])
-    assert attack.confidence_mask(probs, targets).tolist() == [0.0, 1.0, 0.0]
-    # The default cap of 1 is no cap, even for a probability shown as exactly 1.0.
-    certain = torch.tensor([[1.0, 0.0], [0.2, 0.8]])
-    assert MEGEX(**SMALL).confidence_mask(certain, torch.tensor([0, 1])).tolist() == [1.0, 1.0]
-    # A MEGEX generator step where every target is past the cap: the victim-guided term
-    # adds nothing, so the step equals one with victim_confidence off.
-    steps = []
-    for settings in ({"confidence_cap": 1e-9}, {"victim_confidence": 0.0}):
-        attack = MEGEX(**SMALL, seed=5, train_on_generator_queries=False, **settings)
-        oracle = megex.LocalOracle(
-            victim, budget=None, explanation=megex.Explanation("gradient", target="all")
-        )
-        attack.setup(oracle)
-        attack.make_schedulers(10)
-        attack.generator_step(oracle)
-        steps.append([p.detach().clone() for p in attack.generator.parameters()])
-    for a, b in zip(*steps):
-        assert torch.allclose(a, b)
-
-
 def test_bench_quick_path_on_digits(tmp_path, capsys):
     from megex import bench
 
@@ -287,7 +255,7 @@ def test_bench_quick_path_on_digits(tmp_path, capsys):
                 "dataset": "digits",
                 "settings": {**SMALL, "lr_schedule": "constant", "replay_size": 500},
                 "quick_budgets": [300, 600],
-                "method_settings": {"megex-all": {"replay_steps": 1}},
+                "method_settings": {"megex-all": {"clone_updates_per_1k_queries": 40.0}},
             }
         )
     )
@@ -333,7 +301,7 @@ def test_bench_quick_path_on_digits(tmp_path, capsys):
 
 def test_brightness_prior_is_a_function_of_the_latent(victim):
     attack = DFME(**SMALL, query_gamma=(0.5, 4.5))
-    attack.setup(megex.LocalOracle(victim, budget=None))
+    attack.setup(megex.LocalOracle(victim, budget=None), 10)
     z = torch.randn(4, SMALL["nz"])
     pre = torch.randn(4, 1, 8, 8)
     x = attack.to_query(pre, z)
@@ -342,7 +310,7 @@ def test_brightness_prior_is_a_function_of_the_latent(victim):
     group = attack.to_query(pre.repeat_interleave(3, dim=0), z)
     assert torch.allclose(group[::3], x)
     plain = DFME(**SMALL, query_gamma=(1.0, 1.0))
-    plain.setup(megex.LocalOracle(victim, budget=None))
+    plain.setup(megex.LocalOracle(victim, budget=None), 10)
     assert torch.allclose(plain.to_query(pre, z), (torch.tanh(pre) + 1) / 2)
     classes = attack.latent_classes(torch.randn(5000, 16), 10)
     assert torch.bincount(classes, minlength=10).min() > 350  # about uniform
@@ -358,8 +326,7 @@ def test_generator_objective_weights_can_switch_every_term_off(victim, attack):
         oracle = megex.LocalOracle(
             victim, budget=None, explanation=megex.Explanation("gradient", target="all")
         )
-        a.setup(oracle)
-        a.make_schedulers(10)
+        a.setup(oracle, 10)
         before = [p.detach().clone() for p in a.generator.parameters()]
         a.generator_step(oracle)
         moved.append(any(not torch.equal(b, p) for b, p in zip(before, a.generator.parameters())))
@@ -368,9 +335,9 @@ def test_generator_objective_weights_can_switch_every_term_off(victim, attack):
 
 def test_disagreement_is_dropped_after_the_given_query_count(victim):
     attack = MEGEX(**SMALL, disagreement_until=100)
-    attack.queries_spent = 99
+    attack.queries_at_step = 99
     assert attack.disagreement_now() == 1.0
-    attack.queries_spent = 100
+    attack.queries_at_step = 100
     assert attack.disagreement_now() == 0.0
     assert MEGEX(**SMALL).disagreement_now() == 1.0
     with pytest.raises(ValueError, match="disagreement_until"):

@@ -62,10 +62,10 @@ def test_any_attack_setting_can_be_set(tmp_path, victim_file, capsys):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("replay_steps=1.5", "--set replay_steps: expected a whole number, got '1.5'"),
+        ("replay_size=1.5", "--set replay_size: expected a whole number, got '1.5'"),
         ("clone_ema=high", "--set clone_ema: expected a number, got 'high'"),
         ("directions=3", "megex has no setting 'directions'; settable: "),
-        ("replay_policy=fifo", "replay_policy: expected 'ring' or 'reservoir', got 'fifo'"),
+        ("replay_policy=fifo", "replay_policy: expected one of 'reservoir', 'ring', got 'fifo'"),
         ("no-equals-sign", "--set: expected NAME=VALUE"),
     ],
 )

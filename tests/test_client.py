@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 
+import megex
 from megex import BudgetExceeded, Explanation, ExplanationNotOffered, InvalidQuery, LocalOracle
 from megex.oracle import Oracle
 
@@ -270,6 +271,6 @@ def test_megex_attack_over_http_is_counted_by_the_server(victim):
     with ServerThread(create_app(victim, keys={KEY: 2000})) as s:
         with RemoteOracle(s.url, KEY) as oracle:
             attack = attacks.MEGEX(seed=0, batch_size=64)
-            result = attack.run(oracle, budget=2000)
+            result = megex.run(attack, oracle, budget=2000)
             assert 0 < result.queries_used <= 2000
             assert s.app.state.ledger.total_used() == result.queries_used == oracle.queries_used

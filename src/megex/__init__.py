@@ -5,6 +5,7 @@ extras lazily.
 """
 
 from . import data
+from .engine import AttackResult, run
 from .explain import Explanation, explain
 from .oracle import (
     Answer,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Answer",
+    "AttackResult",
     "BudgetExceeded",
     "Explanation",
     "ExplanationNotOffered",
@@ -29,6 +31,7 @@ __all__ = [
     "Victim",
     "data",
     "explain",
+    "run",
     "train_victim",
     "__version__",
 ]

@@ -208,7 +208,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from . import data as data_mod
-    from .attacks.base import changed_settings
+    from .engine import changed_settings, describe_run, run
     from .evaluate import Evaluator
     from .oracle import LocalOracle
     from .runs import RunFolder
@@ -228,7 +228,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     )
     if folder.config_path.is_file() and not job["fresh"]:
         # A finished or interrupted run is reused only if it had these very settings.
-        changed = changed_settings(folder, attack.describe(job["budget"], oracle))
+        changed = changed_settings(folder, describe_run(attack, oracle, job["budget"]))
         if changed:
             raise ValueError(
                 f"{folder.path} holds a run with other settings ({'; '.join(changed)}); "
@@ -248,7 +248,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         # The service's ledger and noise continue where the interrupted run left them.
         oracle.load_state_dict(folder.load_checkpoint()["service"])
     start = time.time()
-    result = attack.run(
+    result = run(
+        attack,
         oracle,
         job["budget"],
         evaluator=evaluator,

@@ -15,6 +15,7 @@ import torch
 from . import data as data_mod
 from .attacks import ATTACKS
 from .defenses import build_defense
+from .engine import run
 from .evaluate import Evaluator, accuracy, predict
 from .explain import METHODS, OUTPUTS, Explanation
 from .oracle import PREDICTION_MODES, BudgetExceeded, ExplanationNotOffered, InvalidQuery
@@ -275,7 +276,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
             "victim_accuracy": evaluator.victim_accuracy if evaluator is not None else None,
         }
     )
-    result = attack.run(
+    result = run(
+        attack,
         oracle,
         budget,
         evaluator=evaluator,
@@ -412,7 +414,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         oracle = LocalOracle(victim, budget=budget, seed=args.seed)
         attack = ATTACKS[method](seed=args.seed, **settings["attack"], **extra)
-        attack.run(
+        run(
+            attack,
             oracle,
             evaluator=evaluator,
             run_dir=folder.path,

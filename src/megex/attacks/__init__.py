@@ -1,6 +1,8 @@
 """Data-free model extraction attacks over the Oracle protocol."""
 
-from .base import LITERAL, Attack, AttackConfig, AttackResult
+from . import presets
+from .base import Attack
+from .config import AttackConfig, SettingError, describe_settings, parse_setting
 from .dfme import DFME, DFMEConfig
 from .megex import MEGEX, MEGEXConfig
 
@@ -8,12 +10,14 @@ ATTACKS = {"megex": MEGEX, "dfme": DFME}
 
 __all__ = [
     "ATTACKS",
-    "LITERAL",
     "Attack",
     "AttackConfig",
-    "AttackResult",
     "DFME",
     "DFMEConfig",
     "MEGEX",
     "MEGEXConfig",
+    "SettingError",
+    "describe_settings",
+    "parse_setting",
+    "presets",
 ]

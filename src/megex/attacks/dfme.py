@@ -6,29 +6,22 @@ grad ~ (d / (m eps)) sum_j [L(x + eps u_j) - L(x)] u_j, costing m + 1 queries pe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..oracle import Oracle
-from .base import LOG_EPS, Attack, AttackConfig, disagreement
+from .base import LOG_EPS, Attack, disagreement
+from .config import COUNT, POSITIVE, AttackConfig, setting
 
 __all__ = ["DFME", "DFMEConfig"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DFMEConfig(AttackConfig):
-    directions: int = 1  # m
-    epsilon: float = 1e-3
-
-    def validate(self) -> None:
-        super().validate()
-        if int(self.directions) < 1:
-            raise ValueError(f"directions: expected >= 1, got {self.directions}")
-        if not float(self.epsilon) > 0:
-            raise ValueError(f"epsilon: expected > 0, got {self.epsilon}")
+    directions: int = setting(1, "random directions m per image (m + 1 queries)", COUNT, "dfme")
+    epsilon: float = setting(1e-3, "forward-difference step in pre-tanh space", POSITIVE, "dfme")
 
 
 class DFME(Attack):
@@ -59,8 +52,7 @@ class DFME(Attack):
                 k = answer.probabilities.shape[1]
                 targets = self.latent_classes(z, k).cpu().repeat_interleave(c.directions + 1)
                 logp = answer.probabilities.clamp_min(LOG_EPS).log()
-                conf = logp[torch.arange(len(targets)), targets]
-                conf = conf.clamp_max(math.log(c.confidence_cap)).to(base.device)
+                conf = logp[torch.arange(len(targets)), targets].to(base.device)
                 losses = losses + c.victim_confidence * conf
         losses = losses.view(n, c.directions + 1)
         diffs = (losses[:, 1:] - losses[:, :1]).unsqueeze(2)  # (n, m, 1)
@@ -71,18 +63,10 @@ class DFME(Attack):
             # The clone is the attacker's own: this term has an exact gradient, no queries.
             clone_logits = self.clone(self.to_query(pre, z))
             objective = objective - c.class_balance * self.balance_term(clone_logits)
-        self.generator_opt.zero_grad(set_to_none=True)
-        self.clone_opt.zero_grad(set_to_none=True)
-        objective.backward()
-        self.generator_opt.step()
-        self.clone_opt.zero_grad(set_to_none=True)
         # Every one of the (m + 1) n answered images is a labelled example already paid for.
         probs = answer.probabilities.to(base.device)
-        self.observe(images.detach(), probs)
         info = {"generator_loss": float(losses[:, 0].mean())}
-        if c.train_on_generator_queries:
-            info["generator_query_loss"] = self.clone_update(images.detach(), probs)
-        return info
+        return self.finish_generator_step(objective, images.detach(), probs, None, info)
 
     def details(self) -> dict[str, Any]:
         return {"gradient": f"zeroth-order, m={self.config.directions}, eps={self.config.epsilon}"}

@@ -19,7 +19,6 @@ steps on the generator's queries, brightness prior, constant schedule).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,32 +27,48 @@ import torch.nn.functional as F
 
 from ..explain import Explanation
 from ..oracle import Answer, Oracle
-from .base import LOG_EPS, Attack, AttackConfig, disagreement, victim_targets
+from .base import LOG_EPS, Attack, disagreement, victim_targets
+from .config import AT_LEAST_0, FLAG, AttackConfig, SettingError, setting
 
 __all__ = ["MEGEX", "MEGEXConfig", "log_probability_gradients"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MEGEXConfig(AttackConfig):
-    # What to ask the service for; None takes whatever explanation it offers by default.
-    explanation: Explanation | None = None
-    # Train the clone on the explanations too (double backprop): match the clone's input
-    # gradients of log-probabilities to the returned maps, as a relative squared error with
-    # this weight. For maps of every class one random projection over classes per image
-    # keeps it to one extra backward pass; 0 turns it off.
-    explanation_loss: float = 1.0
-    # Ask for the explanation on clone-step queries as well (the same query count: one
-    # image is one query either way), so the explanation loss sees every fresh batch.
-    explain_clone_queries: bool = False
-    # None: 1.0 when the service explains one class only (the generator would otherwise
-    # collapse onto few classes), 0 when it explains every class (the latent then picks
-    # balanced classes already). See AttackConfig.class_balance.
-    class_balance: float | None = None
+    explanation: Explanation | None = setting(
+        None,
+        "the explanation to ask the service for (None: whatever it offers by default)",
+        group="megex",
+    )
+    explanation_loss: float = setting(
+        1.0,
+        "train the clone on the maps too: match its input gradients of log-probabilities to "
+        "them (relative squared error, this weight; one random projection over classes for "
+        "all-class maps); 0: off",
+        AT_LEAST_0,
+        "megex",
+    )
+    explain_clone_queries: bool = setting(
+        False,
+        "ask for maps on clone-step queries as well (same query count), so the explanation "
+        "loss sees every fresh batch",
+        FLAG,
+        "megex",
+    )
+    class_balance: float | None = setting(
+        None,
+        "reward an even spread of the clone's classes (None: 1 when the service explains one "
+        "class, which otherwise collapses the generator onto few classes; 0 for all classes)",
+        AT_LEAST_0,
+        "objective",
+    )
 
-    def validate(self) -> None:
-        super().validate()
-        if float(self.explanation_loss) < 0:
-            raise ValueError(f"explanation_loss: expected >= 0, got {self.explanation_loss}")
+    def __post_init__(self) -> None:
+        if self.explanation is not None and not isinstance(self.explanation, Explanation):
+            raise SettingError(
+                f"explanation: expected an Explanation or None, got {self.explanation!r}"
+            )
+        super().__post_init__()
 
 
 def _undo_attribution(maps: torch.Tensor, x: torch.Tensor, spec: Explanation) -> torch.Tensor:
@@ -116,8 +131,8 @@ class MEGEX(Attack):
     def queries_per_generator_step(self) -> int:
         return 1
 
-    def setup(self, oracle: Oracle) -> None:
-        super().setup(oracle)
+    def setup(self, oracle: Oracle, iterations: int) -> None:
+        super().setup(oracle, iterations)
         self.explanation_used: Explanation | None = None
         # (answer, its d log p / dx) while the generator step that paid for it runs.
         self._dlogp_of: tuple[Answer, torch.Tensor] | None = None
@@ -137,12 +152,27 @@ class MEGEX(Attack):
         probs = answer.probabilities.to(x.device)
         clone_logits = self.clone(x)
         n, k = probs.shape
-        if dlogp.dim() == 5:
+        if dlogp.dim() == 5 and c.loss == "kl":
+            # KL(pV || pS): d/dx = sum_k pV_k (log pV_k - log pS_k) d log pV_k
+            #                      - sum_k pV_k d log pS_k   (as sum_k d pV_k = 0).
+            p = probs.clamp_min(LOG_EPS)
+            p = p / p.sum(dim=1, keepdim=True)
+            log_ps = F.log_softmax(clone_logits, dim=1)
+            victim_grad = class_combination(p * (p.log() - log_ps.detach()), dlogp)
+            # Enters below as minus the clone's part of the loss, as in the 'l1' branch.
+            clone_term = (p * log_ps).sum()
+            loss_value = disagreement(clone_logits.detach(), probs, "kl").mean()
+        elif dlogp.dim() == 5:
             lv = victim_targets(probs)
             s = torch.sign(lv - clone_logits.detach())
             victim_grad = class_combination(s - s.mean(dim=1, keepdim=True), dlogp) / k
             clone_term = (s * clone_logits).sum() / k
             loss_value = (lv - clone_logits.detach()).abs().mean()
+        elif c.loss == "kl":
+            raise ValueError(
+                "loss: 'kl' needs explanations of every class (target 'all'); with one "
+                "class's map use 'l1'"
+            )
         else:
             cls = _explained_class(answer).to(x.device).view(-1, 1)
             lpv = probs.clamp_min(LOG_EPS).log().gather(1, cls)
@@ -162,17 +192,15 @@ class MEGEX(Attack):
             if dlogp.dim() == 5:
                 # Its gradient is read off the all-class maps.
                 confidence = dlogp[torch.arange(n, device=x.device), targets]
-                keep = self.confidence_mask(probs, targets).view(-1, 1, 1, 1)
-                victim_grad = victim_grad + c.victim_confidence * keep * confidence
+                victim_grad = victim_grad + c.victim_confidence * confidence
             else:
                 # Only the predicted class's map: where it is the latent's class, the victim's
                 # gradient raises it; elsewhere the clone stands in for the victim (its own
                 # log-probability of the latent's class, by autograd, no queries).
                 hit = (targets == _explained_class(answer).to(x.device)).float()
-                hit = hit * self.confidence_mask(probs, targets)
                 victim_grad = victim_grad + c.victim_confidence * hit.view(-1, 1, 1, 1) * dlogp
                 lps_t = F.log_softmax(clone_logits, dim=1).gather(1, targets.view(-1, 1))
-                lps_t = lps_t.clamp_max(math.log(c.confidence_cap)).view(-1)
+                lps_t = lps_t.view(-1)
                 clone_term = clone_term - c.victim_confidence * ((1 - hit) * lps_t).sum()
         # Ascend L: the victim term enters through the image with its gradient held fixed.
         objective = -((x * victim_grad.detach()).sum() - clone_term) / n
@@ -181,16 +209,8 @@ class MEGEX(Attack):
             balance = 0.0 if dlogp.dim() == 5 else 1.0
         if balance > 0:
             objective = objective - balance * self.balance_term(clone_logits)
-        self.generator_opt.zero_grad(set_to_none=True)
-        self.clone_opt.zero_grad(set_to_none=True)
-        objective.backward()
-        self.generator_opt.step()
-        self.clone_opt.zero_grad(set_to_none=True)
-        # These answers are paid for: keep them, and learn from them now if asked to.
-        self.observe(x.detach(), probs)
         info = {"generator_loss": float(loss_value)}
-        if c.train_on_generator_queries:
-            info["generator_query_loss"] = self.clone_update(x.detach(), probs, answer)
+        info = self.finish_generator_step(objective, x.detach(), probs, answer, info)
         self._dlogp_of = None
         return info
 

@@ -1,0 +1,330 @@
+"""Attack settings: frozen dataclasses whose fields carry their group, constraint and help.
+
+One place describes a setting; the validator, `megex attack --set`, its help and the
+benchmark's JSON configs all read it from here. Settings stay flat (one unique name each) so
+that a name means the same thing on the command line, in a config file and in a run
+folder's config.json; the group is metadata, used to lay out help. A config is changed with
+`dataclasses.replace`, never in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..explain import Explanation
+
+__all__ = [
+    "AttackConfig",
+    "Choice",
+    "Number",
+    "Pair",
+    "SettingError",
+    "describe_settings",
+    "parse_setting",
+    "setting",
+    "validate",
+]
+
+
+class SettingError(ValueError):
+    """An attack setting is unknown or out of its range (names the setting and the rule)."""
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number within [low, high] (open at either end when asked); whole numbers if `whole`."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    whole: bool = False
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        kind = "a whole number" if self.whole else "a number"
+        ok_type = isinstance(value, int) if self.whole else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+            raise SettingError(f"{name}: expected {kind}{self.rule()}, got {value!r}")
+        below = value <= self.low if self.low_open else value < self.low
+        above = value >= self.high if self.high_open else value > self.high
+        if below or above:
+            raise SettingError(f"{name}: expected {kind}{self.rule()}, got {value!r}")
+
+    def rule(self) -> str:
+        parts = []
+        if self.low > -math.inf:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high < math.inf:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return (" " + " and ".join(parts)) if parts else ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple[Any, ...]
+
+    def check(self, name: str, value: Any) -> None:
+        if value not in self.options or isinstance(value, bool) != isinstance(
+            self.options[0], bool
+        ):
+            shown = ", ".join(repr(o) for o in self.options)
+            raise SettingError(f"{name}: expected one of {shown}, got {value!r}")
+
+    def rule(self) -> str:
+        return " (" + " | ".join(str(o) for o in self.options) + ")"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two numbers (low, high) with bound < low <= high."""
+
+    bound: float = 0.0
+
+    def check(self, name: str, value: Any) -> None:
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise SettingError(f"{name}: expected two numbers LOW,HIGH, got {value!r}") from None
+        if not (self.bound < lo <= hi and math.isfinite(hi)):
+            raise SettingError(f"{name}: expected {self.bound:g} < low <= high, got {value!r}")
+
+    def rule(self) -> str:
+        return f" (LOW,HIGH with {self.bound:g} < LOW <= HIGH)"
+
+
+@dataclass(frozen=True)
+class Fractions:
+    """A tuple of fractions, each in (0, 1)."""
+
+    def check(self, name: str, value: Any) -> None:
+        try:
+            ok = all(0 < float(m) < 1 for m in value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SettingError(f"{name}: expected fractions in (0, 1), got {value!r}")
+
+    def rule(self) -> str:
+        return " (fractions in (0, 1))"
+
+
+@dataclass(frozen=True)
+class Anything:
+    def check(self, name: str, value: Any) -> None:
+        pass
+
+    def rule(self) -> str:
+        return ""
+
+
+def setting(default: Any, help: str, check: Any = None, group: str = "loop") -> Any:
+    """A dataclass field that carries its constraint, group and help text."""
+    meta = {"help": help, "check": check or Anything(), "group": group}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = Number(0, high=math.inf, low_open=True)
+AT_LEAST_0 = Number(0)
+COUNT = Number(1, whole=True)
+COUNT_0 = Number(0, whole=True)
+FLAG = Choice((True, False))
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Settings every attack shares. Architecture and clone optimiser are DFME's; the loop's
+    options are measured in benchmarks/RESULTS.md, and `presets.DFME_PAPER` holds DFME's
+    published values."""
+
+    # --- models ---
+    clone: str | None = setting(
+        None, "clone architecture (default: picked from the image size)", group="models"
+    )
+    nz: int = setting(256, "generator latent size", COUNT, "models")
+    ngf: int = setting(64, "generator width", COUNT, "models")
+    # --- optimisers ---
+    batch_size: int = setting(128, "images per query batch and clone update", COUNT, "optim")
+    clone_lr: float = setting(0.1, "clone SGD learning rate", POSITIVE, "optim")
+    clone_momentum: float = setting(0.9, "clone SGD momentum", Number(0, 1), "optim")
+    clone_weight_decay: float = setting(5e-4, "clone weight decay", AT_LEAST_0, "optim")
+    generator_lr: float = setting(1e-2, "generator Adam learning rate", POSITIVE, "optim")
+    lr_schedule: str = setting(
+        "constant",
+        "'multistep' (DFME's decays at fractions of the run, so results depend on the budget) "
+        "or 'constant' (one run measures every smaller budget on its way)",
+        Choice(("constant", "multistep")),
+        "optim",
+    )
+    lr_milestones: tuple[float, ...] = setting(
+        (0.1, 0.3, 0.5), "multistep decay points, as fractions of the run", Fractions(), "optim"
+    )
+    lr_gamma: float = setting(0.3, "multistep decay factor", POSITIVE, "optim")
+    clone_ema: float = setting(
+        0.0,
+        "evaluate an exponential moving average of the clone's weights with this decay "
+        "(what a decaying learning rate gives, without knowing the budget); 0: off",
+        Number(0, 1, high_open=True),
+        "optim",
+    )
+    # --- how queries and compute are spent ---
+    generator_steps: int = setting(1, "generator updates per iteration", COUNT_0)
+    clone_steps: int = setting(
+        1, "batches of fresh generator queries sent to train the clone, per iteration", COUNT
+    )
+    train_on_generator_queries: bool = setting(
+        True, "also train the clone on the generator step's answers (already paid for)", FLAG
+    )
+    clone_updates_per_1k_queries: float = setting(
+        25.0,
+        "clone updates per 1,000 queries spent, all kinds together (fresh, generator's "
+        "answers, replayed answers): the free compute every method gets per query; the "
+        "updates that answers do not cover are replayed from stored answers (fresh answers "
+        "are always learnt from, so a small batch can exceed it). 0: only the updates on "
+        "fresh answers",
+        AT_LEAST_0,
+    )
+    replay_size: int = setting(
+        100_000, "answered queries kept for replay (MAZE, CaBaGE); 0: none", COUNT_0
+    )
+    replay_policy: str = setting(
+        "reservoir",
+        "'ring' keeps the newest answers; 'reservoir' a uniform sample of all of them",
+        Choice(("reservoir", "ring")),
+    )
+    generator_restart_every: int = setting(
+        0,
+        "re-draw the generator (fresh weights and optimiser state) every this many queries: "
+        "a late generator makes queries the victim is sure of; 0: never",
+        COUNT_0,
+    )
+    # --- the generator's objective ---
+    loss: str = setting(
+        "l1",
+        "clone-victim distance: 'l1' on recovered logits, or 'kl'",
+        Choice(("l1", "kl")),
+        "objective",
+    )
+    disagreement_weight: float = setting(
+        1.0,
+        "weight of the generator's disagreement objective (the papers': 1)",
+        AT_LEAST_0,
+        "objective",
+    )
+    disagreement_until: int = setting(
+        0,
+        "queries after which the disagreement term is dropped; 0: never",
+        COUNT_0,
+        "objective",
+    )
+    victim_confidence: float = setting(
+        1.0,
+        "weight of the victim-guided term: the generator also raises the victim's "
+        "log-probability of a class its latent picks (DAFL's one-hot loss); 0: off",
+        AT_LEAST_0,
+        "objective",
+    )
+    class_balance: float = setting(
+        0.0,
+        "reward an even spread of the clone's classes over a batch (clone only, no queries)",
+        AT_LEAST_0,
+        "objective",
+    )
+    query_gamma: tuple[float, float] = setting(
+        (1.0, 1.0),
+        "a brightness prior, an assumption about the domain: each query image is raised to "
+        "a power drawn from [LOW, HIGH] by its latent; (1, 1): none (data-free)",
+        Pair(0.0),
+        "objective",
+    )
+    # --- the run ---
+    seed: int = setting(0, "seed of every random choice of the attack", COUNT_0, "run")
+    device: str = setting("cpu", "torch device of the attacker's models", group="run")
+
+    def __post_init__(self) -> None:
+        # JSON gives lists where the fields hold tuples.
+        for name in ("lr_milestones", "query_gamma"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        validate(self)
+
+    def check_combination(self) -> None:
+        if self.clone_updates_per_1k_queries > 0 and self.replay_size < 1:
+            raise SettingError(
+                "clone_updates_per_1k_queries > 0 needs replay_size >= 1 (the updates that "
+                "fresh answers do not cover are replayed); set it to 0 for none"
+            )
+
+
+def validate(config: Any) -> None:
+    """Check every field against its constraint; SettingError names the first one broken."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        check = f.metadata.get("check")
+        if check is not None and not (value is None and f.default is None):
+            check.check(f.name, value)
+    check_combination = getattr(config, "check_combination", None)
+    if check_combination is not None:
+        check_combination()
+
+
+def describe_settings(config_class: type) -> list[dict[str, Any]]:
+    """Name, group, default, rule and help of every setting (for --set and its help)."""
+    out = []
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(
+            {
+                "name": f.name,
+                "group": f.metadata.get("group", "loop"),
+                "default": default,
+                "rule": f.metadata["check"].rule() if "check" in f.metadata else "",
+                "help": f.metadata.get("help", ""),
+            }
+        )
+    return out
+
+
+def parse_setting(config_class: type, name: str, text: str) -> Any:
+    """A setting's value from text, typed by its default (the shape `--set NAME=VALUE` takes)."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    if name not in fields:
+        raise SettingError(f"unknown setting {name!r}; settable: {', '.join(sorted(fields))}")
+    f = fields[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    text = text.strip()
+    if name == "explanation" or isinstance(default, Explanation):
+        raise SettingError(f"{name}: set it with --explanation-method/-target/-output")
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise SettingError(f"{name}: expected true or false, got {text!r}")
+    if default is None and text.lower() in ("none", "null", ""):
+        return None
+    if isinstance(default, tuple):
+        try:
+            return tuple(float(v) for v in text.replace("(", "").replace(")", "").split(","))
+        except ValueError:
+            raise SettingError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+    if isinstance(default, int):
+        try:
+            number = float(text.replace("_", ""))
+        except ValueError:
+            raise SettingError(f"{name}: expected a whole number, got {text!r}") from None
+        if not number.is_integer():
+            raise SettingError(f"{name}: expected a whole number, got {text!r}")
+        return int(number)
+    if isinstance(default, float):
+        try:
+            return float(text.replace("_", ""))
+        except ValueError:
+            raise SettingError(f"{name}: expected a number, got {text!r}") from None
+    return text
