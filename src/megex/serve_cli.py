@@ -135,7 +135,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
             f"the server needs the 'server' extra (pip install 'megex[server]'): {err}"
         ) from None
     from .defenses import build_defense
-    from .explain import Explanation
+    from .explain import Explanation, parse_target
     from .keystore import LedgerInUse, read_keys_file
     from .victim import Victim
 
@@ -149,12 +149,11 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
         raise CLIError(f"--defense: {err}") from None
     explanation = None
     if args.explanation_method != "none":
-        target: str | int = args.explanation_target
-        if isinstance(target, str) and target.isdigit():
-            target = int(target)
         try:
             explanation = Explanation(
-                args.explanation_method, target=target, output=args.explanation_output
+                args.explanation_method,
+                target=parse_target(args.explanation_target),
+                output=args.explanation_output,
             )
         except ValueError as err:
             raise CLIError(f"--explanation-*: {err}") from None

@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .defenses import Defense
-from .explain import Explanation
+from .explain import Explanation, parse_target
 from .keystore import (
     Account,
     IdempotencyConflict,
@@ -153,16 +153,6 @@ def _validated(arr: np.ndarray, input_shape: Sequence[int], what: str) -> torch.
         raise _bad(str(err), "invalid_images") from None
 
 
-def _parse_target(value: Any) -> str | int:
-    if isinstance(value, bool):
-        raise _bad(f"parameters.target: expected 'predicted', 'all' or a class index, got {value}")
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 def explanation_from_parameters(
     parameters: Mapping[str, Any],
     default: Explanation | None,
@@ -185,12 +175,12 @@ def explanation_from_parameters(
         return True
     base = default or Explanation()
     method = settings.pop("method", base.method)
-    target = _parse_target(settings.pop("target", base.target))
+    target = settings.pop("target", base.target)
     output = settings.pop("output", base.output)
     params = dict(base.params) if method == base.method else {}
     params.update(settings)
     try:
-        return Explanation(method, target=target, output=output, **params)
+        return Explanation(method, target=parse_target(target), output=output, **params)
     except (ValueError, TypeError, OverflowError) as err:
         raise _bad(str(err), "invalid_explanation") from None
 
