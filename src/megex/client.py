@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .explain import Explanation
-from .oracle import Answer, BudgetExceeded, ExplanationNotOffered, InvalidQuery, validate_images
+from .ledger import BudgetExceeded, Usage
+from .oracle import Answer, ExplanationNotOffered, InvalidQuery, validate_images
 
 __all__ = ["RemoteOracle", "ServiceError"]
 
@@ -250,15 +251,14 @@ class RemoteOracle:
             return response
 
     def _read_usage(self, headers: httpx.Headers) -> None:
-        used, budget = headers.get("x-queries-used"), headers.get("x-query-budget")
-        if used is None:
+        usage = Usage.from_headers(headers)
+        if usage is None:
             return
         with self._lock:
             # Answers to concurrent requests can arrive out of order; counts only grow
             # (refunds aside), so keep the largest seen.
-            self._used = max(self._used, int(used))
-            if budget is not None:
-                self._budget = math.inf if budget == "unlimited" else int(budget)
+            self._used = max(self._used, usage.used)
+            self._budget = math.inf if usage.budget is None else usage.budget
 
 
 def _split_url(url: str) -> tuple[str, str | None]:
@@ -348,12 +348,7 @@ def _raise_for(response: httpx.Response, method: str, url: str) -> None:
     message, code, doc = _error(response)
     status = response.status_code
     if status == 429 and code == "budget_exceeded":
-        remaining, budget = doc.get("remaining"), doc.get("budget")
-        raise BudgetExceeded(
-            int(doc.get("requested", 0)),
-            math.inf if remaining is None else remaining,
-            math.inf if budget is None else budget,
-        )
+        raise BudgetExceeded(int(doc.get("requested", 0)), Usage.from_dict(doc))
     if code == "explanation_not_offered":
         raise ExplanationNotOffered(message)
     if status in (400, 413, 422) and code != "idempotency_conflict":

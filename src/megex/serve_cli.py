@@ -136,7 +136,8 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
         ) from None
     from .defenses import build_defense
     from .explain import Explanation, parse_target
-    from .keystore import LedgerInUse, read_keys_file
+    from .keystore import read_keys_file
+    from .sqlite_ledger import LedgerInUse
     from .victim import Victim
 
     try:
@@ -219,7 +220,9 @@ def run_serve(args: argparse.Namespace) -> int:
     service = app.state.service
     base = f"http://{args.host}:{args.port}"
     budget = "unlimited" if args.budget is None else f"{args.budget} queries"
-    print(f"megex serve: model {service.name!r} ({service.engine.victim.arch}), ledger {args.db}")
+    print(
+        f"megex serve: model {service.name!r} ({service.responder.victim.arch}), ledger {args.db}"
+    )
     print(f"  V2 / Triton: {base}/v2/models/{service.name}  (POST .../infer)")
     print(f"  V1 / Vertex: {base}/v1/models/{service.name}:predict  and :explain")
     if keys:

@@ -16,7 +16,7 @@ Explanation settings go in the request's ``parameters`` when the server allows a
 (integrated_gradients).
 
 Every query is charged to an API key (``Authorization: Bearer KEY`` or ``x-api-key``) in a
-SQLite ledger before it is computed (see :mod:`megex.keystore`); authenticated responses
+SQLite ledger before it is computed (see :mod:`megex.sqlite_ledger`); authenticated responses
 carry ``X-Queries-Used``, ``X-Query-Budget`` and ``X-Queries-Remaining``. Mistakes get a 4xx
 with ``{"error": "..."}``. This module needs the ``server`` extra (fastapi, uvicorn).
 """
@@ -46,16 +46,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .defenses import Defense
 from .explain import Explanation, parse_target
-from .keystore import (
+from .keystore import RateLimiter
+from .ledger import BudgetExceeded
+from .oracle import (
+    Answer,
+    ExplanationNotOffered,
+    InvalidQuery,
+    LocalOracle,
+    Responder,
+    validate_images,
+)
+from .sqlite_ledger import (
     Account,
     IdempotencyConflict,
-    Ledger,
-    QuotaExceeded,
-    RateLimiter,
+    SQLiteLedger,
     StoredResponse,
     Unauthorized,
 )
-from .oracle import Answer, ExplanationNotOffered, InvalidQuery, LocalOracle, validate_images
 from .victim import Victim
 
 __all__ = ["create_app", "explanation_from_parameters", "HTTPError", "default_model_name"]
@@ -463,33 +470,33 @@ def default_model_name(victim: Victim) -> str:
 
 
 class Service:
-    """One model behind the ledger: authorises, charges, computes, renders."""
+    """One model behind the ledger: authorises, charges, answers, renders."""
 
     def __init__(
         self,
-        engine: LocalOracle,
+        responder: Responder,
         name: str,
-        ledger: Ledger,
+        ledger: SQLiteLedger,
         limiter: RateLimiter | None,
         max_body_bytes: int,
         audit_images: bool,
     ):
-        self.engine, self.name, self.ledger, self.limiter = engine, name, ledger, limiter
+        self.responder, self.name, self.ledger, self.limiter = responder, name, ledger, limiter
         self.max_body_bytes = int(max_body_bytes)
         self.audit_images = audit_images
         names = ["probabilities", "labels"]
-        if engine.prediction == "logits":
+        if responder.prediction == "logits":
             names.append("logits")
-        if engine.explanation is not None:
+        if responder.explanation is not None:
             names.append("explanation")
         self.output_names = names
 
     # metadata
 
     def model_metadata(self) -> dict[str, Any]:
-        c, h, w = self.engine.input_shape
-        k = self.engine.num_classes
-        spec = self.engine.explanation
+        c, h, w = self.responder.input_shape
+        k = self.responder.num_classes
+        spec = self.responder.explanation
         outputs = [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
             {"name": "labels", "datatype": "INT64", "shape": [-1]},
@@ -499,15 +506,15 @@ class Service:
         if spec is not None:
             shape = [-1, k, c, h, w] if spec.target == "all" else [-1, c, h, w]
             outputs.append({"name": "explanation", "datatype": "FP32", "shape": shape})
-        victim = self.engine.victim
+        victim = self.responder.victim
         parameters: dict[str, Any] = {
-            "prediction": self.engine.prediction,
-            "allow_explanation_choice": self.engine.allow_explanation_choice,
+            "prediction": self.responder.prediction,
+            "allow_explanation_choice": self.responder.allow_explanation_choice,
             "arch": victim.arch or "",
             "dataset": victim.dataset or "",
         }
-        if self.engine.top_k is not None:
-            parameters["top_k"] = self.engine.top_k
+        if self.responder.top_k is not None:
+            parameters["top_k"] = self.responder.top_k
         if spec is not None:
             parameters.update({f"explanation_{key}": v for key, v in spec.to_dict().items()})
         return {
@@ -573,10 +580,10 @@ class Service:
         parse: Callable[[bytes], Parsed],
         render: Callable[[Answer, Parsed], tuple[bytes, str, dict[str, str]]],
     ) -> Response:
-        """Parse, charge (or replay), compute, render; refund if the computation fails."""
+        """Parse, charge (or replay), answer, render; refund if answering fails."""
         parsed = parse(body)
         try:
-            spec = self.engine.resolve_explanation(parsed.explanation)
+            spec = self.responder.resolve_explanation(parsed.explanation)
         except ExplanationNotOffered as err:
             raise HTTPError(403, str(err), "explanation_not_offered") from None
         n = int(parsed.images.shape[0])
@@ -600,7 +607,7 @@ class Service:
                 body_hash=body_hash,
                 images=images,
             )
-        except QuotaExceeded as err:
+        except BudgetExceeded as err:
             raise HTTPError(
                 429,
                 str(err),
@@ -614,7 +621,7 @@ class Service:
         if isinstance(charge, StoredResponse):
             return self._replay(account, charge)
         try:
-            answer = self.engine.query(parsed.images, spec)
+            answer = self.responder.answer(parsed.images, spec)
             content, content_type, extra = render(answer, parsed)
             # Storing the response for replays is part of serving it: if that fails, the
             # client gets an error, so the charge is given back and a retry runs afresh
@@ -699,7 +706,7 @@ async def _drain(request: Request, limit: int) -> None:
 
 
 def create_app(
-    source: Victim | LocalOracle | Callable[[], LocalOracle],
+    source: Victim | Responder | LocalOracle | Callable[[], Responder | LocalOracle],
     *,
     name: str | None = None,
     keys: Mapping[str, int | None] | Iterable[str] | None = None,
@@ -719,27 +726,34 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app serving one model.
 
-    source: a Victim (served with prediction, top_k, explanation, allow_explanation_choice,
-    defenses, seed), or a LocalOracle with budget None (or a callable returning one), used
-    as-is as the compute engine. keys: API key -> budget (None: `budget`), or an iterable of
-    keys; None serves without auth, one shared account. budget: per key, None = unlimited.
-    db_path: the SQLite ledger (":memory:" forgets counts on exit). rate_limit: requests/s
-    per key (bursts of `rate_burst`, default max(1, rate)). audit_images: keep every queried
-    image in the audit table.
+    source: a Victim (answered with prediction, top_k, explanation, allow_explanation_choice,
+    defenses, seed), or a Responder (or a LocalOracle with budget None, whose Responder is
+    used; or a callable returning either) that answers as it is. keys: API key -> budget
+    (None: `budget`), or an iterable of keys; None serves without auth, one shared account.
+    budget: per key, None = unlimited. db_path: the SQLite ledger (":memory:" forgets counts
+    on exit). rate_limit: requests/s per key (bursts of `rate_burst`, default
+    max(1, rate)). audit_images: keep every queried image in the audit table.
     """
-    engine = _engine(
-        source, prediction, top_k, explanation, allow_explanation_choice, defenses, seed
+    responder = _responder(
+        source,
+        prediction=prediction,
+        top_k=top_k,
+        explanation=explanation,
+        allow_explanation_choice=allow_explanation_choice,
+        defenses=defenses,
+        seed=seed,
     )
-    victim = engine.victim
-    name = name or default_model_name(victim)
+    name = name or default_model_name(responder.victim)
     if not name or "/" in name or ":" in name:
         raise ValueError(f"name: {name!r} cannot appear in a URL path segment")
     if int(max_body_bytes) < 1:
         raise ValueError(f"max_body_bytes: expected >= 1, got {max_body_bytes}")
     # Checked before the ledger is opened (and locked): a refused setting leaves it untouched.
     limiter = RateLimiter(rate_limit, rate_burst) if rate_limit is not None else None
-    ledger = Ledger(db_path, keys=keys, default_budget=budget, idempotency_ttl_s=idempotency_ttl_s)
-    service = Service(engine, name, ledger, limiter, max_body_bytes, audit_images)
+    ledger = SQLiteLedger(
+        db_path, keys=keys, default_budget=budget, idempotency_ttl_s=idempotency_ttl_s
+    )
+    service = Service(responder, name, ledger, limiter, max_body_bytes, audit_images)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -762,27 +776,23 @@ def create_app(
     return app
 
 
-def _engine(source, prediction, top_k, explanation, allow_choice, defenses, seed) -> LocalOracle:
+def _responder(source, **settings) -> Responder:
     if isinstance(source, Victim):
-        return LocalOracle(
-            source,
-            None,
-            prediction=prediction,
-            top_k=top_k,
-            explanation=explanation,
-            allow_explanation_choice=allow_choice,
-            defenses=defenses,
-            seed=seed,
+        return Responder(source, **settings)
+    if not isinstance(source, (Responder, LocalOracle)):
+        source = source()
+    if isinstance(source, LocalOracle):
+        if source.budget != math.inf:
+            raise ValueError(
+                "source: the LocalOracle only answers here and must have budget=None; "
+                "give the per-key budget to create_app"
+            )
+        source = source.responder
+    if not isinstance(source, Responder):
+        raise TypeError(
+            f"source: expected a Victim, Responder or LocalOracle, got {type(source).__name__}"
         )
-    engine = source if isinstance(source, LocalOracle) else source()
-    if not isinstance(engine, LocalOracle):
-        raise TypeError(f"source: expected a Victim or LocalOracle, got {type(engine).__name__}")
-    if engine.budget != math.inf:
-        raise ValueError(
-            "source: the LocalOracle is only the compute engine and must have budget=None; "
-            "give the per-key budget to create_app"
-        )
-    return engine
+    return source
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -832,7 +842,7 @@ async def _authorized_json(service: Service, request: Request, doc: Any) -> JSON
 
 
 def _add_v2_routes(app: FastAPI, service: Service) -> None:
-    shape = service.engine.input_shape
+    shape = service.responder.input_shape
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -862,7 +872,7 @@ def _add_v2_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         service.check_model(name, version)
-        default = service.engine.explanation
+        default = service.responder.explanation
         header_length = request.headers.get("inference-header-content-length")
 
         def parse(body: bytes) -> Parsed:
@@ -875,7 +885,7 @@ def _add_v2_routes(app: FastAPI, service: Service) -> None:
 
 
 def _add_v1_routes(app: FastAPI, service: Service) -> None:
-    shape = service.engine.input_shape
+    shape = service.responder.input_shape
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, list[str]]:
@@ -889,7 +899,7 @@ def _add_v1_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/models/{name}:predict")
     async def predict(request: Request, name: str) -> Response:
         service.check_model(name)
-        default = service.engine.explanation
+        default = service.responder.explanation
         return await _serve(
             service,
             request,
@@ -901,7 +911,7 @@ def _add_v1_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/models/{name}:explain")
     async def explain(request: Request, name: str) -> Response:
         service.check_model(name)
-        default = service.engine.explanation
+        default = service.responder.explanation
         return await _serve(
             service,
             request,

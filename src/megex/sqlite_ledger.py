@@ -1,0 +1,382 @@
+"""The service's ledger in SQLite: API keys, per-key budgets and counts, audit log,
+idempotent replays.
+
+Everything lives in one database (WAL mode), so a restarted server neither resets nor loses
+a count. Keys are stored only as salted SHA-256 hashes. A request is charged inside a
+transaction *before* it is computed and refunded if the computation fails; a request that
+would pass the key's budget is refused whole (:class:`megex.BudgetExceeded`) and costs
+nothing.
+
+Durability: commits use ``synchronous=NORMAL``, which survives a crash of the server process;
+a power failure may lose the last few commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ledger import BudgetExceeded, Charge, Usage
+
+__all__ = [
+    "Account",
+    "IdempotencyConflict",
+    "LedgerInUse",
+    "SQLiteLedger",
+    "StoredResponse",
+    "Unauthorized",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (
+    id INTEGER PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    label TEXT NOT NULL,
+    budget INTEGER,                      -- NULL: unlimited
+    used INTEGER NOT NULL DEFAULT 0,
+    active INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    time REAL NOT NULL,
+    endpoint TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    refunded INTEGER NOT NULL DEFAULT 0,
+    images BLOB                          -- float32 little-endian (N, C, H, W), if audited
+);
+CREATE INDEX IF NOT EXISTS audit_account ON audit(account_id, time);
+CREATE TABLE IF NOT EXISTS idempotency (
+    account_id INTEGER NOT NULL,
+    idem_key TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    audit_id INTEGER NOT NULL,
+    status INTEGER,                      -- NULL while the first request is being computed
+    content_type TEXT,
+    headers TEXT,
+    body BLOB,
+    PRIMARY KEY (account_id, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created);
+"""
+
+# The open (no-auth) account: a value no SHA-256 hex digest can take.
+_OPEN_KEY_HASH = "open"
+
+
+class Unauthorized(Exception):
+    """No API key, or one the server does not know."""
+
+
+class LedgerInUse(RuntimeError):
+    """Another open SQLiteLedger (another server) holds this database file."""
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key is being served right now, or was used for a different body."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    label: str
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    status: int
+    content_type: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def _hold_exclusively(lock_path: Path, db_path: str):
+    """An open lock file held exclusively, or LedgerInUse. One server per ledger: each one
+    refunds, when it starts, the requests it finds charged but unanswered, which would be
+    the other server's requests in flight."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks on this platform: nothing to enforce with
+        return None
+    handle = open(lock_path, "a")  # noqa: SIM115 - held open for the ledger's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LedgerInUse(
+            f"ledger {db_path}: already in use by another server (lock {lock_path}); "
+            "run one server per ledger, or give this one another --db"
+        ) from None
+    return handle
+
+
+class SQLiteLedger:
+    """Keys, budgets, counts, audit log and stored responses in one SQLite database.
+
+    keys: API key -> budget (None: the default budget); None or empty runs the server open,
+    with one shared account. Keys in the database but not in `keys` are deactivated; their
+    counts are kept. default_budget: None means unlimited.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike = ":memory:",
+        *,
+        keys: Mapping[str, int | None] | Iterable[str] | None = None,
+        default_budget: int | None = None,
+        idempotency_ttl_s: float = 24 * 3600.0,
+    ):
+        if default_budget is not None and int(default_budget) < 0:
+            raise ValueError(f"budget: expected >= 0 or None, got {default_budget}")
+        if keys is not None and not isinstance(keys, Mapping):
+            keys = dict.fromkeys(keys)
+        self.open = not keys
+        self.idempotency_ttl_s = float(idempotency_ttl_s)
+        self.path = str(path)
+        self._lock_file = None
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _hold_exclusively(Path(self.path + ".lock"), self.path)
+        try:
+            # One connection guarded by a lock: requests run in a thread pool, and SQLite
+            # serialises writers anyway.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._lock = threading.Lock()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._salt = self._load_salt()
+            self._sync_keys(keys or {}, default_budget)
+            self._refund_interrupted()
+        except BaseException:
+            if self._lock_file is not None:  # a ledger that failed to open holds nothing
+                self._lock_file.close()
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the connection's lock: committed when the block
+        ends (a return included), rolled back when it raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def _load_salt(self) -> bytes:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'salt'").fetchone()
+        if row:
+            return bytes.fromhex(row[0])
+        salt = secrets.token_bytes(16)
+        self._db.execute("INSERT INTO meta(name, value) VALUES ('salt', ?)", (salt.hex(),))
+        return salt
+
+    def hash_key(self, key: str) -> str:
+        return hashlib.sha256(self._salt + key.encode()).hexdigest()
+
+    def _sync_keys(self, keys: Mapping[str, int | None], default_budget: int | None) -> None:
+        now = time.time()
+        entries = (
+            [(_OPEN_KEY_HASH, "open", default_budget)]
+            if self.open
+            else [
+                (h, f"key-{h[:8]}", default_budget if b is None else int(b))
+                for h, b in ((self.hash_key(k), b) for k, b in keys.items())
+            ]
+        )
+        with self._transaction() as db:
+            db.execute("UPDATE accounts SET active = 0")
+            for key_hash, label, budget in entries:
+                db.execute(
+                    "INSERT INTO accounts(key_hash, label, budget, used, active, created) "
+                    "VALUES (?, ?, ?, 0, 1, ?) ON CONFLICT(key_hash) DO UPDATE SET "
+                    "budget = excluded.budget, active = 1",
+                    (key_hash, label, budget, now),
+                )
+
+    def _refund_interrupted(self) -> None:
+        """Refund idempotent requests that a previous server process charged but never
+        answered, so that the client's retry runs (and is charged) once."""
+        with self._transaction() as db:
+            pending = db.execute(
+                "SELECT i.account_id, a.count, i.audit_id FROM idempotency i "
+                "JOIN audit a ON a.id = i.audit_id WHERE i.status IS NULL AND a.refunded = 0"
+            ).fetchall()
+            for account_id, count, audit_id in pending:
+                self._give_back(account_id, count, audit_id)
+            db.execute("DELETE FROM idempotency WHERE status IS NULL")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the lock
+                self._lock_file = None
+
+    # --- keys and usage ---------------------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> Account:
+        """The account of `key` (any key, or none, on an open server), or Unauthorized."""
+        key_hash = _OPEN_KEY_HASH if self.open else None
+        if key_hash is None:
+            if not key:
+                raise Unauthorized(
+                    "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+                )
+            key_hash = self.hash_key(key)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, label FROM accounts WHERE key_hash = ? AND active = 1", (key_hash,)
+            ).fetchone()
+        if row is None:
+            raise Unauthorized("unknown API key")
+        return Account(int(row[0]), row[1])
+
+    def usage(self, account_id: int) -> Usage:
+        with self._lock:
+            return self._usage(account_id)
+
+    def _usage(self, account_id: int) -> Usage:
+        used, budget = self._db.execute(
+            "SELECT used, budget FROM accounts WHERE id = ?", (account_id,)
+        ).fetchone()
+        return Usage(int(used), None if budget is None else int(budget))
+
+    def total_used(self) -> int:
+        """Queries charged over every account."""
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COALESCE(SUM(used), 0) FROM accounts").fetchone()[0]
+            )
+
+    def audit_rows(self, account_id: int | None = None) -> list[tuple[float, str, int, int]]:
+        """(time, endpoint, count, refunded) of every audited request, oldest first."""
+        sql = "SELECT time, endpoint, count, refunded FROM audit"
+        args: tuple = ()
+        if account_id is not None:
+            sql, args = sql + " WHERE account_id = ?", (account_id,)
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+
+    # --- charging ---------------------------------------------------------------------------
+
+    def charge(
+        self,
+        account_id: int,
+        count: int,
+        endpoint: str = "",
+        *,
+        idem_key: str | None = None,
+        body_hash: str = "",
+        images: bytes | None = None,
+    ) -> Charge | StoredResponse:
+        """Charge `count` queries, or return the stored response of a repeated idempotent
+        request (charging nothing). Raises BudgetExceeded or IdempotencyConflict."""
+        now = time.time()
+        with self._transaction() as db:
+            if idem_key is not None:
+                stored = self._claim(account_id, idem_key, body_hash, now)
+                if stored is not None:
+                    return stored
+            usage = self._usage(account_id)
+            if count > usage.remaining:
+                raise BudgetExceeded(count, usage)
+            db.execute("UPDATE accounts SET used = used + ? WHERE id = ?", (count, account_id))
+            audit_id = db.execute(
+                "INSERT INTO audit(account_id, time, endpoint, count, images) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (account_id, now, endpoint, count, images),
+            ).lastrowid
+            if idem_key is not None:
+                db.execute(
+                    "INSERT INTO idempotency(account_id, idem_key, body_hash, created, "
+                    "audit_id) VALUES (?, ?, ?, ?, ?)",
+                    (account_id, idem_key, body_hash, now, audit_id),
+                )
+        new_usage = Usage(usage.used + count, usage.budget)
+        return Charge(account_id, count, new_usage, int(audit_id), idem_key)
+
+    def _claim(
+        self, account_id: int, idem_key: str, body_hash: str, now: float
+    ) -> StoredResponse | None:
+        self._db.execute(
+            "DELETE FROM idempotency WHERE created < ?", (now - self.idempotency_ttl_s,)
+        )
+        row = self._db.execute(
+            "SELECT body_hash, status, content_type, headers, body FROM idempotency "
+            "WHERE account_id = ? AND idem_key = ?",
+            (account_id, idem_key),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[0] != body_hash:
+            raise IdempotencyConflict(
+                "Idempotency-Key was already used for a different request body", 422
+            )
+        if row[1] is None:
+            raise IdempotencyConflict(
+                "a request with this Idempotency-Key is still being served; retry shortly", 409
+            )
+        return StoredResponse(int(row[1]), row[2], json.loads(row[3]), bytes(row[4]))
+
+    def finish(
+        self,
+        charge: Charge,
+        status: int,
+        content_type: str,
+        body: bytes,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store the response of an idempotent request, for replays."""
+        if charge.idem_key is None:
+            return
+        with self._lock:
+            self._db.execute(
+                "UPDATE idempotency SET status = ?, content_type = ?, headers = ?, body = ? "
+                "WHERE account_id = ? AND idem_key = ?",
+                (
+                    status,
+                    content_type,
+                    json.dumps(dict(headers or {})),
+                    body,
+                    charge.account_id,
+                    charge.idem_key,
+                ),
+            )
+
+    def refund(self, charge: Charge) -> None:
+        """Give back a charge whose computation failed; a retry may then run again."""
+        with self._transaction() as db:
+            self._give_back(charge.account_id, charge.count, charge.audit_id)
+            if charge.idem_key is not None:
+                db.execute(
+                    "DELETE FROM idempotency WHERE account_id = ? AND idem_key = ?",
+                    (charge.account_id, charge.idem_key),
+                )
+
+    def _give_back(self, account_id: int, count: int, audit_id: int | None) -> None:
+        # Inside a transaction: the count goes back and its audit row says so.
+        self._db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (count, account_id))
+        self._db.execute("UPDATE audit SET refunded = 1 WHERE id = ?", (audit_id,))
