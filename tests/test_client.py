@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 from test_server_support import ServerThread, images, tiny_victim  # noqa: E402
 
 from megex.client import RemoteOracle, ServiceError  # noqa: E402
-from megex.server import create_app  # noqa: E402
+from megex.serving import create_app  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 
 from test_server_support import ServerThread, images, save_tiny_victim, tiny_victim  # noqa: E402
 
-from megex.server import create_app  # noqa: E402
+from megex.serving import create_app  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -129,14 +129,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
     """The FastAPI app and a description of it, from parsed arguments (raises CLIError)."""
     try:
-        from .server import create_app
+        from .serving import create_app, read_keys_file
     except ImportError as err:
         raise CLIError(
             f"the server needs the 'server' extra (pip install 'megex[server]'): {err}"
         ) from None
     from .defenses import build_defense
     from .explain import Explanation, parse_target
-    from .keystore import read_keys_file
     from .sqlite_ledger import LedgerInUse
     from .victim import Victim
 
