@@ -247,6 +247,8 @@ class Responder:
 
 
 def _responder_setting(name: str) -> property:
+    # LocalOracle's settings are its Responder's: read and changed there (bench.py sets
+    # `explanation` on a live oracle).
     def get(oracle: LocalOracle) -> Any:
         return getattr(oracle.responder, name)
 
@@ -268,6 +270,8 @@ class LocalOracle:
     # One account: an in-process oracle has one client.
     ACCOUNT = 0
 
+    input_shape = _responder_setting("input_shape")
+    num_classes = _responder_setting("num_classes")
     victim = _responder_setting("victim")
     prediction = _responder_setting("prediction")
     top_k = _responder_setting("top_k")
@@ -305,14 +309,6 @@ class LocalOracle:
         )
         self.ledger = MemoryLedger(budget)
         self.ledger.set_used(self.ACCOUNT, queries_used)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.responder.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.responder.num_classes
 
     @property
     def budget(self) -> int | float:

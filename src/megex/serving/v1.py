@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from ..explain import Explanation
 from ..oracle import Answer
 from .codec import INPUT_NAME, WireError, dump_json, load_json, numeric_array
-from .service import Parsed, Service, explanation_from_parameters, validated_images
+from .service import Parsed, Renderer, Service, explanation_from_parameters, validated_images
 
 __all__ = ["add_routes", "parse_v1", "render_v1_explain", "render_v1_predict"]
 
@@ -120,8 +120,6 @@ def render_v1_explain(answer: Answer, parsed: Parsed) -> tuple[bytes, str, dict[
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
-    shape = service.responder.input_shape
-
     @app.get("/v1/models")
     async def list_models() -> dict[str, list[str]]:
         return {"models": [service.name]}
@@ -131,24 +129,23 @@ def add_routes(app: FastAPI, service: Service) -> None:
         service.check_model(name)
         return {"name": name, "ready": True}
 
-    @app.post("/v1/models/{name}:predict")
-    async def predict(request: Request, name: str) -> Response:
+    _add_answer_route(app, service, "predict", render_v1_predict)
+    _add_answer_route(app, service, "explain", render_v1_explain)
+
+
+def _add_answer_route(app: FastAPI, service: Service, verb: str, render: Renderer) -> None:
+    """``POST /v1/models/{name}:<verb>``; only ``:explain`` returns explanations."""
+    shape = service.responder.input_shape
+
+    async def answer(request: Request, name: str) -> Response:
         service.check_model(name)
         default = service.responder.explanation
         return await service.serve(
             request,
-            "v1/predict",
-            lambda body: parse_v1(body, shape, False, default),
-            render_v1_predict,
+            f"v1/{verb}",
+            lambda body: parse_v1(body, shape, verb == "explain", default),
+            render,
         )
 
-    @app.post("/v1/models/{name}:explain")
-    async def explain(request: Request, name: str) -> Response:
-        service.check_model(name)
-        default = service.responder.explanation
-        return await service.serve(
-            request,
-            "v1/explain",
-            lambda body: parse_v1(body, shape, True, default),
-            render_v1_explain,
-        )
+    # Named after the verb, as the OpenAPI document's operations are.
+    app.post(f"/v1/models/{{name}}:{verb}", name=verb)(answer)
