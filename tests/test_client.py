@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 from test_server_support import ServerThread, images, tiny_victim  # noqa: E402
 
 from megex.client import RemoteOracle, ServiceError  # noqa: E402
-from megex.server import create_app  # noqa: E402
+from megex.serving import create_app  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -159,8 +159,8 @@ def test_retry_after_lost_response_is_not_charged_twice(server, victim):
 
 
 def test_retry_after_server_error_is_refunded(server):
-    engine = server.app.state.service.engine
-    real, failures = engine.query, []
+    responder = server.app.state.service.responder
+    real, failures = responder.answer, []
 
     def flaky(x, explanation=None):
         if not failures:
@@ -168,13 +168,13 @@ def test_retry_after_server_error_is_refunded(server):
             raise RuntimeError("simulated failure")
         return real(x, explanation)
 
-    engine.query = flaky
+    responder.answer = flaky
     try:
         with RemoteOracle(server.url, KEY, backoff=0.01) as remote:
             remote.query(images(6))
             assert failures == [6] and remote.queries_used == 6
     finally:
-        del engine.query
+        del responder.answer
     assert server.app.state.ledger.total_used() == 6
 
 
@@ -202,14 +202,14 @@ class TimeOutFirstAttempt(httpx.BaseTransport):
 
 
 def test_retry_while_first_attempt_computes_waits_and_pays_once(server, victim):
-    engine = server.app.state.service.engine
-    real = engine.query
+    responder = server.app.state.service.responder
+    real = responder.answer
 
     def slow(x, explanation=None):
         time.sleep(1.0)
         return real(x, explanation)
 
-    engine.query = slow
+    responder.answer = slow
     before = server.app.state.ledger.total_used()
     try:
         remote = RemoteOracle(server.url, KEY, backoff=0.05)
@@ -219,7 +219,7 @@ def test_retry_while_first_attempt_computes_waits_and_pays_once(server, victim):
         answer = remote.query(x)
         transport.background.join()
     finally:
-        del engine.query
+        del responder.answer
     assert 409 in transport.statuses and transport.statuses[-1] == 200
     assert server.app.state.ledger.total_used() == before + 3
     torch.testing.assert_close(answer.probabilities, LocalOracle(victim).query(x).probabilities)

@@ -150,3 +150,14 @@ def test_given_logits_save_the_forward_pass_and_give_the_same_maps():
         assert torch.equal(explain(model, x, spec, logits=logits), explain(model, x, spec))
     with pytest.raises(ValueError, match="logits: expected 5 rows"):
         explain(model, x, Explanation(), logits=logits[:3])
+
+
+def test_one_target_parser_for_requests_and_command_lines():
+    from megex.explain import parse_target
+
+    for value, want in [("predicted", "predicted"), ("all", "all"), ("3", 3), (" 3 ", 3)]:
+        assert parse_target(value) == want
+    assert parse_target(4) == 4 and parse_target(4.0) == 4
+    for bad in ["everything", "-1", "\u00b2", "3.5", 2.5, True, None, [1]]:
+        with pytest.raises(ValueError, match="expected 'predicted', 'all' or a class index"):
+            parse_target(bad)

@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 
 from test_server_support import ServerThread, images, save_tiny_victim, tiny_victim  # noqa: E402
 
-from megex.server import create_app  # noqa: E402
+from megex.serving import create_app  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -563,7 +563,7 @@ def test_idempotent_retry_is_not_charged_twice(server):
 
 def test_failed_computation_is_refunded(victim):
     app = create_app(victim, keys=[KEY])
-    engine = app.state.service.engine
+    responder = app.state.service.responder
     calls = []
 
     def broken(x, explanation=None):
@@ -571,14 +571,14 @@ def test_failed_computation_is_refunded(victim):
         raise RuntimeError("simulated failure")
 
     with ServerThread(app) as s:
-        engine.query = broken
+        responder.answer = broken
         r = post(f"{s.url}{V1P}", {"instances": images(4).tolist()}, {"Idempotency-Key": "x"})
         assert r.status_code == 500 and r.json() == {
             "error": "internal server error",
             "code": "internal",
         }
         assert calls == [4] and s.app.state.ledger.total_used() == 0
-        del engine.query
+        del responder.answer
         r = post(f"{s.url}{V1P}", {"instances": images(4).tolist()}, {"Idempotency-Key": "x"})
         assert r.status_code == 200 and s.app.state.ledger.total_used() == 4
         assert [row[3] for row in s.app.state.ledger.audit_rows()] == [1, 0]
@@ -682,13 +682,13 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_one_server_per_ledger(victim, tmp_path, capsys):
-    from megex.keystore import Ledger, LedgerInUse
     from megex.serve_cli import main
+    from megex.sqlite_ledger import LedgerInUse, SQLiteLedger
 
     db = tmp_path / "l.sqlite"
-    first = Ledger(db, keys={KEY: 10})
+    first = SQLiteLedger(db, keys={KEY: 10})
     with pytest.raises(LedgerInUse, match="already in use by another server"):
-        Ledger(db, keys={KEY: 10})
+        SQLiteLedger(db, keys={KEY: 10})
     path = save_tiny_victim(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(["--victim", str(path), "--db", str(db)])
@@ -699,14 +699,14 @@ def test_one_server_per_ledger(victim, tmp_path, capsys):
     # Released on close; an app whose settings fail releases it too.
     with pytest.raises(ValueError):
         create_app(victim, db_path=db, rate_limit=-1.0)
-    second = Ledger(db, keys={KEY: 10})
+    second = SQLiteLedger(db, keys={KEY: 10})
     second.close()
     # A ledger that fails to open (here: the path is a folder) does not keep the lock.
     folder = tmp_path / "folder.sqlite"
     folder.mkdir()
     for _ in range(2):
         with pytest.raises(sqlite3.OperationalError):
-            Ledger(folder)
+            SQLiteLedger(folder)
 
 
 def test_add_serve_parser_registers_the_subcommand(tmp_path):
@@ -748,9 +748,9 @@ def test_add_serve_parser_registers_the_subcommand(tmp_path):
     app, parsed_keys = build_app(args)
     assert parsed_keys == {"alpha": 100, "beta": None, "gamma": None}
     service = app.state.service
-    assert service.name == NAME and service.engine.prediction == "top-k"
-    assert service.engine.explanation == Explanation("smoothgrad")
-    assert not service.engine.allow_explanation_choice
+    assert service.name == NAME and service.responder.prediction == "top-k"
+    assert service.responder.explanation == Explanation("smoothgrad")
+    assert not service.responder.allow_explanation_choice
     ledger = app.state.ledger
     assert ledger.usage(ledger.authenticate("alpha").id).budget == 100
     assert ledger.usage(ledger.authenticate("beta").id).budget == 50
@@ -814,15 +814,16 @@ def test_import_megex_does_not_import_fastapi():
 
 
 def test_ledger_refunds_requests_interrupted_by_a_restart(tmp_path):
-    from megex.keystore import Charge, Ledger
+    from megex.ledger import Charge
+    from megex.sqlite_ledger import SQLiteLedger
 
     db = tmp_path / "l.sqlite"
-    ledger = Ledger(db, keys={KEY: 10})
+    ledger = SQLiteLedger(db, keys={KEY: 10})
     account = ledger.authenticate(KEY)
     charge = ledger.charge(account.id, 4, "v2/infer", idem_key="k1", body_hash="h")
     assert isinstance(charge, Charge) and ledger.usage(account.id).used == 4
     ledger.close()  # the process died while computing: no response was stored
-    ledger = Ledger(db, keys={KEY: 10})
+    ledger = SQLiteLedger(db, keys={KEY: 10})
     assert ledger.usage(account.id).used == 0
     assert isinstance(
         ledger.charge(account.id, 4, "v2/infer", idem_key="k1", body_hash="h"), Charge

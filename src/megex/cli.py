@@ -17,7 +17,7 @@ from .attacks import ATTACKS
 from .defenses import build_defense
 from .engine import run
 from .evaluate import Evaluator, accuracy, predict
-from .explain import METHODS, OUTPUTS, Explanation
+from .explain import METHODS, OUTPUTS, Explanation, parse_target
 from .oracle import PREDICTION_MODES, BudgetExceeded, ExplanationNotOffered, InvalidQuery
 from .runs import RunFolder, read_weights_description
 
@@ -49,14 +49,10 @@ def _positive_float(text: str) -> float:
 
 
 def _target(text: str) -> str | int:
-    if text in ("predicted", "all"):
-        return text
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected 'predicted', 'all' or a class index, got {text!r}"
-        ) from None
+        return parse_target(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cache_dir() -> Path:

@@ -8,7 +8,6 @@ a lost response is never charged twice. This module needs httpx (the ``server`` 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -18,16 +17,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import numpy as np
 import torch
 
 from .explain import Explanation
-from .oracle import Answer, BudgetExceeded, ExplanationNotOffered, InvalidQuery, validate_images
+from .ledger import BudgetExceeded, Usage
+from .oracle import Answer, ExplanationNotOffered, InvalidQuery, validate_images
+from .serving.codec import HEADER_LENGTH, decode_response, encode_request
 
 __all__ = ["RemoteOracle", "ServiceError"]
 
 _MODEL_PATH = re.compile(r"^(?P<root>.*?)/v[12]/models/(?P<name>[^/:]+)")
-_DTYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 
 
 class ServiceError(RuntimeError):
@@ -124,11 +123,15 @@ class RemoteOracle:
         binary = self.protocol == "binary" or (
             self.protocol == "auto" and images.shape[0] > self.binary_threshold
         )
-        body, headers = _encode_request(images, outputs, parameters, binary)
+        body, headers = encode_request(images.numpy(), outputs, parameters, binary)
         response = self._call(
             "POST", f"/v2/models/{self.name}/infer", content=body, headers=headers, idempotent=True
         )
-        return self._answer(_decode_response(response))
+        try:
+            tensors = decode_response(response.content, response.headers.get(HEADER_LENGTH))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ServiceError(f"unexpected inference response: {err!r}") from None
+        return self._answer(tensors)
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -171,9 +174,9 @@ class RemoteOracle:
         self._offers_explanation = "explanation" in outputs
         self._prediction = str(meta.get("parameters", {}).get("prediction", "probabilities"))
 
-    def _answer(self, tensors: dict[str, tuple[np.ndarray, dict[str, Any]]]) -> Answer:
+    def _answer(self, tensors: dict[str, tuple[Any, dict[str, Any]]]) -> Answer:
         def get(name: str) -> torch.Tensor | None:
-            return torch.from_numpy(tensors[name][0].copy()) if name in tensors else None
+            return torch.from_numpy(tensors[name][0]) if name in tensors else None
 
         spec = None
         if "explanation" in tensors:
@@ -250,15 +253,14 @@ class RemoteOracle:
             return response
 
     def _read_usage(self, headers: httpx.Headers) -> None:
-        used, budget = headers.get("x-queries-used"), headers.get("x-query-budget")
-        if used is None:
+        usage = Usage.from_headers(headers)
+        if usage is None:
             return
         with self._lock:
             # Answers to concurrent requests can arrive out of order; counts only grow
             # (refunds aside), so keep the largest seen.
-            self._used = max(self._used, int(used))
-            if budget is not None:
-                self._budget = math.inf if budget == "unlimited" else int(budget)
+            self._used = max(self._used, usage.used)
+            self._budget = math.inf if usage.budget is None else usage.budget
 
 
 def _split_url(url: str) -> tuple[str, str | None]:
@@ -272,55 +274,6 @@ def _split_url(url: str) -> tuple[str, str | None]:
         path, name = match["root"], match["name"]
     root = urlunsplit((parts.scheme, parts.netloc, path, "", ""))
     return root, name
-
-
-def _encode_request(
-    images: torch.Tensor, outputs: list[str], parameters: dict[str, Any], binary: bool
-) -> tuple[bytes, dict[str, str]]:
-    tensor: dict[str, Any] = {"name": "images", "shape": list(images.shape), "datatype": "FP32"}
-    raw = b""
-    if binary:
-        raw = images.numpy().astype("<f4", copy=False).tobytes()
-        tensor["parameters"] = {"binary_data_size": len(raw)}
-    else:
-        tensor["data"] = images.reshape(-1).tolist()
-    doc: dict[str, Any] = {
-        "inputs": [tensor],
-        "outputs": [{"name": n, "parameters": {"binary_data": binary}} for n in outputs],
-    }
-    if parameters:
-        doc["parameters"] = parameters
-    header = json.dumps(doc, separators=(",", ":")).encode()
-    if not binary:
-        return header, {"Content-Type": "application/json"}
-    return header + raw, {
-        "Content-Type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(len(header)),
-    }
-
-
-def _decode_response(response: httpx.Response) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-    content = response.content
-    length = response.headers.get("inference-header-content-length")
-    try:
-        if length is None:
-            doc, binary = json.loads(content), b""
-        else:
-            doc, binary = json.loads(content[: int(length)]), content[int(length) :]
-        tensors, offset = {}, 0
-        for out in doc["outputs"]:
-            dtype = _DTYPES[out["datatype"]]
-            params = out.get("parameters") or {}
-            if "binary_data_size" in params:
-                size = int(params["binary_data_size"])
-                arr = np.frombuffer(binary, dtype, size // dtype.itemsize, offset)
-                offset += size
-            else:
-                arr = np.asarray(out["data"], dtype=dtype)
-            tensors[out["name"]] = (arr.reshape(out["shape"]), params)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ServiceError(f"unexpected inference response: {err!r}") from None
-    return tensors
 
 
 def _error(response: httpx.Response) -> tuple[str, str | None, dict[str, Any]]:
@@ -348,12 +301,7 @@ def _raise_for(response: httpx.Response, method: str, url: str) -> None:
     message, code, doc = _error(response)
     status = response.status_code
     if status == 429 and code == "budget_exceeded":
-        remaining, budget = doc.get("remaining"), doc.get("budget")
-        raise BudgetExceeded(
-            int(doc.get("requested", 0)),
-            math.inf if remaining is None else remaining,
-            math.inf if budget is None else budget,
-        )
+        raise BudgetExceeded(int(doc.get("requested", 0)), Usage.from_dict(doc))
     if code == "explanation_not_offered":
         raise ExplanationNotOffered(message)
     if status in (400, 413, 422) and code != "idempotency_conflict":

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Explanation", "METHODS", "OUTPUTS", "explain"]
+__all__ = ["Explanation", "METHODS", "OUTPUTS", "explain", "parse_target"]
 
 METHODS = ("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient")
 OUTPUTS = ("probability", "log_probability", "logit")
@@ -117,6 +117,25 @@ class Explanation:
         extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
         extra = ", " + extra if extra else ""
         return f"{self.method}(target={self.target}, output={self.output}{extra})"
+
+
+def parse_target(value: Any) -> str | int:
+    """An explanation target as a command line or a request writes it: "predicted", "all",
+    a class index, or its digits as text ("3") or a whole float (3.0, as JSON may carry it).
+    Raises ValueError for anything else; a class index is checked by :class:`Explanation`."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            return int(text)
+        if value in ("predicted", "all"):
+            return value
+    elif isinstance(value, float) and value.is_integer():
+        return int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"explanation target: expected 'predicted', 'all' or a class index, got {value!r}"
+    )
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:

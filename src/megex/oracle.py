@@ -1,9 +1,11 @@
-"""The black box: the Oracle protocol and LocalOracle, which owns the query ledger.
+"""The black box: the Oracle protocol, the answering engine (:class:`Responder`) and
+:class:`LocalOracle`, which is a Responder with a ledger.
 
 One query is one image sent to the oracle, with or without an explanation. A request that
 would take the ledger past its budget is refused whole (:class:`BudgetExceeded`) and costs
-nothing. Attacks only ever see this protocol, so the same attack runs in-process or over
-HTTP (:class:`megex.client.RemoteOracle`).
+nothing. Attacks only ever see the Oracle protocol, so the same attack runs in-process or
+over HTTP (:class:`megex.client.RemoteOracle`); the HTTP service answers with the same
+Responder and charges a SQLite ledger (:mod:`megex.serving`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from .defenses import Defense
 from .explain import Explanation, explain
+from .ledger import BudgetExceeded, MemoryLedger
 from .models import fast_layout
 from .victim import Victim
 
@@ -26,6 +29,7 @@ __all__ = [
     "Answer",
     "Oracle",
     "LocalOracle",
+    "Responder",
     "BudgetExceeded",
     "InvalidQuery",
     "ExplanationNotOffered",
@@ -34,17 +38,6 @@ __all__ = [
 ]
 
 PREDICTION_MODES = ("probabilities", "logits", "top-k", "label")
-
-
-class BudgetExceeded(RuntimeError):
-    """A request would take the ledger past its budget; nothing was charged."""
-
-    def __init__(self, requested: int, remaining: int | float, budget: int | float):
-        self.requested, self.remaining, self.budget = requested, remaining, budget
-        super().__init__(
-            f"query budget exceeded: this request needs {requested} queries but only "
-            f"{remaining} of {budget} remain; nothing was charged"
-        )
 
 
 class InvalidQuery(ValueError):
@@ -126,22 +119,21 @@ def validate_images(x: Any, input_shape: Sequence[int], name: str = "x") -> torc
     return x
 
 
-class LocalOracle:
-    """An in-process service around a :class:`Victim`.
+class Responder:
+    """The answering engine around a :class:`Victim`; it counts nothing.
 
-    budget: queries allowed (None: unlimited). prediction: "probabilities", "logits",
-    "top-k" (with top_k) or "label". explanation: the explanation the service returns when
-    asked (None: it returns none). allow_explanation_choice: whether a request may ask for
-    a different explanation (method, target, output), as Vertex AI's parameters allow.
-    defenses: applied to what is returned, in order. The victim is moved to `device` in
-    place, and on a CPU its convolutions are put in channels-last layout
-    (:func:`megex.models.fast_layout`: same values, several times faster explanations).
+    prediction: "probabilities", "logits", "top-k" (with top_k) or "label". explanation: the
+    explanation returned when asked (None: none is returned). allow_explanation_choice:
+    whether a request may ask for a different explanation (method, target, output), as
+    Vertex AI's parameters allow. defenses: applied to what is returned, in order. The
+    victim is moved to `device` in place, and on a CPU its convolutions are put in
+    channels-last layout (:func:`megex.models.fast_layout`: same values, several times
+    faster explanations).
     """
 
     def __init__(
         self,
         victim: Victim,
-        budget: int | None = None,
         *,
         prediction: str = "probabilities",
         top_k: int | None = None,
@@ -149,7 +141,6 @@ class LocalOracle:
         allow_explanation_choice: bool = True,
         defenses: Sequence[Defense] = (),
         seed: int = 0,
-        queries_used: int = 0,
         device: str = "cpu",
         batch_size: int = 1024,
     ):
@@ -167,12 +158,7 @@ class LocalOracle:
             raise ValueError(
                 f"defenses: a defence of probabilities does not apply to prediction={prediction!r}"
             )
-        if budget is not None and int(budget) < 0:
-            raise ValueError(f"budget: expected >= 0 or None, got {budget}")
-        if int(queries_used) < 0:
-            raise ValueError(f"queries_used: expected >= 0, got {queries_used}")
         self.victim = fast_layout(victim.eval(), device)
-        self.budget: int | float = math.inf if budget is None else int(budget)
         self.prediction = prediction
         self.top_k = None if top_k is None else int(top_k)
         self.explanation = explanation
@@ -180,12 +166,8 @@ class LocalOracle:
         self.defenses = list(defenses)
         self.device = device
         self.batch_size = int(batch_size)
-        self._used = int(queries_used)
-        self._ledger_lock = threading.Lock()
         self._compute_lock = threading.Lock()
         self._rng = torch.Generator().manual_seed(seed)
-
-    # --- the ledger ---------------------------------------------------------------------
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -195,33 +177,12 @@ class LocalOracle:
     def num_classes(self) -> int:
         return self.victim.num_classes
 
-    @property
-    def queries_used(self) -> int:
-        return self._used
-
-    @property
-    def remaining(self) -> int | float:
-        return self.budget - self._used
-
-    def _charge(self, n: int) -> None:
-        with self._ledger_lock:
-            if self._used + n > self.budget:
-                raise BudgetExceeded(n, self.budget - self._used, self.budget)
-            self._used += n
-
-    def _refund(self, n: int) -> None:
-        with self._ledger_lock:
-            self._used -= n
-
     def state_dict(self) -> dict[str, Any]:
-        """The service's state (ledger and noise RNG), for a service that restarts."""
-        return {"queries_used": self._used, "rng": self._rng.get_state()}
+        """The noise generator's state, for a service that restarts."""
+        return {"rng": self._rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._used = int(state["queries_used"])
         self._rng.set_state(state["rng"])
-
-    # --- answering ----------------------------------------------------------------------
 
     def resolve_explanation(self, requested: Explanation | bool | None) -> Explanation | None:
         """The explanation a request will get, or ExplanationNotOffered."""
@@ -248,18 +209,11 @@ class LocalOracle:
             )
         return requested
 
-    def query(self, x: Any, explanation: Explanation | bool | None = None) -> Answer:
-        """Answer a batch of images; charges one query per image."""
-        images = validate_images(x, self.input_shape)
-        spec = self.resolve_explanation(explanation)
-        n = images.shape[0]
-        self._charge(n)
-        try:
-            with self._compute_lock:
-                return self._answer(images, spec)
-        except BaseException:
-            self._refund(n)
-            raise
+    def answer(self, images: torch.Tensor, spec: Explanation | None) -> Answer:
+        """Answer images checked by :func:`validate_images` with the explanation `spec`
+        resolved by :meth:`resolve_explanation`; one request computes at a time."""
+        with self._compute_lock:
+            return self._answer(images, spec)
 
     def _answer(self, images: torch.Tensor, spec: Explanation | None) -> Answer:
         logits_parts, expl_parts = [], []
@@ -290,6 +244,108 @@ class LocalOracle:
             for defense in self.defenses:
                 expl = defense.explanation(expl, generator=self._rng)
         return Answer(probs, labels, shown_logits, expl, spec, self.prediction)
+
+
+def _responder_setting(name: str) -> property:
+    # LocalOracle's settings are its Responder's: read and changed there (bench.py sets
+    # `explanation` on a live oracle).
+    def get(oracle: LocalOracle) -> Any:
+        return getattr(oracle.responder, name)
+
+    def set_(oracle: LocalOracle, value: Any) -> None:
+        setattr(oracle.responder, name, value)
+
+    return property(get, set_, doc=f"The responder's {name}.")
+
+
+class LocalOracle:
+    """An in-process service: a :class:`Responder` that charges a :class:`MemoryLedger`.
+
+    budget: queries allowed (None: unlimited); queries_used: queries already spent (a
+    service restored from a checkpoint). The other settings are the Responder's:
+    prediction, top_k, explanation, allow_explanation_choice, defenses, seed, device and
+    batch_size.
+    """
+
+    # One account: an in-process oracle has one client.
+    ACCOUNT = 0
+
+    input_shape = _responder_setting("input_shape")
+    num_classes = _responder_setting("num_classes")
+    victim = _responder_setting("victim")
+    prediction = _responder_setting("prediction")
+    top_k = _responder_setting("top_k")
+    explanation = _responder_setting("explanation")
+    allow_explanation_choice = _responder_setting("allow_explanation_choice")
+    defenses = _responder_setting("defenses")
+    device = _responder_setting("device")
+    batch_size = _responder_setting("batch_size")
+
+    def __init__(
+        self,
+        victim: Victim,
+        budget: int | None = None,
+        *,
+        prediction: str = "probabilities",
+        top_k: int | None = None,
+        explanation: Explanation | None = Explanation("gradient"),
+        allow_explanation_choice: bool = True,
+        defenses: Sequence[Defense] = (),
+        seed: int = 0,
+        queries_used: int = 0,
+        device: str = "cpu",
+        batch_size: int = 1024,
+    ):
+        self.responder = Responder(
+            victim,
+            prediction=prediction,
+            top_k=top_k,
+            explanation=explanation,
+            allow_explanation_choice=allow_explanation_choice,
+            defenses=defenses,
+            seed=seed,
+            device=device,
+            batch_size=batch_size,
+        )
+        self.ledger = MemoryLedger(budget)
+        self.ledger.set_used(self.ACCOUNT, queries_used)
+
+    @property
+    def budget(self) -> int | float:
+        """Queries allowed (math.inf: unlimited)."""
+        budget = self.ledger.usage(self.ACCOUNT).budget
+        return math.inf if budget is None else budget
+
+    @property
+    def queries_used(self) -> int:
+        return self.ledger.usage(self.ACCOUNT).used
+
+    @property
+    def remaining(self) -> int | float:
+        return self.ledger.usage(self.ACCOUNT).remaining
+
+    def state_dict(self) -> dict[str, Any]:
+        """The service's state (ledger and noise RNG), for a service that restarts."""
+        return {"queries_used": self.queries_used, **self.responder.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger.set_used(self.ACCOUNT, int(state["queries_used"]))
+        self.responder.load_state_dict(state)
+
+    def resolve_explanation(self, requested: Explanation | bool | None) -> Explanation | None:
+        """The explanation a request will get, or ExplanationNotOffered."""
+        return self.responder.resolve_explanation(requested)
+
+    def query(self, x: Any, explanation: Explanation | bool | None = None) -> Answer:
+        """Answer a batch of images; charges one query per image."""
+        images = validate_images(x, self.input_shape)
+        spec = self.responder.resolve_explanation(explanation)
+        charge = self.ledger.charge(self.ACCOUNT, images.shape[0])
+        try:
+            return self.responder.answer(images, spec)
+        except BaseException:
+            self.ledger.refund(charge)
+            raise
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -129,14 +129,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
     """The FastAPI app and a description of it, from parsed arguments (raises CLIError)."""
     try:
-        from .server import create_app
+        from .serving import create_app, read_keys_file
     except ImportError as err:
         raise CLIError(
             f"the server needs the 'server' extra (pip install 'megex[server]'): {err}"
         ) from None
     from .defenses import build_defense
-    from .explain import Explanation
-    from .keystore import LedgerInUse, read_keys_file
+    from .explain import Explanation, parse_target
+    from .sqlite_ledger import LedgerInUse
     from .victim import Victim
 
     try:
@@ -149,12 +149,11 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
         raise CLIError(f"--defense: {err}") from None
     explanation = None
     if args.explanation_method != "none":
-        target: str | int = args.explanation_target
-        if isinstance(target, str) and target.isdigit():
-            target = int(target)
         try:
             explanation = Explanation(
-                args.explanation_method, target=target, output=args.explanation_output
+                args.explanation_method,
+                target=parse_target(args.explanation_target),
+                output=args.explanation_output,
             )
         except ValueError as err:
             raise CLIError(f"--explanation-*: {err}") from None
@@ -220,7 +219,9 @@ def run_serve(args: argparse.Namespace) -> int:
     service = app.state.service
     base = f"http://{args.host}:{args.port}"
     budget = "unlimited" if args.budget is None else f"{args.budget} queries"
-    print(f"megex serve: model {service.name!r} ({service.engine.victim.arch}), ledger {args.db}")
+    print(
+        f"megex serve: model {service.name!r} ({service.responder.victim.arch}), ledger {args.db}"
+    )
     print(f"  V2 / Triton: {base}/v2/models/{service.name}  (POST .../infer)")
     print(f"  V1 / Vertex: {base}/v1/models/{service.name}:predict  and :explain")
     if keys:

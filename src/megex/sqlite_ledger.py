@@ -1,9 +1,11 @@
-"""The server's ledger: API keys, per-key budgets and counts, audit log, idempotent replays.
+"""The service's ledger in SQLite: API keys, per-key budgets and counts, audit log,
+idempotent replays.
 
-Everything lives in one SQLite database (WAL mode), so a restarted server neither resets nor
-loses a count. Keys are stored only as salted SHA-256 hashes. A request is charged inside a
+Everything lives in one database (WAL mode), so a restarted server neither resets nor loses
+a count. Keys are stored only as salted SHA-256 hashes. A request is charged inside a
 transaction *before* it is computed and refunded if the computation fails; a request that
-would pass the key's budget is refused whole and costs nothing.
+would pass the key's budget is refused whole (:class:`megex.BudgetExceeded`) and costs
+nothing.
 
 Durability: commits use ``synchronous=NORMAL``, which survives a crash of the server process;
 a power failure may lose the last few commits.
@@ -11,30 +13,27 @@ a power failure may lose the last few commits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ledger import BudgetExceeded, Charge, Usage
+
 __all__ = [
     "Account",
-    "Charge",
     "IdempotencyConflict",
-    "Ledger",
     "LedgerInUse",
-    "QuotaExceeded",
-    "RateLimiter",
+    "SQLiteLedger",
     "StoredResponse",
     "Unauthorized",
-    "Usage",
-    "read_keys_file",
 ]
 
 _SCHEMA = """
@@ -81,28 +80,8 @@ class Unauthorized(Exception):
     """No API key, or one the server does not know."""
 
 
-def _hold_exclusively(lock_path: Path, db_path: str):
-    """An open lock file held exclusively, or LedgerInUse. One server per ledger: each one
-    refunds, when it starts, the requests it finds charged but unanswered, which would be
-    the other server's requests in flight."""
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks on this platform: nothing to enforce with
-        return None
-    handle = open(lock_path, "a")  # noqa: SIM115 - held open for the Ledger's lifetime
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise LedgerInUse(
-            f"ledger {db_path}: already in use by another server (lock {lock_path}); "
-            "run one server per ledger, or give this one another --db"
-        ) from None
-    return handle
-
-
 class LedgerInUse(RuntimeError):
-    """Another open Ledger (another server) holds this database file."""
+    """Another open SQLiteLedger (another server) holds this database file."""
 
 
 class IdempotencyConflict(Exception):
@@ -120,51 +99,6 @@ class Account:
 
 
 @dataclass(frozen=True)
-class Usage:
-    used: int
-    budget: int | None
-
-    @property
-    def remaining(self) -> int | float:
-        return math.inf if self.budget is None else self.budget - self.used
-
-    def headers(self) -> dict[str, str]:
-        """The quota headers sent on every authenticated response."""
-        unlimited = self.budget is None
-        return {
-            "X-Queries-Used": str(self.used),
-            "X-Query-Budget": "unlimited" if unlimited else str(self.budget),
-            "X-Queries-Remaining": "unlimited" if unlimited else str(self.remaining),
-        }
-
-    def to_dict(self) -> dict[str, int | None]:
-        remaining = None if self.budget is None else int(self.remaining)
-        return {"used": self.used, "budget": self.budget, "remaining": remaining}
-
-
-class QuotaExceeded(Exception):
-    """The request needs more queries than the key has left; nothing was charged."""
-
-    def __init__(self, requested: int, usage: Usage):
-        self.requested, self.usage = requested, usage
-        super().__init__(
-            f"query budget exceeded: this request needs {requested} queries but only "
-            f"{usage.remaining} of {usage.budget} remain; nothing was charged"
-        )
-
-
-@dataclass(frozen=True)
-class Charge:
-    """A charged request, to be finished (response stored) or failed (refunded)."""
-
-    account_id: int
-    count: int
-    audit_id: int
-    idem_key: str | None
-    usage: Usage
-
-
-@dataclass(frozen=True)
 class StoredResponse:
     status: int
     content_type: str
@@ -172,32 +106,27 @@ class StoredResponse:
     body: bytes
 
 
-def read_keys_file(path: str | os.PathLike) -> dict[str, int | None]:
-    """Read API keys, one per line: ``KEY`` or ``KEY,BUDGET``; '#' starts a comment."""
-    keys: dict[str, int | None] = {}
-    for number, raw in enumerate(Path(path).read_text().splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        key, _, budget = (part.strip() for part in line.partition(","))
-        if not key or any(c.isspace() for c in key):
-            raise ValueError(f"keys file {path}, line {number}: not a key: {raw.strip()!r}")
-        if budget:
-            try:
-                value = int(budget)
-            except ValueError:
-                raise ValueError(
-                    f"keys file {path}, line {number}: budget {budget!r} is not an integer"
-                ) from None
-            if value < 0:
-                raise ValueError(f"keys file {path}, line {number}: budget must be >= 0")
-            keys[key] = value
-        else:
-            keys[key] = None
-    return keys
+def _hold_exclusively(lock_path: Path, db_path: str):
+    """An open lock file held exclusively, or LedgerInUse. One server per ledger: each one
+    refunds, when it starts, the requests it finds charged but unanswered, which would be
+    the other server's requests in flight."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks on this platform: nothing to enforce with
+        return None
+    handle = open(lock_path, "a")  # noqa: SIM115 - held open for the ledger's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LedgerInUse(
+            f"ledger {db_path}: already in use by another server (lock {lock_path}); "
+            "run one server per ledger, or give this one another --db"
+        ) from None
+    return handle
 
 
-class Ledger:
+class SQLiteLedger:
     """Keys, budgets, counts, audit log and stored responses in one SQLite database.
 
     keys: API key -> budget (None: the default budget); None or empty runs the server open,
@@ -229,18 +158,30 @@ class Ledger:
             # serialises writers anyway.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._lock = threading.Lock()
-            with self._lock:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.execute("PRAGMA busy_timeout=5000")
-                self._db.executescript(_SCHEMA)
-                self._salt = self._load_salt()
-                self._sync_keys(keys or {}, default_budget)
-                self._refund_interrupted()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._salt = self._load_salt()
+            self._sync_keys(keys or {}, default_budget)
+            self._refund_interrupted()
         except BaseException:
             if self._lock_file is not None:  # a ledger that failed to open holds nothing
                 self._lock_file.close()
             raise
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the connection's lock: committed when the block
+        ends (a return included), rolled back when it raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -265,40 +206,27 @@ class Ledger:
                 for h, b in ((self.hash_key(k), b) for k, b in keys.items())
             ]
         )
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("UPDATE accounts SET active = 0")
+        with self._transaction() as db:
+            db.execute("UPDATE accounts SET active = 0")
             for key_hash, label, budget in entries:
-                self._db.execute(
+                db.execute(
                     "INSERT INTO accounts(key_hash, label, budget, used, active, created) "
                     "VALUES (?, ?, ?, 0, 1, ?) ON CONFLICT(key_hash) DO UPDATE SET "
                     "budget = excluded.budget, active = 1",
                     (key_hash, label, budget, now),
                 )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def _refund_interrupted(self) -> None:
         """Refund idempotent requests that a previous server process charged but never
         answered, so that the client's retry runs (and is charged) once."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            pending = self._db.execute(
+        with self._transaction() as db:
+            pending = db.execute(
                 "SELECT i.account_id, a.count, i.audit_id FROM idempotency i "
                 "JOIN audit a ON a.id = i.audit_id WHERE i.status IS NULL AND a.refunded = 0"
             ).fetchall()
             for account_id, count, audit_id in pending:
-                self._db.execute(
-                    "UPDATE accounts SET used = used - ? WHERE id = ?", (count, account_id)
-                )
-                self._db.execute("UPDATE audit SET refunded = 1 WHERE id = ?", (audit_id,))
-            self._db.execute("DELETE FROM idempotency WHERE status IS NULL")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+                self._give_back(account_id, count, audit_id)
+            db.execute("DELETE FROM idempotency WHERE status IS NULL")
 
     def close(self) -> None:
         with self._lock:
@@ -358,46 +286,37 @@ class Ledger:
         self,
         account_id: int,
         count: int,
-        endpoint: str,
+        endpoint: str = "",
         *,
         idem_key: str | None = None,
         body_hash: str = "",
         images: bytes | None = None,
     ) -> Charge | StoredResponse:
         """Charge `count` queries, or return the stored response of a repeated idempotent
-        request (charging nothing). Raises QuotaExceeded or IdempotencyConflict."""
+        request (charging nothing). Raises BudgetExceeded or IdempotencyConflict."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if idem_key is not None:
-                    stored = self._claim(account_id, idem_key, body_hash, now)
-                    if stored is not None:
-                        self._db.execute("COMMIT")
-                        return stored
-                usage = self._usage(account_id)
-                if count > usage.remaining:
-                    raise QuotaExceeded(count, usage)
-                self._db.execute(
-                    "UPDATE accounts SET used = used + ? WHERE id = ?", (count, account_id)
+        with self._transaction() as db:
+            if idem_key is not None:
+                stored = self._claim(account_id, idem_key, body_hash, now)
+                if stored is not None:
+                    return stored
+            usage = self._usage(account_id)
+            if count > usage.remaining:
+                raise BudgetExceeded(count, usage)
+            db.execute("UPDATE accounts SET used = used + ? WHERE id = ?", (count, account_id))
+            audit_id = db.execute(
+                "INSERT INTO audit(account_id, time, endpoint, count, images) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (account_id, now, endpoint, count, images),
+            ).lastrowid
+            if idem_key is not None:
+                db.execute(
+                    "INSERT INTO idempotency(account_id, idem_key, body_hash, created, "
+                    "audit_id) VALUES (?, ?, ?, ?, ?)",
+                    (account_id, idem_key, body_hash, now, audit_id),
                 )
-                audit_id = self._db.execute(
-                    "INSERT INTO audit(account_id, time, endpoint, count, images) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (account_id, now, endpoint, count, images),
-                ).lastrowid
-                if idem_key is not None:
-                    self._db.execute(
-                        "INSERT INTO idempotency(account_id, idem_key, body_hash, created, "
-                        "audit_id) VALUES (?, ?, ?, ?, ?)",
-                        (account_id, idem_key, body_hash, now, audit_id),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         new_usage = Usage(usage.used + count, usage.budget)
-        return Charge(account_id, count, int(audit_id), idem_key, new_usage)
+        return Charge(account_id, count, new_usage, int(audit_id), idem_key)
 
     def _claim(
         self, account_id: int, idem_key: str, body_hash: str, now: float
@@ -449,44 +368,15 @@ class Ledger:
 
     def refund(self, charge: Charge) -> None:
         """Give back a charge whose computation failed; a retry may then run again."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "UPDATE accounts SET used = used - ? WHERE id = ?",
-                    (charge.count, charge.account_id),
+        with self._transaction() as db:
+            self._give_back(charge.account_id, charge.count, charge.audit_id)
+            if charge.idem_key is not None:
+                db.execute(
+                    "DELETE FROM idempotency WHERE account_id = ? AND idem_key = ?",
+                    (charge.account_id, charge.idem_key),
                 )
-                self._db.execute("UPDATE audit SET refunded = 1 WHERE id = ?", (charge.audit_id,))
-                if charge.idem_key is not None:
-                    self._db.execute(
-                        "DELETE FROM idempotency WHERE account_id = ? AND idem_key = ?",
-                        (charge.account_id, charge.idem_key),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
-
-class RateLimiter:
-    """A token bucket per key: `rate` requests per second, bursts of up to `burst`."""
-
-    def __init__(self, rate: float, burst: float | None = None):
-        if not rate > 0:
-            raise ValueError(f"rate limit: expected > 0 requests/s, got {rate}")
-        self.rate = float(rate)
-        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
-        self._buckets: dict[int, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, account_id: int) -> float:
-        """Take one token; returns 0 if granted, else the seconds to wait for one."""
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(account_id, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[account_id] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[account_id] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+    def _give_back(self, account_id: int, count: int, audit_id: int | None) -> None:
+        # Inside a transaction: the count goes back and its audit row says so.
+        self._db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (count, account_id))
+        self._db.execute("UPDATE audit SET refunded = 1 WHERE id = ?", (audit_id,))
