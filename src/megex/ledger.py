@@ -66,7 +66,15 @@ class Usage:
 class BudgetExceeded(RuntimeError):
     """A request would take the ledger past its budget; nothing was charged."""
 
-    def __init__(self, requested: int, usage: Usage):
+    def __init__(
+        self, requested: int, usage: Usage | int | float, budget: int | float | None = None
+    ):
+        # (requested, usage) from a ledger, or (requested, remaining, budget) from a user's
+        # own oracle, as the Oracle protocol documents it.
+        if not isinstance(usage, Usage):
+            limit = None if budget is None or not math.isfinite(budget) else int(budget)
+            used = 0 if limit is None else limit - int(usage)
+            usage = Usage(used, limit)
         self.requested, self.usage = requested, usage
         super().__init__(
             f"query budget exceeded: this request needs {requested} queries but only "
