@@ -1,14 +1,19 @@
-"""Query-efficiency benchmark: MEGEX vs DFME, clone accuracy against the number of queries.
+"""Query-efficiency benchmark: explanation attacks against DFME, under a fair protocol.
 
-For every method and seed one run of the largest budget is made; the smaller budgets are
-read off it, after the last iteration that stays within each, which is exact because the
-benchmark's schedule does not depend on the budget (lr_schedule='constant' with a weight
-average of the clone). A setting with a budget-dependent schedule ('multistep') gets one
-run per budget instead. Runs are run folders: an interrupted benchmark resumes where it
-stopped and skips what is finished.
+- Equal compute per query: every method gets the same clone updates per 1,000 queries
+  (`clone_updates_per_1k_queries`); clone updates, generator updates and wall seconds are
+  recorded at every evaluation and reported.
+- Settings come from the tuning search (`megex.tune`, benchmarks/tune.py): the same number of
+  trials for every method, on validation images held out of the victims' training split and
+  on a victim and seeds that this table never uses. The test split is read only here.
+- Several victims (the recipe with different seeds) x several attack seeds; hierarchical
+  bootstrap intervals; paired differences against the predictions-only baseline.
+- Methods that assume something about the domain (a prior on image brightness) are reported
+  in a table of their own.
 
-Writes <out>/query_efficiency.json, .md (mean +- std per method and budget) and .png
-(query_efficiency_quick.* with --quick).
+For every run one attack goes to the largest budget; the smaller budgets are read off it
+(exact: the schedule is constant). Runs are run folders: an interrupted benchmark resumes
+where it stopped and reuses finished runs. Writes <out>/<stem>.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,49 +36,58 @@ EXPLANATIONS: dict[str, dict[str, Any]] = {
     "smoothgrad-all": {"method": "smoothgrad", "target": "all"},
 }
 
-# name -> (attack, settings on top of the benchmark's shared settings)
+PRIOR = [0.5, 4.5]
+# name -> attack, its fixed settings, and (for variants) the method whose tuned settings it takes.
 METHODS: dict[str, dict[str, Any]] = {
     "megex-all": {"attack": "megex", "explanation": "gradient-all"},
     "megex-predicted": {"attack": "megex", "explanation": "gradient-predicted"},
     "megex-smoothgrad": {"attack": "megex", "explanation": "smoothgrad-predicted"},
-    "dfme-m1": {"attack": "dfme", "directions": 1},
-    "dfme-m10": {"attack": "dfme", "directions": 10},
+    "dfme": {"attack": "dfme"},
+    # With a brightness prior: an assumption about the domain (dark or light backgrounds).
+    "megex-all+prior": {
+        "attack": "megex",
+        "explanation": "gradient-all",
+        "query_gamma": PRIOR,
+        "tuned_as": "megex-all",
+    },
+    "dfme+prior": {"attack": "dfme", "query_gamma": PRIOR, "tuned_as": "dfme"},
+}
+ASSUMPTIONS = {
+    "+prior": f"queries raised to a power in {PRIOR} (query_gamma): assumes the domain's "
+    "images have dark or light backgrounds"
 }
 
-# The CPU-scale Fashion-MNIST setting (LeNet-5 victim and clone).
+# The CPU-scale Fashion-MNIST setting (LeNet-5 victims and clone).
 DEFAULTS: dict[str, Any] = {
     "dataset": "fashion-mnist",
     "victim_arch": None,  # None: the dataset's recipe (lenet5 for Fashion-MNIST)
-    "victim_seed": 0,
-    "budgets": [100_000, 250_000, 500_000, 1_000_000],
+    "victim_seeds": [0, 1, 2],
     "seeds": [0, 1, 2],
-    "methods": list(METHODS),
+    # The last 5,000 training images: held out of every victim's training, and what the
+    # tuning search measures on. The test split is read by this table alone.
+    "validation_images": 5000,
+    "budgets": [50_000, 100_000, 250_000, 500_000],
+    # Evaluations besides the budgets, for the queries needed to reach a target.
+    "eval_at": [5_000, 10_000, 20_000, 30_000, 75_000, 150_000, 200_000, 300_000, 400_000],
+    "methods": ["megex-all", "megex-predicted", "megex-smoothgrad", "dfme"],
+    "assumption_methods": ["megex-all+prior", "dfme+prior"],
+    "baseline": "dfme",
+    "targets": [0.8, 0.9],
     "quick_budgets": [50_000, 150_000],
     "quick_seeds": [0],
-    # Shared attack settings; a small generator keeps 1M queries within CPU reach. The
-    # clone's weight average (horizon ~1000 updates) removes the 2-5 point swings between
-    # successive evaluations of the raw clone at a constant learning rate, so a budget's
-    # figure is not one lucky or unlucky step (benchmarks/RESULTS.md).
-    # Every method re-draws its generator every 100k queries: a generator late in a run
-    # makes queries the victim is sure of; MEGEX and DFME (m = 1) both gained 3-12 points at
-    # 500k on seeds 0 and 2 (benchmarks/RESULTS.md). The period is in queries, specific to
-    # this setting's scale, like disagreement_until below. DFME with m = 10 takes a generator
-    # step per 12 query batches, too few per period: it keeps one generator (with restarts
-    # it lost 6 points at 1M on 3 seeds).
+    "quick_victim_seeds": [0],
+    # Shared by every method and not searched: a small generator keeps the CPU runs short,
+    # the constant schedule lets one run report every budget, the weight average removes
+    # the swings of a constant learning rate, and the compute per query is the same for all.
     "settings": {
         "ngf": 8,
         "lr_schedule": "constant",
         "clone_ema": 0.999,
-        "generator_restart_every": 100_000,
+        "clone_updates_per_1k_queries": 25.0,
     },
-    # MEGEX with exact all-class gradients drops the generator's disagreement term after 150k
-    # queries and keeps only the victim-guided term: the exact disagreement gradient holds the
-    # clone back late in a run (benchmarks/RESULTS.md, 3 seeds). The switch point is in
-    # queries, so it is specific to this setting's scale.
-    "method_settings": {
-        "megex-all": {"disagreement_until": 150_000},
-        "dfme-m10": {"generator_restart_every": 0},
-    },
+    # The search's output (megex.tune); null: the package defaults, untuned.
+    "tuned_settings": "benchmarks/results/tuning/tuned.json",
+    "method_settings": {},
     "device": "cpu",
 }
 
@@ -92,21 +105,54 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
                 config[key].update(value)
             else:
                 config[key] = value
-    for name in config["methods"]:
+    for name in [*config["methods"], *config["assumption_methods"], config["baseline"]]:
         if name not in METHODS:
             raise ValueError(f"method: unknown {name!r}; expected one of {', '.join(METHODS)}")
     return config
+
+
+def load_tuned(config: dict[str, Any]) -> dict[str, Any]:
+    """{"methods": {name: settings}, ...} from the search's output file, or {} when none."""
+    path = config.get("tuned_settings")
+    if not path:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tuned_settings: no file at {path}; run benchmarks/tune.py to make it, or set "
+            '"tuned_settings": null in the config for the untuned package defaults'
+        )
+    return json.loads(path.read_text())
+
+
+def method_settings(
+    config: dict[str, Any], method: str, tuned: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(attack name, settings): shared, then the method's fixed, tuned and configured ones."""
+    spec = dict(METHODS[method])
+    attack = spec.pop("attack")
+    tuned_as = spec.pop("tuned_as", method)
+    searched = ((tuned or {}).get("methods") or {}).get(tuned_as, {})
+    settings = {
+        **config["settings"],
+        **searched,
+        **spec,
+        **config["method_settings"].get(method, {}),
+    }
+    return attack, settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options (the `megex bench` subcommand reuses them)."""
     parser.add_argument("--config", help="JSON file of benchmark settings (e.g. configs/svhn.json)")
     parser.add_argument("--data-root", help="folder holding the dataset's files")
-    parser.add_argument("--quick", action="store_true", help="one seed, two budgets")
+    parser.add_argument(
+        "--quick", action="store_true", help="one victim, one seed, two budgets, no prior table"
+    )
     parser.add_argument("--budgets", type=int, nargs="+", help="query budgets to report")
     parser.add_argument("--seeds", type=int, nargs="+", help="attack seeds (same for all)")
+    parser.add_argument("--victim-seeds", type=int, nargs="+", help="victims (recipe seeds)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods to run")
-    parser.add_argument("--victim", help="victim .safetensors to use instead of the cached one")
     parser.add_argument(
         "--out", default="benchmarks/results", help="output folder (default: benchmarks/results)"
     )
@@ -137,35 +183,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --- the victim -------------------------------------------------------------------------
+# --- victims ------------------------------------------------------------------------------
 
 
-def victim_path(out: Path, config: dict[str, Any]) -> Path:
+def victim_path(folder: Path, config: dict[str, Any], seed: int) -> Path:
     from .victim import RECIPES
 
     recipe = RECIPES.get(config["dataset"])
     arch = config["victim_arch"] or (recipe.arch if recipe else "lenet5")
-    return out / "victims" / f"{config['dataset']}-{arch}-seed{config['victim_seed']}.safetensors"
+    held = config["validation_images"]
+    return folder / f"{config['dataset']}-{arch}-seed{seed}-val{held}.safetensors"
 
 
-def get_victim(config: dict[str, Any], out: Path, data_root: str | None, given: str | None):
-    """The cached victim, or a freshly trained one (then cached for the next run)."""
+def get_victim(config: dict[str, Any], folder: Path, data_root: str | None, seed: int):
+    """The cached victim of recipe seed `seed`, or a freshly trained one (then cached)."""
     from .victim import RECIPES, Victim, train_victim
 
-    path = Path(given) if given else victim_path(out, config)
+    path = victim_path(folder, config, seed)
     if path.is_file():
         victim = Victim.load(path)
         _log(f"victim: {path} ({victim.arch}, test accuracy {victim.accuracy:.4f})")
         return victim, path
-    if given:
-        raise FileNotFoundError(f"victim: no file at {path}")
-    _log(f"victim: training on {config['dataset']} (cached afterwards at {path})")
+    _log(f"victim: training seed {seed} on {config['dataset']} (cached afterwards at {path})")
     victim = train_victim(
         config["dataset"],
         config["victim_arch"],
-        seed=config["victim_seed"],
+        seed=seed,
         data_root=data_root,
         device=config["device"],
+        validation_images=config["validation_images"],
+        progress=False,
     )
     victim.save(path)
     _log(f"victim: test accuracy {victim.accuracy:.4f}, {victim.metadata.get('train_seconds')} s")
@@ -178,35 +225,34 @@ def get_victim(config: dict[str, Any], out: Path, data_root: str | None, given: 
     return victim, path
 
 
-# --- one run ----------------------------------------------------------------------------
+# --- one run ------------------------------------------------------------------------------
 
 
-def method_settings(config: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
-    """(attack name, settings) for a method: shared settings, then the method's own."""
-    spec = dict(METHODS[method])
-    attack = spec.pop("attack")
-    settings = {**config["settings"], **spec, **config["method_settings"].get(method, {})}
-    return attack, settings
-
-
-def _build(attack: str, settings: dict[str, Any], seed: int, device: str):
+def build_attack(attack: str, settings: dict[str, Any], seed: int, device: str):
     from .attacks import ATTACKS
     from .explain import Explanation
 
-    settings = dict(settings)
+    settings = {k: v for k, v in settings.items() if not k.startswith("_")}
     if "explanation" in settings:
         name = settings["explanation"]
         spec = EXPLANATIONS[name] if isinstance(name, str) else name
         settings["explanation"] = Explanation.from_dict(spec)
-    if "lr_milestones" in settings:
-        settings["lr_milestones"] = tuple(settings["lr_milestones"])
     return ATTACKS[attack](seed=seed, device=device, **settings)
 
 
-def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One (method, seed) run up to the largest budget; evaluations at every budget."""
+def prepare_torch(threads: int, device: str) -> None:
     import torch
 
+    torch.set_num_threads(threads)
+    if str(device).startswith("cuda"):
+        # Full fp32 as on a CPU: with TF32 (PyTorch's default for cuDNN convolutions)
+        # DFME's forward differences (eps 1e-3) drown in rounding, and the maps lose bits.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One (method, victim, seed) run up to the largest budget; evaluations on the way."""
     from . import data as data_mod
     from .engine import changed_settings, describe_run, run
     from .evaluate import Evaluator
@@ -214,15 +260,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from .runs import RunFolder
     from .victim import Victim
 
-    torch.set_num_threads(job["threads"])
-    if str(job["device"]).startswith("cuda"):
-        # Full fp32 as on a CPU: with TF32 (PyTorch's default for cuDNN convolutions)
-        # DFME's forward differences (eps 1e-3) drown in rounding, and the maps lose bits.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    prepare_torch(job["threads"], job["device"])
     folder = RunFolder(job["run_dir"])
     victim = Victim.load(job["victim"])
-    attack = _build(job["attack"], job["settings"], job["seed"], job["device"])
+    attack = build_attack(job["attack"], job["settings"], job["seed"], job["device"])
     oracle = LocalOracle(
         victim, budget=job["budget"], explanation=None, seed=job["seed"], device=job["device"]
     )
@@ -234,15 +275,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                 f"{folder.path} holds a run with other settings ({'; '.join(changed)}); "
                 "pass --fresh to run it again, or choose another --out"
             )
+    base = {**job, "victim_accuracy": victim.accuracy}
     if folder.is_finished() and not job["fresh"]:
-        result = json.loads(folder.result_path.read_text())
-        return {**job, "metrics": result["metrics"], "wall_s": result["elapsed_s"], "skipped": True}
+        result = folder.read_result()
+        return {**base, "metrics": result["metrics"], "wall_s": result["elapsed_s"], "skipped": True}
     ds = data_mod.load(job["dataset"], job["data_root"])
     x_test, y_test = ds.test_tensors()
     evaluator = Evaluator.from_victim(victim, x_test, y_test)
-    explanation = getattr(attack.config, "explanation", None)
-    if job["attack"] == "megex":
-        oracle.explanation = explanation
+    oracle.explanation = getattr(attack.config, "explanation", None)
     resume = folder.has_checkpoint() and not job["fresh"]
     if resume:
         # The service's ledger and noise continue where the interrupted run left them.
@@ -253,8 +293,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         oracle,
         job["budget"],
         evaluator=evaluator,
-        eval_every=max(job["budget"] // 20, 1),
-        eval_at=job["budgets"],
+        eval_every=job["budget"],
+        eval_at=sorted({*job["budgets"], *job["eval_at"]}),
         run_dir=job["run_dir"],
         resume=resume,
         progress=job["progress"],
@@ -262,43 +302,50 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     )
     if not result.finished:
         raise KeyboardInterrupt
+    # A finished run needs no checkpoint (its replay buffer is most of the disk it takes).
+    folder.checkpoint_path.unlink(missing_ok=True)
     return {
-        **job,
+        **base,
         "metrics": result.metrics,
         "wall_s": round(time.time() - start, 1),
-        "run_elapsed_s": result.elapsed_s,
         "queries_used": oracle.queries_used,
-        "victim_accuracy": victim.accuracy,
         "skipped": False,
     }
 
 
-# --- the benchmark ----------------------------------------------------------------------
+# --- the benchmark ------------------------------------------------------------------------
 
 
-def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victim: Path) -> list:
+def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: dict) -> list:
+    tuned = load_tuned(config)
     budgets = sorted(set(args.budgets or (config["quick_budgets"] if args.quick else [])))
     budgets = budgets or sorted(set(config["budgets"]))
     seeds = args.seeds or (config["quick_seeds"] if args.quick else config["seeds"])
-    methods = args.methods or config["methods"]
+    methods = args.methods or (
+        config["methods"] if args.quick else config["methods"] + config["assumption_methods"]
+    )
     device = args.device or config["device"]
     jobs = []
     for method in methods:
-        attack, settings = method_settings(config, method)
-        # A budget-independent schedule lets one run report every budget on its way.
-        groups = [budgets] if settings.get("lr_schedule") == "constant" else [[b] for b in budgets]
-        for seed in seeds:
-            for group in groups:
-                tag = f"{method}-seed{seed}-{max(group)}"
+        attack, settings = method_settings(config, method, tuned)
+        if settings.get("lr_schedule") != "constant":
+            raise ValueError(
+                f"{method}: the benchmark reads every budget off one run, which needs "
+                "lr_schedule 'constant'"
+            )
+        for victim_seed, victim in victims.items():
+            for seed in seeds:
                 jobs.append(
                     {
                         "method": method,
                         "attack": attack,
                         "settings": settings,
+                        "victim_seed": victim_seed,
                         "seed": seed,
-                        "budget": max(group),
-                        "budgets": group,
-                        "run_dir": str(out / "runs" / tag),
+                        "budget": max(budgets),
+                        "budgets": budgets,
+                        "eval_at": [b for b in config["eval_at"] if b < max(budgets)],
+                        "run_dir": str(out / "runs" / f"{method}-v{victim_seed}-s{seed}"),
                         "victim": str(victim),
                         "dataset": config["dataset"],
                         "data_root": args.data_root,
@@ -311,14 +358,28 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victim: Pa
     return jobs
 
 
-def cells_of(done: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """The evaluation row for each budget of a run: the last one within that budget."""
-    cells = {}
-    for budget in done["budgets"]:
-        rows = [r for r in done["metrics"] if r["queries"] <= budget]
-        if rows:
-            cells[budget] = rows[-1]
-    return cells
+def run_jobs(jobs: list[dict[str, Any]], workers: int, done: Any, function: Any = None) -> None:
+    """Run `function(job)` (default run_one) for every job, `workers` processes at a time."""
+    function = function or run_one
+    if workers <= 1:
+        for job in jobs:
+            done(function(job))
+        return
+    import multiprocessing
+
+    # One process per run (spawned: no forked torch state); on Ctrl-C the workers are ended
+    # at once. Checkpoints are written atomically, so each run resumes from its last
+    # evaluation next time.
+    pool = multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1)
+    try:
+        for res in pool.imap_unordered(function, jobs, chunksize=1):
+            done(res)
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -329,205 +390,55 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    victim, vpath = get_victim(config, out, args.data_root, args.victim)
-    jobs = plan(config, args, out, vpath)
+    victim_seeds = args.victim_seeds or (
+        config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
+    )
+    victims = {
+        s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds
+    }
+    jobs = plan(config, args, out, victims)
     _log(f"benchmark: {len(jobs)} runs, {args.jobs} at a time; run folders under {out / 'runs'}")
     finished: list[dict[str, Any]] = []
 
     def done(res: dict[str, Any]) -> None:
         finished.append(res)
         cells = cells_of(res)
-        shown = ", ".join(f"{b // 1000}k: {c['clone_accuracy']:.4f}" for b, c in cells.items())
+        shown = ", ".join(f"{_fmt(b)}: {c['clone_accuracy']:.4f}" for b, c in cells.items())
         how = "already done" if res["skipped"] else f"{res['wall_s']} s"
-        _log(f"[{len(finished)}/{len(jobs)}] {res['method']} seed {res['seed']} ({how}): {shown}")
+        _log(
+            f"[{len(finished)}/{len(jobs)}] {res['method']} victim {res['victim_seed']} "
+            f"seed {res['seed']} ({how}): {shown}"
+        )
 
-    if args.jobs <= 1:
-        for job in jobs:
-            done(run_one(job))
-    else:
-        import multiprocessing
-
-        # One process per run (spawned: no forked torch state); on Ctrl-C the workers are
-        # ended at once. Checkpoints are written atomically, so each run resumes from its
-        # last evaluation next time.
-        pool = multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1)
-        try:
-            for res in pool.imap_unordered(run_one, jobs, chunksize=1):
-                done(res)
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.close()
-            pool.join()
+    run_jobs(jobs, args.jobs, done)
     wall = time.time() - t0
-    summary = summarise(finished, victim.accuracy, config, wall, args)
+    from .bench_report import summarise, write_outputs
+
+    summary = summarise(finished, config, wall, args)
     stem = "query_efficiency_quick" if args.quick else "query_efficiency"
     paths = write_outputs(summary, out, stem, plot=not args.no_plot)
     _log(f"benchmark: {wall:.0f} s wall time; wrote {', '.join(str(p) for p in paths)}")
     return summary
 
 
-def summarise(finished: list, victim_accuracy: float, config: dict, wall: float, args) -> dict:
-    """Per-run cells and per-(method, budget) mean and std of clone accuracy."""
-    runs, table = [], {}
-    for res in sorted(finished, key=lambda r: (r["method"], r["seed"], r["budget"])):
-        for budget, row in cells_of(res).items():
-            cell = {
-                "method": res["method"],
-                "seed": res["seed"],
-                "budget": budget,
-                "queries": row["queries"],
-                "clone_accuracy": row["clone_accuracy"],
-                "fidelity": row.get("fidelity"),
-                "ratio": row["clone_accuracy"] / victim_accuracy,
-            }
-            runs.append(cell)
-            table.setdefault(res["method"], {}).setdefault(budget, []).append(cell)
-    stats = {}
-    for method, by_budget in table.items():
-        stats[method] = {}
-        for budget, cells in sorted(by_budget.items()):
-            accs = [c["clone_accuracy"] for c in cells]
-            stats[method][budget] = {
-                "mean": statistics.fmean(accs),
-                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "ratio": statistics.fmean(accs) / victim_accuracy,
-                "seeds": len(accs),
-            }
-    curves = {
-        f"{r['method']}-seed{r['seed']}": [
-            [m["queries"], m["clone_accuracy"]] for m in r["metrics"]
-        ]
-        for r in finished
-    }
-    return {
-        "dataset": config["dataset"],
-        "victim_accuracy": victim_accuracy,
-        "settings": config["settings"],
-        "method_settings": {m: method_settings(config, m)[1] for m in table},
-        "wall_s": round(wall, 1),
-        "run_wall_s": {
-            f"{r['method']}-seed{r['seed']}-{r['budget']}": r["wall_s"] for r in finished
-        },
-        "threads_per_run": args.threads,
-        "jobs": args.jobs,
-        "cells": runs,
-        "stats": stats,
-        "curves": curves,
-        "queries_to_reach": queries_to_reach_dfme(finished, stats),
-    }
+def cells_of(done: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The evaluation row for each budget of a run: the last one within that budget."""
+    cells = {}
+    for budget in done["budgets"]:
+        rows = [r for r in done["metrics"] if r["queries"] <= budget]
+        if rows:
+            cells[budget] = rows[-1]
+    return cells
 
 
-def queries_to_reach_dfme(finished: list, stats: dict) -> dict[str, Any]:
-    """Queries each MEGEX run needs to reach the best DFME mean at DFME's largest budget."""
-    dfme = [(m, s) for m, s in stats.items() if m.startswith("dfme")]
-    if not dfme:
-        return {}
-    best = max((s[max(s)]["mean"], m, max(s)) for m, s in dfme)
-    target, name, budget = best
-    out: dict[str, Any] = {"target": {"method": name, "budget": budget, "accuracy": target}}
-    # In seed order (runs finish in any order), each hit labelled with its seed.
-    for res in sorted(finished, key=lambda r: (r["method"], r["seed"], r["budget"])):
-        if res["method"].startswith("megex"):
-            rows = res["metrics"]
-            hit = next((m["queries"] for m in rows if m["clone_accuracy"] >= target), None)
-            out.setdefault(res["method"], []).append({"seed": res["seed"], "queries": hit})
-    return out
-
-
-def markdown(summary: dict[str, Any]) -> str:
-    stats = summary["stats"]
-    budgets = sorted({b for s in stats.values() for b in s})
-    head = "| method | " + " | ".join(_fmt_budget(b) for b in budgets) + " |"
-    lines = [head, "|" + " --- |" * (len(budgets) + 1)]
-    for method, by_budget in stats.items():
-        cells = []
-        for b in budgets:
-            s = by_budget.get(b)
-            cells.append(
-                "-"
-                if s is None
-                else f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} ({s['ratio']:.2f}x)"
-            )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    seeds = max((s["seeds"] for m in stats.values() for s in m.values()), default=0)
-    lines.append("")
-    lines.append(
-        f"Clone test accuracy % (mean +- std over {seeds} seed(s)), (x victim accuracy "
-        f"{100 * summary['victim_accuracy']:.1f}%). Wall time of this invocation "
-        f"{summary['wall_s']:.0f} s (finished runs are reused; their own times are in the "
-        f"JSON's run_wall_s), "
-        f"{summary['jobs']} run(s) at a time, {summary['threads_per_run']} thread(s) each."
-    )
-    reach = summary.get("queries_to_reach") or {}
-    if reach:
-        t = reach["target"]
-        lines.append("")
-        lines.append(
-            f"Queries to reach {t['method']}'s {_fmt_budget(t['budget'])} accuracy "
-            f"({100 * t['accuracy']:.1f}%):"
-        )
-        for method, hits in reach.items():
-            if method != "target":
-                shown = ", ".join(
-                    f"{'not reached' if h['queries'] is None else format(h['queries'], ',')} "
-                    f"(seed {h['seed']})"
-                    for h in hits
-                )
-                lines.append(f"- {method}: {shown}")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(
-    summary: dict[str, Any], out: Path, stem: str = "query_efficiency", plot: bool = True
-) -> list[Path]:
-    from .runs import write_json_atomic
-
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    write_json_atomic(paths[0], summary)
-    paths[1].write_text(markdown(summary))
-    if plot:
-        try:
-            paths.append(plot_curves(summary, out / f"{stem}.png"))
-        except ImportError:
-            _log("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
-    return paths
-
-
-def plot_curves(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, by_budget in summary["stats"].items():
-        budgets = sorted(by_budget)
-        means = [100 * by_budget[b]["mean"] for b in budgets]
-        stds = [100 * by_budget[b]["std"] for b in budgets]
-        ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=method)
-    ax.axhline(100 * summary["victim_accuracy"], color="grey", ls="--", lw=1, label="victim")
-    ax.set_xscale("log")
-    ax.set_xlabel("queries")
-    ax.set_ylabel("clone test accuracy (%)")
-    ax.set_title(f"Query efficiency on {summary['dataset']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _fmt_budget(b: int) -> str:
+def _fmt(b: int) -> str:
     if b >= 1_000_000 and b % 100_000 == 0:
         return f"{b / 1_000_000:g}M"
     return f"{b / 1000:g}k" if b >= 1000 else str(b)
 
 
 def _log(message: str) -> None:
-    print(message, flush=True)
+    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

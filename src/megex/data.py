@@ -81,6 +81,35 @@ class Dataset:
         """Test split as (float32 images in [0, 1], int64 labels) torch tensors."""
         return _to_tensors(self.x_test, self.y_test)
 
+    def without_validation(self, images: int) -> Dataset:
+        """This dataset with the last `images` training images held out of its train split."""
+        _check_holdout(images, len(self.x_train))
+        if images == 0:
+            return self
+        return Dataset(
+            self.name,
+            self.x_train[:-images],
+            self.y_train[:-images],
+            self.x_test,
+            self.y_test,
+            self.num_classes,
+        )
+
+    def validation_tensors(self, images: int):
+        """The last `images` training images (held out of training by `without_validation`),
+        as tensors: what settings are chosen on, so that the test split is read only once."""
+        _check_holdout(images, len(self.x_train))
+        if images == 0:
+            raise ValueError("validation images: expected >= 1, got 0")
+        return _to_tensors(self.x_train[-images:], self.y_train[-images:])
+
+
+def _check_holdout(images: int, available: int) -> None:
+    if isinstance(images, bool) or not isinstance(images, int) or not 0 <= images < available:
+        raise ValueError(
+            f"validation images: expected a whole number in [0, {available}), got {images!r}"
+        )
+
 
 def _to_tensors(x: np.ndarray, y: np.ndarray):
     import torch

@@ -217,13 +217,18 @@ def train_victim(
     data_root: str | os.PathLike | None = None,
     device: str = "cpu",
     progress: bool = True,
+    validation_images: int = 0,
 ) -> Victim:
     """Train a victim on a named dataset with its recipe (any setting can be overridden).
 
-    SGD with momentum 0.9, Nesterov, cosine learning-rate decay, random 1-pixel shifts for
-    images larger than 8x8. Returns the victim in eval mode with its test accuracy set.
+    SGD with momentum 0.9, Nesterov, a one-cycle learning rate, and for images larger than
+    8x8 a random shift of up to 2 pixels per batch (circular: pixels leaving one edge come
+    back at the other, harmless on these images' plain borders). `validation_images`: the
+    last that many training images are held out (`Dataset.validation_tensors` gives them).
+    Returns the victim in eval mode with its test accuracy set.
     """
     ds = dataset if isinstance(dataset, data_mod.Dataset) else data_mod.load(dataset, data_root)
+    ds = ds.without_validation(validation_images)
     recipe = RECIPES.get(ds.name, Recipe(arch or "lenet5", epochs=10, lr=0.05))
     arch = arch or recipe.arch
     epochs = recipe.epochs if epochs is None else epochs
@@ -276,7 +281,13 @@ def train_victim(
     victim.eval()
     victim.accuracy = accuracy(victim, x_test, y_test)
     victim.metadata.update(
-        {"epochs": epochs, "lr": lr, "seed": seed, "train_seconds": round(time.time() - start, 1)}
+        {
+            "epochs": epochs,
+            "lr": lr,
+            "seed": seed,
+            "validation_images": validation_images,
+            "train_seconds": round(time.time() - start, 1),
+        }
     )
     return victim.cpu()
 

@@ -1,0 +1,308 @@
+"""The benchmark's summary: per-budget intervals, paired differences, queries to a target.
+
+Every figure is computed from the finished runs in one place (`summarise`); the markdown and
+the plot only format it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .bench import ASSUMPTIONS, _fmt, cells_of, load_tuned, method_settings
+from .stats import Nested, bootstrap_interval, paired_difference, variance_components
+
+__all__ = ["markdown", "summarise", "write_outputs"]
+
+
+def _nested(runs: list[dict[str, Any]], value) -> Nested:
+    out: Nested = {}
+    for r in runs:
+        v = value(r)
+        if v is not None:
+            out.setdefault(r["victim_seed"], {})[r["seed"]] = v
+    return out
+
+
+def _reach(run: dict[str, Any], fraction: float) -> int | None:
+    target = fraction * run["victim_accuracy"]
+    for row in run["metrics"]:
+        if row["clone_accuracy"] >= target:
+            return int(row["queries"])
+    return None
+
+
+def _interval(data: Nested, statistic=statistics.fmean) -> dict[str, float]:
+    est, low, high = bootstrap_interval(data, statistic)
+    return {"estimate": est, "low": low, "high": high}
+
+
+def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str, Any]:
+    """Every figure of the tables, from the finished runs."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(finished, key=lambda r: (r["method"], r["victim_seed"], r["seed"])):
+        by_method.setdefault(r["method"], []).append(r)
+    budgets = sorted({b for r in finished for b in r["budgets"]})
+    victims = {r["victim_seed"]: r["victim_accuracy"] for r in finished}
+    baseline = config["baseline"]
+    tuned = load_tuned(config)
+    stats: dict[str, Any] = {}
+    for method, runs in by_method.items():
+        stats[method] = {}
+        for b in budgets:
+            accs = _nested(runs, lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy"))
+            if not accs:
+                continue
+            ratios = _nested(
+                runs,
+                lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy", math.nan)
+                / r["victim_accuracy"],
+            )
+            cell_rows = [cells_of(r).get(b) for r in runs if cells_of(r).get(b)]
+            flat = [v for s in accs.values() for v in s.values()]
+            entry = {
+                "runs": len(flat),
+                "mean": statistics.fmean(flat),
+                "std": statistics.stdev(flat) if len(flat) > 1 else 0.0,
+                "interval": _interval(accs),
+                "ratio": statistics.fmean(v for s in ratios.values() for v in s.values()),
+                "spread": variance_components(accs),
+                "clone_updates": statistics.fmean(c.get("clone_updates", 0) for c in cell_rows),
+                "generator_updates": statistics.fmean(
+                    c.get("generator_updates", 0) for c in cell_rows
+                ),
+                "elapsed_s": statistics.fmean(c["elapsed_s"] for c in cell_rows),
+            }
+            if method != baseline and baseline in by_method:
+                base = _nested(
+                    by_method[baseline],
+                    lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy"),
+                )
+                entry["vs_baseline"] = paired_difference(accs, base)
+            stats[method][b] = entry
+    reach: dict[str, Any] = {}
+    for fraction in config["targets"]:
+        reach[str(fraction)] = {}
+        for method, runs in by_method.items():
+            hits = _nested(runs, lambda r, f=fraction: _reach(r, f))
+            flat = [v for s in hits.values() for v in s.values()]
+            row: dict[str, Any] = {
+                "reached": len(flat),
+                "runs": len(runs),
+                "per_run": {
+                    f"v{r['victim_seed']}-s{r['seed']}": _reach(r, fraction) for r in runs
+                },
+            }
+            if len(flat) == len(runs) and flat:
+                row["median"] = _interval(hits, statistics.median)
+            if method != baseline and baseline in by_method:
+                base = _nested(by_method[baseline], lambda r, f=fraction: _reach(r, f))
+                logs: Nested = {}
+                for v, s_map in hits.items():
+                    for s, q in s_map.items():
+                        if base.get(v, {}).get(s):
+                            logs.setdefault(v, {})[s] = math.log(base[v][s] / q)
+                pairs = sum(len(x) for x in logs.values())
+                if pairs and pairs == len(runs) == len(by_method[baseline]):
+                    est, low, high = bootstrap_interval(logs)
+                    # Geometric mean of baseline / method: queries saved by explanations.
+                    row["saved_x"] = {
+                        "estimate": math.exp(est),
+                        "low": math.exp(low) if not math.isnan(low) else math.nan,
+                        "high": math.exp(high) if not math.isnan(high) else math.nan,
+                    }
+            reach[str(fraction)][method] = row
+    curves = {
+        f"{r['method']}-v{r['victim_seed']}-s{r['seed']}": [
+            [m["queries"], m["clone_accuracy"]] for m in r["metrics"]
+        ]
+        for r in finished
+    }
+    return {
+        "dataset": config["dataset"],
+        "victims": victims,
+        "victim_accuracy": statistics.fmean(victims.values()),
+        "baseline": baseline,
+        "budgets": budgets,
+        "settings": config["settings"],
+        "method_settings": {m: method_settings(config, m, tuned)[1] for m in by_method},
+        "tuned_settings": config.get("tuned_settings"),
+        "assumptions": ASSUMPTIONS,
+        "wall_s": round(wall, 1),
+        "run_wall_s": {
+            f"{r['method']}-v{r['victim_seed']}-s{r['seed']}": r["wall_s"] for r in finished
+        },
+        "threads_per_run": args.threads,
+        "jobs": args.jobs,
+        "stats": stats,
+        "queries_to_reach": reach,
+        "curves": curves,
+    }
+
+
+def _ci(i: dict[str, float], scale: float = 100, digits: int = 1) -> str:
+    if math.isnan(i["low"]):
+        return f"{scale * i['estimate']:.{digits}f}"
+    return (
+        f"{scale * i['estimate']:.{digits}f} [{scale * i['low']:.{digits}f}, "
+        f"{scale * i['high']:.{digits}f}]"
+    )
+
+
+def _is_assumption(method: str) -> bool:
+    return any(tag in method for tag in ASSUMPTIONS)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    stats, budgets = summary["stats"], summary["budgets"]
+    head = "| method | " + " | ".join(_fmt(b) for b in budgets) + " |"
+    rule = "|" + " --- |" * (len(budgets) + 1)
+    runs = max((s["runs"] for m in stats.values() for s in m.values()), default=0)
+    victims = len(summary["victims"])
+    lines = [
+        f"Clone test accuracy %, mean [95% interval] over {runs} run(s) ({victims} victim(s) "
+        f"x attack seeds), and x the victim's accuracy (victims "
+        + ", ".join(f"{100 * a:.1f}%" for a in summary["victims"].values())
+        + "). Data-free: no prior on the images.",
+        "",
+        head,
+        rule,
+    ]
+    free = [m for m in stats if not _is_assumption(m)]
+    assumed = [m for m in stats if _is_assumption(m)]
+
+    def accuracy_rows(methods: list[str]) -> list[str]:
+        rows = []
+        for method in methods:
+            cells = []
+            for b in budgets:
+                s = stats[method].get(b)
+                cells.append("-" if s is None else f"{_ci(s['interval'])} ({s['ratio']:.2f}x)")
+            rows.append(f"| {method} | " + " | ".join(cells) + " |")
+        return rows
+
+    lines += accuracy_rows(free)
+    base = summary["baseline"]
+    lines += [
+        "",
+        f"Paired difference method - {base} (same victim, same seed), points, mean [95% "
+        "interval]; 'ahead' only where the interval excludes 0:",
+        "",
+        head,
+        rule,
+    ]
+    for method in free:
+        if method == base:
+            continue
+        cells = []
+        for b in budgets:
+            d = stats[method].get(b, {}).get("vs_baseline")
+            if not d or not d.get("pairs"):
+                cells.append("-")
+                continue
+            interval = {"estimate": d["mean"], "low": d["low"], "high": d["high"]}
+            verdict = {"a ahead": "ahead", "b ahead": "behind"}.get(d["verdict"], "no difference")
+            cells.append(f"{_ci(interval)} {verdict}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Queries to reach a fraction of the victim's accuracy (median [95% interval]):"]
+    lines += ["", "| method | " + " | ".join(f"{f}x" for f in summary["queries_to_reach"]) + " |"]
+    lines.append("|" + " --- |" * (len(summary["queries_to_reach"]) + 1))
+    for method in free:
+        cells = []
+        for rows in summary["queries_to_reach"].values():
+            row = rows.get(method)
+            if row is None:
+                cells.append("-")
+            elif "median" not in row:
+                cells.append(f"reached in {row['reached']}/{row['runs']} runs")
+            else:
+                cell = _ci(row["median"], scale=1, digits=0)
+                saved = row.get("saved_x")
+                if saved:
+                    cell += f"; {base} needs {_ci(saved, scale=1, digits=2)}x"
+                cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Compute at each budget (mean per run): clone updates / generator updates / s:"]
+    lines += ["", head, rule]
+    for method in stats:
+        cells = []
+        for b in budgets:
+            s = stats[method].get(b)
+            cells.append(
+                "-"
+                if s is None
+                else f"{s['clone_updates']:.0f} / {s['generator_updates']:.0f} / "
+                f"{s['elapsed_s']:.0f}"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Where the spread comes from (share of the variance due to the victim):", ""]
+    lines += [head, rule]
+    for method in stats:
+        cells = [
+            f"{100 * stats[method][b]['spread']['victim_share']:.0f}%"
+            if b in stats[method]
+            else "-"
+            for b in budgets
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if assumed:
+        lines += ["", "With an assumption about the domain (not data-free):", ""]
+        lines += [f"- {tag}: {text}" for tag, text in summary["assumptions"].items()]
+        lines += ["", head, rule] + accuracy_rows(assumed)
+    lines += [
+        "",
+        f"Wall time of this invocation {summary['wall_s']:.0f} s (finished runs are reused; "
+        f"their own times are in the JSON's run_wall_s), {summary['jobs']} run(s) at a time, "
+        f"{summary['threads_per_run']} thread(s) each.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(
+    summary: dict[str, Any], out: Path, stem: str = "query_efficiency", plot: bool = True
+) -> list[Path]:
+    from .runs import write_json_atomic
+
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    write_json_atomic(paths[0], summary)
+    tmp = paths[1].with_name(paths[1].name + ".tmp")
+    tmp.write_text(markdown(summary))
+    tmp.replace(paths[1])
+    if plot:
+        try:
+            paths.append(plot_curves(summary, out / f"{stem}.png"))
+        except ImportError:
+            print("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
+    return paths
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, by_budget in summary["stats"].items():
+        budgets = sorted(by_budget)
+        means = [100 * by_budget[b]["interval"]["estimate"] for b in budgets]
+        lows = [100 * by_budget[b]["interval"]["low"] for b in budgets]
+        highs = [100 * by_budget[b]["interval"]["high"] for b in budgets]
+        if any(math.isnan(v) for v in lows):
+            lows, highs = means, means
+        err = [[m - lo for m, lo in zip(means, lows)], [hi - m for m, hi in zip(means, highs)]]
+        style = "--" if _is_assumption(method) else "-"
+        ax.errorbar(budgets, means, yerr=err, marker="o", capsize=3, ls=style, label=method)
+    ax.axhline(100 * summary["victim_accuracy"], color="grey", ls=":", lw=1, label="victims")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries")
+    ax.set_ylabel("clone test accuracy (%), 95% interval")
+    ax.set_title(f"Query efficiency on {summary['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

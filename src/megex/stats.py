@@ -1,0 +1,105 @@
+"""Statistics for comparisons over victims and attack seeds.
+
+Runs are nested: several attack seeds on each of several victims (the same recipe trained
+with different seeds). Intervals come from a hierarchical bootstrap that resamples victims,
+then seeds within each victim, so that the spread between victims is not mistaken for
+precision. A difference between two methods is taken on paired runs (same victim, same
+seed) and called a difference only when its interval excludes zero.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "Nested",
+    "bootstrap_interval",
+    "paired_difference",
+    "variance_components",
+]
+
+# values[victim][seed]: one number per run (None where a run has no value).
+Nested = dict[Any, dict[Any, float]]
+
+
+def _resample(data: Nested, rng: random.Random) -> list[float]:
+    victims = list(data)
+    out: list[float] = []
+    for victim in rng.choices(victims, k=len(victims)):
+        seeds = list(data[victim].values())
+        out.extend(rng.choices(seeds, k=len(seeds)))
+    return out
+
+
+def bootstrap_interval(
+    data: Nested,
+    statistic: Callable[[Sequence[float]], float] = statistics.fmean,
+    level: float = 0.95,
+    resamples: int = 4000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(estimate, low, high): `statistic` over all runs, with a hierarchical bootstrap
+    percentile interval (victims resampled, then seeds within each)."""
+    flat = [v for by_seed in data.values() for v in by_seed.values()]
+    if not flat:
+        raise ValueError("bootstrap_interval: no values")
+    estimate = statistic(flat)
+    if len(flat) == 1:
+        return estimate, math.nan, math.nan
+    rng = random.Random(seed)
+    draws = sorted(statistic(_resample(data, rng)) for _ in range(resamples))
+    tail = (1 - level) / 2
+    low = draws[int(tail * (resamples - 1))]
+    high = draws[int(math.ceil((1 - tail) * (resamples - 1)))]
+    return estimate, low, high
+
+
+def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
+    """Mean of a - b over the runs both have (same victim, same seed), with its interval.
+
+    `verdict` is 'a ahead' or 'b ahead' only where the interval excludes 0, else 'no
+    difference measured'.
+    """
+    diffs: Nested = {}
+    for victim, by_seed in a.items():
+        for seed, value in by_seed.items():
+            other = b.get(victim, {}).get(seed)
+            if other is not None and value is not None:
+                diffs.setdefault(victim, {})[seed] = value - other
+    pairs = sum(len(v) for v in diffs.values())
+    if pairs == 0:
+        return {"pairs": 0}
+    mean, low, high = bootstrap_interval(diffs, **kwargs)
+    if pairs > 1 and low > 0:
+        verdict = "a ahead"
+    elif pairs > 1 and high < 0:
+        verdict = "b ahead"
+    else:
+        verdict = "no difference measured"
+    return {"pairs": pairs, "mean": mean, "low": low, "high": high, "verdict": verdict}
+
+
+def variance_components(data: Nested) -> dict[str, float]:
+    """How much of the spread comes from the victim and how much from the attack's seed.
+
+    One-way random-effects estimate on a nested design: `seed` is the mean within-victim
+    variance; `victim` the variance of victim means less what seed noise alone explains
+    (floored at 0).
+    """
+    groups = [list(by_seed.values()) for by_seed in data.values() if by_seed]
+    within = [statistics.variance(g) for g in groups if len(g) > 1]
+    seed_var = statistics.fmean(within) if within else 0.0
+    means = [statistics.fmean(g) for g in groups]
+    n = statistics.fmean(len(g) for g in groups) if groups else 1
+    between = statistics.variance(means) if len(means) > 1 else 0.0
+    victim_var = max(0.0, between - seed_var / n)
+    total = victim_var + seed_var
+    return {
+        "victim_var": victim_var,
+        "seed_var": seed_var,
+        "victim_share": victim_var / total if total > 0 else 0.0,
+    }

@@ -1,0 +1,288 @@
+"""The tuning search: the same number of trials for every method, off the test set.
+
+Each method's own knobs (DFME's included) are searched with Optuna's TPE sampler, every
+method given the same number of trials at the same reduced budget. A trial attacks a tuning
+victim (a recipe seed the benchmark never uses) with tuning seeds (never the reporting
+ones), and is scored on validation images held out of the victim's training split: the
+mean validation accuracy of the clone at a few query marks (which rewards getting there
+early as well as far). The test split is never read.
+
+Studies live in one SQLite file (`<out>/studies.db`), so a search that stops continues
+where it stopped: trials that finished are kept, a trial cut short is run again (Optuna's
+heartbeat marks it failed, and RetryFailedTrialCallback re-queues it). The best settings
+per method are written to `<out>/tuned.json`, which the benchmark reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .bench import (
+    DEFAULTS as BENCH_DEFAULTS,
+)
+from .bench import (
+    build_attack,
+    get_victim,
+    method_settings,
+    prepare_torch,
+)
+
+__all__ = ["SEARCH", "add_arguments", "main", "run_search", "search_space"]
+
+SEARCH: dict[str, Any] = {
+    "victim_seed": 100,
+    "seeds": [100, 101],
+    "budget": 100_000,
+    "marks": [25_000, 50_000, 100_000],
+    "trials": 20,
+    "startup_trials": 8,
+    "methods": ["megex-all", "megex-predicted", "megex-smoothgrad", "dfme"],
+}
+
+
+def search_space(trial: Any, attack: str) -> dict[str, Any]:
+    """The knobs searched for an attack: the loop's shared ones, then the attack's own."""
+    params = {
+        "generator_lr": trial.suggest_float("generator_lr", 1e-4, 5e-2, log=True),
+        "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
+        "clone_steps": trial.suggest_int("clone_steps", 1, 3),
+        "train_on_generator_queries": trial.suggest_categorical(
+            "train_on_generator_queries", [True, False]
+        ),
+        "replay_policy": trial.suggest_categorical("replay_policy", ["reservoir", "ring"]),
+        "generator_restart_every": trial.suggest_categorical(
+            "generator_restart_every", [0, 20_000, 50_000]
+        ),
+        "victim_confidence": trial.suggest_float("victim_confidence", 0.0, 3.0),
+        "disagreement_until": trial.suggest_categorical("disagreement_until", [0, 20_000, 50_000]),
+    }
+    if attack == "dfme":
+        params["directions"] = trial.suggest_categorical("directions", [1, 2, 5, 10])
+        params["epsilon"] = trial.suggest_float("epsilon", 1e-4, 1e-1, log=True)
+    else:
+        params["explanation_loss"] = trial.suggest_float("explanation_loss", 0.0, 3.0)
+        params["explain_clone_queries"] = trial.suggest_categorical(
+            "explain_clone_queries", [True, False]
+        )
+    return params
+
+
+def score(
+    method: str,
+    settings: dict[str, Any],
+    attack_name: str,
+    victim: Any,
+    evaluator: Any,
+    search: dict[str, Any],
+    device: str,
+) -> tuple[float, dict[str, Any]]:
+    """Mean validation accuracy over the marks and tuning seeds, and the per-seed curves."""
+    from .engine import run
+    from .oracle import LocalOracle
+
+    values, curves = [], {}
+    for seed in search["seeds"]:
+        attack = build_attack(attack_name, settings, seed, device)
+        oracle = LocalOracle(
+            victim,
+            budget=search["budget"],
+            explanation=getattr(attack.config, "explanation", None),
+            seed=seed,
+            device=device,
+        )
+        result = run(
+            attack,
+            oracle,
+            search["budget"],
+            evaluator=evaluator,
+            eval_every=search["budget"],
+            eval_at=search["marks"],
+            progress=False,
+        )
+        rows = result.metrics
+        at_marks = []
+        for mark in search["marks"]:
+            within = [r for r in rows if r["queries"] <= mark]
+            at_marks.append(within[-1]["clone_accuracy"] if within else 0.0)
+        values.append(statistics.fmean(at_marks))
+        curves[str(seed)] = [[r["queries"], r["clone_accuracy"]] for r in rows]
+    return statistics.fmean(values), curves
+
+
+def _storage(out: Path):
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    # Heartbeats (what lets a killed trial be retried) are marked experimental.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return RDBStorage(
+        f"sqlite:///{out / 'studies.db'}",
+        heartbeat_interval=30,
+        grace_period=120,
+        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+    )
+
+
+def search_method(job: dict[str, Any]) -> dict[str, Any]:
+    """Run the remaining trials of one method's study; return its best settings."""
+    import optuna
+
+    from . import data as data_mod
+    from .evaluate import Evaluator
+    from .victim import Victim
+
+    prepare_torch(job["threads"], job["device"])
+    config, search, method = job["config"], job["search"], job["method"]
+    victim = Victim.load(job["victim"])
+    ds = data_mod.load(config["dataset"], job["data_root"])
+    x_val, y_val = ds.validation_tensors(config["validation_images"])
+    evaluator = Evaluator.from_victim(victim, x_val, y_val)
+    attack_name, fixed = method_settings(config, method)
+    study = optuna.create_study(
+        study_name=method,
+        storage=_storage(Path(job["out"])),
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(
+            seed=job["sampler_seed"], n_startup_trials=search["startup_trials"]
+        ),
+    )
+
+    def objective(trial: Any) -> float:
+        params = search_space(trial, attack_name)
+        t0 = time.time()
+        value, curves = score(
+            method, {**fixed, **params}, attack_name, victim, evaluator, search, job["device"]
+        )
+        trial.set_user_attr("curves", curves)
+        trial.set_user_attr("seconds", round(time.time() - t0, 1))
+        _log(f"tune {method}: trial {trial.number} -> {value:.4f} ({time.time() - t0:.0f} s)")
+        return value
+
+    complete = optuna.trial.TrialState.COMPLETE
+    done = len(study.get_trials(deepcopy=False, states=(complete,)))
+    if done < search["trials"]:
+        _log(f"tune {method}: {done} of {search['trials']} trials done; running the rest")
+        study.optimize(
+            objective,
+            callbacks=[optuna.study.MaxTrialsCallback(search["trials"], states=(complete,))],
+        )
+    best = study.best_trial
+    return {
+        "method": method,
+        "params": best.params,
+        "value": best.value,
+        "trial": best.number,
+        "trials": len(study.get_trials(deepcopy=False, states=(complete,))),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="benchmark config JSON (dataset, validation, settings)")
+    parser.add_argument("--data-root", help="folder holding the dataset's files")
+    parser.add_argument("--out", default="benchmarks/results/tuning", help="studies and output")
+    parser.add_argument(
+        "--trials", type=int, help=f"trials per method (default {SEARCH['trials']})"
+    )
+    parser.add_argument("--budget", type=int, help=f"queries per trial run ({SEARCH['budget']})")
+    parser.add_argument("--methods", nargs="+", help="methods to search (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods searched in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--device", help="cpu or cuda (default: the config's)")
+    return parser
+
+
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench import load_config, run_jobs
+
+    config = load_config(args.config)
+    config["tuned_settings"] = None  # the search starts from the untuned settings
+    search = dict(SEARCH)
+    if args.trials:
+        search["trials"] = args.trials
+    if args.budget:
+        search["budget"] = args.budget
+        search["marks"] = [m for m in search["marks"] if m < args.budget] + [args.budget]
+    methods = args.methods or search["methods"]
+    for method in methods:
+        if method not in BENCH_DEFAULTS["methods"] and method not in config["methods"]:
+            raise ValueError(f"--methods: {method!r} is not a benchmark method")
+    device = args.device or config["device"]
+    out = Path(args.out)
+    _, vpath = get_victim(config, out / "victims", args.data_root, search["victim_seed"])
+    jobs = [
+        {
+            "method": m,
+            "config": config,
+            "search": search,
+            "victim": str(vpath),
+            "data_root": args.data_root,
+            "out": str(out),
+            "device": device,
+            "threads": args.threads,
+            "sampler_seed": i,
+        }
+        for i, m in enumerate(methods)
+    ]
+    t0 = time.time()
+    best: dict[str, Any] = {}
+    run_jobs(jobs, args.jobs, lambda res: best.__setitem__(res["method"], res), search_method)
+    tuned_path = out / "tuned.json"
+    previous = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {}
+    doc = {
+        "description": "Settings chosen by megex.tune: validation images, tuning victim and "
+        "seeds only; the benchmark reads them.",
+        "dataset": config["dataset"],
+        "validation_images": config["validation_images"],
+        "search": search,
+        "study": str(out / "studies.db"),
+        "methods": {**previous.get("methods", {}), **{m: b["params"] for m, b in best.items()}},
+        "validation_score": {
+            **previous.get("validation_score", {}),
+            **{m: b["value"] for m, b in best.items()},
+        },
+        "trials": {**previous.get("trials", {}), **{m: b["trials"] for m, b in best.items()}},
+    }
+    from .runs import write_json_atomic
+
+    write_json_atomic(tuned_path, doc)
+    _log(f"tune: {time.time() - t0:.0f} s; best settings in {tuned_path}")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(
+        argparse.ArgumentParser(prog="megex tune", description=__doc__.splitlines()[0])
+    )
+    args = parser.parse_args(argv)
+    try:
+        run_search(args)
+    except ImportError as exc:
+        print(f"megex tune: error: {exc} (pip install 'megex[tune]')", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"megex tune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("megex tune: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
