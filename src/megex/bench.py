@@ -100,13 +100,33 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options (the `megex bench` subcommand reuses them)."""
-    parser.add_argument("--config", help="JSON file of benchmark settings (e.g. configs/svhn.json)")
+    parser.add_argument(
+        "--config",
+        help="JSON file of benchmark settings, e.g. benchmarks/configs/svhn.json "
+        "(default: the Fashion-MNIST setting, bench.DEFAULTS)",
+    )
     parser.add_argument("--data-root", help="folder holding the dataset's files")
     parser.add_argument("--quick", action="store_true", help="one seed, two budgets")
-    parser.add_argument("--budgets", type=int, nargs="+", help="query budgets to report")
-    parser.add_argument("--seeds", type=int, nargs="+", help="attack seeds (same for all)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods to run")
-    parser.add_argument("--victim", help="victim .safetensors to use instead of the cached one")
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", help="query budgets to report (default: the config's)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="attack seeds, the same for all (default: the config's)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        help="methods to run (default: the config's)",
+    )
+    parser.add_argument(
+        "--victim",
+        help="victim .safetensors to use (default: the config's victim, trained once and "
+        "cached under --out)",
+    )
     parser.add_argument(
         "--out", default="benchmarks/results", help="output folder (default: benchmarks/results)"
     )
