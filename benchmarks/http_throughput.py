@@ -8,7 +8,7 @@ latency p50/p99) through:
 - V2 binary / V2 JSON: ``RemoteOracle`` with the binary tensor extension or plain JSON;
 - V1 JSON: raw ``:predict`` / ``:explain`` requests (Vertex AI payloads) with httpx.
 
-The server runs in its own process (``python -m megex.serve_cli``) on a loopback port, as a
+The server runs in its own process (``python -m megex serve``) on a loopback port, as a
 user would run it, and the table gives each rate as a ratio to in-process.
 
     python benchmarks/http_throughput.py [--duration 1.0] [--batches 1 64 256] [--threads 1]
@@ -55,7 +55,7 @@ def free_port() -> int:
 
 def start_server(victim_path: Path, db: Path, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "megex.serve_cli", "--victim", str(victim_path),
+    cmd = [sys.executable, "-m", "megex", "serve", "--victim", str(victim_path),
            "--port", str(port), "--db", str(db), "--log-level", "warning"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(

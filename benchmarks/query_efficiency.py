@@ -1,7 +1,7 @@
-"""Query efficiency of MEGEX vs DFME (clone accuracy against queries); see megex.bench.
+"""Query efficiency: explanation attacks against DFME under the fair protocol; see megex.bench.
 
-python benchmarks/query_efficiency.py --quick            # one seed, 50k and 150k
-python benchmarks/query_efficiency.py --jobs 2           # 3 seeds, 100k to 1M
+python benchmarks/query_efficiency.py --quick --jobs 2   # one victim and seed, 50k and 150k
+python benchmarks/query_efficiency.py --jobs 2           # 3 victims x 3 seeds, to 500k
 python benchmarks/query_efficiency.py --config benchmarks/configs/svhn.json --data-root DIR
 """
 

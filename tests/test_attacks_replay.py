@@ -1,8 +1,6 @@
-"""Experience replay, the new attack options, exact resume with them, and `megex bench`."""
+"""Experience replay, the attack options, and exact resume with them."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -245,60 +243,6 @@ def test_generator_is_redrawn_once_per_period(victim):
     assert torch.equal(attack.rng.get_state(), rng_state)
 
 
-def test_bench_quick_path_on_digits(tmp_path, capsys):
-    from megex import bench
-
-    config = tmp_path / "digits.json"
-    config.write_text(
-        json.dumps(
-            {
-                "dataset": "digits",
-                "settings": {**SMALL, "lr_schedule": "constant", "replay_size": 500},
-                "quick_budgets": [300, 600],
-                "method_settings": {"megex-all": {"clone_updates_per_1k_queries": 40.0}},
-            }
-        )
-    )
-    victim = Victim(
-        build_classifier("small_cnn", 10, 1, 8), (1, 8, 8), 10, arch="small_cnn", dataset="digits"
-    )
-    victim.accuracy = 0.5
-    vpath = victim.save(tmp_path / "victim.safetensors")
-    argv = [
-        "--config", str(config), "--quick", "--out", str(tmp_path / "out"), "--victim",
-        str(vpath), "--methods", "megex-all", "dfme-m1", "--no-progress",
-    ]  # fmt: skip
-    assert bench.main(argv) == 0
-    summary = json.loads((tmp_path / "out" / "query_efficiency_quick.json").read_text())
-    assert set(summary["stats"]) == {"megex-all", "dfme-m1"}
-    assert set(summary["stats"]["megex-all"]) == {"300", "600"}
-    assert all(c["queries"] <= c["budget"] for c in summary["cells"])
-    table = (tmp_path / "out" / "query_efficiency_quick.md").read_text()
-    assert "| megex-all |" in table
-    reach = summary["queries_to_reach"]
-    assert reach["target"]["method"] == "dfme-m1" and reach["target"]["budget"] == 600
-    assert [hit["seed"] for hit in reach["megex-all"]] == [0]
-    assert "(seed 0)" in table.split("Queries to reach")[1]
-    # A second call finds the finished runs and skips them.
-    capsys.readouterr()
-    assert bench.main(argv + ["--no-plot"]) == 0
-    assert "already done" in capsys.readouterr().out
-    # Other settings in the same output folder: refused, not silently reported as done.
-    config.write_text(
-        json.dumps(
-            {
-                "dataset": "digits",
-                "settings": {**SMALL, "lr_schedule": "constant", "replay_size": 400},
-                "quick_budgets": [300, 600],
-            }
-        )
-    )
-    assert bench.main(argv + ["--no-plot"]) == 2
-    err = capsys.readouterr().err
-    assert "other settings" in err and "replay_size: 500 then, 400 now" in err
-    assert "--fresh" in err
-
-
 def test_brightness_prior_is_a_function_of_the_latent(victim):
     attack = DFME(**SMALL, query_gamma=(0.5, 4.5))
     attack.setup(megex.LocalOracle(victim, budget=None), 10)
@@ -342,24 +286,3 @@ def test_disagreement_is_dropped_after_the_given_query_count(victim):
     assert MEGEX(**SMALL).disagreement_now() == 1.0
     with pytest.raises(ValueError, match="disagreement_until"):
         MEGEX(disagreement_until=-5)
-
-
-def test_bench_settings_per_method_and_the_paper_configs():
-    from pathlib import Path
-
-    from megex import bench
-
-    _, settings = bench.method_settings(bench.load_config(None), "megex-all")
-    assert settings["disagreement_until"] == 150_000 and settings["explanation"] == "gradient-all"
-    for other in ("megex-predicted", "dfme-m1"):
-        assert "disagreement_until" not in bench.method_settings(bench.load_config(None), other)[1]
-    for name in bench.METHODS:
-        _, settings = bench.method_settings(bench.load_config(None), name)
-        assert settings["generator_restart_every"] == (0 if name == "dfme-m10" else 100_000)
-    configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
-    for name in ("svhn.json", "cifar10.json"):
-        config = bench.load_config(configs / name)
-        assert config["device"] == "cuda" and config["settings"]["clone"] == "resnet18_8x"
-        assert bench.method_settings(config, "megex-all")[1]["disagreement_until"] == 0
-        for method in bench.METHODS:
-            assert bench.method_settings(config, method)[1]["generator_restart_every"] == 0

@@ -54,12 +54,12 @@ def test_readme_commands_run_as_written(tmp_path):
     try:
         for line in megex_commands():
             args = shlex.split(line.rstrip("&").strip())
-            if args[1] == "bench":
-                # Hours at full scale: its options must parse here, and its quick path runs
-                # at toy scale in test_attacks_replay.py.
+            if args[1] in ("bench", "tune"):
+                # Hours at full scale: their options must parse here, and both run at toy
+                # scale in test_bench.py.
                 from megex.cli import build_parser
 
-                assert build_parser().parse_args(args[1:]).quick
+                assert build_parser().parse_args(args[1:]).command == args[1]
                 continue
             if line.endswith("&"):
                 proc = subprocess.Popen(

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -650,39 +649,11 @@ def test_open_server_and_audit_images(victim, tmp_path):
     np.testing.assert_array_equal(np.frombuffer(blob, "<f4").reshape(2, 1, 8, 8), x.numpy())
 
 
-# --- the command line --------------------------------------------------------------------
-
-
-def _cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megex.serve_cli", *argv], capture_output=True, text=True, timeout=60
-    )
-
-
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
-    from megex.serve_cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["--victim", str(tmp_path / "missing.safetensors")])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("megex serve: error: --victim") and "\n" not in err
-    path = save_tiny_victim(tmp_path)
-    for argv, flag in [
-        (["--defense", "blur:3"], "--defense"),
-        (["--keys", str(tmp_path / "nokeys.txt")], "--keys"),
-        (["--budget", "-1"], "--budget"),
-        (["--prediction", "top-k"], "top_k"),
-    ]:
-        with pytest.raises(SystemExit) as exc:
-            main(["--victim", str(path), "--db", str(tmp_path / "l.sqlite"), *argv])
-        assert exc.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert flag in err and "\n" not in err and "Traceback" not in err
+# --- one server per ledger file ----------------------------------------------------------
 
 
 def test_one_server_per_ledger(victim, tmp_path, capsys):
-    from megex.serve_cli import main
+    from megex.cli import main
     from megex.sqlite_ledger import LedgerInUse, SQLiteLedger
 
     db = tmp_path / "l.sqlite"
@@ -690,9 +661,7 @@ def test_one_server_per_ledger(victim, tmp_path, capsys):
     with pytest.raises(LedgerInUse, match="already in use by another server"):
         SQLiteLedger(db, keys={KEY: 10})
     path = save_tiny_victim(tmp_path)
-    with pytest.raises(SystemExit) as exc:
-        main(["--victim", str(path), "--db", str(db)])
-    assert exc.value.code == 2
+    assert main(["serve", "--victim", str(path), "--db", str(db)]) == 1  # refused
     err = capsys.readouterr().err.strip()
     assert str(db) in err and "--db" in err and "\n" not in err and "Traceback" not in err
     first.close()
@@ -707,104 +676,6 @@ def test_one_server_per_ledger(victim, tmp_path, capsys):
     for _ in range(2):
         with pytest.raises(sqlite3.OperationalError):
             SQLiteLedger(folder)
-
-
-def test_add_serve_parser_registers_the_subcommand(tmp_path):
-    import argparse
-
-    from megex.serve_cli import add_serve_parser, build_app, run_serve
-
-    parser = argparse.ArgumentParser(prog="megex")
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    keys = tmp_path / "keys.txt"
-    keys.write_text("# comment\nalpha,100\nbeta\n")
-    args = parser.parse_args(
-        [
-            "serve",
-            "--victim",
-            str(save_tiny_victim(tmp_path)),
-            "--keys",
-            str(keys),
-            "--key",
-            "gamma",
-            "--budget",
-            "50",
-            "--db",
-            str(tmp_path / "l.sqlite"),
-            "--fixed-explanation",
-            "--explanation-method",
-            "smoothgrad",
-            "--defense",
-            "round:2",
-            "--prediction",
-            "top-k",
-            "--top-k",
-            "3",
-            "--port",
-            "9999",
-        ]
-    )
-    assert args.func is run_serve and args.port == 9999
-    app, parsed_keys = build_app(args)
-    assert parsed_keys == {"alpha": 100, "beta": None, "gamma": None}
-    service = app.state.service
-    assert service.name == NAME and service.responder.prediction == "top-k"
-    assert service.responder.explanation == Explanation("smoothgrad")
-    assert not service.responder.allow_explanation_choice
-    ledger = app.state.ledger
-    assert ledger.usage(ledger.authenticate("alpha").id).budget == 100
-    assert ledger.usage(ledger.authenticate("beta").id).budget == 50
-
-
-def test_cli_subprocess_serves(tmp_path):
-    import socket
-
-    path = save_tiny_victim(tmp_path)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "megex.serve_cli",
-            "--victim",
-            str(path),
-            "--port",
-            str(port),
-            "--key",
-            KEY,
-            "--db",
-            str(tmp_path / "l.sqlite"),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.1)
-        r = post(f"http://127.0.0.1:{port}{V1P}", {"instances": GOOD})
-        assert r.status_code == 200 and r.headers["X-Queries-Used"] == "1"
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=10)
-    assert f"http://127.0.0.1:{port}/v2/models/{NAME}" in out
-
-
-def test_cli_module_reports_missing_victim():
-    r = _cli("--victim", "/nonexistent/v.safetensors")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "no file" in r.stderr
 
 
 def test_import_megex_does_not_import_fastapi():

@@ -186,43 +186,20 @@ def main(argv: list[str] | None = None) -> int:
 # --- victims ------------------------------------------------------------------------------
 
 
-def victim_path(folder: Path, config: dict[str, Any], seed: int) -> Path:
-    from .victim import RECIPES
-
-    recipe = RECIPES.get(config["dataset"])
-    arch = config["victim_arch"] or (recipe.arch if recipe else "lenet5")
-    held = config["validation_images"]
-    return folder / f"{config['dataset']}-{arch}-seed{seed}-val{held}.safetensors"
-
-
 def get_victim(config: dict[str, Any], folder: Path, data_root: str | None, seed: int):
-    """The cached victim of recipe seed `seed`, or a freshly trained one (then cached)."""
-    from .victim import RECIPES, Victim, train_victim
+    """(victim, path): the victim of recipe seed `seed`, from `folder` or freshly trained."""
+    from .victim import cached_victim
 
-    path = victim_path(folder, config, seed)
-    if path.is_file():
-        victim = Victim.load(path)
-        _log(f"victim: {path} ({victim.arch}, test accuracy {victim.accuracy:.4f})")
-        return victim, path
-    _log(f"victim: training seed {seed} on {config['dataset']} (cached afterwards at {path})")
-    victim = train_victim(
+    return cached_victim(
+        folder,
         config["dataset"],
         config["victim_arch"],
         seed=seed,
+        validation_images=config["validation_images"],
         data_root=data_root,
         device=config["device"],
-        validation_images=config["validation_images"],
-        progress=False,
+        log=_log,
     )
-    victim.save(path)
-    _log(f"victim: test accuracy {victim.accuracy:.4f}, {victim.metadata.get('train_seconds')} s")
-    recipe = RECIPES.get(config["dataset"])
-    if recipe is not None and victim.accuracy < recipe.expected_accuracy:
-        _log(
-            f"victim: warning: below the recipe's documented {recipe.expected_accuracy:.2f}; "
-            "clone ratios are relative to this victim"
-        )
-    return victim, path
 
 
 # --- one run ------------------------------------------------------------------------------
@@ -278,7 +255,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     base = {**job, "victim_accuracy": victim.accuracy}
     if folder.is_finished() and not job["fresh"]:
         result = folder.read_result()
-        return {**base, "metrics": result["metrics"], "wall_s": result["elapsed_s"], "skipped": True}
+        return {
+            **base,
+            "metrics": result["metrics"],
+            "wall_s": result["elapsed_s"],
+            "skipped": True,
+        }
     ds = data_mod.load(job["dataset"], job["data_root"])
     x_test, y_test = ds.test_tensors()
     evaluator = Evaluator.from_victim(victim, x_test, y_test)
@@ -327,6 +309,12 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     device = args.device or config["device"]
     jobs = []
     for method in methods:
+        source = METHODS[method].get("tuned_as", method)
+        if tuned and source not in tuned.get("methods", {}):
+            raise ValueError(
+                f"tuned_settings: {config['tuned_settings']} has no settings for {source!r} "
+                f"(the search has not finished it); run megex tune --methods {source}"
+            )
         attack, settings = method_settings(config, method, tuned)
         if settings.get("lr_schedule") != "constant":
             raise ValueError(
@@ -358,30 +346,6 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     return jobs
 
 
-def run_jobs(jobs: list[dict[str, Any]], workers: int, done: Any, function: Any = None) -> None:
-    """Run `function(job)` (default run_one) for every job, `workers` processes at a time."""
-    function = function or run_one
-    if workers <= 1:
-        for job in jobs:
-            done(function(job))
-        return
-    import multiprocessing
-
-    # One process per run (spawned: no forked torch state); on Ctrl-C the workers are ended
-    # at once. Checkpoints are written atomically, so each run resumes from its last
-    # evaluation next time.
-    pool = multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1)
-    try:
-        for res in pool.imap_unordered(function, jobs, chunksize=1):
-            done(res)
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.close()
-        pool.join()
-
-
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) the benchmark described by `args`; write JSON, markdown and PNG."""
     config = load_config(args.config)
@@ -393,9 +357,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     victim_seeds = args.victim_seeds or (
         config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
     )
-    victims = {
-        s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds
-    }
+    victims = {s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds}
     jobs = plan(config, args, out, victims)
     _log(f"benchmark: {len(jobs)} runs, {args.jobs} at a time; run folders under {out / 'runs'}")
     finished: list[dict[str, Any]] = []
@@ -410,7 +372,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             f"seed {res['seed']} ({how}): {shown}"
         )
 
-    run_jobs(jobs, args.jobs, done)
+    from .sweep import run_jobs
+
+    run_jobs(jobs, args.jobs, done, run_one)
     wall = time.time() - t0
     from .bench_report import summarise, write_outputs
 

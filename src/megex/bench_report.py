@@ -57,8 +57,9 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
                 continue
             ratios = _nested(
                 runs,
-                lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy", math.nan)
-                / r["victim_accuracy"],
+                lambda r, b=b: (
+                    cells_of(r).get(b, {}).get("clone_accuracy", math.nan) / r["victim_accuracy"]
+                ),
             )
             cell_rows = [cells_of(r).get(b) for r in runs if cells_of(r).get(b)]
             flat = [v for s in accs.values() for v in s.values()]
@@ -91,9 +92,7 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
             row: dict[str, Any] = {
                 "reached": len(flat),
                 "runs": len(runs),
-                "per_run": {
-                    f"v{r['victim_seed']}-s{r['seed']}": _reach(r, fraction) for r in runs
-                },
+                "per_run": {f"v{r['victim_seed']}-s{r['seed']}": _reach(r, fraction) for r in runs},
             }
             if len(flat) == len(runs) and flat:
                 row["median"] = _interval(hits, statistics.median)

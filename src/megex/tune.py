@@ -119,18 +119,18 @@ def _storage(out: Path):
     import warnings
 
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna import storages
 
     # Heartbeats (what lets a killed trial be retried) are marked experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return RDBStorage(
-        f"sqlite:///{out / 'studies.db'}",
-        heartbeat_interval=30,
-        grace_period=120,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
+        retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(2)}
+    else:
+        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
+    return storages.RDBStorage(
+        f"sqlite:///{out / 'studies.db'}", heartbeat_interval=30, grace_period=120, **retry
     )
 
 
@@ -204,7 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:
-    from .bench import load_config, run_jobs
+    from .bench import load_config
+    from .sweep import run_jobs
 
     config = load_config(args.config)
     config["tuned_settings"] = None  # the search starts from the untuned settings
@@ -235,29 +236,53 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         }
         for i, m in enumerate(methods)
     ]
+    # The database and its studies are made here, once: two workers creating the same
+    # SQLite schema at once collide.
+    import optuna
+
+    storage = _storage(out)
+    for method in methods:
+        optuna.create_study(
+            study_name=method, storage=storage, direction="maximize", load_if_exists=True
+        )
+    del storage
     t0 = time.time()
-    best: dict[str, Any] = {}
-    run_jobs(jobs, args.jobs, lambda res: best.__setitem__(res["method"], res), search_method)
     tuned_path = out / "tuned.json"
-    previous = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {}
-    doc = {
-        "description": "Settings chosen by megex.tune: validation images, tuning victim and "
-        "seeds only; the benchmark reads them.",
-        "dataset": config["dataset"],
-        "validation_images": config["validation_images"],
-        "search": search,
-        "study": str(out / "studies.db"),
-        "methods": {**previous.get("methods", {}), **{m: b["params"] for m, b in best.items()}},
-        "validation_score": {
-            **previous.get("validation_score", {}),
-            **{m: b["value"] for m, b in best.items()},
-        },
-        "trials": {**previous.get("trials", {}), **{m: b["trials"] for m, b in best.items()}},
-    }
+    doc: dict[str, Any] = {}
+
+    def finished(res: dict[str, Any]) -> None:
+        # Written as each method's study finishes, so a long search leaves what it has.
+        nonlocal doc
+        doc = _record(tuned_path, config, search, out, res)
+        _log(f"tune {res['method']}: best {res['value']:.4f} (trial {res['trial']})")
+
+    run_jobs(jobs, args.jobs, finished, search_method)
+    _log(f"tune: {time.time() - t0:.0f} s; best settings in {tuned_path}")
+    return doc
+
+
+def _record(
+    path: Path, config: dict[str, Any], search: dict[str, Any], out: Path, res: dict[str, Any]
+) -> dict[str, Any]:
+    """Add one method's best settings to the search's output file (atomically)."""
     from .runs import write_json_atomic
 
-    write_json_atomic(tuned_path, doc)
-    _log(f"tune: {time.time() - t0:.0f} s; best settings in {tuned_path}")
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    method = res["method"]
+    doc.update(
+        {
+            "description": "Settings chosen by megex.tune: validation images, tuning victim "
+            "and seeds only; the benchmark reads them.",
+            "dataset": config["dataset"],
+            "validation_images": config["validation_images"],
+            "search": search,
+            "study": str(out / "studies.db"),
+        }
+    )
+    for key, value in (("methods", res["params"]), ("validation_score", res["value"]),
+                       ("trials", res["trials"])):  # fmt: skip
+        doc.setdefault(key, {})[method] = value
+    write_json_atomic(path, doc)
     return doc
 
 

@@ -24,7 +24,7 @@ from .evaluate import predict as predict_labels
 from .models import build_classifier
 from .runs import read_weights_description, save_described_weights
 
-__all__ = ["Victim", "RECIPES", "Recipe", "train_victim", "sidecar_path"]
+__all__ = ["Victim", "RECIPES", "Recipe", "cached_victim", "train_victim", "sidecar_path"]
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -290,6 +290,51 @@ def train_victim(
         }
     )
     return victim.cpu()
+
+
+def cached_victim(
+    folder: str | os.PathLike,
+    dataset: str,
+    arch: str | None = None,
+    *,
+    seed: int = 0,
+    validation_images: int = 0,
+    data_root: str | os.PathLike | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    log: Any = print,
+) -> tuple[Victim, Path]:
+    """The victim of a recipe and seed, loaded from `folder`, or trained and saved there.
+
+    The file is named by dataset, architecture, seed and held-out images, so that two
+    recipes never share a file. `log` gets one line saying which it was.
+    """
+    recipe = RECIPES.get(dataset)
+    arch = arch or (recipe.arch if recipe else "lenet5")
+    held = f"-val{validation_images}" if validation_images else ""
+    path = Path(folder) / f"{dataset}-{arch}-seed{seed}{held}.safetensors"
+    if path.is_file():
+        victim = Victim.load(path)
+        log(f"victim: {path} ({arch}, test accuracy {victim.accuracy:.4f})")
+        return victim, path
+    log(f"victim: training {arch} on {dataset}, seed {seed} (cached afterwards at {path})")
+    victim = train_victim(
+        dataset,
+        arch,
+        seed=seed,
+        data_root=data_root,
+        device=device,
+        progress=progress,
+        validation_images=validation_images,
+    )
+    victim.save(path)
+    log(f"victim: test accuracy {victim.accuracy:.4f}, {victim.metadata['train_seconds']} s")
+    if recipe is not None and victim.accuracy < recipe.expected_accuracy:
+        log(
+            f"victim: warning: below the recipe's documented {recipe.expected_accuracy:.2f}; "
+            "clone ratios are relative to this victim"
+        )
+    return victim, path
 
 
 def _random_shift(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:

@@ -311,7 +311,7 @@ def parse_setting(config_class: type, name: str, text: str) -> Any:
         return None
     if isinstance(default, tuple):
         try:
-            return tuple(float(v) for v in text.replace("(", "").replace(")", "").split(","))
+            return tuple(float(v) for v in text.strip("()[] ").split(","))
         except ValueError:
             raise SettingError(f"{name}: expected comma-separated numbers, got {text!r}") from None
     if isinstance(default, int):

@@ -1,0 +1,294 @@
+"""`megex attack`: MEGEX or DFME against a victim file or a service URL, into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from .. import data as data_mod
+from ..attacks import ATTACKS
+from ..defenses import build_defense
+from ..engine import changed_settings, describe_run
+from ..explain import METHODS, Explanation
+from ..oracle import PREDICTION_MODES
+from ..runs import RunFolder
+from .common import (
+    add_explanation_options,
+    add_json_option,
+    clear_run_folder,
+    evaluator_for,
+    is_url,
+    load_victim,
+    messages,
+    positive_float,
+    positive_int,
+    print_json,
+    run_attack,
+)
+from .errors import INTERRUPTED, UsageError, user_input
+from .settings import parse_set_options, setting_help
+
+__all__ = ["add_parser", "cmd_attack"]
+
+
+def add_parser(sub: Any, **kwargs: Any) -> None:
+    p = sub.add_parser("attack", help="run MEGEX or DFME against a victim file or URL", **kwargs)
+    p.add_argument("--method", choices=sorted(ATTACKS), default="megex", help="attack")
+    p.add_argument("--victim", required=True, help="victim .safetensors file, or a server URL")
+    p.add_argument("--api-key", help="API key for a victim served over HTTP")
+    p.add_argument("--budget", type=positive_int, required=True, help="query budget")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a run in --out")
+    p.add_argument("--label", help="name of the run in reports (default: --method)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack and local service")
+    p.add_argument(
+        "--dataset",
+        choices=data_mod.DATASETS,
+        help="test set for evaluation (default: a local victim's own)",
+    )
+    p.add_argument("--data-root", help="folder holding the dataset's files")
+    p.add_argument("--reference-victim", help="local copy of a remote victim, for fidelity")
+    p.add_argument(
+        "--eval-every",
+        type=positive_int,
+        help="queries between evaluations (default: a tenth of the budget)",
+    )
+    ex = p.add_argument_group("the explanation MEGEX asks for")
+    add_explanation_options(ex, METHODS, "all", "explanation method")
+    ex.add_argument("--smoothgrad-sigma", type=float, default=0.1, help="SmoothGrad: noise level")
+    ex.add_argument(
+        "--smoothgrad-samples",
+        type=positive_int,
+        default=3,
+        help="SmoothGrad: noisy samples per image",
+    )
+    ex.add_argument("--ig-steps", type=positive_int, default=16, help="integrated gradients: steps")
+    st = p.add_argument_group("attack settings")
+    st.add_argument(
+        "--directions",
+        type=positive_int,
+        help=f"DFME: random directions m (default: {_default('directions')})",
+    )
+    for flag, kind in (
+        ("--batch-size", positive_int),
+        ("--clone", None),
+        ("--clone-lr", positive_float),
+        ("--generator-lr", positive_float),
+        ("--clone-steps", positive_int),
+        ("--generator-steps", int),
+    ):
+        name = flag[2:].replace("-", "_")
+        text = setting_help("megex", name)
+        st.add_argument(flag, type=kind, help=f"{text} (default: {_default(name)})")
+    st.add_argument(
+        "--loss",
+        choices=("l1", "kl"),
+        help=f"{setting_help('megex', 'loss')} (default: {_default('loss')})",
+    )
+    st.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other attack setting, e.g. replay_policy=ring or disagreement_until=150000 "
+        "(repeatable; `megex settings` lists them with their defaults, rules and help)",
+    )
+    lv = p.add_argument_group("what a local victim returns")
+    lv.add_argument(
+        "--prediction", choices=PREDICTION_MODES, default="probabilities", help="predictions shown"
+    )
+    lv.add_argument("--top-k", type=positive_int, help="classes shown with --prediction top-k")
+    lv.add_argument(
+        "--defense",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="defence: round:2, noise:0.5, topk:0.1, sign (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json_option(p)
+    p.set_defaults(func=cmd_attack)
+
+
+def _default(name: str) -> str:
+    """The default of an attack setting, per attack where they differ."""
+    configs = {method: cls.config_class() for method, cls in sorted(ATTACKS.items())}
+    values = {m: getattr(c, name) for m, c in configs.items() if hasattr(c, name)}
+    if len(set(map(str, values.values()))) > 1:
+        return ", ".join(f"{m} {v}" for m, v in values.items())
+    value = next(iter(values.values()))
+    return "by image size" if value is None else str(value)
+
+
+def explanation_from_args(args: argparse.Namespace) -> Explanation:
+    params: dict[str, Any] = {}
+    if args.explanation_method == "smoothgrad":
+        params = {"sigma": args.smoothgrad_sigma, "samples": args.smoothgrad_samples}
+    elif args.explanation_method == "integrated_gradients":
+        params = {"steps": args.ig_steps}
+    with user_input("--explanation-*"):
+        return Explanation(
+            args.explanation_method,
+            target=args.explanation_target,
+            output=args.explanation_output,
+            **params,
+        )
+
+
+def attack_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = {"seed": args.seed}
+    for name in (
+        "batch_size",
+        "clone",
+        "clone_lr",
+        "generator_lr",
+        "clone_steps",
+        "generator_steps",
+        "loss",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    if args.method == "dfme" and args.directions is not None:
+        settings["directions"] = args.directions
+    settings.update(parse_set_options(args.method, getattr(args, "set", None) or []))
+    return settings
+
+
+def _prepare_out_folder(args: argparse.Namespace, folder: RunFolder) -> bool:
+    """Check --out against --resume and --force, and clear it for --force.
+
+    Returns True when --out holds a finished run to keep (--resume of a finished run).
+    """
+    if folder.is_finished() and args.resume and not args.force:
+        return True
+    if folder.is_finished() and not args.force:
+        raise UsageError(
+            f"--out: {folder.path} already holds a finished run; choose another folder or "
+            "pass --force to overwrite it"
+        )
+    if folder.has_checkpoint() and not args.resume and not args.force:
+        raise UsageError(
+            f"--out: {folder.path} holds an unfinished run; pass --resume to continue it "
+            "or --force to start over"
+        )
+    if args.force:
+        clear_run_folder(folder)
+    return False
+
+
+def _oracle(
+    args: argparse.Namespace, explanation: Explanation | None, checkpoint: Any
+) -> tuple[Any, Any, Any, Any]:
+    """(oracle, local victim or None, evaluator or None, service state or None)."""
+    if is_url(args.victim):
+        try:
+            from ..client import RemoteOracle
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                f"a victim URL needs the 'server' extra (pip install 'megex[server]'): {err}",
+                name=err.name,
+            ) from None
+        with user_input("--victim"):
+            oracle = RemoteOracle(args.victim, api_key=args.api_key)
+        reference = load_victim(args.reference_victim) if args.reference_victim else None
+        return oracle, None, evaluator_for(args.dataset, args.data_root, reference), None
+    from ..oracle import LocalOracle
+
+    victim = load_victim(args.victim)
+    with user_input("--defense"):
+        defenses = [build_defense(spec) for spec in args.defense]
+    with user_input():
+        oracle = LocalOracle(
+            victim,
+            budget=args.budget,
+            prediction=args.prediction,
+            top_k=args.top_k,
+            explanation=explanation or Explanation("gradient"),
+            defenses=defenses,
+            seed=args.seed,
+        )
+    if checkpoint is not None and "service" in checkpoint:
+        oracle.load_state_dict(checkpoint["service"])
+    evaluator = evaluator_for(args.dataset or victim.dataset, args.data_root, victim)
+    return oracle, victim, evaluator, oracle.state_dict
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    out = messages(args)
+    folder = RunFolder(args.out)
+    if _prepare_out_folder(args, folder):
+        result = folder.read_result()
+        if args.json:
+            print_json({"run": str(folder.path), **result})
+        else:
+            print(
+                f"{folder.path} is already finished ({result.get('queries_used')} queries); "
+                "nothing to resume",
+                file=out,
+            )
+        return 0
+    checkpoint = folder.load_checkpoint() if (args.resume and folder.has_checkpoint()) else None
+    explanation = explanation_from_args(args) if args.method == "megex" else None
+    oracle, victim, evaluator, service_state = _oracle(args, explanation, checkpoint)
+    settings = attack_settings(args)
+    if explanation is not None:
+        settings["explanation"] = explanation
+    with user_input():
+        attack = ATTACKS[args.method](**settings)
+    cost = attack.iteration_cost()
+    if args.budget < cost:
+        raise UsageError(
+            f"--budget: {args.budget} queries is less than one iteration of {args.method} "
+            f"({cost} queries); raise --budget or lower --batch-size"
+        )
+    if checkpoint is not None:
+        changed = changed_settings(folder, describe_run(attack, oracle, args.budget))
+        if changed:
+            raise UsageError(
+                f"--resume: the run in {folder.path} was started with other settings "
+                f"({'; '.join(changed)}); resume it with the same options, or pass --force "
+                "to start it over"
+            )
+    folder.create()
+    folder.write_config(
+        {
+            "label": args.label or args.method,
+            "victim": args.victim,
+            "dataset": args.dataset or (victim.dataset if victim is not None else None),
+            "victim_accuracy": evaluator.victim_accuracy if evaluator is not None else None,
+        }
+    )
+    result = run_attack(
+        attack,
+        oracle,
+        args.budget,
+        evaluator=evaluator,
+        eval_every=args.eval_every,
+        run_dir=folder.path,
+        resume=args.resume,
+        progress=not args.quiet,
+        service_state=service_state,
+    )
+    if not result.finished:
+        print(
+            f"megex attack: interrupted after {result.queries_used} queries; the last "
+            f"checkpoint is in {folder.path}. Continue with the same command plus --resume.",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    if args.json:
+        print_json({"run": str(folder.path), **folder.read_result()})
+        return 0
+    acc = "-" if result.clone_accuracy is None else f"{100 * result.clone_accuracy:.2f}%"
+    print(
+        f"{args.method}: {result.queries_used} queries, clone accuracy {acc}, "
+        f"{result.elapsed_s:.1f} s; run folder {folder.path}",
+        file=out,
+    )
+    return 0

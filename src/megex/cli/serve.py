@@ -1,0 +1,245 @@
+"""`megex serve`: run a saved victim as an HTTP service (KServe V1 and V2 / Triton).
+
+Once it listens it prints one line of JSON on stdout, e.g.
+``{"event": "ready", "address": "http://127.0.0.1:8765", "model": "digits-small_cnn", ...}``;
+everything else (its description, uvicorn's logs) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import socket
+import sys
+from typing import Any
+
+from ..explain import METHODS
+from .common import add_explanation_options, load_victim, port, print_json
+from .errors import FAILURE, UsageError, user_input
+
+__all__ = ["DEFAULT_DB", "add_parser", "build_app", "ready_line", "run_serve"]
+
+DEFAULT_DB = "megex-ledger.sqlite"
+
+
+def add_parser(sub: Any, **kwargs: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a victim over HTTP (KServe V1 / Vertex AI and V2 / Triton)",
+        description="Serve a victim saved by Victim.save over HTTP, with API keys, per-key "
+        "query budgets in a SQLite ledger, rate limits and explanations. Prints one JSON "
+        'line {"event": "ready", "address": ..., "model": ...} on stdout once it listens.',
+        **kwargs,
+    )
+    p.add_argument("--victim", required=True, metavar="PATH", help="victim .safetensors file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=port, default=8080, help="port (0: any free port)")
+    p.add_argument(
+        "--name", help="model name in URLs (default: <dataset>-<arch> of the victim, or 'victim')"
+    )
+    auth = p.add_argument_group("keys and quotas")
+    auth.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="API keys, one per line: KEY or KEY,BUDGET ('#' comments). "
+        "Without --keys or --key the server runs open, without auth",
+    )
+    auth.add_argument(
+        "--key", action="append", default=[], metavar="KEY", help="an API key (repeatable)"
+    )
+    auth.add_argument(
+        "--budget", type=int, help="queries per key (one image = one query; default: unlimited)"
+    )
+    auth.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help="SQLite ledger of keys, counts and the audit log",
+    )
+    auth.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="R",
+        help="requests per second per key (default: no limit)",
+    )
+    auth.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MB")
+    auth.add_argument(
+        "--audit-images", action="store_true", help="store every queried image in the audit log"
+    )
+    ex = p.add_argument_group("what the service returns")
+    ex.add_argument(
+        "--prediction",
+        choices=("probabilities", "logits", "top-k", "label"),
+        default="probabilities",
+        help="what predictions show",
+    )
+    ex.add_argument("--top-k", type=int, help="classes shown with --prediction top-k")
+    add_explanation_options(
+        ex,
+        (*METHODS, "none"),
+        "predicted",
+        "explanation returned on request; 'none' offers no explanations",
+    )
+    choice = ex.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--allow-explanation-choice",
+        dest="allow_explanation_choice",
+        action="store_true",
+        default=True,
+        help="requests may choose method, target, output and settings (default)",
+    )
+    choice.add_argument(
+        "--fixed-explanation",
+        dest="allow_explanation_choice",
+        action="store_false",
+        help="requests get only the configured explanation",
+    )
+    ex.add_argument(
+        "--defense",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="defence applied to answers, e.g. round:2, noise:0.5, topk:0.1, sign (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad and defence noise")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn log level (its logs go to stderr)",
+    )
+    p.set_defaults(func=run_serve)
+
+
+def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
+    """The FastAPI app and its API keys, from parsed arguments."""
+    try:
+        from ..serving import create_app, read_keys_file
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"the server needs the 'server' extra (pip install 'megex[server]'): {err}",
+            name=err.name,
+        ) from None
+    from ..defenses import build_defense
+    from ..explain import Explanation
+    from ..sqlite_ledger import LedgerInUse
+
+    victim = load_victim(args.victim)
+    with user_input("--defense"):
+        defenses = [build_defense(spec) for spec in args.defense]
+    explanation = None
+    if args.explanation_method != "none":
+        with user_input("--explanation-*"):
+            explanation = Explanation(
+                args.explanation_method,
+                target=args.explanation_target,
+                output=args.explanation_output,
+            )
+    keys: dict[str, int | None] = {}
+    if args.keys:
+        with user_input("--keys"):
+            keys.update(read_keys_file(args.keys))
+        if not keys:
+            raise UsageError(f"--keys: {args.keys} holds no keys")
+    keys.update(dict.fromkeys(k for k in args.key if k not in keys))
+    for flag, value, low in (
+        ("--budget", args.budget, 0),
+        ("--rate-limit", args.rate_limit, 1e-9),
+        ("--max-body-mb", args.max_body_mb, 1e-6),
+    ):
+        if value is not None and value < low:
+            raise UsageError(f"{flag}: expected >= {low:g}, got {value}")
+    try:
+        with user_input():
+            app = create_app(
+                victim,
+                name=args.name,
+                keys=keys or None,
+                db_path=args.db,
+                budget=args.budget,
+                rate_limit=args.rate_limit,
+                max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                prediction=args.prediction,
+                top_k=args.top_k,
+                explanation=explanation,
+                allow_explanation_choice=args.allow_explanation_choice,
+                defenses=defenses,
+                audit_images=args.audit_images,
+                seed=args.seed,
+            )
+    except LedgerInUse as err:
+        raise LedgerInUse(f"--db: {err}") from None
+    return app, keys
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail early, in one line, when the address cannot be listened on."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as err:
+        raise OSError(f"--host/--port: cannot listen on {host}:{port} ({err})") from None
+
+
+def ready_line(host: str, port: int, model: str) -> dict[str, Any]:
+    """The document `serve` prints on stdout once it listens."""
+    address = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return {
+        "event": "ready",
+        "address": address,
+        "model": model,
+        "url": f"{address}/v2/models/{model}",
+    }
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with its access log on stderr too: stdout carries the ready line."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config.get("handlers", {}).values():
+        if handler.get("stream") == "ext://sys.stdout":
+            handler["stream"] = "ext://sys.stderr"
+    return config
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of ``serve``: build the app, describe it, run uvicorn until stopped."""
+    app, keys = build_app(args)
+    _check_address(args.host, args.port)
+    import uvicorn
+
+    service = app.state.service
+    budget = "unlimited" if args.budget is None else f"{args.budget} queries"
+    err = sys.stderr
+    print(
+        f"megex serve: model {service.name!r} ({service.responder.victim.arch}), ledger {args.db}",
+        file=err,
+    )
+    if keys:
+        print(f"  auth: {len(keys)} API key(s); default budget per key: {budget}", file=err)
+    else:
+        print(f"  auth: NONE - open server, every caller shares one budget ({budget})", file=err)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()[1]
+                ready = ready_line(args.host, bound, service.name)
+                print(f"  V2 / Triton: {ready['url']}  (POST .../infer)", file=err)
+                print(
+                    f"  V1 / Vertex: {ready['address']}/v1/models/{service.name}:predict "
+                    "and :explain",
+                    file=err,
+                )
+                print_json(ready)
+
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, log_config=_log_config()
+    )
+    server = Server(config)
+    server.run()
+    return 0 if server.started else FAILURE

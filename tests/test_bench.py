@@ -1,0 +1,159 @@
+"""The benchmark's fair protocol, its statistics, and the tuning search (small, on digits)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megex import bench, stats
+from megex.models import build_classifier
+from megex.victim import Victim
+
+SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
+
+
+def _config(tmp_path, **extra) -> str:
+    doc = {
+        "dataset": "digits",
+        "validation_images": 200,
+        "settings": {**SMALL, "lr_schedule": "constant", "clone_updates_per_1k_queries": 80.0},
+        "quick_budgets": [300, 600],
+        "eval_at": [100, 200],
+        "tuned_settings": None,
+        **extra,
+    }
+    path = tmp_path / "digits.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def _untrained_victims(tmp_path, config_path, seeds) -> None:
+    """Victims at the benchmark's cache paths (training them is tested elsewhere)."""
+    config = bench.load_config(config_path)
+    for seed in seeds:
+        victim = Victim(
+            build_classifier("small_cnn", 10, 1, 8), (1, 8, 8), 10, arch="small_cnn",
+            dataset="digits",
+        )  # fmt: skip
+        victim.accuracy = 0.5
+        name = f"digits-small_cnn-seed{seed}-val{config['validation_images']}.safetensors"
+        victim.save(tmp_path / "out" / "victims" / name)
+
+
+def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
+    config = _config(tmp_path)
+    _untrained_victims(tmp_path, config, [0, 1])
+    argv = [
+        "--config", config, "--quick", "--out", str(tmp_path / "out"), "--victim-seeds", "0",
+        "1", "--seeds", "0", "1", "--methods", "megex-all", "dfme", "--no-progress",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "query_efficiency_quick.json").read_text())
+    cell = summary["stats"]["megex-all"]["600"]
+    assert cell["runs"] == 4
+    interval = cell["interval"]
+    assert interval["low"] <= interval["estimate"] <= interval["high"]
+    assert cell["vs_baseline"]["pairs"] == 4
+    assert cell["vs_baseline"]["verdict"] in ("a ahead", "b ahead", "no difference measured")
+    # Compute is recorded per budget: the same clone updates per query for both methods.
+    from megex.runs import read_metrics
+
+    for method in ("megex-all", "dfme"):
+        assert summary["stats"][method]["600"]["clone_updates"] > 0
+        for row in read_metrics(tmp_path / "out" / "runs" / f"{method}-v1-s0" / "metrics.jsonl"):
+            allotted = int(80 * row["queries"] / 1000)
+            assert allotted <= row["clone_updates"] <= allotted + 2
+    assert set(summary["queries_to_reach"]) == {"0.8", "0.9"}
+    table = (tmp_path / "out" / "query_efficiency_quick.md").read_text()
+    for heading in ("Paired difference", "Queries to reach", "Compute at each budget"):
+        assert heading in table
+    assert "| megex-all |" in table
+    # A second call finds the finished runs and skips them.
+    capsys.readouterr()
+    assert bench.main(argv + ["--no-plot"]) == 0
+    assert "already done" in capsys.readouterr().err
+    # Other settings in the same output folder: refused, not silently reported as done.
+    config = _config(tmp_path, settings={**SMALL, "clone_updates_per_1k_queries": 60.0})
+    assert bench.main(argv + ["--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "clone_updates_per_1k_queries: 80.0 then, 60.0 now" in err
+
+
+def test_settings_come_from_the_search_and_variants_take_their_methods(tmp_path):
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"methods": {"megex-all": {"clone_lr": 0.05}}}))
+    config = bench.load_config(_config(tmp_path, tuned_settings=str(tuned)))
+    found = bench.load_tuned(config)
+    _, settings = bench.method_settings(config, "megex-all", found)
+    assert settings["clone_lr"] == 0.05 and settings["explanation"] == "gradient-all"
+    _, prior = bench.method_settings(config, "megex-all+prior", found)
+    assert prior["clone_lr"] == 0.05 and prior["query_gamma"] == bench.PRIOR
+    # The data-free methods carry no prior.
+    assert "query_gamma" not in bench.method_settings(config, "dfme", found)[1]
+    # A method the search has not finished is refused, not run with untuned settings.
+    import argparse
+
+    args = argparse.Namespace(
+        budgets=None, quick=True, seeds=None, methods=["dfme"], device=None, data_root=None,
+        threads=1, fresh=False, no_progress=True, jobs=1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no settings for 'dfme'"):
+        bench.plan(config, args, tmp_path, {0: tmp_path / "v.safetensors"})
+    config["tuned_settings"] = str(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="run benchmarks/tune.py"):
+        bench.load_tuned(config)
+
+
+def test_the_paper_configs_load_without_the_fashion_mnist_prior():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+    for name in ("svhn.json", "cifar10.json"):
+        config = bench.load_config(configs / name)
+        assert config["device"] == "cuda" and config["settings"]["clone"] == "resnet18_8x"
+        for method in config["methods"]:
+            assert "query_gamma" not in bench.method_settings(config, method)[1]
+
+
+def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
+    pytest.importorskip("optuna")
+    from megex import tune
+
+    config = _config(tmp_path)
+    parser = tune.add_arguments(__import__("argparse").ArgumentParser())
+    out = tmp_path / "tuning"
+    argv = ["--config", config, "--out", str(out), "--trials", "2", "--budget", "400"]
+    doc = tune.run_search(parser.parse_args(argv + ["--methods", "dfme"]))
+    assert doc["trials"]["dfme"] == 2 and doc["search"]["budget"] == 400
+    assert {"directions", "epsilon", "generator_lr"} <= set(doc["methods"]["dfme"])
+    # Asked again for more trials, the study continues from the two it has.
+    doc = tune.run_search(
+        parser.parse_args(argv[:-3] + ["3", "--budget", "400", "--methods", "dfme"])
+    )
+    assert doc["trials"]["dfme"] == 3
+    _, settings = bench.method_settings(
+        bench.load_config(_config(tmp_path, tuned_settings=str(out / "tuned.json"))),
+        "dfme",
+        json.loads((out / "tuned.json").read_text()),
+    )
+    assert settings["directions"] == doc["methods"]["dfme"]["directions"]
+
+
+def test_hierarchical_bootstrap_and_paired_differences():
+    # Three victims that differ a lot, seeds that differ little: the victim dominates.
+    data = {v: {s: 0.5 + 0.1 * v + 0.001 * s for s in range(3)} for v in range(3)}
+    est, low, high = stats.bootstrap_interval(data)
+    assert low < est < high and math.isclose(est, 0.601, abs_tol=1e-9)
+    parts = stats.variance_components(data)
+    assert parts["victim_share"] > 0.99
+    # b is a + 0.02 on every run: b ahead, with a tight interval around -0.02.
+    b = {v: {s: x + 0.02 for s, x in seeds.items()} for v, seeds in data.items()}
+    d = stats.paired_difference(data, b)
+    assert d["pairs"] == 9 and d["verdict"] == "b ahead"
+    assert math.isclose(d["mean"], -0.02, abs_tol=1e-9)
+    # Noise around zero: no difference is claimed.
+    noise = {v: {s: x + (0.01 if (v + s) % 2 else -0.01) for s, x in seeds.items()}
+             for v, seeds in data.items()}  # fmt: skip
+    assert stats.paired_difference(data, noise)["verdict"] == "no difference measured"
