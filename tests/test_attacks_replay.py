@@ -106,6 +106,8 @@ OPTIONS = {
         (MEGEX, {"generator_restart_every": 90}),
         (DFME, {"directions": 2, "generator_restart_every": 90}),
         (MEGEX, {"replay_policy": "ring", "query_gamma": (0.5, 4.5)}),
+        (MEGEX, {"replay_maps": True, "explain_clone_queries": True}),
+        (MEGEX, {"replay_maps": True, "explanation": megex.Explanation("gradient")}),
         (DFME, {"disagreement_until": 400}),
     ],
 )

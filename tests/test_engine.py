@@ -144,3 +144,65 @@ def test_settings_are_frozen_validated_and_described():
         parse_setting(MEGEXConfig, "nope", "1")
     with pytest.raises(SettingError, match="whole number"):
         parse_setting(MEGEXConfig, "replay_size", "1.5")
+
+
+def test_stored_maps_are_the_victims_projected_input_gradients(victim):
+    # What the buffer keeps for a replayed update is sum_k v_k d log pV_k / dx, by autograd.
+    for target in ("all", "predicted"):
+        oracle = LocalOracle(victim, explanation=Explanation("gradient", target=target))
+        attack = MEGEX(replay_maps=True, explain_clone_queries=True, replay_size=64, **SMALL)
+        attack.setup(oracle, 10)
+        x = torch.rand(8, 1, 8, 8)
+        answer = oracle.query(x, explanation=True)
+        attack.observe(x, answer.probabilities, answer)
+        stored = attack.replay_buffer.fields
+        maps, weights = stored["maps"][:8].float(), stored["projections"][:8]
+        xr = x.clone().requires_grad_(True)
+        logp = F.log_softmax(victim(xr), dim=1)
+        (exact,) = torch.autograd.grad((weights * logp).sum(), xr)
+        torch.testing.assert_close(maps, exact, rtol=2e-3, atol=2e-4)  # float16 storage
+        if target == "predicted":
+            assert torch.equal(weights.argmax(1), answer.labels) and (weights.sum(1) == 1).all()
+
+
+def test_map_matching_term_vanishes_for_a_perfect_clone_and_has_autograd_gradients(victim):
+    oracle = LocalOracle(victim, explanation=Explanation("gradient", target="all"))
+    attack = MEGEX(replay_maps=True, clone="small_cnn", **SMALL)
+    attack.setup(oracle, 10)
+    x = torch.rand(8, 1, 8, 8)
+    probs = torch.softmax(victim(x), 1).detach()
+    weights = torch.randn(8, 10)
+    xr = x.clone().requires_grad_(True)
+    (target,) = torch.autograd.grad((weights * F.log_softmax(victim(xr), 1)).sum(), xr)
+    # The victim as its own clone: the matching term is zero, only the disagreement is left.
+    attack.clone = victim
+    with_maps = attack.loss_with_maps(x, probs, target, weights)
+    torch.testing.assert_close(with_maps, attack.clone_loss(x, probs), atol=1e-5, rtol=0)
+    # A wrong target costs, and the clone's parameters get its gradient (double backprop),
+    # equal to a finite difference along a random direction.
+    attack.setup(oracle, 10)
+    # In float64 and eval mode (no batch statistics), where a finite difference is exact
+    # enough to compare with.
+    attack.clone = attack.clone.double().eval()
+    x, probs, target, weights = (t.double() for t in (x, probs, target, weights))
+    params = [p for p in attack.clone.parameters()]
+    loss = attack.loss_with_maps(x, probs, target, weights)
+    grads = torch.autograd.grad(loss, params)
+    direction = [torch.randn_like(p) for p in params]
+    eps = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(eps * d)
+    up = attack.loss_with_maps(x, probs, target, weights)
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.sub_(2 * eps * d)
+    down = attack.loss_with_maps(x, probs, target, weights)
+    numeric = (up - down) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
+    torch.testing.assert_close(analytic, numeric.detach(), rtol=1e-4, atol=1e-8)
+    # Images stored without a map (weights all 0) add nothing to the term.
+    none = torch.zeros_like(weights)
+    torch.testing.assert_close(
+        attack.loss_with_maps(x, probs, target, none), attack.clone_loss(x, probs)
+    )

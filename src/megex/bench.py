@@ -43,6 +43,20 @@ METHODS: dict[str, dict[str, Any]] = {
     "megex-predicted": {"attack": "megex", "explanation": "gradient-predicted"},
     "megex-smoothgrad": {"attack": "megex", "explanation": "smoothgrad-predicted"},
     "dfme": {"attack": "dfme"},
+    # The strongest use of the maps: every answered map, fresh or replayed, also trains the
+    # clone's input gradients (Jacobian matching); clone queries ask for maps too.
+    "megex-jacobian": {
+        "attack": "megex",
+        "explanation": "gradient-all",
+        "explain_clone_queries": True,
+        "replay_maps": True,
+    },
+    "megex-jacobian-predicted": {
+        "attack": "megex",
+        "explanation": "gradient-predicted",
+        "explain_clone_queries": True,
+        "replay_maps": True,
+    },
     # With a brightness prior: an assumption about the domain (dark or light backgrounds).
     "megex-all+prior": {
         "attack": "megex",
@@ -69,7 +83,14 @@ DEFAULTS: dict[str, Any] = {
     "budgets": [50_000, 100_000, 250_000, 500_000],
     # Evaluations besides the budgets, for the queries needed to reach a target.
     "eval_at": [5_000, 10_000, 20_000, 30_000, 75_000, 150_000, 200_000, 300_000, 400_000],
-    "methods": ["megex-all", "megex-predicted", "megex-smoothgrad", "dfme"],
+    "methods": [
+        "megex-all",
+        "megex-predicted",
+        "megex-smoothgrad",
+        "megex-jacobian",
+        "megex-jacobian-predicted",
+        "dfme",
+    ],
     "assumption_methods": ["megex-all+prior", "dfme+prior"],
     "baseline": "dfme",
     "targets": [0.8, 0.9],

@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import (
-    DEFAULTS as BENCH_DEFAULTS,
-)
-from .bench import (
+    METHODS,
     build_attack,
     get_victim,
     method_settings,
@@ -42,12 +40,20 @@ SEARCH: dict[str, Any] = {
     "marks": [25_000, 50_000, 100_000],
     "trials": 20,
     "startup_trials": 8,
-    "methods": ["megex-all", "megex-predicted", "megex-smoothgrad", "dfme"],
+    "methods": [
+        "megex-all",
+        "megex-predicted",
+        "megex-smoothgrad",
+        "dfme",
+        "megex-jacobian",
+        "megex-jacobian-predicted",
+    ],
 }
 
 
-def search_space(trial: Any, attack: str) -> dict[str, Any]:
-    """The knobs searched for an attack: the loop's shared ones, then the attack's own."""
+def search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
+    """The knobs searched for an attack: the loop's shared ones, then the attack's own,
+    less those the method pins (e.g. a method defined by asking for maps on every query)."""
     params = {
         "generator_lr": trial.suggest_float("generator_lr", 1e-4, 5e-2, log=True),
         "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
@@ -67,9 +73,10 @@ def search_space(trial: Any, attack: str) -> dict[str, Any]:
         params["epsilon"] = trial.suggest_float("epsilon", 1e-4, 1e-1, log=True)
     else:
         params["explanation_loss"] = trial.suggest_float("explanation_loss", 0.0, 3.0)
-        params["explain_clone_queries"] = trial.suggest_categorical(
-            "explain_clone_queries", [True, False]
-        )
+        if "explain_clone_queries" not in pinned:
+            params["explain_clone_queries"] = trial.suggest_categorical(
+                "explain_clone_queries", [True, False]
+            )
     return params
 
 
@@ -160,7 +167,7 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
     )
 
     def objective(trial: Any) -> float:
-        params = search_space(trial, attack_name)
+        params = search_space(trial, attack_name, pinned=METHODS[method])
         t0 = time.time()
         value, curves = score(
             method, {**fixed, **params}, attack_name, victim, evaluator, search, job["device"]
@@ -217,8 +224,11 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         search["marks"] = [m for m in search["marks"] if m < args.budget] + [args.budget]
     methods = args.methods or search["methods"]
     for method in methods:
-        if method not in BENCH_DEFAULTS["methods"] and method not in config["methods"]:
-            raise ValueError(f"--methods: {method!r} is not a benchmark method")
+        if method not in METHODS or "tuned_as" in METHODS[method]:
+            raise ValueError(
+                f"--methods: {method!r} is not a searched method; expected one of "
+                f"{', '.join(m for m in METHODS if 'tuned_as' not in METHODS[m])}"
+            )
     device = args.device or config["device"]
     out = Path(args.out)
     _, vpath = get_victim(config, out / "victims", args.data_root, search["victim_seed"])

@@ -96,6 +96,10 @@ class Attack:
         """What clone-step queries ask for besides predictions (None: nothing)."""
         return None
 
+    def replays_maps(self) -> bool:
+        """Whether stored answers keep their explanation maps for replay."""
+        return False
+
     # --- setting up -----------------------------------------------------------------------
 
     def iteration_cost(self) -> int:
@@ -136,7 +140,13 @@ class Attack:
             self.generator_opt, milestones, c.lr_gamma
         )
         self.replay_buffer = (
-            ReplayBuffer(c.replay_size, oracle.input_shape, oracle.num_classes, c.replay_policy)
+            ReplayBuffer(
+                c.replay_size,
+                oracle.input_shape,
+                oracle.num_classes,
+                c.replay_policy,
+                maps=self.replays_maps(),
+            )
             if c.replay_size > 0
             else None
         )
@@ -182,10 +192,10 @@ class Attack:
             return None
         loss = None
         for _ in range(updates):
-            x, probs = self.replay_buffer.sample(
+            batch = self.replay_buffer.sample_batch(
                 self.config.batch_size, self.rng, self.config.device
             )
-            loss = self.clone_update(x, probs)
+            loss = self.clone_update(batch["images"], batch["probs"], stored=batch)
         return loss
 
     def end_iteration(self) -> None:
@@ -217,7 +227,7 @@ class Attack:
         request = self.clone_query_explanation()
         answer = oracle.query(x.cpu(), explanation=request) if request else oracle.query(x.cpu())
         probs = answer.probabilities.to(c.device)
-        self.observe(x, probs)
+        self.observe(x, probs, answer)
         return self.clone_update(x, probs, answer)
 
     def finish_generator_step(
@@ -236,7 +246,7 @@ class Attack:
         self.generator_opt.step()
         self.generator_updates += 1
         self.clone_opt.zero_grad(set_to_none=True)
-        self.observe(x, probs)
+        self.observe(x, probs, answer)
         if self.config.train_on_generator_queries:
             info["generator_query_loss"] = self.clone_update(x, probs, answer)
         return info
@@ -269,16 +279,25 @@ class Attack:
         return self.clone_ema_model if self.clone_ema_model is not None else self.clone
 
     def clone_loss(
-        self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None
+        self,
+        x: torch.Tensor,
+        probs: torch.Tensor,
+        answer: Answer | None = None,
+        stored: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The clone's training loss on images `x` answered with `probs` (and `answer`)."""
+        """The clone's training loss on images `x` answered with `probs`; `answer` (fresh)
+        or `stored` (a replayed batch's other fields) may carry more to learn from."""
         return disagreement(self.clone(x), probs, self.config.loss).mean()
 
     def clone_update(
-        self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None
+        self,
+        x: torch.Tensor,
+        probs: torch.Tensor,
+        answer: Answer | None = None,
+        stored: dict[str, torch.Tensor] | None = None,
     ) -> float:
         """One clone optimiser step on answered images (fresh, replayed or generator's)."""
-        loss = self.clone_loss(x, probs, answer)
+        loss = self.clone_loss(x, probs, answer, stored)
         self.clone_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.clone_opt.step()
@@ -294,7 +313,7 @@ class Attack:
                     avg.copy_(cur)
         return loss.item()
 
-    def observe(self, x: torch.Tensor, probs: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None) -> None:
         """Remember answered queries for replay (they were paid for once)."""
         if self.replay_buffer is not None:
             self.replay_buffer.add(x, probs, self.rng)

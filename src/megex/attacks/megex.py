@@ -48,6 +48,13 @@ class MEGEXConfig(AttackConfig):
         AT_LEAST_0,
         "megex",
     )
+    replay_maps: bool = setting(
+        False,
+        "keep each answer's map (projected over classes, float16) in the replay buffer, so "
+        "that replayed clone updates learn the maps too",
+        FLAG,
+        "megex",
+    )
     explain_clone_queries: bool = setting(
         False,
         "ask for maps on clone-step queries as well (same query count), so the explanation "
@@ -220,36 +227,72 @@ class MEGEX(Attack):
             return None
         return c.explanation if c.explanation is not None else True
 
-    def clone_loss(
-        self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None
-    ) -> torch.Tensor:
-        c = self.config
-        if c.explanation_loss <= 0 or answer is None or answer.explanation is None:
-            return super().clone_loss(x, probs, answer)
-        x = x.detach().requires_grad_(True)
-        logits = self.clone(x)
-        loss = disagreement(logits, probs, c.loss).mean()
+    def replays_maps(self) -> bool:
+        return bool(self.config.replay_maps)
+
+    def projected_maps(self, answer: Answer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_k v_k d log p_k / dx, v) for an answer's maps: v ~ N(0, I) per image for
+        maps of every class, the explained class's one-hot for one class's map."""
         cached = self._dlogp_of
         if cached is not None and cached[0] is answer:
-            target = cached[1]
+            dlogp = cached[1]
         else:
-            target = log_probability_gradients(answer, x.detach())
-        logp = F.log_softmax(logits, dim=1)
-        n, k = logp.shape
-        if target.dim() == 5:
+            dlogp = log_probability_gradients(answer, x.detach())
+        n, k = answer.probabilities.shape
+        if dlogp.dim() == 5:
             # E_v[(v.(Js - Jv))^2] = ||Js - Jv||^2 for v ~ N(0, I): one backward, unbiased.
             v = torch.randn(n, k, generator=self.rng).to(x.device)
-            target = class_combination(v, target)
-            selected = (v * logp).sum()
+            return class_combination(v, dlogp), v
+        cls = _explained_class(answer).to(x.device)
+        return dlogp, F.one_hot(cls, k).to(dlogp.dtype)
+
+    def observe(self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None) -> None:
+        if self.replay_buffer is None:
+            return
+        if self.replay_buffer.stores_maps and answer is not None and answer.explanation is not None:
+            maps, weights = self.projected_maps(answer, x)
+            self.replay_buffer.add(x, probs, self.rng, maps=maps, projections=weights)
         else:
-            cls = _explained_class(answer).to(x.device).view(-1, 1)
-            selected = logp.gather(1, cls).sum()
-        (grad,) = torch.autograd.grad(selected, x, create_graph=True)
-        # Relative squared error, per image, bounded in [0, 2]: one weight suits any victim and
-        # output scale, and images with vanishing maps cannot blow the clone up.
+            self.replay_buffer.add(x, probs, self.rng)
+
+    def clone_loss(
+        self,
+        x: torch.Tensor,
+        probs: torch.Tensor,
+        answer: Answer | None = None,
+        stored: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        c = self.config
+        if c.explanation_loss <= 0:
+            return super().clone_loss(x, probs)
+        if answer is not None and answer.explanation is not None:
+            target, weights = self.projected_maps(answer, x)
+        elif stored is not None and "maps" in stored:
+            target, weights = stored["maps"], stored["projections"]
+        else:
+            return super().clone_loss(x, probs)
+        return self.loss_with_maps(x, probs, target, weights)
+
+    def loss_with_maps(
+        self, x: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Disagreement plus input-gradient matching (Jacobian matching, Sobolev training):
+        the clone's d (sum_k w_k log pS_k) / dx against the victim's, from its maps.
+
+        A relative squared error per image, bounded in [0, 2], so that one weight suits any
+        victim and output scale and images with vanishing maps cannot blow the clone up;
+        images without a map (weights all 0) are left out of this term.
+        """
+        x = x.detach().requires_grad_(True)
+        logits = self.clone(x)
+        loss = disagreement(logits, probs, self.config.loss).mean()
+        logp = F.log_softmax(logits, dim=1)
+        (grad,) = torch.autograd.grad((weights * logp).sum(), x, create_graph=True)
         error = (grad - target).pow(2).flatten(1).sum(dim=1)
         size = (grad.pow(2) + target.pow(2)).flatten(1).sum(dim=1) + 1e-12
-        return loss + c.explanation_loss * (error / size).mean()
+        has_map = (weights != 0).any(dim=1).to(error.dtype)
+        matched = (has_map * error / size).sum() / has_map.sum().clamp_min(1)
+        return loss + self.config.explanation_loss * matched
 
     def details(self) -> dict[str, Any]:
         spec = self.explanation_used

@@ -22,7 +22,14 @@ POLICIES = ("ring", "reservoir")
 
 
 class ReplayBuffer:
-    """At most `capacity` (image, probabilities) pairs, sampled uniformly."""
+    """At most `capacity` answered queries, sampled uniformly.
+
+    Each holds the image and the victim's probabilities; with `maps=True` also one map per
+    image: a combination sum_k v_k d log p_k / dx of the returned explanation (float16, the
+    image's size) and its weights v (K floats; all zero where the answer carried no map).
+    That is C x H x W x 2 + 4 K bytes more per stored query (1,608 bytes at 28 x 28 with
+    10 classes, beside the image's 1,568).
+    """
 
     def __init__(
         self,
@@ -30,6 +37,7 @@ class ReplayBuffer:
         image_shape: tuple[int, ...],
         num_classes: int,
         policy: str = "ring",
+        maps: bool = False,
     ):
         if int(capacity) < 1:
             raise ValueError(f"replay capacity: expected >= 1, got {capacity}")
@@ -42,11 +50,30 @@ class ReplayBuffer:
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
         # torch.empty does not touch the memory: a large capacity costs only what is used.
-        self.images = torch.empty(self.capacity, *self.image_shape, dtype=torch.float16)
-        self.probs = torch.empty(self.capacity, self.num_classes, dtype=torch.float32)
+        self.fields = {
+            "images": torch.empty(self.capacity, *self.image_shape, dtype=torch.float16),
+            "probs": torch.empty(self.capacity, self.num_classes, dtype=torch.float32),
+        }
+        if maps:
+            self.fields["maps"] = torch.empty(self.capacity, *self.image_shape, dtype=torch.float16)
+            self.fields["projections"] = torch.empty(
+                self.capacity, self.num_classes, dtype=torch.float32
+            )
         self.size = 0
         self.position = 0  # where the next pair goes
         self.added = 0
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.fields["images"]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.fields["probs"]
+
+    @property
+    def stores_maps(self) -> bool:
+        return "maps" in self.fields
 
     def __len__(self) -> int:
         return self.size
@@ -56,69 +83,86 @@ class ReplayBuffer:
         images: torch.Tensor,
         probs: torch.Tensor,
         generator: torch.Generator | None = None,
+        maps: torch.Tensor | None = None,
+        projections: torch.Tensor | None = None,
     ) -> None:
-        """Store a batch of images in [0, 1] with the victim's probabilities for them.
+        """Store a batch of images in [0, 1] with the victim's probabilities for them (and,
+        in a buffer of maps, their projected maps and weights; None: no map for these).
 
         `generator` draws the reservoir's replacements (so a resumed run repeats them).
         """
-        images = images.detach().to("cpu", torch.float16)
-        probs = probs.detach().to("cpu", torch.float32)
-        if images.shape[0] != probs.shape[0]:
-            raise ValueError(f"replay: {images.shape[0]} images but {probs.shape[0]} answers")
+        batch = {
+            "images": images.detach().to("cpu", torch.float16),
+            "probs": probs.detach().to("cpu", torch.float32),
+        }
+        n = batch["images"].shape[0]
+        if batch["probs"].shape[0] != n:
+            raise ValueError(f"replay: {n} images but {batch['probs'].shape[0]} answers")
+        if self.stores_maps:
+            if maps is None:
+                batch["maps"] = torch.zeros(n, *self.image_shape, dtype=torch.float16)
+                batch["projections"] = torch.zeros(n, self.num_classes)
+            else:
+                batch["maps"] = maps.detach().to("cpu", torch.float16)
+                batch["projections"] = projections.detach().to("cpu", torch.float32)
         if self.policy == "reservoir":
-            self._add_reservoir(images, probs, generator)
+            self._add_reservoir(batch, generator)
             return
-        self.added += images.shape[0]
-        images, probs = images[-self.capacity :], probs[-self.capacity :]
-        while images.shape[0] > 0:
-            take = min(images.shape[0], self.capacity - self.position)
-            self.images[self.position : self.position + take] = images[:take]
-            self.probs[self.position : self.position + take] = probs[:take]
+        self.added += n
+        batch = {k: v[-self.capacity :] for k, v in batch.items()}
+        while batch["images"].shape[0] > 0:
+            take = min(batch["images"].shape[0], self.capacity - self.position)
+            for name, values in batch.items():
+                self.fields[name][self.position : self.position + take] = values[:take]
             self.position = (self.position + take) % self.capacity
             self.size = min(self.capacity, self.size + take)
-            images, probs = images[take:], probs[take:]
+            batch = {k: v[take:] for k, v in batch.items()}
 
     def _add_reservoir(
-        self, images: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
     ) -> None:
-        free = min(images.shape[0], self.capacity - self.size)
+        free = min(batch["images"].shape[0], self.capacity - self.size)
         if free > 0:
-            self.images[self.size : self.size + free] = images[:free]
-            self.probs[self.size : self.size + free] = probs[:free]
+            for name, values in batch.items():
+                self.fields[name][self.size : self.size + free] = values[:free]
             self.size += free
             self.added += free
-            images, probs = images[free:], probs[free:]
-        n = images.shape[0]
+            batch = {k: v[free:] for k, v in batch.items()}
+        n = batch["images"].shape[0]
         if n == 0:
             return
         # The t-th pair ever added (t >= capacity) takes a random slot with chance capacity/t.
         seen = self.added + 1 + torch.arange(n, dtype=torch.float64)
         slot = (torch.rand(n, generator=generator, dtype=torch.float64) * seen).long()
         keep = slot < self.capacity
-        self.images[slot[keep]] = images[keep]
-        self.probs[slot[keep]] = probs[keep]
+        for name, values in batch.items():
+            self.fields[name][slot[keep]] = values[keep]
         self.added += n
+
+    def sample_batch(
+        self, n: int, generator: torch.Generator, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """n stored queries drawn uniformly with replacement, every field (float32)."""
+        if len(self) == 0:
+            raise RuntimeError("replay: the buffer is empty")
+        idx = torch.randint(self.size, (int(n),), generator=generator)
+        return {k: v[idx].to(device, torch.float32) for k, v in self.fields.items()}
 
     def sample(
         self, n: int, generator: torch.Generator, device: str | torch.device = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """n pairs drawn uniformly with replacement: (float32 images, probabilities)."""
-        if len(self) == 0:
-            raise RuntimeError("replay: the buffer is empty")
-        idx = torch.randint(self.size, (int(n),), generator=generator)
-        return self.images[idx].to(device, torch.float32), self.probs[idx].to(device)
+        batch = self.sample_batch(n, generator, device)
+        return batch["images"], batch["probs"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "images": self.images[: self.size].clone(),
-            "probs": self.probs[: self.size].clone(),
-            "position": self.position,
-            "added": self.added,
-        }
+        state: dict[str, Any] = {k: v[: self.size].clone() for k, v in self.fields.items()}
+        state.update(position=self.position, added=self.added)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.size = int(state["images"].shape[0])
-        self.images[: self.size] = state["images"].to(torch.float16)
-        self.probs[: self.size] = state["probs"].to(torch.float32)
+        for name, values in self.fields.items():
+            values[: self.size] = state[name].to(values.dtype)
         self.position = int(state["position"])
         self.added = int(state["added"])
