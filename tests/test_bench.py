@@ -69,6 +69,7 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     table = (tmp_path / "out" / "query_efficiency_quick.md").read_text()
     for heading in ("Paired difference", "Queries to reach", "Compute at each budget"):
         assert heading in table
+    assert (tmp_path / "out" / "query_efficiency_quick_reach.png").stat().st_size > 1000
     assert "| megex-all |" in table
     # A second call finds the finished runs and skips them.
     capsys.readouterr()
@@ -104,6 +105,22 @@ def test_settings_come_from_the_search_and_variants_take_their_methods(tmp_path)
     config["tuned_settings"] = str(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="run benchmarks/tune.py"):
         bench.load_tuned(config)
+
+
+def test_the_leakage_config_names_the_strongest_attacker_with_every_kind_of_map():
+    from pathlib import Path
+
+    config = bench.load_config(
+        Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "leakage.json"
+    )
+    assert config["targets"] == [0.5, 0.7, 0.8, 0.9] and min(config["eval_at"]) == 1000
+    kinds = set()
+    for method in config["methods"]:
+        attack, settings = bench.method_settings(config, method)
+        if attack == "megex":
+            assert settings["replay_maps"] and settings["explain_clone_queries"]
+            kinds.add(bench.EXPLANATIONS[settings["explanation"]]["method"])
+    assert kinds == {"gradient", "smoothgrad", "integrated_gradients", "input_x_gradient"}
 
 
 def test_the_paper_configs_load_without_the_fashion_mnist_prior():

@@ -163,6 +163,22 @@ def test_stored_maps_are_the_victims_projected_input_gradients(victim):
         torch.testing.assert_close(maps, exact, rtol=2e-3, atol=2e-4)  # float16 storage
         if target == "predicted":
             assert torch.equal(weights.argmax(1), answer.labels) and (weights.sum(1) == 1).all()
+    # Input x gradient is undone to the gradient where the input is not 0; elsewhere the map
+    # says nothing, it is stored as 0, and the matching term leaves those pixels out.
+    oracle = LocalOracle(victim, explanation=Explanation("input_x_gradient", target="all"))
+    attack = MEGEX(replay_maps=True, replay_size=64, **SMALL)
+    attack.setup(oracle, 10)
+    x = torch.rand(8, 1, 8, 8)
+    x[:, :, :2] = 0.0  # a black border, as Fashion-MNIST's
+    answer = oracle.query(x, explanation=True)
+    attack.observe(x, answer.probabilities, answer)
+    maps = attack.replay_buffer.fields["maps"][:8].float()
+    weights = attack.replay_buffer.fields["projections"][:8]
+    xr = x.clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad((weights * F.log_softmax(victim(xr), 1)).sum(), xr)
+    known = x > 1e-3
+    torch.testing.assert_close(maps[known], exact[known], rtol=2e-2, atol=2e-3)
+    assert (maps[:, :, :2] == 0).all()
 
 
 def test_map_matching_term_vanishes_for_a_perfect_clone_and_has_autograd_gradients(victim):

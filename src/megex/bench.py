@@ -34,6 +34,8 @@ EXPLANATIONS: dict[str, dict[str, Any]] = {
     "gradient-predicted": {"method": "gradient", "target": "predicted"},
     "smoothgrad-predicted": {"method": "smoothgrad", "target": "predicted"},
     "smoothgrad-all": {"method": "smoothgrad", "target": "all"},
+    "integrated_gradients-all": {"method": "integrated_gradients", "target": "all", "steps": 16},
+    "input_x_gradient-all": {"method": "input_x_gradient", "target": "all"},
 }
 
 PRIOR = [0.5, 4.5]
@@ -56,6 +58,18 @@ METHODS: dict[str, dict[str, Any]] = {
         "explanation": "gradient-predicted",
         "explain_clone_queries": True,
         "replay_maps": True,
+    },
+    # The same attacker given the other kinds of maps services return (each undone to a
+    # gradient where it can be), with the settings searched for megex-jacobian.
+    **{
+        f"megex-jacobian-{name.split('-')[0]}": {
+            "attack": "megex",
+            "explanation": name,
+            "explain_clone_queries": True,
+            "replay_maps": True,
+            "tuned_as": "megex-jacobian",
+        }
+        for name in ("smoothgrad-all", "integrated_gradients-all", "input_x_gradient-all")
     },
     # With a brightness prior: an assumption about the domain (dark or light backgrounds).
     "megex-all+prior": {

@@ -272,6 +272,7 @@ def write_outputs(
     if plot:
         try:
             paths.append(plot_curves(summary, out / f"{stem}.png"))
+            paths.append(plot_reach(summary, out / f"{stem}_reach.png"))
         except ImportError:
             print("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
     return paths
@@ -301,6 +302,47 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Query efficiency on {summary['dataset']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_reach(summary: dict[str, Any], path: Path) -> Path:
+    """Queries each method needs to reach each fraction of the victim (log axis): the
+    leakage curve. Methods that did not reach a fraction in every run are left out there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fractions = sorted(float(f) for f in summary["queries_to_reach"])
+    for method in summary["stats"]:
+        points = []
+        for f in fractions:
+            row = summary["queries_to_reach"][str(f)].get(method, {})
+            if "median" in row:
+                m = row["median"]
+                low = m["low"] if not math.isnan(m["low"]) else m["estimate"]
+                high = m["high"] if not math.isnan(m["high"]) else m["estimate"]
+                points.append((f, m["estimate"], low, high))
+        if not points:
+            continue
+        fs, est, lows, highs = zip(*points)
+        err = [[e - lo for e, lo in zip(est, lows)], [hi - e for e, hi in zip(est, highs)]]
+        style = "--" if _is_assumption(method) else "-"
+        ax.errorbar(est, fs, xerr=err, marker="o", capsize=3, ls=style, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("queries to reach (median, 95% interval)")
+    ax.set_ylabel("fraction of the victim's accuracy")
+    ax.set_title(f"Queries needed on {summary['dataset']}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no method reached a target in every run", ha="center",
+                transform=ax.transAxes)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -281,13 +281,17 @@ class MEGEX(Attack):
 
         A relative squared error per image, bounded in [0, 2], so that one weight suits any
         victim and output scale and images with vanishing maps cannot blow the clone up;
-        images without a map (weights all 0) are left out of this term.
+        images without a map (weights all 0) are left out of this term, and so are pixels
+        whose gradient the map does not tell (0: where input x gradient or integrated
+        gradients cannot be divided by the input).
         """
         x = x.detach().requires_grad_(True)
         logits = self.clone(x)
         loss = disagreement(logits, probs, self.config.loss).mean()
         logp = F.log_softmax(logits, dim=1)
         (grad,) = torch.autograd.grad((weights * logp).sum(), x, create_graph=True)
+        known = (target != 0).to(grad.dtype)
+        grad = grad * known
         error = (grad - target).pow(2).flatten(1).sum(dim=1)
         size = (grad.pow(2) + target.pow(2)).flatten(1).sum(dim=1) + 1e-12
         has_map = (weights != 0).any(dim=1).to(error.dtype)
