@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,13 @@ from megex import Explanation, LocalOracle, explain
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from test_server_support import ServerThread, images, save_tiny_victim, tiny_victim  # noqa: E402
+from test_server_support import (  # noqa: E402
+    ServerThread,
+    images,
+    save_tiny_victim,
+    tiny_victim,
+    wait_until_ready,
+)
 
 from megex.serving import create_app  # noqa: E402
 
@@ -781,15 +786,7 @@ def test_cli_subprocess_serves(tmp_path):
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.1)
+        wait_until_ready(f"http://127.0.0.1:{port}", proc)
         r = post(f"http://127.0.0.1:{port}{V1P}", {"instances": GOOD})
         assert r.status_code == 200 and r.headers["X-Queries-Used"] == "1"
     finally:

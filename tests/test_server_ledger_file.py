@@ -18,7 +18,13 @@ import torch
 
 pytest.importorskip("fastapi")
 
-from test_server_support import ServerThread, images, save_tiny_victim, tiny_victim  # noqa: E402
+from test_server_support import (  # noqa: E402
+    ServerThread,
+    images,
+    save_tiny_victim,
+    tiny_victim,
+    wait_until_ready,
+)
 
 from megex.serving import create_app  # noqa: E402
 from megex.sqlite_ledger import LedgerInUse, SQLiteLedger  # noqa: E402
@@ -141,15 +147,8 @@ def test_a_crash_leaves_charged_only_the_requests_sent_without_an_idempotency_ke
     url = f"http://127.0.0.1:{port}{V1E}"
     slow = {"method": "integrated_gradients", "stepCount": 256, "target": "all"}
     try:
+        wait_until_ready(f"http://127.0.0.1:{port}", server, seconds=60)
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
 
         def send(n: int, headers: dict) -> None:
             body = {"instances": images(n).tolist(), "parameters": slow}
