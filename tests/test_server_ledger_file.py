@@ -185,3 +185,22 @@ def test_a_crash_leaves_charged_only_the_requests_sent_without_an_idempotency_ke
         ]
     finally:
         ledger.close()
+
+
+def test_readme_states_the_service_limits_and_the_crash_semantics():
+    import argparse
+
+    from megex.serve_cli import _add_arguments
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The victim as a service", 1)[1].split("\n## ", 1)[0]
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    title = "limits against costly or hostile clients"
+    groups = [g for g in parser._action_groups if g.title == title]
+    flags = [a.option_strings[0] for g in groups for a in g._group_actions]
+    assert len(flags) >= 10
+    flags += ["--max-body-mb", "--rate-limit", "--openapi", "--expose-architecture"]
+    for flag in flags:
+        assert f"`{flag}" in section, flag
+    assert "kill -9" in section and "Idempotency-Key" in section
