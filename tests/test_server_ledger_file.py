@@ -49,7 +49,7 @@ def _file_bytes(db: Path) -> int:
 def test_a_symlink_does_not_bypass_the_one_server_lock(victim, tmp_path):
     db = tmp_path / "real" / "ledger.sqlite"
     link = tmp_path / "link.sqlite"
-    app = create_app(victim, keys={KEY: 100}, db_path=db)
+    app = create_app(victim, name=NAME, keys={KEY: 100}, db_path=db)
     responder = app.state.service.responder
     real_answer, computing, finish = responder.answer, threading.Event(), threading.Event()
 
@@ -141,7 +141,8 @@ def test_a_crash_leaves_charged_only_the_requests_sent_without_an_idempotency_ke
         port = sock.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "megex.serve_cli", "--victim", str(save_tiny_victim(tmp_path)),
-         "--port", str(port), "--key", KEY, "--db", str(db), "--log-level", "warning"],
+         "--port", str(port), "--key", KEY, "--db", str(db), "--log-level", "warning",
+         "--name", NAME],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}{V1E}"
