@@ -110,7 +110,7 @@ def v1_caller(http: httpx.Client, url: str, x: torch.Tensor, verb: str) -> Calla
 
 def bench_victim(label: str, victim: Victim, url: str, batches: list[int], duration: float):
     local = LocalOracle(victim)
-    name = f"{victim.dataset}-{victim.arch}"
+    name = "model"  # the server's default name
     binary = RemoteOracle(f"{url}/v2/models/{name}", protocol="binary")
     plain = RemoteOracle(f"{url}/v2/models/{name}", protocol="json")
     http = httpx.Client(timeout=120)

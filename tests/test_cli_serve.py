@@ -18,7 +18,7 @@ from megex import Explanation  # noqa: E402
 from megex.cli import build_parser, main  # noqa: E402
 from megex.cli.serve import build_app, run_serve  # noqa: E402
 
-NAME = "digits-small_cnn"
+NAME = "model"
 KEY = "serve-key"
 
 

@@ -22,7 +22,7 @@ from megex.serving import create_app  # noqa: E402
 
 torch.set_num_threads(1)
 
-NAME = "digits-small_cnn"
+NAME = "model"
 KEY = "client-key"
 
 
@@ -162,11 +162,11 @@ def test_retry_after_server_error_is_refunded(server):
     responder = server.app.state.service.responder
     real, failures = responder.answer, []
 
-    def flaky(x, explanation=None):
+    def flaky(x, explanation=None, party=0):
         if not failures:
             failures.append(len(x))
             raise RuntimeError("simulated failure")
-        return real(x, explanation)
+        return real(x, explanation, party)
 
     responder.answer = flaky
     try:
@@ -205,9 +205,9 @@ def test_retry_while_first_attempt_computes_waits_and_pays_once(server, victim):
     responder = server.app.state.service.responder
     real = responder.answer
 
-    def slow(x, explanation=None):
+    def slow(x, explanation=None, party=0):
         time.sleep(1.0)
-        return real(x, explanation)
+        return real(x, explanation, party)
 
     responder.answer = slow
     before = server.app.state.ledger.total_used()

@@ -75,7 +75,7 @@ def test_client_request_is_what_the_server_parses(binary):
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_server_response_is_what_the_client_decodes(binary):
     pytest.importorskip("fastapi")
-    from megex.serving.service import Parsed
+    from megex.serving.parsing import Parsed
     from megex.serving.v2 import render_v2
 
     spec = Explanation("gradient", target="all")

@@ -22,13 +22,18 @@ from megex import Explanation, LocalOracle, explain
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from test_server_support import ServerThread, images, save_tiny_victim, tiny_victim  # noqa: E402
+from test_server_support import (  # noqa: E402
+    ServerThread,
+    images,
+    save_tiny_victim,
+    tiny_victim,
+)
 
 from megex.serving import create_app  # noqa: E402
 
 torch.set_num_threads(1)
 
-NAME = "digits-small_cnn"
+NAME = "model"
 KEY = "secret-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -78,8 +83,9 @@ def test_health_and_metadata(server):
     }
     assert outputs["explanation"]["shape"] == [-1, 1, 8, 8]
     assert r.headers["X-Queries-Used"] == "0" and r.headers["X-Query-Budget"] == "unlimited"
-    assert httpx.get(f"{server.url}/v2/models/{NAME}/ready").json()["ready"] is True
-    assert httpx.get(f"{server.url}/v1/models").json() == {"models": [NAME]}
+    ready = httpx.get(f"{server.url}/v2/models/{NAME}/ready", headers=dict(AUTH))
+    assert ready.json()["ready"] is True
+    assert httpx.get(f"{server.url}/v1/models", headers=dict(AUTH)).json() == {"models": [NAME]}
 
 
 # --- KServe V1 / Vertex AI ---------------------------------------------------------------
@@ -126,13 +132,9 @@ def test_v1_explain_has_vertex_shape_and_local_values(server, victim):
     assert [a["outputIndex"] for a in doc["explanations"][0]["attributions"]] == [
         [k] for k in range(10)
     ]
-    assert doc["explanation"] == {
-        "method": "smoothgrad",
-        "target": "all",
-        "output": "probability",
-        "sigma": 0.2,
-        "samples": 2,
-    }
+    # Vertex AI's ExplainResponse: explanations, deployedModelId, predictions; no more.
+    assert set(doc) == {"explanations", "deployedModelId", "predictions"}
+    assert doc["deployedModelId"] == NAME
 
 
 def test_v1_accepts_b64_float32_instances(server, victim):
@@ -239,7 +241,7 @@ def test_tritonclient_unchanged(server, victim):
     # tritonclient writes into the headers dict it is given, so each call gets its own.
     client = httpclient.InferenceServerClient(url=server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready(NAME)
+    assert client.is_model_ready(NAME, headers=dict(AUTH))
     meta = client.get_model_metadata(NAME, headers=dict(AUTH))
     assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
     x = images(6, seed=5).numpy()
@@ -386,7 +388,7 @@ BAD_INPUTS = [
         V1E,
         {"instances": GOOD, "parameters": {"target": 99}},
         {},
-        403,
+        400,
     ),
     (
         "bad-sigma",
@@ -565,7 +567,7 @@ def test_failed_computation_is_refunded(victim):
     responder = app.state.service.responder
     calls = []
 
-    def broken(x, explanation=None):
+    def broken(x, explanation=None, party=0):
         calls.append(len(x))
         raise RuntimeError("simulated failure")
 

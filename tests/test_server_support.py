@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from megex import Victim
@@ -29,6 +31,21 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
+def wait_until_ready(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
+    """Wait for a server process (`megex serve`) at `url` to answer its readiness probe."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"the server at {url} did not start: {output}")
+        time.sleep(0.05)
+
+
 class ServerThread:
     """Runs an ASGI app with uvicorn on a free loopback port in a background thread."""
 
@@ -36,7 +53,7 @@ class ServerThread:
         import uvicorn
 
         self.app = app
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]

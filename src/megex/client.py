@@ -44,8 +44,8 @@ class RemoteOracle:
     model URL (``http://host:8080/v2/models/NAME``; a V1 model URL works too).
     protocol: "json", "binary" (binary tensor data extension) or "auto" (binary for batches
     of more than `binary_threshold` images). retries: extra attempts after a connection
-    error or a 5xx, waiting backoff * 2**attempt seconds; a 429 rate limit waits for its
-    Retry-After and does not use up retries.
+    error or a 5xx, waiting backoff * 2**attempt seconds; a 429 rate limit (of requests or
+    of compute) waits for its Retry-After and does not use up retries.
     """
 
     def __init__(
@@ -243,7 +243,7 @@ class RemoteOracle:
                 time.sleep(self.backoff * 2**attempt)
                 attempt += 1
                 continue
-            if status == 429 and _error(response)[1] == "rate_limited":
+            if status == 429 and _error(response)[1] in ("rate_limited", "compute_rate_limited"):
                 if waits < self.max_rate_limit_waits:
                     waits += 1
                     time.sleep(_retry_after(response))
@@ -302,7 +302,8 @@ def _raise_for(response: httpx.Response, method: str, url: str) -> None:
     status = response.status_code
     if status == 429 and code == "budget_exceeded":
         raise BudgetExceeded(int(doc.get("requested", 0)), Usage.from_dict(doc))
-    if code == "explanation_not_offered":
+    if code in ("explanation_not_offered", "unknown_target"):
+        # As LocalOracle raises them: the service does not return this explanation.
         raise ExplanationNotOffered(message)
     if status in (400, 413, 422) and code != "idempotency_conflict":
         raise InvalidQuery(message)

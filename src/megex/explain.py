@@ -29,6 +29,10 @@ OUTPUTS = ("probability", "log_probability", "logit")
 # forward/backward passes per image (SmoothGrad samples, IG steps).
 MAX_PASSES = 256
 MAX_SIGMA = 10.0
+# Images per batched pass over SmoothGrad samples or integrated-gradients steps: a small
+# batch (a service computes requests in small chunks) evaluates several samples or steps in
+# one pass, which is several times faster than one small pass per sample or step.
+_POINTS_PER_PASS = 256
 
 _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "gradient": {},
@@ -239,20 +243,43 @@ def explain(
         grad = _gradients(forward, x, output, classes)
         return grad * (x if classes is not None else x.unsqueeze(1))
     if method == "smoothgrad":
-        total = None
-        for _ in range(params["samples"]):
+
+        def noisy(_: int) -> torch.Tensor:
             # Drawn on the CPU so that a CPU generator seeds it wherever the model runs.
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            g = _gradients(forward, x + params["sigma"] * noise, output, classes)
-            total = g if total is None else total + g
+            return x + params["sigma"] * noise
+
+        total = _summed_gradients(forward, noisy, params["samples"], x, output, classes)
         return total / params["samples"]
     # integrated gradients: midpoint Riemann sum along the straight path baseline -> x
     baseline = torch.full_like(x, params["baseline"])
     steps = params["steps"]
-    total = None
-    for i in range(steps):
-        alpha = (i + 0.5) / steps
-        g = _gradients(forward, baseline + alpha * (x - baseline), output, classes)
-        total = g if total is None else total + g
     delta = x - baseline
+
+    def on_path(i: int) -> torch.Tensor:
+        return baseline + ((i + 0.5) / steps) * delta
+
+    total = _summed_gradients(forward, on_path, steps, x, output, classes)
     return (total / steps) * (delta if classes is not None else delta.unsqueeze(1))
+
+
+def _summed_gradients(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    point: Callable[[int], torch.Tensor],
+    count: int,
+    x: torch.Tensor,
+    output: str,
+    classes: torch.Tensor | None,
+) -> torch.Tensor:
+    """The sum over i < count of the gradients at `point(i)` (a batch shaped like x), with
+    as many points per pass as fit in _POINTS_PER_PASS images."""
+    n = x.shape[0]
+    group = max(1, min(count, _POINTS_PER_PASS // max(1, n)))
+    total = None
+    for start in range(0, count, group):
+        points = [point(i) for i in range(start, min(count, start + group))]
+        repeated = None if classes is None else classes.repeat(len(points))
+        g = _gradients(forward, torch.cat(points), output, repeated)
+        g = g.view(len(points), n, *g.shape[1:]).sum(0)
+        total = g if total is None else total + g
+    return total

@@ -1,5 +1,5 @@
 """The service's ledger in SQLite: API keys, per-key budgets and counts, audit log,
-idempotent replays.
+idempotent replays (:mod:`megex.stored_responses`).
 
 Everything lives in one database (WAL mode), so a restarted server neither resets nor loses
 a count. Keys are stored only as salted SHA-256 hashes. A request is charged inside a
@@ -8,14 +8,15 @@ would pass the key's budget is refused whole (:class:`megex.BudgetExceeded`) and
 nothing.
 
 Durability: commits use ``synchronous=NORMAL``, which survives a crash of the server process;
-a power failure may lose the last few commits.
+a power failure may lose the last few commits. After a crash, requests that were charged and
+never answered stay charged, except those sent with an Idempotency-Key, which the next server
+refunds when it starts (their retries then run, and are charged, once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import secrets
 import sqlite3
@@ -26,6 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ledger import BudgetExceeded, Charge, Usage
+from .stored_responses import (
+    DEFAULT_IDEMPOTENCY_TTL_S,
+    DEFAULT_STORED_RESPONSE_BYTES,
+    DEFAULT_STORED_RESPONSE_BYTES_PER_KEY,
+    IdempotencyConflict,
+    StoredResponse,
+    StoredResponses,
+)
 
 __all__ = [
     "Account",
@@ -57,19 +66,6 @@ CREATE TABLE IF NOT EXISTS audit (
     images BLOB                          -- float32 little-endian (N, C, H, W), if audited
 );
 CREATE INDEX IF NOT EXISTS audit_account ON audit(account_id, time);
-CREATE TABLE IF NOT EXISTS idempotency (
-    account_id INTEGER NOT NULL,
-    idem_key TEXT NOT NULL,
-    body_hash TEXT NOT NULL,
-    created REAL NOT NULL,
-    audit_id INTEGER NOT NULL,
-    status INTEGER,                      -- NULL while the first request is being computed
-    content_type TEXT,
-    headers TEXT,
-    body BLOB,
-    PRIMARY KEY (account_id, idem_key)
-);
-CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created);
 """
 
 # The open (no-auth) account: a value no SHA-256 hex digest can take.
@@ -84,32 +80,17 @@ class LedgerInUse(RuntimeError):
     """Another open SQLiteLedger (another server) holds this database file."""
 
 
-class IdempotencyConflict(Exception):
-    """An Idempotency-Key is being served right now, or was used for a different body."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class Account:
     id: int
     label: str
 
 
-@dataclass(frozen=True)
-class StoredResponse:
-    status: int
-    content_type: str
-    headers: dict[str, str]
-    body: bytes
-
-
 def _hold_exclusively(lock_path: Path, db_path: str):
     """An open lock file held exclusively, or LedgerInUse. One server per ledger: each one
     refunds, when it starts, the requests it finds charged but unanswered, which would be
-    the other server's requests in flight."""
+    the other server's requests in flight. `lock_path` is named after the database's real
+    path (symbolic links resolved), so that every name of the file shares one lock."""
     try:
         import fcntl
     except ImportError:  # no POSIX locks on this platform: nothing to enforce with
@@ -131,7 +112,9 @@ class SQLiteLedger:
 
     keys: API key -> budget (None: the default budget); None or empty runs the server open,
     with one shared account. Keys in the database but not in `keys` are deactivated; their
-    counts are kept. default_budget: None means unlimited.
+    counts are kept. default_budget: None means unlimited. idempotency_ttl_s,
+    stored_response_bytes_per_key, stored_response_bytes: how long and how much of the
+    responses to idempotent requests are kept (:mod:`megex.stored_responses`).
     """
 
     def __init__(
@@ -140,35 +123,61 @@ class SQLiteLedger:
         *,
         keys: Mapping[str, int | None] | Iterable[str] | None = None,
         default_budget: int | None = None,
-        idempotency_ttl_s: float = 24 * 3600.0,
+        idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S,
+        stored_response_bytes_per_key: int = DEFAULT_STORED_RESPONSE_BYTES_PER_KEY,
+        stored_response_bytes: int = DEFAULT_STORED_RESPONSE_BYTES,
     ):
         if default_budget is not None and int(default_budget) < 0:
             raise ValueError(f"budget: expected >= 0 or None, got {default_budget}")
         if keys is not None and not isinstance(keys, Mapping):
             keys = dict.fromkeys(keys)
         self.open = not keys
-        self.idempotency_ttl_s = float(idempotency_ttl_s)
         self.path = str(path)
         self._lock_file = None
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._lock_file = _hold_exclusively(Path(self.path + ".lock"), self.path)
+            real = Path(self.path).resolve()
+            real.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _hold_exclusively(Path(f"{real}.lock"), self.path)
         try:
             # One connection guarded by a lock: requests run in a thread pool, and SQLite
             # serialises writers anyway.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._lock = threading.Lock()
+            self._use_incremental_vacuum()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # The write-ahead log is truncated back to this size after a checkpoint.
+            self._db.execute("PRAGMA journal_size_limit=16777216")
             self._db.executescript(_SCHEMA)
+            StoredResponses.create(self._db)
+            self.responses = StoredResponses(
+                self._db,
+                idempotency_ttl_s,
+                stored_response_bytes_per_key,
+                stored_response_bytes,
+            )
             self._salt = self._load_salt()
             self._sync_keys(keys or {}, default_budget)
             self._refund_interrupted()
+            self._expire()
         except BaseException:
             if self._lock_file is not None:  # a ledger that failed to open holds nothing
                 self._lock_file.close()
             raise
+
+    @property
+    def idempotency_ttl_s(self) -> float:
+        return self.responses.ttl_s
+
+    def _use_incremental_vacuum(self) -> None:
+        """Freed pages go back to the file system on request (incremental vacuum). A new
+        database takes the setting at once; one written without it is rebuilt once."""
+        mode = self._db.execute("PRAGMA auto_vacuum").fetchone()[0]
+        if mode != 2:
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            if self._db.execute("PRAGMA page_count").fetchone()[0] > 0:
+                self._db.execute("VACUUM")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -220,13 +229,20 @@ class SQLiteLedger:
         """Refund idempotent requests that a previous server process charged but never
         answered, so that the client's retry runs (and is charged) once."""
         with self._transaction() as db:
-            pending = db.execute(
-                "SELECT i.account_id, a.count, i.audit_id FROM idempotency i "
-                "JOIN audit a ON a.id = i.audit_id WHERE i.status IS NULL AND a.refunded = 0"
-            ).fetchall()
-            for account_id, count, audit_id in pending:
-                self._give_back(account_id, count, audit_id)
-            db.execute("DELETE FROM idempotency WHERE status IS NULL")
+            for account_id, audit_id in self.responses.pending():
+                row = db.execute(
+                    "SELECT count FROM audit WHERE id = ? AND refunded = 0", (audit_id,)
+                ).fetchone()
+                if row is not None:
+                    self._give_back(account_id, int(row[0]), audit_id)
+            self.responses.forget_pending()
+
+    def _expire(self) -> None:
+        """Delete stored responses past their time to live and give their space back."""
+        with self._transaction():
+            self.responses.expire(time.time())
+        with self._lock:
+            self.responses.give_back_space()
 
     def close(self) -> None:
         with self._lock:
@@ -296,8 +312,9 @@ class SQLiteLedger:
         request (charging nothing). Raises BudgetExceeded or IdempotencyConflict."""
         now = time.time()
         with self._transaction() as db:
+            expired = self.responses.expire(now)
             if idem_key is not None:
-                stored = self._claim(account_id, idem_key, body_hash, now)
+                stored = self.responses.lookup(account_id, idem_key, body_hash)
                 if stored is not None:
                     return stored
             usage = self._usage(account_id)
@@ -310,36 +327,12 @@ class SQLiteLedger:
                 (account_id, now, endpoint, count, images),
             ).lastrowid
             if idem_key is not None:
-                db.execute(
-                    "INSERT INTO idempotency(account_id, idem_key, body_hash, created, "
-                    "audit_id) VALUES (?, ?, ?, ?, ?)",
-                    (account_id, idem_key, body_hash, now, audit_id),
-                )
+                self.responses.claim(account_id, idem_key, body_hash, int(audit_id), now)
+        if expired:
+            with self._lock:
+                self.responses.give_back_space()
         new_usage = Usage(usage.used + count, usage.budget)
         return Charge(account_id, count, new_usage, int(audit_id), idem_key)
-
-    def _claim(
-        self, account_id: int, idem_key: str, body_hash: str, now: float
-    ) -> StoredResponse | None:
-        self._db.execute(
-            "DELETE FROM idempotency WHERE created < ?", (now - self.idempotency_ttl_s,)
-        )
-        row = self._db.execute(
-            "SELECT body_hash, status, content_type, headers, body FROM idempotency "
-            "WHERE account_id = ? AND idem_key = ?",
-            (account_id, idem_key),
-        ).fetchone()
-        if row is None:
-            return None
-        if row[0] != body_hash:
-            raise IdempotencyConflict(
-                "Idempotency-Key was already used for a different request body", 422
-            )
-        if row[1] is None:
-            raise IdempotencyConflict(
-                "a request with this Idempotency-Key is still being served; retry shortly", 409
-            )
-        return StoredResponse(int(row[1]), row[2], json.loads(row[3]), bytes(row[4]))
 
     def finish(
         self,
@@ -349,32 +342,41 @@ class SQLiteLedger:
         body: bytes,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Store the response of an idempotent request, for replays."""
+        """Store the response of an idempotent request, for replays, within the caps."""
         if charge.idem_key is None:
             return
-        with self._lock:
-            self._db.execute(
-                "UPDATE idempotency SET status = ?, content_type = ?, headers = ?, body = ? "
-                "WHERE account_id = ? AND idem_key = ?",
-                (
-                    status,
-                    content_type,
-                    json.dumps(dict(headers or {})),
-                    body,
-                    charge.account_id,
-                    charge.idem_key,
-                ),
+        with self._transaction():
+            self.responses.store(
+                charge.account_id, charge.idem_key, status, content_type, body, headers or {}
             )
+        with self._lock:
+            self.responses.give_back_space()
 
     def refund(self, charge: Charge) -> None:
         """Give back a charge whose computation failed; a retry may then run again."""
-        with self._transaction() as db:
+        with self._transaction():
             self._give_back(charge.account_id, charge.count, charge.audit_id)
             if charge.idem_key is not None:
-                db.execute(
-                    "DELETE FROM idempotency WHERE account_id = ? AND idem_key = ?",
-                    (charge.account_id, charge.idem_key),
-                )
+                self.responses.release(charge.account_id, charge.idem_key)
+
+    def has_idempotency_key(self, account_id: int, idem_key: str) -> bool:
+        """Whether `idem_key` names a request of this account that was charged (and has not
+        expired): a repeat of it is answered without a charge."""
+        with self._lock:
+            return self.responses.exists(account_id, idem_key)
+
+    def stored_response(
+        self, account_id: int, idem_key: str, body_hash: str
+    ) -> StoredResponse | None:
+        """The stored response of a repeated idempotent request, None for a new one;
+        IdempotencyConflict when the key is still being served or names another body."""
+        with self._lock:
+            return self.responses.lookup(account_id, idem_key, body_hash)
+
+    def stored_bytes(self, account_id: int | None = None) -> int:
+        """Bytes of stored response bodies, of one account or of all."""
+        with self._lock:
+            return self.responses.stored_bytes(account_id)
 
     def _give_back(self, account_id: int, count: int, audit_id: int | None) -> None:
         # Inside a transaction: the count goes back and its audit row says so.

@@ -1,7 +1,7 @@
 """`megex serve`: run a saved victim as an HTTP service (KServe V1 and V2 / Triton).
 
 Once it listens it prints one line of JSON on stdout, e.g.
-``{"event": "ready", "address": "http://127.0.0.1:8765", "model": "digits-small_cnn", ...}``;
+``{"event": "ready", "address": "http://127.0.0.1:8765", "model": "model", ...}``;
 everything else (its description, uvicorn's logs) goes to stderr.
 """
 
@@ -35,7 +35,7 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=port, default=8080, help="port (0: any free port)")
     p.add_argument(
-        "--name", help="model name in URLs (default: <dataset>-<arch> of the victim, or 'victim')"
+        "--name", help="model name in URLs (default: 'model', which says nothing about the victim)"
     )
     auth = p.add_argument_group("keys and quotas")
     auth.add_argument(
@@ -66,6 +66,7 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     auth.add_argument(
         "--audit-images", action="store_true", help="store every queried image in the audit log"
     )
+    _add_limit_arguments(p)
     ex = p.add_argument_group("what the service returns")
     ex.add_argument(
         "--prediction",
@@ -111,6 +112,76 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     p.set_defaults(func=run_serve)
 
 
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    from ..oracle import DEFAULT_CHUNK_PASSES
+    from ..serving.limits import (
+        DEFAULT_BODY_TIMEOUT_S,
+        DEFAULT_FAILED_KEY_BURST,
+        DEFAULT_FAILED_KEY_RATE,
+        DEFAULT_MAX_JSON_VALUES,
+        DEFAULT_MAX_PASSES_PER_REQUEST,
+    )
+    from ..stored_responses import (
+        DEFAULT_IDEMPOTENCY_TTL_S,
+        DEFAULT_STORED_RESPONSE_BYTES,
+        DEFAULT_STORED_RESPONSE_BYTES_PER_KEY,
+    )
+
+    mib = 1024 * 1024
+    lim = p.add_argument_group("limits against costly or hostile clients")
+    lim.add_argument(
+        "--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+        help="seconds to receive a request body (default: %(default)s)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-json-values", type=int, default=DEFAULT_MAX_JSON_VALUES, metavar="N",
+        help="values in a JSON body; binary tensor data has no such limit (default: %(default)s)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-passes-per-request", type=int, default=DEFAULT_MAX_PASSES_PER_REQUEST,
+        metavar="N", help="model passes one request may cost (default: %(default)s)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--compute-rate", type=float, metavar="P",
+        help="model passes per second per key (default: no limit)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--chunk-passes", type=int, default=DEFAULT_CHUNK_PASSES, metavar="N",
+        help="model passes computed per turn before another key's request gets its turn "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--failed-key-rate", type=float, default=DEFAULT_FAILED_KEY_RATE, metavar="R",
+        help="wrong or missing API keys per second per client address (default: %(default)s)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--failed-key-burst", type=float, default=DEFAULT_FAILED_KEY_BURST, metavar="B",
+        help="wrong or missing API keys per client address before throttling "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--idempotency-ttl", type=float, default=DEFAULT_IDEMPOTENCY_TTL_S, metavar="S",
+        help="seconds a response to an idempotent request is kept (default: %(default)s)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--stored-responses-mb-per-key", type=float, metavar="MB",
+        default=DEFAULT_STORED_RESPONSE_BYTES_PER_KEY / mib,
+        help="stored responses kept per key (default: %(default)g MB)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--stored-responses-mb", type=float, default=DEFAULT_STORED_RESPONSE_BYTES / mib,
+        metavar="MB", help="stored responses kept over all keys (default: %(default)g MB)",
+    )  # fmt: skip
+    show = p.add_argument_group("what a caller with a key may read about the service")
+    show.add_argument(
+        "--openapi", action="store_true", help="serve the OpenAPI document at /openapi.json"
+    )
+    show.add_argument(
+        "--expose-architecture", action="store_true",
+        help="name the victim's architecture and dataset in the V2 model metadata",
+    )  # fmt: skip
+
+
 def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
     """The FastAPI app and its API keys, from parsed arguments."""
     try:
@@ -146,6 +217,16 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
         ("--budget", args.budget, 0),
         ("--rate-limit", args.rate_limit, 1e-9),
         ("--max-body-mb", args.max_body_mb, 1e-6),
+        ("--body-timeout", args.body_timeout, 1e-3),
+        ("--max-json-values", args.max_json_values, 1),
+        ("--max-passes-per-request", args.max_passes_per_request, 1),
+        ("--compute-rate", args.compute_rate, 1e-9),
+        ("--chunk-passes", args.chunk_passes, 1),
+        ("--failed-key-rate", args.failed_key_rate, 1e-9),
+        ("--failed-key-burst", args.failed_key_burst, 1),
+        ("--idempotency-ttl", args.idempotency_ttl, 1e-3),
+        ("--stored-responses-mb-per-key", args.stored_responses_mb_per_key, 0),
+        ("--stored-responses-mb", args.stored_responses_mb, 0),
     ):
         if value is not None and value < low:
             raise UsageError(f"{flag}: expected >= {low:g}, got {value}")
@@ -166,6 +247,18 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
                 defenses=defenses,
                 audit_images=args.audit_images,
                 seed=args.seed,
+                body_timeout_s=args.body_timeout,
+                max_json_values=args.max_json_values,
+                max_passes_per_request=args.max_passes_per_request,
+                compute_rate=args.compute_rate,
+                chunk_passes=args.chunk_passes,
+                failed_key_rate=args.failed_key_rate,
+                failed_key_burst=args.failed_key_burst,
+                idempotency_ttl_s=args.idempotency_ttl,
+                stored_response_bytes_per_key=int(args.stored_responses_mb_per_key * 1024 * 1024),
+                stored_response_bytes=int(args.stored_responses_mb * 1024 * 1024),
+                openapi=args.openapi,
+                expose_architecture=args.expose_architecture,
             )
     except LedgerInUse as err:
         raise LedgerInUse(f"--db: {err}") from None

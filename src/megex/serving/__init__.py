@@ -15,9 +15,11 @@ Explanation settings go in the request's ``parameters`` when the server allows a
 
 Every query is charged to an API key (``Authorization: Bearer KEY`` or ``x-api-key``) in a
 SQLite ledger before it is computed (:mod:`megex.sqlite_ledger`); authenticated responses
-carry ``X-Queries-Used``, ``X-Query-Budget`` and ``X-Queries-Remaining``. Mistakes get a 4xx
-with ``{"error": "...", "code": "..."}``. The app (:func:`create_app`) needs the ``server``
-extra (fastapi, uvicorn); :mod:`.codec` needs only numpy.
+carry ``X-Queries-Used``, ``X-Query-Budget`` and ``X-Queries-Remaining``. Compute is limited
+apart, in model passes (:mod:`megex.compute`, :mod:`.limits`). Mistakes get a 4xx with
+``{"error": "...", "code": "..."}``. Nothing about the model is served without a key. The
+app (:func:`create_app`) needs the ``server`` extra (fastapi, uvicorn); :mod:`.codec` needs
+only numpy.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MODEL_NAME",
     "HTTPError",
+    "Limits",
     "create_app",
-    "default_model_name",
     "explanation_from_parameters",
     "read_keys_file",
 ]
@@ -35,9 +38,10 @@ __all__ = [
 _FROM = {
     "create_app": "app",
     "read_keys_file": "app",
-    "HTTPError": "service",
-    "default_model_name": "service",
-    "explanation_from_parameters": "service",
+    "HTTPError": "errors",
+    "Limits": "limits",
+    "DEFAULT_MODEL_NAME": "service",
+    "explanation_from_parameters": "parsing",
 }
 
 

@@ -1,5 +1,5 @@
-"""The ASGI app serving one model: settings, the ledger, error handlers and both protocols'
-routes."""
+"""The ASGI app serving one model: settings, limits, the ledger, error handlers and both
+protocols' routes."""
 
 from __future__ import annotations
 
@@ -18,17 +18,33 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..defenses import Defense
 from ..explain import Explanation
-from ..oracle import LocalOracle, Responder
+from ..oracle import DEFAULT_CHUNK_PASSES, LocalOracle, Responder
 from ..sqlite_ledger import SQLiteLedger
+from ..stored_responses import (
+    DEFAULT_IDEMPOTENCY_TTL_S,
+    DEFAULT_STORED_RESPONSE_BYTES,
+    DEFAULT_STORED_RESPONSE_BYTES_PER_KEY,
+)
 from ..victim import Victim
 from . import v1, v2
-from .service import HTTPError, RateLimiter, Service, default_model_name
+from .errors import HTTPError
+from .limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_FAILED_KEY_BURST,
+    DEFAULT_FAILED_KEY_RATE,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_JSON_VALUES,
+    DEFAULT_MAX_PASSES_PER_REQUEST,
+    Limits,
+)
+from .service import DEFAULT_MODEL_NAME, Service
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "read_keys_file"]
 
 log = logging.getLogger("megex.server")
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Error messages may quote what a client sent; they are cut at this length.
+_MAX_MESSAGE = 1000
 
 
 def create_app(
@@ -41,6 +57,14 @@ def create_app(
     rate_limit: float | None = None,
     rate_burst: float | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_json_values: int = DEFAULT_MAX_JSON_VALUES,
+    max_passes_per_request: int | None = DEFAULT_MAX_PASSES_PER_REQUEST,
+    compute_rate: float | None = None,
+    compute_burst: float | None = None,
+    chunk_passes: int = DEFAULT_CHUNK_PASSES,
+    failed_key_rate: float = DEFAULT_FAILED_KEY_RATE,
+    failed_key_burst: float = DEFAULT_FAILED_KEY_BURST,
     prediction: str = "probabilities",
     top_k: int | None = None,
     explanation: Explanation | None = Explanation("gradient"),
@@ -48,17 +72,32 @@ def create_app(
     defenses: Sequence[Defense] = (),
     audit_images: bool = False,
     seed: int = 0,
-    idempotency_ttl_s: float = 24 * 3600.0,
+    idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S,
+    stored_response_bytes_per_key: int = DEFAULT_STORED_RESPONSE_BYTES_PER_KEY,
+    stored_response_bytes: int = DEFAULT_STORED_RESPONSE_BYTES,
+    openapi: bool = False,
+    expose_architecture: bool = False,
 ) -> FastAPI:
     """The ASGI app serving one model.
 
     source: a Victim (answered with prediction, top_k, explanation, allow_explanation_choice,
-    defenses, seed), or a Responder (or a LocalOracle with budget None, whose Responder is
-    used; or a callable returning either) that answers as it is. keys: API key -> budget
-    (None: `budget`), or an iterable of keys; None serves without auth, one shared account.
-    budget: per key, None = unlimited. db_path: the SQLite ledger (":memory:" forgets counts
-    on exit). rate_limit: requests/s per key (bursts of `rate_burst`, default
-    max(1, rate)). audit_images: keep every queried image in the audit table.
+    defenses, seed, in chunks of at most chunk_passes model passes), or a Responder (or a
+    LocalOracle with budget None, whose Responder is used; or a callable returning either)
+    that answers as it is. keys: API key -> budget (None: `budget`), or an iterable of keys;
+    None serves without auth, one shared account. budget: per key, None = unlimited. name:
+    the model's name in URLs (default "model", which says nothing about it). db_path: the
+    SQLite ledger (":memory:" forgets counts on exit). audit_images: keep every queried
+    image in the audit table.
+
+    Limits (:class:`~megex.serving.limits.Limits`): max_body_bytes, body_timeout_s,
+    max_json_values, max_passes_per_request, compute_rate and compute_burst (model passes
+    per second per key), rate_limit and rate_burst (requests per second per key),
+    failed_key_rate and failed_key_burst (wrong keys per second per client address).
+    Stored responses for idempotent retries: idempotency_ttl_s,
+    stored_response_bytes_per_key, stored_response_bytes (:mod:`megex.stored_responses`).
+    openapi: serve the OpenAPI document at /openapi.json (off: it describes the service to
+    anyone). expose_architecture: name the victim's architecture and dataset in the V2
+    model metadata.
     """
     responder = _responder(
         source,
@@ -68,18 +107,34 @@ def create_app(
         allow_explanation_choice=allow_explanation_choice,
         defenses=defenses,
         seed=seed,
+        chunk_passes=chunk_passes,
     )
-    name = name or default_model_name(responder.victim)
+    name = name or DEFAULT_MODEL_NAME
     if not name or "/" in name or ":" in name:
         raise ValueError(f"name: {name!r} cannot appear in a URL path segment")
-    if int(max_body_bytes) < 1:
-        raise ValueError(f"max_body_bytes: expected >= 1, got {max_body_bytes}")
-    # Checked before the ledger is opened (and locked): a refused setting leaves it untouched.
-    limiter = RateLimiter(rate_limit, rate_burst) if rate_limit is not None else None
-    ledger = SQLiteLedger(
-        db_path, keys=keys, default_budget=budget, idempotency_ttl_s=idempotency_ttl_s
+    limits = Limits(
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+        max_json_values=max_json_values,
+        max_passes_per_request=max_passes_per_request,
+        compute_rate=compute_rate,
+        compute_burst=compute_burst,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        failed_key_rate=failed_key_rate,
+        failed_key_burst=failed_key_burst,
     )
-    service = Service(responder, name, ledger, limiter, max_body_bytes, audit_images)
+    # Limits are checked (above) before the ledger is opened and locked: a refused setting
+    # leaves it untouched.
+    ledger = SQLiteLedger(
+        db_path,
+        keys=keys,
+        default_budget=budget,
+        idempotency_ttl_s=idempotency_ttl_s,
+        stored_response_bytes_per_key=stored_response_bytes_per_key,
+        stored_response_bytes=stored_response_bytes,
+    )
+    service = Service(responder, name, ledger, limits, audit_images, expose_architecture)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -92,6 +147,7 @@ def create_app(
         version=__version__,
         docs_url=None,
         redoc_url=None,
+        openapi_url="/openapi.json" if openapi else None,
         lifespan=lifespan,
     )
     app.state.service = service
@@ -102,9 +158,9 @@ def create_app(
     return app
 
 
-def _responder(source, **settings) -> Responder:
+def _responder(source, *, chunk_passes: int, **settings) -> Responder:
     if isinstance(source, Victim):
-        return Responder(source, **settings)
+        return Responder(source, chunk_passes=chunk_passes, **settings)
     if not isinstance(source, (Responder, LocalOracle)):
         source = source()
     if isinstance(source, LocalOracle):
@@ -124,7 +180,10 @@ def _responder(source, **settings) -> Responder:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, err: HTTPError) -> JSONResponse:
-        content = {"error": err.message, "code": err.code, **err.extra}
+        message = err.message
+        if len(message) > _MAX_MESSAGE:
+            message = message[: _MAX_MESSAGE - 3] + "..."
+        content = {"error": message, "code": err.code, **err.extra}
         return JSONResponse(content, err.status, err.headers)
 
     @app.exception_handler(StarletteHTTPException)

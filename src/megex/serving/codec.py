@@ -23,6 +23,7 @@ __all__ = [
     "INPUT_NAME",
     "WireError",
     "decode_response",
+    "declared_shape",
     "dump_json",
     "encode_request",
     "join_message",
@@ -37,6 +38,10 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # The one input of a megex model: float32 images in [0, 1], shape (N, C, H, W).
 INPUT_NAME = "images"
 DATATYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
+# Bounds of a declared shape that numpy can hold (it allows 64 dimensions and sizes below
+# 2**63); megex's tensors have at most 5 dimensions.
+MAX_DIMS = 16
+MAX_DIM_SIZE = 2**31 - 1
 
 
 class WireError(ValueError):
@@ -50,19 +55,33 @@ class WireError(ValueError):
 # --- JSON -------------------------------------------------------------------------------
 
 
-def load_json(data: bytes, what: str = "body") -> dict[str, Any]:
-    """A JSON object, or WireError."""
+def load_json(data: bytes, what: str = "body", max_values: int | None = None) -> dict[str, Any]:
+    """A JSON object, or WireError. max_values: refuse, before parsing, a document that may
+    hold more values than this (counted as its commas, plus one), since each parsed number
+    costs tens of bytes of memory."""
     if not data:
         raise WireError(f"{what}: empty; send a JSON object")
+    if max_values is not None:
+        values = data.count(b",") + 1
+        if values > max_values:
+            raise WireError(
+                f"{what}: about {values} JSON values, more than the {max_values} allowed; "
+                "send fewer images per request, or the images as binary tensor data",
+                "too_many_values",
+            )
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WireError(f"{what}: not valid JSON ({err})") from None
     except RecursionError:
         raise WireError(f"{what}: JSON nested too deeply") from None
+    except ValueError as err:  # invalid JSON or text, or an integer too long to convert
+        raise WireError(f"{what}: not valid JSON ({_first_line(err)})") from None
     if not isinstance(doc, dict):
         raise WireError(f"{what}: expected a JSON object, got {type(doc).__name__}")
     return doc
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 def dump_json(doc: Any) -> bytes:
@@ -151,19 +170,14 @@ def tensor_from_wire(
 ) -> tuple[np.ndarray, int]:
     """A tensor's values (a writable array) and the number of bytes of `binary` it used,
     reading from `offset`; WireError when the description or the data do not agree."""
-    dtype = DATATYPES.get(tensor.get("datatype"))
+    datatype = tensor.get("datatype")
+    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise WireError(
-            f"{what}: datatype {tensor.get('datatype')!r} not one of {', '.join(DATATYPES)}",
+            f"{what}: datatype {_short(datatype)} not one of {', '.join(DATATYPES)}",
             "invalid_dtype",
         )
-    shape = tensor.get("shape")
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-    ):
-        raise WireError(f"{what}.shape: expected a list of non-negative integers")
+    shape = declared_shape(tensor, what)
     size = math.prod(shape)
     params = tensor.get("parameters") or {}
     if not isinstance(params, dict):
@@ -176,7 +190,7 @@ def tensor_from_wire(
             raise WireError(f"{what}: give either 'data' or binary_data_size, not both")
         if not isinstance(nbytes, int) or nbytes != dtype.itemsize * size:
             raise WireError(
-                f"{what}: binary_data_size {nbytes} does not match shape {shape} "
+                f"{what}: binary_data_size {_short(nbytes)} does not match shape {shape} "
                 f"of {tensor['datatype']} ({dtype.itemsize * size} bytes)"
             )
         if offset + nbytes > len(binary):
@@ -192,6 +206,30 @@ def tensor_from_wire(
     if arr.size != size:
         raise WireError(f"{what}.data: {arr.size} values, shape {shape} needs {size}")
     return arr.reshape(shape), 0
+
+
+def declared_shape(tensor: Mapping[str, Any], what: str) -> list[int]:
+    """A tensor's declared shape, or WireError: a list of 1 to MAX_DIMS integers in
+    [0, MAX_DIM_SIZE]."""
+    shape = tensor.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not 0 < len(shape) <= MAX_DIMS
+        or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM_SIZE for s in shape
+        )
+    ):
+        raise WireError(
+            f"{what}.shape: expected a list of 1 to {MAX_DIMS} integers in "
+            f"[0, {MAX_DIM_SIZE}], got {_short(shape)}"
+        )
+    return shape
+
+
+def _short(value: Any) -> str:
+    """`value` for an error message, cut short: it may be anything a client sent."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --- the client's side ------------------------------------------------------------------

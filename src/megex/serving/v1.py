@@ -3,7 +3,8 @@
 
 An instance is one image as a nested list (C, H, W) of floats in [0, 1], or
 ``{"b64": ...}`` of its float32 little-endian bytes. ``:explain`` answers Vertex AI's
-ExplainResponse.
+ExplainResponse: ``explanations``, ``deployedModelId`` (the model's name here) and
+``predictions``.
 """
 
 from __future__ import annotations
@@ -20,16 +21,25 @@ from fastapi.responses import Response
 from ..explain import Explanation
 from ..oracle import Answer
 from .codec import INPUT_NAME, WireError, dump_json, load_json, numeric_array
-from .service import Parsed, Renderer, Service, explanation_from_parameters, validated_images
+from .parsing import Afford, Parsed, explanation_from_parameters, validated_images
+from .service import Renderer, Service
 
 __all__ = ["add_routes", "parse_v1", "render_v1_explain", "render_v1_predict"]
 
 
 def parse_v1(
-    body: bytes, input_shape: Sequence[int], explain: bool, default: Explanation | None
+    body: bytes,
+    input_shape: Sequence[int],
+    explain: bool,
+    default: Explanation | None,
+    afford: Afford | None = None,
+    max_values: int | None = None,
+    num_classes: int | None = None,
 ) -> Parsed:
-    """{"instances": [...], "parameters": {...}} -> images and requested explanation."""
-    doc = load_json(body)
+    """{"instances": [...], "parameters": {...}} -> images and requested explanation.
+    afford: called with the number of instances before they are decoded. max_values: the
+    most JSON values the body may hold. num_classes: the model's, to check a target class."""
+    doc = load_json(body, max_values=max_values)
     unknown = set(doc) - {"instances", "parameters"}
     if unknown:
         raise WireError(
@@ -41,12 +51,14 @@ def parse_v1(
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise WireError("parameters: expected a JSON object")
+    requested = explanation_from_parameters(parameters, default, num_classes=num_classes)
+    if afford is not None:
+        afford(len(instances))
     if any(isinstance(inst, dict) for inst in instances):
         arr = np.stack([_v1_instance(i, inst, input_shape) for i, inst in enumerate(instances)])
     else:
         arr = numeric_array(instances, "instances")
     images = validated_images(arr, input_shape, "instances")
-    requested = explanation_from_parameters(parameters, default)
     return Parsed(images, requested if explain else None)
 
 
@@ -81,10 +93,12 @@ def render_v1_predict(answer: Answer, parsed: Parsed) -> tuple[bytes, str, dict[
     return dump_json({"predictions": _predictions(answer)}), "application/json", {}
 
 
-def render_v1_explain(answer: Answer, parsed: Parsed) -> tuple[bytes, str, dict[str, str]]:
+def render_v1_explain(
+    answer: Answer, parsed: Parsed, model_name: str
+) -> tuple[bytes, str, dict[str, str]]:
     """Vertex AI's ExplainResponse. instanceOutputValue is the prediction the service shows
     for that class (so it reveals nothing more); baselines and approximation errors are
-    not estimated and read 0."""
+    not estimated and read 0; deployedModelId is the model's name."""
     spec = answer.explanation_spec
     predictions = _predictions(answer)
     expl = answer.explanation
@@ -111,41 +125,49 @@ def render_v1_explain(answer: Answer, parsed: Parsed) -> tuple[bytes, str, dict[
                     ]
                 }
             )
-    doc = {
-        "explanations": explanations,
-        "predictions": predictions,
-        "explanation": None if spec is None else spec.to_dict(),
-    }
+    doc = {"explanations": explanations, "deployedModelId": model_name, "predictions": predictions}
     return dump_json(doc), "application/json", {}
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
+    # Nothing about the model is said to a caller without a key.
     @app.get("/v1/models")
-    async def list_models() -> dict[str, list[str]]:
-        return {"models": [service.name]}
+    async def list_models(request: Request) -> Response:
+        return await service.authorized_json(
+            request, (service.name, None), lambda: {"models": [service.name]}
+        )
 
     @app.get("/v1/models/{name}")
-    async def model_status(name: str) -> dict[str, Any]:
-        service.check_model(name)
-        return {"name": name, "ready": True}
+    async def model_status(request: Request, name: str) -> Response:
+        return await service.authorized_json(
+            request, (name, None), lambda: {"name": name, "ready": True}
+        )
+
+    def explain_response(answer: Answer, parsed: Parsed) -> tuple[bytes, str, dict[str, str]]:
+        return render_v1_explain(answer, parsed, service.name)
 
     _add_answer_route(app, service, "predict", render_v1_predict)
-    _add_answer_route(app, service, "explain", render_v1_explain)
+    _add_answer_route(app, service, "explain", explain_response)
 
 
 def _add_answer_route(app: FastAPI, service: Service, verb: str, render: Renderer) -> None:
     """``POST /v1/models/{name}:<verb>``; only ``:explain`` returns explanations."""
-    shape = service.responder.input_shape
+    responder = service.responder
+    max_values = service.limits.max_json_values
 
     async def answer(request: Request, name: str) -> Response:
-        service.check_model(name)
-        default = service.responder.explanation
-        return await service.serve(
-            request,
-            f"v1/{verb}",
-            lambda body: parse_v1(body, shape, verb == "explain", default),
-            render,
-        )
+        def parse(body: bytes, afford: Afford) -> Parsed:
+            return parse_v1(
+                body,
+                responder.input_shape,
+                verb == "explain",
+                responder.explanation,
+                afford,
+                max_values,
+                responder.num_classes,
+            )
+
+        return await service.serve(request, f"v1/{verb}", (name, None), parse, render)
 
     # Named after the verb, as the OpenAPI document's operations are.
     app.post(f"/v1/models/{{name}}:{verb}", name=verb)(answer)

@@ -20,13 +20,16 @@ from .codec import (
     HEADER_LENGTH,
     INPUT_NAME,
     WireError,
+    declared_shape,
     join_message,
     load_json,
     split_message,
     tensor_from_wire,
     tensor_to_wire,
 )
-from .service import HTTPError, Parsed, Service, explanation_from_parameters, validated_images
+from .errors import HTTPError
+from .parsing import Afford, Parsed, explanation_from_parameters, validated_images
+from .service import Service
 
 __all__ = ["add_routes", "metadata_document", "parse_v2", "render_v2"]
 
@@ -49,27 +52,38 @@ def parse_v2(
     input_shape: Sequence[int],
     output_names: Sequence[str],
     default: Explanation | None,
+    afford: Afford | None = None,
+    max_values: int | None = None,
+    num_classes: int | None = None,
 ) -> Parsed:
-    """An inference request, JSON or with binary tensor data."""
+    """An inference request, JSON or with binary tensor data. afford: called with the
+    number of images the input declares, before its data are decoded. max_values: the most
+    values the JSON part may hold. num_classes: the model's, to check a target class."""
     header, binary = split_message(body, header_length)
-    doc = load_json(header, "inference header" if header_length is not None else "body")
+    what = "inference header" if header_length is not None else "body"
+    doc = load_json(header, what, max_values)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise WireError(f"inputs: expected exactly one tensor named {INPUT_NAME!r}")
     tensor = inputs[0]
     name = tensor.get("name")
     if name != INPUT_NAME:
-        raise WireError(f"inputs: unknown tensor {name!r}; this model takes {INPUT_NAME!r}")
+        raise WireError(
+            f"inputs: unknown tensor {str(name)[:80]!r}; this model takes {INPUT_NAME!r}"
+        )
     if tensor.get("datatype") != "FP32":
         raise WireError(
-            f"inputs.{INPUT_NAME}: datatype {tensor.get('datatype')!r}, expected 'FP32' "
-            "(float32 images in [0, 1])",
+            f"inputs.{INPUT_NAME}: datatype {str(tensor.get('datatype'))[:20]!r}, expected "
+            "'FP32' (float32 images in [0, 1])",
             "invalid_dtype",
         )
-    arr, used = tensor_from_wire(tensor, binary, 0, f"inputs.{INPUT_NAME}")
-    if used != len(binary):
-        raise WireError(f"binary data: {len(binary) - used} bytes after the tensors are not used")
-    images = validated_images(arr, input_shape, INPUT_NAME)
+    shape = declared_shape(tensor, f"inputs.{INPUT_NAME}")
+    expected = [-1, *input_shape]
+    if len(shape) != 4 or shape[1:] != list(input_shape) or shape[0] < 1:
+        raise WireError(
+            f"inputs.{INPUT_NAME}.shape: {shape} does not match {expected} (N >= 1 images)",
+            "invalid_images",
+        )
 
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -79,10 +93,19 @@ def parse_v2(
         raise WireError("parameters.binary_data_output: expected true or false")
     outputs = _v2_outputs(doc.get("outputs"), output_names, binary_default)
     wants_explanation = any(name == "explanation" for name, _ in outputs)
-    requested = explanation_from_parameters(parameters, default, ignore=_PROTOCOL_PARAMETERS)
+    requested = explanation_from_parameters(
+        parameters, default, ignore=_PROTOCOL_PARAMETERS, num_classes=num_classes
+    )
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise WireError("id: expected a string")
+
+    if afford is not None:
+        afford(shape[0])
+    arr, used = tensor_from_wire(tensor, binary, 0, f"inputs.{INPUT_NAME}")
+    if used != len(binary):
+        raise WireError(f"binary data: {len(binary) - used} bytes after the tensors are not used")
+    images = validated_images(arr, input_shape, INPUT_NAME)
     return Parsed(images, requested if wants_explanation else None, outputs, request_id)
 
 
@@ -103,7 +126,9 @@ def _v2_outputs(
                 403, "explanation: this model returns no explanations", "explanation_not_offered"
             )
         if name not in output_names:
-            raise WireError(f"outputs: unknown {name!r}; this model has {', '.join(output_names)}")
+            raise WireError(
+                f"outputs: unknown {str(name)[:80]!r}; this model has {', '.join(output_names)}"
+            )
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise WireError(f"outputs.{name}.parameters: expected a JSON object")
@@ -141,7 +166,8 @@ def render_v2(answer: Answer, parsed: Parsed, model_name: str) -> tuple[bytes, s
 
 
 def metadata_document(service: Service) -> dict[str, Any]:
-    """The model's metadata: its tensors, and what it returns in `parameters`."""
+    """The model's metadata: its tensors, and in `parameters` what it returns (and its
+    architecture and dataset only where the operator chose to expose them)."""
     responder = service.responder
     c, h, w = responder.input_shape
     k = responder.num_classes
@@ -155,13 +181,13 @@ def metadata_document(service: Service) -> dict[str, Any]:
     if spec is not None:
         shape = [-1, k, c, h, w] if spec.target == "all" else [-1, c, h, w]
         outputs.append({"name": "explanation", "datatype": "FP32", "shape": shape})
-    victim = responder.victim
     parameters: dict[str, Any] = {
         "prediction": responder.prediction,
         "allow_explanation_choice": responder.allow_explanation_choice,
-        "arch": victim.arch or "",
-        "dataset": victim.dataset or "",
     }
+    if service.expose_architecture:
+        parameters["arch"] = responder.victim.arch or ""
+        parameters["dataset"] = responder.victim.dataset or ""
     if responder.top_k is not None:
         parameters["top_k"] = responder.top_k
     if spec is not None:
@@ -177,8 +203,11 @@ def metadata_document(service: Service) -> dict[str, Any]:
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
-    shape = service.responder.input_shape
+    responder = service.responder
+    max_values = service.limits.max_json_values
 
+    # Health and the server's own metadata say nothing about the model; everything under
+    # /v2/models needs a key, so that a stranger cannot even confirm a model's name.
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
         return {"live": True}
@@ -194,26 +223,35 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(request: Request, name: str, version: str | None = None):
-        service.check_model(name, version)
-        return await service.authorized_json(request, metadata_document(service))
+        return await service.authorized_json(
+            request, (name, version), lambda: metadata_document(service)
+        )
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> dict[str, Any]:
-        service.check_model(name, version)
-        return {"name": name, "ready": True}
+    async def model_ready(request: Request, name: str, version: str | None = None):
+        return await service.authorized_json(
+            request, (name, version), lambda: {"name": name, "ready": True}
+        )
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        service.check_model(name, version)
-        default = service.responder.explanation
         header_length = request.headers.get(HEADER_LENGTH)
 
-        def parse(body: bytes) -> Parsed:
-            return parse_v2(body, header_length, shape, service.output_names, default)
+        def parse(body: bytes, afford: Afford) -> Parsed:
+            return parse_v2(
+                body,
+                header_length,
+                responder.input_shape,
+                service.output_names,
+                responder.explanation,
+                afford,
+                max_values,
+                responder.num_classes,
+            )
 
         def render(answer: Answer, parsed: Parsed) -> tuple[bytes, str, dict[str, str]]:
             return render_v2(answer, parsed, service.name)
 
-        return await service.serve(request, "v2/infer", parse, render)
+        return await service.serve(request, "v2/infer", (name, version), parse, render)
