@@ -141,15 +141,15 @@ def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
     config = _config(tmp_path)
     parser = tune.add_arguments(__import__("argparse").ArgumentParser())
     out = tmp_path / "tuning"
-    argv = ["--config", config, "--out", str(out), "--trials", "2", "--budget", "400"]
+    argv = ["--config", config, "--out", str(out), "--trials", "1", "--budget", "300"]
     doc = tune.run_search(parser.parse_args(argv + ["--methods", "dfme"]))
-    assert doc["trials"]["dfme"] == 2 and doc["search"]["budget"] == 400
+    assert doc["trials"]["dfme"] == 1 and doc["search"]["budget"] == 300
     assert {"directions", "epsilon", "generator_lr"} <= set(doc["methods"]["dfme"])
-    # Asked again for more trials, the study continues from the two it has.
+    # Asked again for more trials, the study continues from the one it has.
     doc = tune.run_search(
-        parser.parse_args(argv[:-3] + ["3", "--budget", "400", "--methods", "dfme"])
+        parser.parse_args(argv[:-3] + ["2", "--budget", "300", "--methods", "dfme"])
     )
-    assert doc["trials"]["dfme"] == 3
+    assert doc["trials"]["dfme"] == 2
     _, settings = bench.method_settings(
         bench.load_config(_config(tmp_path, tuned_settings=str(out / "tuned.json"))),
         "dfme",

@@ -94,9 +94,9 @@ def test_megex_refuses_kl_with_maps_of_one_class(victim):
 def test_every_method_gets_the_same_clone_updates_per_query(victim, attack):
     # At batch 128 every method's fresh answers give fewer updates than the allotment.
     rate = attack.config.clone_updates_per_1k_queries
-    oracle = LocalOracle(victim, budget=40_000, explanation=Explanation(target="all"))
+    oracle = LocalOracle(victim, budget=12_000, explanation=Explanation(target="all"))
     result = megex.run(attack, oracle, evaluator=lambda clone: {"clone_accuracy": 0.0},
-                       eval_every=4000, progress=False)  # fmt: skip
+                       eval_every=3000, progress=False)  # fmt: skip
     for row in result.metrics:
         # Replay makes up what fresh answers do not, after every step: never more than
         # one step's fresh updates above the allotment, never below it.
