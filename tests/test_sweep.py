@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megex import bench, sweep
+from megex import bench, sweep, tune
 from megex.models import build_classifier
 from megex.runs import read_metrics
 from megex.victim import Victim
@@ -185,10 +185,27 @@ def test_a_run_with_bad_settings_is_reported_once_and_the_others_finish(
     assert sweep.SweepFailed(failures, 2).settings_only
 
 
+def test_the_search_on_ray_shares_one_study_per_method(tmp_path, ray_instance):
+    pytest.importorskip("optuna")
+    import optuna
+
+    _victim(tmp_path / "tuning", seed=tune.SEARCH["victim_seed"])
+    argv = [
+        "--config", _config(tmp_path), "--out", str(tmp_path / "tuning"), "--trials", "3",
+        "--budget", "300", "--methods", "dfme", "--parallel-trials", "2", "--ray",
+    ]  # fmt: skip
+    doc = tune.run_search(tune.add_arguments(argparse.ArgumentParser()).parse_args(argv))
+    assert doc["trials"]["dfme"] == 3
+    study = optuna.load_study(study_name="dfme", storage=doc["study"])
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    # Two workers on one study: at most one trial beyond the three that are judged.
+    assert 3 <= len(complete) <= 4
+
+
 def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
     from megex.cli import build_parser
 
-    for line in ("bench --quick --ray", "bench --ray auto --jobs 4"):
+    for line in ("bench --quick --ray", "bench --ray auto --jobs 4", "tune --ray --jobs 2"):
         args = build_parser().parse_args(line.split())
         assert args.ray in ("local", "auto")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
@@ -196,3 +213,5 @@ def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
         sweep.run_jobs([{}], None, print, len, ray="local")
     with pytest.raises(ValueError, match="--jobs: 0 runs at once"):
         sweep.run_jobs([{}], 0, print, len)
+    with pytest.raises(ValueError, match="--storage: 'studies.db' is not a database URL"):
+        tune.storage_url(argparse.Namespace(storage="studies.db", out="x"))
