@@ -104,6 +104,10 @@ def test_a_sweep_on_ray_gives_the_local_runners_results(tmp_path, ray_instance, 
     # The same tables, from the same code.
     assert (tmp_path / "ray" / "query_efficiency_quick.md").is_file()
     assert "as Ray tasks" in capfd.readouterr().err
+    # --fresh starts the runs over (once, by the driver), to the same figures.
+    again = bench.run_benchmark(_args(tmp_path, "ray", *common, "--ray", "--fresh"))
+    assert _untimed(again["stats"]) == _untimed(local["stats"])
+    assert "already done" not in capfd.readouterr().err
 
 
 def _killed_after_first_checkpoint(job: dict) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -359,6 +360,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from . import sweep
 
     jobs = plan(config, args, out, victims)
+    if args.fresh:
+        # Started over here, once, so that a run retried after its worker died resumes from
+        # its new checkpoint instead of starting over again.
+        for job in jobs:
+            shutil.rmtree(job["run_dir"], ignore_errors=True)
+            job["fresh"] = False
     _log(f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under {out / 'runs'}")
     finished: list[dict[str, Any]] = []
 
