@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bench import _config  # the benchmark's small digits config
 
 from megex import bench, sweep, tune
 from megex.models import build_classifier
@@ -24,8 +24,6 @@ ray = pytest.importorskip("ray")
 # Runs here share 2 cores with Ray's workers: one thread each.
 torch.set_num_threads(1)
 
-SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
-
 
 @pytest.fixture(scope="module")
 def ray_instance():
@@ -36,20 +34,6 @@ def ray_instance():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
     ray.shutdown()
-
-
-def _config(tmp_path: Path) -> str:
-    doc = {
-        "dataset": "digits",
-        "validation_images": 200,
-        "settings": {**SMALL, "lr_schedule": "constant", "clone_updates_per_1k_queries": 80.0},
-        "quick_budgets": [300, 600],
-        "eval_at": [100, 200],
-        "tuned_settings": None,
-    }
-    path = tmp_path / "digits.json"
-    path.write_text(json.dumps(doc))
-    return str(path)
 
 
 def _victim(out: Path, seed: int = 0) -> None:

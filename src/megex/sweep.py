@@ -33,6 +33,7 @@ __all__ = [
     "SweepFailed",
     "add_arguments",
     "call",
+    "deliver",
     "describe",
     "job_name",
     "options",
@@ -94,6 +95,20 @@ def call(function: Callable[[Job], Any], job: Job) -> tuple[str, Any]:
         )
 
 
+def deliver(
+    job: Job,
+    outcome: tuple[str, Any],
+    done: Callable[[Any], None],
+    fail: Callable[[Failure], None],
+) -> None:
+    """Pass what `call` returned for `job` on: its result to `done`, or its failure to `fail`."""
+    status, value = outcome
+    if status == "ok":
+        done(value)
+    else:
+        fail(Failure(job, *value))
+
+
 def run_jobs(
     jobs: list[Job],
     workers: int | None,
@@ -138,11 +153,7 @@ def run_jobs(
         )  # fmt: skip
     elif (workers or 1) <= 1:
         for job in jobs:
-            status, value = call(function, job)
-            if status == "ok":
-                done(value)
-            else:
-                fail(Failure(job, *value))
+            deliver(job, call(function, job), done, fail)
     else:
         _run_processes(jobs, workers, done, function, fail, retries)
     return failures
@@ -176,14 +187,11 @@ def _run_processes(
             for future in as_completed(futures):
                 i = futures[future]
                 try:
-                    status, value = future.result()
+                    outcome = future.result()
                 except BrokenProcessPool:
                     lost.append(i)
                     continue
-                if status == "ok":
-                    done(value)
-                else:
-                    fail(Failure(jobs[i], *value))
+                deliver(jobs[i], outcome, done, fail)
         except BaseException:
             # Ctrl-C or a failing `done`: end the workers at once. Checkpoints are written
             # atomically, so each run resumes from its last evaluation next time.

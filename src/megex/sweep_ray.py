@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .sweep import Failure, Job, _log, call, job_name
+from .sweep import Failure, Job, _log, call, deliver, job_name
 
 __all__ = ["ClusterError", "run", "runtime_env"]
 
@@ -85,7 +85,7 @@ def run(
             [ref], _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ref)
             try:
-                status, value = ray.get(ref)
+                outcome = ray.get(ref)
             except ray.exceptions.RayError as err:
                 kind = type(err).__name__
                 died = any(name in kind for name in _DEATHS)
@@ -94,10 +94,7 @@ def run(
                     message = f"its worker died {retries + 1} time(s); last: {message}"
                 fail(Failure(jobs[i], "WorkerDied" if died else kind, message, str(err)))
                 continue
-            if status == "ok":
-                done(value)
-            else:
-                fail(Failure(jobs[i], *value))
+            deliver(jobs[i], outcome, done, fail)
     except BaseException:
         # Ctrl-C or a failing `done`: the runs not started are dropped, and those going get a
         # KeyboardInterrupt, as at a terminal (the engine stops at once; each run resumes
