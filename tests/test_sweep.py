@@ -196,6 +196,13 @@ def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
     for line in ("bench --quick --ray", "bench --ray auto --jobs 4", "tune --ray --jobs 2"):
         args = build_parser().parse_args(line.split())
         assert args.ray in ("local", "auto")
+    for line in ("bench --jobs 0", "bench --retries -1", "tune --parallel-trials two"):
+        with pytest.raises(SystemExit):  # argparse's one-line message, exit status 2
+            build_parser().parse_args(line.split())
+    from megex.sweep_ray import ClusterError, _reachable
+
+    with pytest.raises(ClusterError, match="--ray 127.0.0.1:1: nothing answers there"):
+        _reachable("127.0.0.1:1")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'megex\[ray\]'"):
         sweep.run_jobs([{}], None, print, len, ray="local")

@@ -37,6 +37,7 @@ __all__ = [
     "describe",
     "job_name",
     "options",
+    "positive",
     "run_jobs",
 ]
 
@@ -225,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> None:
     """--jobs, --ray and --retries: how a command's `unit` are run (bench, tune, ...)."""
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=positive,
         help=f"{unit} at once: local processes (default 1); with --ray, at most this many "
         "Ray tasks (default: as many as the cluster's CPUs and GPUs allow)",
     )
@@ -240,10 +241,21 @@ def add_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> None:
     )
     parser.add_argument(
         "--retries",
-        type=int,
+        type=lambda text: positive(text, minimum=0),
         default=2,
         help=f"times one of the {unit} is started again (from its checkpoint) when its worker dies",
     )
+
+
+def positive(text: str, minimum: int = 1) -> int:
+    """An option's whole number, at least `minimum` (argparse reports the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {minimum}")
+    return value
 
 
 def options(args: argparse.Namespace, device: str) -> dict[str, Any]:

@@ -96,11 +96,16 @@ def run(
                 continue
             deliver(jobs[i], outcome, done, fail)
     except BaseException:
-        # Ctrl-C or a failing `done`: the runs not started are dropped, and those going get a
-        # KeyboardInterrupt, as at a terminal (the engine stops at once; each run resumes
-        # from its last checkpoint next time; the workers stay for the next sweep).
+        # Ctrl-C or a failing `done`: the runs not started are dropped, and the workers of
+        # those going are ended (an interrupt inside a worker could leave it with half-
+        # imported modules for its next task). Each run resumes from its last checkpoint
+        # next time: the engine saves none on an interrupt either.
         for ref in pending:
-            ray.cancel(ref)
+            ray.cancel(ref, force=True)
+        if pending:
+            # Until they have stopped: a sweep started again must not meet a run that is
+            # still writing its folder.
+            ray.wait(list(pending), num_returns=len(pending), timeout=60)
         raise
     finally:
         if started:
@@ -116,12 +121,24 @@ def _connect(ray: Any, address: str, workers: int | None, cpus: float) -> bool:
         num_cpus = None if workers is None else max(1, round(workers * cpus))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     else:
+        _reachable(address)
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ClusterError(f"--ray {address}: cannot connect ({err})") from None
     _log(f"sweep: Ray at {address}: {_describe(ray.cluster_resources())}")
     return True
+
+
+def _reachable(address: str, timeout: float = 10) -> None:
+    """Fail at once on a HOST:PORT that does not answer (Ray itself retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray finds the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ClusterError(f"--ray {address}: nothing answers there ({err})") from None
 
 
 def _describe(resources: dict[str, float]) -> str:

@@ -244,9 +244,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--budget", type=int, help=f"queries per trial run ({SEARCH['budget']})")
     parser.add_argument("--methods", nargs="+", help="methods to search (default: all)")
+    from . import sweep
+
     parser.add_argument(
         "--parallel-trials",
-        type=int,
+        type=sweep.positive,
         default=1,
         help="workers on each method's study at once (each runs one trial at a time)",
     )
@@ -257,8 +259,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--device", help="cpu or cuda (default: the config's)")
-    from . import sweep
-
     sweep.add_arguments(parser, "trial workers")
     return parser
 
@@ -267,8 +267,6 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     from . import sweep
     from .bench import load_config
 
-    if args.parallel_trials < 1:
-        raise ValueError(f"--parallel-trials: {args.parallel_trials}; expected 1 or more")
     config = load_config(args.config)
     config["tuned_settings"] = None  # the search starts from the untuned settings
     search = dict(SEARCH)
