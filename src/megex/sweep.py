@@ -13,9 +13,10 @@ contract the runner builds its fault tolerance, the same for every backend:
 - a sweep interrupted (Ctrl-C) and started again redoes no finished run.
 
 Locally, `workers` spawned processes at a time, one per run; `workers` 1 runs in this
-process. With `ray` ("local" for a new Ray instance on this machine, or a cluster's
-address), one Ray task per run declaring `cpus` CPUs and `gpus` GPUs; the Ray backend is in
-`megex.sweep_ray`, imported only then, so that Ray stays an optional extra.
+process (which is then the only worker: the sweep started again resumes). With `ray`
+("local" for a new Ray instance on this machine, or a cluster's address), one Ray task per
+run declaring `cpus` CPUs and `gpus` GPUs; the Ray backend is in `megex.sweep_ray`,
+imported only then, so that Ray stays an optional extra.
 """
 
 from __future__ import annotations

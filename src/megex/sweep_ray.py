@@ -11,8 +11,8 @@
 - Storage: run folders (checkpoints, metrics, results) are written by the workers to the
   paths in the jobs, so the output folder must be on a filesystem every machine mounts at
   the same path (NFS, a cluster filesystem); a retried run may land on another machine and
-  finds its checkpoint there. Before any run starts, one small task per machine checks that
-  it sees the folder.
+  finds its checkpoint there. On a cluster (one the sweep did not start), one small task
+  per machine checks that it sees the folder before any run starts.
 - Code: workers import megex as installed on their machine. When this process runs megex
   from a source tree (PYTHONPATH, not installed), the workers are given that path too.
 - A program that has already called `ray.init` keeps its connection: the sweep uses it and
@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import site
 import socket
@@ -104,8 +105,9 @@ def run(
             ray.cancel(ref, force=True)
         if pending:
             # Until they have stopped: a sweep started again must not meet a run that is
-            # still writing its folder.
-            ray.wait(list(pending), num_returns=len(pending), timeout=60)
+            # still writing its folder. (A lost connection here must not hide the cause.)
+            with contextlib.suppress(Exception):
+                ray.wait(list(pending), num_returns=len(pending), timeout=60)
         raise
     finally:
         if started:
