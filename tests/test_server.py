@@ -681,8 +681,15 @@ def test_one_server_per_ledger(victim, tmp_path, capsys):
 
 
 def test_import_megex_does_not_import_fastapi():
-    extras = ("fastapi", "httpx", "uvicorn", "matplotlib", "sklearn", "scipy")
+    extras = ("fastapi", "httpx", "uvicorn", "matplotlib", "sklearn", "scipy", "ray", "optuna")
     code = f"import sys, megex; assert not [m for m in {extras!r} if m in sys.modules]"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    # Nor do the benchmark, the search and the local sweep runner: Ray only with --ray.
+    code = (
+        "import sys; from megex import bench, sweep, tune; "
+        "assert sweep.run_jobs([{}, {}], 1, id, len) == []; "
+        "assert not [m for m in ('ray', 'optuna') if m in sys.modules]"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 

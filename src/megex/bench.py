@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -191,7 +192,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default="benchmarks/results", help="output folder (default: benchmarks/results)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--device", help="cpu or cuda (default: the config's)")
     parser.add_argument(
@@ -199,23 +199,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from . import sweep
+
+    sweep.add_arguments(parser, "runs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(prog="megex bench", description=__doc__.splitlines()[0])
-    )
-    args = parser.parse_args(argv)
-    try:
-        run_benchmark(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"megex bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("megex bench: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+    """`megex bench` (benchmarks/query_efficiency.py calls this): the exit statuses of
+    megex.cli (2 a mistake in the settings, 1 a failure, 130 interrupted)."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 # --- victims ------------------------------------------------------------------------------
@@ -342,6 +337,8 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
         config["methods"] if args.quick else config["methods"] + config["assumption_methods"]
     )
     device = args.device or config["device"]
+    out, data_root = out.resolve(), args.data_root and str(Path(args.data_root).resolve())
+    progress = not args.no_progress and (args.jobs or 1) == 1 and not getattr(args, "ray", None)
     jobs = []
     for method in methods:
         source = METHODS[method].get("tuned_as", method)
@@ -368,14 +365,16 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
                         "budget": max(budgets),
                         "budgets": budgets,
                         "eval_at": [b for b in config["eval_at"] if b < max(budgets)],
+                        "name": f"{method} victim {victim_seed} seed {seed}",
+                        # Absolute: workers (processes, Ray tasks) may start elsewhere.
                         "run_dir": str(out / "runs" / f"{method}-v{victim_seed}-s{seed}"),
-                        "victim": str(victim),
+                        "victim": str(Path(victim).resolve()),
                         "dataset": config["dataset"],
-                        "data_root": args.data_root,
+                        "data_root": data_root,
                         "device": device,
                         "threads": args.threads,
                         "fresh": args.fresh,
-                        "progress": not args.no_progress and args.jobs == 1,
+                        "progress": progress,
                     }
                 )
     return jobs
@@ -386,15 +385,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args.config)
     if args.device:
         config["device"] = args.device
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     victim_seeds = args.victim_seeds or (
         config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
     )
     victims = {s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds}
+    from . import sweep
+
     jobs = plan(config, args, out, victims)
-    _log(f"benchmark: {len(jobs)} runs, {args.jobs} at a time; run folders under {out / 'runs'}")
+    if args.fresh:
+        # Started over here, once, so that a run retried after its worker died resumes from
+        # its new checkpoint instead of starting over again.
+        for job in jobs:
+            shutil.rmtree(job["run_dir"], ignore_errors=True)
+            job["fresh"] = False
+    _log(f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under {out / 'runs'}")
     finished: list[dict[str, Any]] = []
 
     def done(res: dict[str, Any]) -> None:
@@ -407,9 +414,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             f"seed {res['seed']} ({how}): {shown}"
         )
 
-    from .sweep import run_jobs
-
-    run_jobs(jobs, args.jobs, done, run_one)
+    options = sweep.options(args, config["device"])
+    failures = sweep.run_jobs(jobs, args.jobs, done, run_one, shared=out, **options)
+    if failures:
+        # A table with runs missing would compare unequal sets: none is written.
+        raise sweep.SweepFailed(failures, len(jobs))
     wall = time.time() - t0
     from .bench_report import summarise, write_outputs
 

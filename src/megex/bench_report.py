@@ -13,6 +13,7 @@ from typing import Any
 
 from .bench import ASSUMPTIONS, _fmt, cells_of, load_tuned, method_settings
 from .stats import Nested, bootstrap_interval, paired_difference, variance_components
+from .sweep import describe
 
 __all__ = ["markdown", "summarise", "write_outputs"]
 
@@ -135,6 +136,7 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
         },
         "threads_per_run": args.threads,
         "jobs": args.jobs,
+        "runner": describe(args),
         "stats": stats,
         "queries_to_reach": reach,
         "curves": curves,
@@ -253,7 +255,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"Wall time of this invocation {summary['wall_s']:.0f} s (finished runs are reused; "
-        f"their own times are in the JSON's run_wall_s), {summary['jobs']} run(s) at a time, "
+        f"their own times are in the JSON's run_wall_s), runs {summary['runner']}, "
         f"{summary['threads_per_run']} thread(s) each.",
     ]
     return "\n".join(lines) + "\n"

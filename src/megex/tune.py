@@ -7,16 +7,34 @@ ones), and is scored on validation images held out of the victim's training spli
 mean validation accuracy of the clone at a few query marks (which rewards getting there
 early as well as far). The test split is never read.
 
-Studies live in one SQLite file (`<out>/studies.db`), so a search that stops continues
-where it stopped: trials that finished are kept, a trial cut short is run again (Optuna's
-heartbeat marks it failed, and RetryFailedTrialCallback re-queues it). The best settings
-per method are written to `<out>/tuned.json`, which the benchmark reads.
+Studies live in one Optuna storage (by default the SQLite file `<out>/studies.db`), so a
+search that stops continues where it stopped: trials that finished are kept, a trial cut
+short is run again (Optuna's heartbeat marks it failed, and the retry callback re-queues
+it). The best settings per method are written to `<out>/tuned.json`, which the benchmark
+reads.
+
+Distributed (megex.sweep: local processes, or Ray tasks with --ray): each method's study
+is worked on by `--parallel-trials` workers at once, each an ordinary Optuna worker that
+asks the shared storage for its next trial (TPE with the constant liar, so that workers do
+not propose the same point). This is Optuna with a shared storage rather than Ray Tune: the
+study stays the one resumable record that the benchmark and a person read, whatever ran it;
+the same code runs with or without Ray; Optuna's heartbeats re-queue the trial of a worker
+that died; and Ray Tune would add a second experiment state (and its pandas and pyarrow
+dependencies) for trials that each report once. The storage must be one that every worker
+reaches: the SQLite file serves processes on one machine (a local Ray instance included);
+on a cluster of several machines, pass a database URL with `--storage`
+(postgresql://... or mysql://..., the driver installed). Optuna's journal file, which works
+on a shared filesystem, is not offered: it has no heartbeats, so a trial on a worker that
+died would stay running for ever. Every method is judged on the same number of trials: its
+first `--trials` finished trials by number (parallel workers may finish a few more).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import socket
 import statistics
 import sys
 import time
@@ -122,7 +140,24 @@ def score(
     return statistics.fmean(values), curves
 
 
-def _storage(out: Path):
+def storage_url(args: argparse.Namespace) -> str:
+    """The Optuna storage: --storage, or the SQLite file <out>/studies.db."""
+    if args.storage:
+        if "://" not in args.storage:
+            raise ValueError(
+                f"--storage: {args.storage!r} is not a database URL (sqlite:///PATH, "
+                "postgresql://USER@HOST/DB, mysql://USER@HOST/DB)"
+            )
+        return args.storage
+    return f"sqlite:///{Path(args.out).resolve() / 'studies.db'}"
+
+
+def _public(url: str) -> str:
+    """The storage URL without its password (for logs and the output file)."""
+    return re.sub(r"//[^@/]*@", "//", url)
+
+
+def _storage(url: str):
     import warnings
 
     import optuna
@@ -130,15 +165,14 @@ def _storage(out: Path):
 
     # Heartbeats (what lets a killed trial be retried) are marked experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    out.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
         retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(2)}
     else:
         retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
-    return storages.RDBStorage(
-        f"sqlite:///{out / 'studies.db'}", heartbeat_interval=30, grace_period=120, **retry
-    )
+    return storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **retry)
 
 
 def search_method(job: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +185,12 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
 
     prepare_torch(job["threads"], job["device"])
     config, search, method = job["config"], job["search"], job["method"]
+    if job["storage"].startswith("sqlite:") and socket.gethostname() != job["host"]:
+        raise ValueError(
+            f"--storage: the SQLite file {job['storage']} serves one machine, and this worker "
+            f"runs on {socket.gethostname()}, not {job['host']}; pass a database URL that "
+            "every machine reaches (postgresql://..., mysql://...)"
+        )
     victim = Victim.load(job["victim"])
     ds = data_mod.load(config["dataset"], job["data_root"])
     x_val, y_val = ds.validation_tensors(config["validation_images"])
@@ -158,11 +198,15 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
     attack_name, fixed = method_settings(config, method)
     study = optuna.create_study(
         study_name=method,
-        storage=_storage(Path(job["out"])),
+        storage=_storage(job["storage"]),
         direction="maximize",
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(
-            seed=job["sampler_seed"], n_startup_trials=search["startup_trials"]
+            seed=job["sampler_seed"],
+            n_startup_trials=search["startup_trials"],
+            # Workers that share a study: running trials count as their worst, so that two
+            # workers do not propose the same point.
+            constant_liar=job["parallel"] > 1,
         ),
     )
 
@@ -185,13 +229,16 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
             objective,
             callbacks=[optuna.study.MaxTrialsCallback(search["trials"], states=(complete,))],
         )
-    best = study.best_trial
+    # The same number of trials for every method: the first finished ones by number.
+    trials = study.get_trials(deepcopy=False, states=(complete,))
+    judged = sorted(trials, key=lambda t: t.number)[: search["trials"]]
+    best = max(judged, key=lambda t: t.value)
     return {
         "method": method,
         "params": best.params,
         "value": best.value,
         "trial": best.number,
-        "trials": len(study.get_trials(deepcopy=False, states=(complete,))),
+        "trials": len(judged),
     }
 
 
@@ -204,15 +251,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--budget", type=int, help=f"queries per trial run ({SEARCH['budget']})")
     parser.add_argument("--methods", nargs="+", help="methods to search (default: all)")
-    parser.add_argument("--jobs", type=int, default=1, help="methods searched in parallel")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    from . import sweep
+
+    parser.add_argument(
+        "--parallel-trials",
+        type=sweep.positive,
+        default=1,
+        help="workers on each method's study at once (each runs one trial at a time)",
+    )
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL every worker reaches (default: sqlite:///OUT/studies.db, "
+        "for one machine; on a cluster postgresql://... or mysql://...)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--device", help="cpu or cuda (default: the config's)")
+    sweep.add_arguments(parser, "trial workers")
     return parser
 
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    from . import sweep
     from .bench import load_config
-    from .sweep import run_jobs
 
     config = load_config(args.config)
     config["tuned_settings"] = None  # the search starts from the untuned settings
@@ -230,27 +290,36 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                 f"{', '.join(m for m in METHODS if 'tuned_as' not in METHODS[m])}"
             )
     device = args.device or config["device"]
-    out = Path(args.out)
+    out, url = Path(args.out).resolve(), storage_url(args)
     _, vpath = get_victim(config, out / "victims", args.data_root, search["victim_seed"])
     jobs = [
         {
+            "name": f"tune {m} worker {k}",
             "method": m,
             "config": config,
             "search": search,
             "victim": str(vpath),
-            "data_root": args.data_root,
-            "out": str(out),
+            "data_root": args.data_root and str(Path(args.data_root).resolve()),
+            "storage": url,
+            "host": socket.gethostname(),
             "device": device,
             "threads": args.threads,
-            "sampler_seed": i,
+            "parallel": args.parallel_trials,
+            # One worker per method keeps the seeds of a search run without parallel trials.
+            "sampler_seed": i + 1000 * k,
         }
         for i, m in enumerate(methods)
+        for k in range(args.parallel_trials)
     ]
     # The database and its studies are made here, once: two workers creating the same
-    # SQLite schema at once collide.
-    import optuna
+    # schema at once collide.
+    try:
+        import optuna
+    except ModuleNotFoundError:
+        message = "the search needs Optuna: pip install 'megex[tune]'"
+        raise ModuleNotFoundError(message, name="optuna") from None
 
-    storage = _storage(out)
+    storage = _storage(url)
     for method in methods:
         optuna.create_study(
             study_name=method, storage=storage, direction="maximize", load_if_exists=True
@@ -261,18 +330,23 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     doc: dict[str, Any] = {}
 
     def finished(res: dict[str, Any]) -> None:
-        # Written as each method's study finishes, so a long search leaves what it has.
+        # Written as each worker finishes (the last of a method's workers sees all its
+        # trials), so a long search leaves what it has.
         nonlocal doc
-        doc = _record(tuned_path, config, search, out, res)
+        doc = _record(tuned_path, config, search, url, res)
         _log(f"tune {res['method']}: best {res['value']:.4f} (trial {res['trial']})")
 
-    run_jobs(jobs, args.jobs, finished, search_method)
+    _log(f"tune: {len(jobs)} trial workers {sweep.describe(args)}; studies in {_public(url)}")
+    options = sweep.options(args, device)
+    failures = sweep.run_jobs(jobs, args.jobs, finished, search_method, shared=out, **options)
+    if failures:
+        raise sweep.SweepFailed(failures, len(jobs), "trial workers")
     _log(f"tune: {time.time() - t0:.0f} s; best settings in {tuned_path}")
     return doc
 
 
 def _record(
-    path: Path, config: dict[str, Any], search: dict[str, Any], out: Path, res: dict[str, Any]
+    path: Path, config: dict[str, Any], search: dict[str, Any], url: str, res: dict[str, Any]
 ) -> dict[str, Any]:
     """Add one method's best settings to the search's output file (atomically)."""
     from .runs import write_json_atomic
@@ -286,7 +360,7 @@ def _record(
             "dataset": config["dataset"],
             "validation_images": config["validation_images"],
             "search": search,
-            "study": str(out / "studies.db"),
+            "study": _public(url),
         }
     )
     for key, value in (("methods", res["params"]), ("validation_score", res["value"]),
@@ -297,22 +371,10 @@ def _record(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(prog="megex tune", description=__doc__.splitlines()[0])
-    )
-    args = parser.parse_args(argv)
-    try:
-        run_search(args)
-    except ImportError as exc:
-        print(f"megex tune: error: {exc} (pip install 'megex[tune]')", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"megex tune: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("megex tune: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+    """`megex tune` (benchmarks/tune.py calls this), with the exit statuses of megex.cli."""
+    from .cli import main as cli_main
+
+    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _log(message: str) -> None:

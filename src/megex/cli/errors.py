@@ -2,8 +2,10 @@
 
 0  done.
 1  refused or failed: the budget is spent, the service is unreachable or refuses, a file is
-   missing or unreadable, an optional dependency is not installed.
-2  a mistake on the command line: a bad option value, an unknown name, a wrong file kind.
+   missing or unreadable, an optional dependency is not installed, a cluster cannot run a
+   sweep, runs of a sweep failed.
+2  a mistake on the command line: a bad option value, an unknown name, a wrong file kind,
+   runs of a sweep that all failed on their settings.
 130  interrupted (Ctrl-C); the message goes to stderr.
 
 Anything else is a bug: it is not caught, so Python prints its traceback and exits with 1.
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..oracle import BudgetExceeded, ExplanationNotOffered, InvalidQuery
+from ..sweep import SweepFailed
 
 __all__ = ["OK", "FAILURE", "USAGE", "INTERRUPTED", "UsageError", "exit_status", "user_input"]
 
@@ -35,7 +38,11 @@ _FAILURES: tuple[type[BaseException], ...] = (
 )
 # Failures defined in modules that need the 'server' extra, by (module, name): such an
 # exception can only have been raised if its module was imported.
-_OPTIONAL_FAILURES = (("megex.client", "ServiceError"), ("megex.sqlite_ledger", "LedgerInUse"))
+_OPTIONAL_FAILURES = (
+    ("megex.client", "ServiceError"),
+    ("megex.sqlite_ledger", "LedgerInUse"),
+    ("megex.sweep_ray", "ClusterError"),
+)
 
 
 def _failures() -> tuple[type[BaseException], ...]:
@@ -49,6 +56,9 @@ def exit_status(exc: BaseException) -> int | None:
         return USAGE
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED
+    if isinstance(exc, SweepFailed):
+        # Runs of a sweep that failed: on their settings (the user's to fix), or otherwise.
+        return USAGE if exc.settings_only else FAILURE
     if isinstance(exc, ModuleNotFoundError):
         # A missing optional dependency; a module of megex itself missing is a bug.
         return FAILURE if exc.name and exc.name.split(".")[0] != "megex" else None
