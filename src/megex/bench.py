@@ -391,6 +391,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     victim_seeds = args.victim_seeds or (
         config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
     )
+    # The settings are checked before any victim is trained (minutes on a CPU).
+    plan(config, args, out, {s: out / "victims" / f"seed{s}" for s in victim_seeds})
     victims = {s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds}
     from . import sweep
 

@@ -283,11 +283,17 @@ def describe_settings(config_class: type) -> list[dict[str, Any]]:
                 "name": f.name,
                 "group": f.metadata.get("group", "loop"),
                 "default": default,
-                "rule": f.metadata["check"].rule() if "check" in f.metadata else "",
+                "rule": _shown_rule(f.metadata["check"].rule() if "check" in f.metadata else ""),
                 "help": f.metadata.get("help", ""),
             }
         )
     return out
+
+
+def _shown_rule(rule: str) -> str:
+    """A rule as help shows it, in parentheses after the text."""
+    rule = rule.strip()
+    return "" if not rule else f" {rule}" if rule.startswith("(") else f" ({rule})"
 
 
 def parse_setting(config_class: type, name: str, text: str) -> Any:
