@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import ASSUMPTIONS, _fmt, cells_of, load_tuned, method_settings
+from .evaluate import queries_to_reach
 from .stats import Nested, bootstrap_interval, paired_difference, variance_components
 from .sweep import describe
 
@@ -28,11 +29,8 @@ def _nested(runs: list[dict[str, Any]], value) -> Nested:
 
 
 def _reach(run: dict[str, Any], fraction: float) -> int | None:
-    target = fraction * run["victim_accuracy"]
-    for row in run["metrics"]:
-        if row["clone_accuracy"] >= target:
-            return int(row["queries"])
-    return None
+    """Queries a run needed to reach `fraction` of its own victim's accuracy."""
+    return queries_to_reach(run["metrics"], fraction * run["victim_accuracy"])
 
 
 def _interval(data: Nested, statistic=statistics.fmean) -> dict[str, float]:
