@@ -1,15 +1,18 @@
 """Data-free model extraction attacks over the Oracle protocol."""
 
 from . import presets
+from .adaptive import AdaptiveMEGEX, AdaptiveMEGEXConfig, adapt_to
 from .base import Attack
 from .config import AttackConfig, SettingError, describe_settings, parse_setting
 from .dfme import DFME, DFMEConfig
 from .megex import MEGEX, MEGEXConfig
 
-ATTACKS = {"megex": MEGEX, "dfme": DFME}
+ATTACKS = {"megex": MEGEX, "dfme": DFME, "megex-adaptive": AdaptiveMEGEX}
 
 __all__ = [
     "ATTACKS",
+    "AdaptiveMEGEX",
+    "AdaptiveMEGEXConfig",
     "Attack",
     "AttackConfig",
     "DFME",
@@ -17,6 +20,7 @@ __all__ = [
     "MEGEX",
     "MEGEXConfig",
     "SettingError",
+    "adapt_to",
     "describe_settings",
     "parse_setting",
     "presets",

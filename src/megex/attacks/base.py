@@ -224,8 +224,7 @@ class Attack:
         c = self.config
         with torch.no_grad():
             _, x = self.generate(self.sample_latent(c.batch_size))
-        request = self.clone_query_explanation()
-        answer = oracle.query(x.cpu(), explanation=request) if request else oracle.query(x.cpu())
+        answer = self.ask(oracle, x, self.clone_query_explanation())
         probs = answer.probabilities.to(c.device)
         self.observe(x, probs, answer)
         return self.clone_update(x, probs, answer)
@@ -252,6 +251,15 @@ class Attack:
         return info
 
     # --- pieces the attacks use -----------------------------------------------------------
+
+    def ask(self, oracle: Oracle, x: torch.Tensor, explanation: Any = None) -> Answer:
+        """Send images `x` to the oracle (with `explanation`, if any): every query an
+        attack makes goes through here, so an attack that adapts to a defence changes how
+        it asks in one place."""
+        images = x.detach().cpu()
+        if explanation is None or explanation is False:
+            return oracle.query(images)
+        return oracle.query(images, explanation=explanation)
 
     def sample_latent(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.config.nz, generator=self.rng).to(self.config.device)

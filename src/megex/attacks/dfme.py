@@ -59,7 +59,7 @@ class DFME(Attack):
         grad = (dims / (c.directions * c.epsilon)) * (diffs * u).sum(dim=1)
         # Maximise the disagreement: descend on -L, entering through the pre-activation.
         objective = -(pre * grad.view_as(pre)).sum() / n
-        if c.class_balance > 0:
+        if (c.class_balance or 0) > 0:
             # The clone is the attacker's own: this term has an exact gradient, no queries.
             clone_logits = self.clone(self.to_query(pre, z))
             objective = objective - c.class_balance * self.balance_term(clone_logits)

@@ -149,7 +149,7 @@ class MEGEX(Attack):
         z = self.sample_latent(c.batch_size)
         _, x = self.generate(z)
         request = c.explanation if c.explanation is not None else True
-        answer = oracle.query(x.detach().cpu(), explanation=request)
+        answer = self.ask(oracle, x, request)
         if answer.explanation is None or answer.explanation_spec is None:
             raise RuntimeError("megex: the oracle returned no explanation; MEGEX needs one")
         self.explanation_used = answer.explanation_spec
@@ -188,6 +188,7 @@ class MEGEX(Attack):
             victim_grad = s.view(-1, 1, 1, 1) * dlogp
             clone_term = (s * lps).sum()
             loss_value = (lpv - lps.detach()).abs().mean()
+        victim_grad = self.scale_victim_gradient(victim_grad, clone_term, x)
         # The weight of the disagreement objective itself (the paper's: 1).
         weight = self.disagreement_now()
         victim_grad = weight * victim_grad
@@ -291,12 +292,24 @@ class MEGEX(Attack):
         logp = F.log_softmax(logits, dim=1)
         (grad,) = torch.autograd.grad((weights * logp).sum(), x, create_graph=True)
         known = (target != 0).to(grad.dtype)
-        grad = grad * known
+        error = self.map_error(grad * known, target)
+        has_map = (weights != 0).any(dim=1).to(error.dtype)
+        matched = (has_map * error).sum() / has_map.sum().clamp_min(1)
+        return loss + self.config.explanation_loss * matched
+
+    def map_error(self, grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per image, how far the clone's input gradient is from the map's: the relative
+        squared error ||g - t||^2 / (||g||^2 + ||t||^2), in [0, 2]."""
         error = (grad - target).pow(2).flatten(1).sum(dim=1)
         size = (grad.pow(2) + target.pow(2)).flatten(1).sum(dim=1) + 1e-12
-        has_map = (weights != 0).any(dim=1).to(error.dtype)
-        matched = (has_map * error / size).sum() / has_map.sum().clamp_min(1)
-        return loss + self.config.explanation_loss * matched
+        return error / size
+
+    def scale_victim_gradient(
+        self, victim_grad: torch.Tensor, clone_term: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """The victim's part of the generator's gradient, as the maps give it (a hook for
+        attackers that know the maps' magnitudes were changed)."""
+        return victim_grad
 
     def details(self) -> dict[str, Any]:
         spec = self.explanation_used

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -153,7 +154,13 @@ def attack_settings(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
-    if args.method == "dfme" and args.directions is not None:
+    if args.directions is not None:
+        if "directions" not in _setting_names(args.method):
+            with_it = sorted(m for m in ATTACKS if "directions" in _setting_names(m))
+            raise UsageError(
+                f"--directions: {args.method} takes no random directions; "
+                f"only {', '.join(with_it)} do"
+            )
         settings["directions"] = args.directions
     settings.update(parse_set_options(args.method, getattr(args, "set", None) or []))
     return settings
@@ -234,7 +241,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             )
         return 0
     checkpoint = folder.load_checkpoint() if (args.resume and folder.has_checkpoint()) else None
-    explanation = explanation_from_args(args) if args.method == "megex" else None
+    explanation = explanation_from_args(args) if _uses_explanations(args.method) else None
     oracle, victim, evaluator, service_state = _oracle(args, explanation, checkpoint)
     settings = attack_settings(args)
     if explanation is not None:
@@ -292,3 +299,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
         file=out,
     )
     return 0
+
+
+def _setting_names(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(ATTACKS[method].config_class)}
+
+
+def _uses_explanations(method: str) -> bool:
+    return "explanation" in _setting_names(method)

@@ -1,0 +1,209 @@
+"""An explanation attacker that knows the defence in front of it and adapts to it.
+
+A defence is worth something only against an attacker who knows it is there: a noisy map
+can be averaged, a sign map is still a direction, a service that zeroes all but the
+predicted class's map still explains that class, and where the maps cannot steer the
+generator at all the attacker can fall back to estimating the gradient from predictions
+(DFME's forward differences) while its clone still learns from whatever the maps say.
+
+`AdaptiveMEGEX` is MEGEX with those adaptations as settings, and :func:`adapt_to` chooses
+them from the defences a service declares (by their names), with the rule for each written
+next to it. The trade-off benchmark reports the naive and the adaptive attacker side by side;
+a defence counts only against the adaptive one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..explain import Explanation
+from ..oracle import Answer, Oracle
+from .config import COUNT, POSITIVE, Choice, setting
+from .dfme import DFME
+from .megex import MEGEX, MEGEXConfig
+
+__all__ = ["AdaptiveMEGEX", "AdaptiveMEGEXConfig", "adapt_to"]
+
+
+@dataclass(frozen=True)
+class AdaptiveMEGEXConfig(MEGEXConfig):
+    map_repeats: int = setting(
+        1,
+        "send every image that asks for a map this many times and average the answers "
+        "(each copy is a query): undoes zero-mean noise on the maps",
+        COUNT,
+        "adaptive",
+    )
+    map_scale: str = setting(
+        "returned",
+        "'returned': use the maps' magnitudes as they come; 'clone': give the victim's part "
+        "of the generator's gradient, per image, the norm of the clone's part (for sign, "
+        "quantised, sparse or coarse maps, whose magnitudes say little)",
+        Choice(("returned", "clone")),
+        "adaptive",
+    )
+    map_matching: str = setting(
+        "relative",
+        "how the clone's input gradient is matched to a map: 'relative' squared error, or "
+        "'cosine' (1 - cosine: direction only, for maps whose scale was changed)",
+        Choice(("relative", "cosine")),
+        "adaptive",
+    )
+    maps_of: str = setting(
+        "returned",
+        "'predicted': of maps for every class keep only the predicted class's (a service "
+        "that zeroes the others), and use them as one class's map",
+        Choice(("returned", "predicted")),
+        "adaptive",
+    )
+    generator_gradient: str = setting(
+        "maps",
+        "where the generator's gradient comes from: 'maps', or 'zeroth-order' (DFME's "
+        "forward differences along `directions` random directions, step `epsilon`; m + 1 "
+        "queries per image) when the maps cannot steer it; the clone still learns from maps",
+        Choice(("maps", "zeroth-order")),
+        "adaptive",
+    )
+    directions: int = setting(
+        1, "zeroth-order fallback: random directions m per image", COUNT, "adaptive"
+    )
+    epsilon: float = setting(
+        1e-3,
+        "zeroth-order fallback: forward-difference step in pre-tanh space",
+        POSITIVE,
+        "adaptive",
+    )
+
+
+class AdaptiveMEGEX(MEGEX):
+    name = "megex-adaptive"
+    config_class = AdaptiveMEGEXConfig
+
+    def queries_per_generator_step(self) -> int:
+        c = self.config
+        if c.generator_gradient == "zeroth-order":
+            return c.directions + 1
+        return c.map_repeats
+
+    def iteration_cost(self) -> int:
+        c = self.config
+        per_clone_query = c.map_repeats if self.clone_query_explanation() else 1
+        return c.batch_size * (
+            c.generator_steps * self.queries_per_generator_step() + c.clone_steps * per_clone_query
+        )
+
+    def generator_step(self, oracle: Oracle) -> dict[str, Any]:
+        if self.config.generator_gradient == "zeroth-order":
+            # DFME's step, on this attack's generator and clone; its answers carry no maps.
+            return DFME.generator_step(self, oracle)
+        return super().generator_step(oracle)
+
+    def ask(self, oracle: Oracle, x: torch.Tensor, explanation: Any = None) -> Answer:
+        c = self.config
+        if explanation is None or explanation is False:
+            return super().ask(oracle, x)
+        r = c.map_repeats
+        answer = super().ask(oracle, x.repeat(r, 1, 1, 1) if r > 1 else x, explanation)
+        if r > 1:
+            answer = _averaged(answer, r)
+        if c.maps_of == "predicted" and answer.explanation is not None:
+            answer = _predicted_class_only(answer)
+        return answer
+
+    def scale_victim_gradient(
+        self, victim_grad: torch.Tensor, clone_term: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        if self.config.map_scale == "returned":
+            return victim_grad
+        # The clone's part of the same objective has its true scale: the victim's part is
+        # given that norm per image, keeping its direction.
+        (clone_grad,) = torch.autograd.grad(clone_term, x, retain_graph=True)
+        dims = tuple(range(1, victim_grad.dim()))
+        target = clone_grad.detach().flatten(1).norm(dim=1)
+        norm = victim_grad.flatten(1).norm(dim=1)
+        scale = torch.where(norm > 0, target / norm.clamp_min(1e-12), 0.0)
+        return victim_grad * scale.view(-1, *([1] * len(dims)))
+
+    def map_error(self, grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.config.map_matching == "relative":
+            return super().map_error(grad, target)
+        return 1 - F.cosine_similarity(grad.flatten(1), target.flatten(1), dim=1, eps=1e-12)
+
+    def details(self) -> dict[str, Any]:
+        c = self.config
+        out = super().details() if c.generator_gradient == "maps" else {}
+        if c.generator_gradient == "zeroth-order":
+            out["generator_gradient"] = f"zeroth-order, m={c.directions}, eps={c.epsilon}"
+        out["adaptation"] = {
+            f.name: getattr(c, f.name)
+            for f in dataclasses.fields(AdaptiveMEGEXConfig)
+            if f.metadata.get("group") == "adaptive"
+        }
+        return out
+
+
+def _averaged(answer: Answer, repeats: int) -> Answer:
+    """The mean of `repeats` answers to the same images, sent one copy after another."""
+
+    def mean(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.view(repeats, t.shape[0] // repeats, *t.shape[1:]).float().mean(dim=0)
+
+    n = answer.labels.shape[0] // repeats
+    return dataclasses.replace(
+        answer,
+        probabilities=mean(answer.probabilities),
+        labels=answer.labels[:n],
+        logits=mean(answer.logits),
+        explanation=mean(answer.explanation),
+    )
+
+
+def _predicted_class_only(answer: Answer) -> Answer:
+    """An answer with maps of every class read as the predicted class's map alone."""
+    spec = answer.explanation_spec
+    maps = answer.explanation
+    if spec is None or maps is None or maps.dim() != 5:
+        return answer
+    picked = maps[torch.arange(maps.shape[0]), answer.labels.to(torch.long)]
+    one = Explanation(spec.method, target="predicted", output=spec.output, **spec.params)
+    return dataclasses.replace(answer, explanation=picked, explanation_spec=one)
+
+
+# How each declared defence is met (keyed by the defence's name; a strength where it
+# matters). Names that are not listed need no adaptation or have none that helps.
+def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
+    """The adaptive settings for a service that applies `defenses` (objects with a `name`
+    and their parameters as attributes, or dicts with a "name" key), combined in order.
+
+    - noise (Gaussian or Laplace, zero-mean, fresh per answer): average 4 answers per image
+      (4x the queries per map; the noise's norm falls by half);
+    - sign, quantisation, top-k, coarsening: the maps keep a direction but not a
+      magnitude: match directions (cosine) and scale the victim's gradient to the clone's;
+    - predicted class only: read the maps as the predicted class's map;
+    - withholding maps for a fraction >= 1/2 of queries: the generator falls back to
+      zeroth-order estimates; the clone keeps learning from the maps that come back
+      (images with all-zero maps are left out of that term);
+    - prediction defences (rounding, top-k, label only, reverse sigmoid) and smoothing: no
+      adaptation here; the attack already leaves classes shown as 0 out of its maps.
+    """
+    settings: dict[str, Any] = {}
+    for defense in defenses:
+        params = dict(defense) if isinstance(defense, dict) else dict(vars(defense))
+        name = params.pop("name", None) or getattr(defense, "name", None)
+        if name in ("noise", "gaussian", "laplace"):
+            settings["map_repeats"] = max(settings.get("map_repeats", 1), 4)
+        elif name in ("sign", "quantize", "topk", "coarsen"):
+            settings.update(map_scale="clone", map_matching="cosine")
+        elif name in ("predicted-only", "predicted"):
+            settings["maps_of"] = "predicted"
+        elif name == "withhold" and float(params.get("fraction", 0)) >= 0.5:
+            settings["generator_gradient"] = "zeroth-order"
+    return settings
