@@ -271,8 +271,15 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     folder = RunFolder(job["run_dir"])
     victim = Victim.load(job["victim"])
     attack = build_attack(job["attack"], job["settings"], job["seed"], job["device"])
+    from .defenses import build_defense
+
     oracle = LocalOracle(
-        victim, budget=job["budget"], explanation=None, seed=job["seed"], device=job["device"]
+        victim,
+        budget=job["budget"],
+        explanation=None,
+        seed=job["seed"],
+        device=job["device"],
+        defenses=[build_defense(spec) for spec in job.get("defenses", [])],
     )
     if folder.config_path.is_file() and not job["fresh"]:
         # A finished or interrupted run is reused only if it had these very settings.

@@ -255,12 +255,17 @@ def run(
 
 def describe_run(attack: Attack, oracle: Oracle, budget: int) -> dict[str, Any]:
     """A run's settings as its folder's config.json records them."""
-    return {
+    described = {
         **attack.describe(),
         "budget": int(budget),
         "input_shape": list(oracle.input_shape),
         "num_classes": oracle.num_classes,
     }
+    # A defended service answers differently: a run is resumed only under the same defences.
+    defenses = getattr(oracle, "defenses", None)
+    if defenses:
+        described["defenses"] = [d.spec() for d in defenses]
+    return described
 
 
 def _checkpoint(folder, attack, iteration, spent, metrics, t0, service_state) -> None:

@@ -1,4 +1,4 @@
-"""The `megex` command: train-victim, attack, eval, report, demo, serve and bench.
+"""The `megex` command: train-victim, attack, eval, report, demo, serve, bench, tune, tradeoff.
 
 One `main`, one user-error type and one map of exit statuses (:mod:`megex.cli.errors`):
 0 done, 1 refused or failed, 2 a mistake on the command line, 130 interrupted.
@@ -57,7 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_settings_parser(sub, **fmt)
     _add_bench(sub, **fmt)
     _add_tune(sub, **fmt)
+    _add_tradeoff(sub, **fmt)
     return parser
+
+
+def _add_tradeoff(sub: Any, **kwargs: Any) -> None:
+    from .. import tradeoff
+
+    p = sub.add_parser(
+        "tradeoff",
+        help="defences: explanation utility against the clone accuracy they leave",
+        **kwargs,
+    )
+    tradeoff.add_arguments(p)
+    p.set_defaults(func=lambda args: _run_tool(tradeoff.run_tradeoff, args))
 
 
 def _add_tune(sub: Any, **kwargs: Any) -> None:

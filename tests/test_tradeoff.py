@@ -1,0 +1,100 @@
+"""The trade-off grid at toy scale (digits): runs, utility, verdicts, resume."""
+
+from __future__ import annotations
+
+import json
+
+from megex import tradeoff
+from megex.cli import main
+from megex.models import build_classifier
+from megex.victim import Victim
+
+SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
+
+
+def _config(tmp_path, **extra) -> str:
+    doc = {
+        "dataset": "digits",
+        "validation_images": 200,
+        "victim_seeds": [0, 1],
+        "seeds": [0, 1],
+        "budgets": [300],
+        "eval_at": [100],
+        "attackers": ["megex-all"],
+        "defenses": [[], ["gaussian:2"], ["sign"], ["round:1"]],
+        "utility_images": 40,
+        "settings": {**SMALL, "lr_schedule": "constant", "clone_updates_per_1k_queries": 80.0},
+        "tuned_settings": None,
+        **extra,
+    }
+    path = tmp_path / "tradeoff.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def _untrained_victims(out, seeds) -> None:
+    for seed in seeds:
+        victim = Victim(
+            build_classifier("small_cnn", 10, 1, 8), (1, 8, 8), 10, arch="small_cnn",
+            dataset="digits",
+        )  # fmt: skip
+        victim.accuracy = 0.5
+        victim.save(out / "victims" / f"digits-small_cnn-seed{seed}-val200.safetensors")
+
+
+def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys):
+    out = tmp_path / "out"
+    _untrained_victims(out, [0, 1])
+    argv = ["tradeoff", "--config", _config(tmp_path), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "tradeoff.json").read_text())
+    rows = {r["defense"]: r for r in summary["rows"]}
+    assert list(rows) == ["none", "gaussian:2", "sign", "round:1"]
+    # DFME runs without a defence and under the prediction defence only; the adaptive
+    # attacker runs where it has something to adapt to.
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 4 * (2 + 2 + 2 + 2)
+    assert {r.rsplit("-v", 1)[0] for r in runs} == {
+        "dfme-none", "megex-all-none", "megex-all-gaussian_2", "megex-all+adaptive-gaussian_2",
+        "megex-all-sign", "megex-all+adaptive-sign", "dfme-round_1", "megex-all-round_1",
+    }  # fmt: skip
+    sign = rows["sign"]["methods"]
+    assert sign["megex-all+adaptive"]["counted"] and "counted" not in sign["megex-all"]
+    assert sign["megex-all+adaptive"]["minus_baseline"]["pairs"] == 4
+    # The explanation defence's row compares with DFME's undefended runs.
+    assert sign["dfme"] == rows["none"]["methods"]["dfme"]
+    assert rows["round:1"]["methods"]["dfme"] != rows["none"]["methods"]["dfme"]
+    # Utility: the undefended maps are the reference; noise and sign move them.
+    assert abs(rows["none"]["utility"]["cosine"] - 1) < 1e-6
+    assert rows["gaussian:2"]["utility"]["cosine"] < 0.8
+    assert rows["round:1"]["utility"]["probability_l1"] > 0
+    assert rows["none"]["stops_explanation_attackers"] is False
+    for row in summary["rows"]:
+        assert row["keeps_utility"] == (row["utility"]["cosine"] >= 0.5)
+        expected = row["stops_explanation_attackers"] and row["keeps_utility"]
+        assert (row["defense"] in summary["effective"]) == expected
+    table = (out / "tradeoff.md").read_text()
+    assert "| sign |" in table and "Without a defence, megex-all" in table
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    # Started again: every run is found finished.
+    capsys.readouterr()
+    assert main(argv + ["--no-plot"]) == 0
+    assert capsys.readouterr().err.count("already done") == len(runs)
+
+
+def test_bad_settings_are_refused_before_any_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["tradeoff", "--config", _config(tmp_path), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--defense", "blur:3"]) == 2
+    assert "unknown 'blur'" in capsys.readouterr().err
+    assert not (out / "victims").exists()
+    bad = _config(tmp_path, utility_threshold=2)
+    assert main(["tradeoff", "--config", bad, "--out", str(out)]) == 2
+    assert "utility_threshold" in capsys.readouterr().err
+
+
+def test_quick_grid_is_a_subset_of_the_full_one():
+    full, quick = tradeoff.load_config(None), tradeoff.load_config(None, quick=True)
+    assert quick["defenses"][0] == [] and len(quick["defenses"]) < len(full["defenses"])
+    assert set(map(tuple, quick["defenses"])) <= set(map(tuple, full["defenses"]))
+    assert max(quick["budgets"]) <= max(full["budgets"])
