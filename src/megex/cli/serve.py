@@ -15,6 +15,7 @@ from typing import Any
 
 from ..explain import METHODS
 from .common import add_explanation_options, load_victim, port, print_json
+from .defenses import DEFENSE_HELP
 from .errors import FAILURE, UsageError, user_input
 
 __all__ = ["DEFAULT_DB", "add_parser", "build_app", "ready_line", "run_serve"]
@@ -100,7 +101,7 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="defence applied to answers, e.g. round:2, noise:0.5, topk:0.1, sign (repeatable)",
+        help=f"{DEFENSE_HELP} (repeatable: applied in order; `megex defenses` lists them)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad and defence noise")
     p.add_argument(
