@@ -261,10 +261,10 @@ def quantus_deletion_curve(
     """
     try:
         import quantus
-    except ModuleNotFoundError as err:
+    except ImportError as err:  # not installed, or a library it loads is missing
         raise ModuleNotFoundError(
             f"Quantus metrics need the 'utility' extra (pip install 'megex[utility]'): {err}",
-            name=err.name,
+            name=getattr(err, "name", None) or "quantus",
         ) from None
     n, c, h, w = images.shape
     per_step = _pixels_per_step(h * w, steps)
