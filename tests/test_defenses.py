@@ -99,6 +99,8 @@ def test_the_spec_forms():
         "keep_label": False,
     }
     assert build_defense("smooth:sigma=0.2,samples=4").values() == {"sigma": 0.2, "samples": 4}
+    precise = GaussianNoise(scale=0.123456789)
+    assert build_defense(precise.spec()).scale == precise.scale  # specs are exact
     assert [d.name for d in build_defenses(["withhold:0.5", "coarsen:patch=3"])] == [
         "withhold",
         "coarsen",

@@ -50,7 +50,8 @@ def test_megex_serve_applies_its_defences(tmp_path):
         second = remote.query(x, explanation=True)
     finally:
         proc.terminate()
-        proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
+    assert "defences: reverse-sigmoid:beta=0.5,gamma=0.2,keep_label=true, quantize:bits=3" in err
     local = LocalOracle(Victim.load(path), defenses=build_defenses(specs), seed=4)
     for got in (first, second):  # the second request continues the same noise stream
         want = local.query(x, explanation=True)

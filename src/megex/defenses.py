@@ -222,7 +222,10 @@ class Defense:
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)  # exact, and short when it can
+    return str(value)
 
 
 def _map_dims(e: torch.Tensor) -> tuple[int, int, int]:

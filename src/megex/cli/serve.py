@@ -312,6 +312,8 @@ def run_serve(args: argparse.Namespace) -> int:
         f"megex serve: model {service.name!r} ({service.responder.victim.arch}), ledger {args.db}",
         file=err,
     )
+    defenses = ", ".join(d.spec() for d in service.responder.defenses)
+    print(f"  defences: {defenses or 'none'}", file=err)
     if keys:
         print(f"  auth: {len(keys)} API key(s); default budget per key: {budget}", file=err)
     else:
