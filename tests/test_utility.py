@@ -257,6 +257,8 @@ def test_utility_refuses_bad_settings(digits_victim, sample_images):
         explanation_utility(digits_victim, x, ["smooth"], Explanation("integrated_gradients"))
     with pytest.raises(ValueError, match="defense: unknown 'blur'"):
         explanation_utility(digits_victim, x, ["blur"])
+    with pytest.raises(ValueError, match=r"images: shape \(4, 1, 8, 7\) does not match"):
+        explanation_utility(digits_victim, x[..., :7], [])
 
 
 def test_mean_interval():

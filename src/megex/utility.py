@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .defenses import Defense, build_defense
 from .explain import Explanation
-from .oracle import Responder
+from .oracle import Responder, validate_images
 from .stats import mean_interval
 from .victim import Victim
 
@@ -377,8 +377,8 @@ def explanation_utility(
     if not math.isfinite(baseline):
         raise ValueError(f"baseline: expected a finite number, got {baseline}")
     _pixels_per_step(images.shape[-1] * images.shape[-2], steps)
+    images = validate_images(images, victim.input_shape, "images")
     rows = [[]] + [_row(r) for r in defenses]
-    images = images.detach().cpu().float()
     n = images.shape[0]
     honest = Responder(victim, explanation=explanation, seed=seed, batch_size=batch_size)
     reference = honest.answer(images, explanation)
