@@ -132,10 +132,13 @@ class Responder:
     prediction: "probabilities", "logits", "top-k" (with top_k) or "label". explanation: the
     explanation returned when asked (None: none is returned). allow_explanation_choice:
     whether a request may ask for a different explanation (method, target, output), as
-    Vertex AI's parameters allow. defenses: applied to what is returned, in order. The
-    victim is moved to `device` in place, and on a CPU its convolutions are put in
-    channels-last layout (:func:`megex.models.fast_layout`: same values, several times
-    faster explanations).
+    Vertex AI's parameters allow. defenses (:mod:`megex.defenses`): applied to what is
+    returned, in order, after the honest answer is computed; a defence may also change the
+    explanation that is computed (:meth:`computed_explanation`; the answer still reports the
+    one asked for), and a request for an explanation that a defence cannot apply to is
+    refused (ExplanationNotOffered). The victim is moved to `device` in place, and on a CPU
+    its convolutions are put in channels-last layout (:func:`megex.models.fast_layout`: same
+    values, several times faster explanations).
 
     A request is computed in chunks of at most `batch_size` images and `chunk_passes` model
     passes (:func:`megex.compute.passes_per_image`; at least one image; None: no limit), one
@@ -163,9 +166,13 @@ class Responder:
             )
         if prediction == "top-k" and (top_k is None or not 1 <= int(top_k) <= victim.num_classes):
             raise ValueError(f"top_k: expected 1..{victim.num_classes} for 'top-k', got {top_k}")
-        if prediction in ("logits", "label") and any(
-            type(d).probabilities is not Defense.probabilities for d in defenses
-        ):
+        for defense in defenses:
+            if not isinstance(defense, Defense):
+                raise ValueError(
+                    f"defenses: expected Defense objects (megex.defenses.build_defense), "
+                    f"got {type(defense).__name__}"
+                )
+        if prediction in ("logits", "label") and any(d.side == "prediction" for d in defenses):
             # Logits would expose what a probability defence hides; labels are unaffected.
             raise ValueError(
                 f"defenses: a defence of probabilities does not apply to prediction={prediction!r}"
@@ -185,6 +192,9 @@ class Responder:
         self.chunk_passes = None if chunk_passes is None else int(chunk_passes)
         self._turns = TurnLock()
         self._rng = torch.Generator().manual_seed(seed)
+        if explanation is not None:
+            # A defence that cannot apply to the configured explanation is a setting mistake.
+            self.computed_explanation(explanation)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -201,8 +211,31 @@ class Responder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rng.set_state(state["rng"])
 
+    def computed_explanation(self, spec: Explanation) -> Explanation:
+        """The explanation computed to answer a request for `spec`: `spec` as the defences
+        change it (a smoothing defence computes SmoothGrad for a gradient). Raises
+        ValueError when a defence cannot apply to `spec`."""
+        for defense in self.defenses:
+            spec = defense.computed_explanation(spec)
+        return spec
+
+    def passes_per_image(self, spec: Explanation | None) -> int:
+        """Model passes that answering one image with explanation `spec` (as requested)
+        costs, with the explanation the defences make the service compute."""
+        computed = None if spec is None else self.computed_explanation(spec)
+        return passes_per_image(computed, self.num_classes)
+
     def resolve_explanation(self, requested: Explanation | bool | None) -> Explanation | None:
         """The explanation a request will get, or ExplanationNotOffered."""
+        spec = self._resolve(requested)
+        if spec is not None:
+            try:
+                self.computed_explanation(spec)
+            except ValueError as err:
+                raise ExplanationNotOffered(f"explanation: {err}") from None
+        return spec
+
+    def _resolve(self, requested: Explanation | bool | None) -> Explanation | None:
         if requested is None or requested is False:
             return None
         if self.explanation is None:
@@ -232,7 +265,7 @@ class Responder:
         with other parties' requests."""
         size = self.batch_size
         if self.chunk_passes is not None:
-            per_image = passes_per_image(spec, self.num_classes)
+            per_image = self.passes_per_image(spec)
             size = max(1, min(size, self.chunk_passes // per_image))
         parts = []
         for i in range(0, images.shape[0], size):
@@ -259,7 +292,7 @@ class Responder:
         probs = torch.softmax(logits, dim=1)
         labels = logits.argmax(dim=1)
         for defense in self.defenses:
-            probs = defense.probabilities(probs)
+            probs = defense.probabilities(probs, labels=labels, generator=self._rng)
         shown_logits = None
         if self.prediction == "logits":
             shown_logits = logits
@@ -270,10 +303,13 @@ class Responder:
             probs = torch.nn.functional.one_hot(labels, self.num_classes).float()
         expl = None
         if spec is not None:
-            expl = explain(self.victim, chunk, spec, generator=self._rng, logits=chunk_logits)
+            computed = self.computed_explanation(spec)
+            expl = explain(self.victim, chunk, computed, generator=self._rng, logits=chunk_logits)
             expl = expl.cpu()
             for defense in self.defenses:
-                expl = defense.explanation(expl, generator=self._rng)
+                expl = defense.explanation(
+                    expl, generator=self._rng, labels=labels, target=spec.target
+                )
         return Answer(probs, labels, shown_logits, expl, spec, self.prediction)
 
 

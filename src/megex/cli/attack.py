@@ -29,6 +29,7 @@ from .common import (
     print_json,
     run_attack,
 )
+from .defenses import DEFENSE_HELP
 from .errors import INTERRUPTED, UsageError, user_input
 from .settings import parse_set_options, setting_help
 
@@ -108,7 +109,7 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="defence: round:2, noise:0.5, topk:0.1, sign (repeatable)",
+        help=f"{DEFENSE_HELP} (repeatable: applied in order; `megex defenses` lists them)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_json_option(p)
@@ -269,6 +270,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
             "victim": args.victim,
             "dataset": args.dataset or (victim.dataset if victim is not None else None),
             "victim_accuracy": evaluator.victim_accuracy if evaluator is not None else None,
+            # What a local victim's answers went through; a service's own are unknown here.
+            "defenses": None if victim is None else [d.spec() for d in oracle.defenses],
         }
     )
     result = run_attack(

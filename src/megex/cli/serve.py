@@ -15,6 +15,7 @@ from typing import Any
 
 from ..explain import METHODS
 from .common import add_explanation_options, load_victim, port, print_json
+from .defenses import DEFENSE_HELP
 from .errors import FAILURE, UsageError, user_input
 
 __all__ = ["DEFAULT_DB", "add_parser", "build_app", "ready_line", "run_serve"]
@@ -100,7 +101,7 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="defence applied to answers, e.g. round:2, noise:0.5, topk:0.1, sign (repeatable)",
+        help=f"{DEFENSE_HELP} (repeatable: applied in order; `megex defenses` lists them)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad and defence noise")
     p.add_argument(
@@ -311,6 +312,8 @@ def run_serve(args: argparse.Namespace) -> int:
         f"megex serve: model {service.name!r} ({service.responder.victim.arch}), ledger {args.db}",
         file=err,
     )
+    defenses = ", ".join(d.spec() for d in service.responder.defenses)
+    print(f"  defences: {defenses or 'none'}", file=err)
     if keys:
         print(f"  auth: {len(keys)} API key(s); default budget per key: {budget}", file=err)
     else:

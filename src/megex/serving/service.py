@@ -24,7 +24,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..compute import passes_per_image
 from ..ledger import BudgetExceeded, Usage
 from ..oracle import Answer, ExplanationNotOffered, Responder
 from ..sqlite_ledger import (
@@ -201,7 +200,7 @@ class Service:
         except ExplanationNotOffered as err:
             raise HTTPError(403, str(err), "explanation_not_offered") from None
         n = int(parsed.images.shape[0])
-        passes = n * passes_per_image(spec, self.responder.num_classes)
+        passes = n * self.responder.passes_per_image(spec)
         self._check_compute(account, n, passes)
         images = parsed.images.numpy().astype("<f4").tobytes() if self.audit_images else None
         try:
