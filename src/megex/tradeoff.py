@@ -58,11 +58,22 @@ DEFAULTS: dict[str, Any] = {
     # Each entry: the defence specs a service applies, in order ([] : none).
     "defenses": [
         [],
-        ["noise:0.5"],
-        ["noise:2"],
+        ["gaussian:0.5"],
+        ["gaussian:2"],
+        ["laplace:1"],
+        ["quantize:bits=2"],
+        ["quantize:bits=4"],
         ["sign"],
         ["topk:0.1"],
         ["topk:0.01"],
+        ["coarsen:4"],
+        ["smooth"],
+        ["predicted-only"],
+        ["withhold:0.5"],
+        ["withhold:0.9"],
+        ["round:1"],
+        ["label-only"],
+        ["reverse-sigmoid"],
     ],
     # Utility is measured on the predicted class's map, what a user of the service reads.
     "utility_images": 500,
@@ -73,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "budgets": [10_000],
         "eval_at": [5_000],
         "attackers": ["megex-all"],
-        "defenses": [[], ["noise:2"], ["sign"]],
+        "defenses": [[], ["gaussian:2"], ["sign"]],
         "utility_images": 100,
     },
     "settings": {
@@ -115,7 +126,7 @@ def load_config(path: str | os.PathLike | None, quick: bool = False) -> dict[str
     for entry in config["defenses"]:
         if not isinstance(entry, list) or not all(isinstance(s, str) for s in entry):
             raise ValueError(
-                f"defenses: each entry is a list of defence specs (e.g. [\"noise:0.5\"]), "
+                f'defenses: each entry is a list of defence specs (e.g. ["noise:0.5"]), '
                 f"got {entry!r}"
             )
     if not 0 <= float(config["utility_threshold"]) <= 1:
@@ -187,9 +198,7 @@ def _defenses(specs: list[str]) -> list[Any]:
 
 
 def _touches_predictions(defenses: list[Any]) -> bool:
-    from .defenses import Defense
-
-    return any(type(d).probabilities is not Defense.probabilities for d in defenses)
+    return any(d.side == "prediction" for d in defenses)
 
 
 def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: dict) -> list:
@@ -249,7 +258,9 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
         for method in config["attackers"]:
             attack, settings = method_settings(bench_like, method, tuned)
             if settings.get("lr_schedule") != "constant":
-                raise ValueError(f"{method}: every budget is read off one run: needs a constant lr_schedule")
+                raise ValueError(
+                    f"{method}: every budget is read off one run: needs a constant lr_schedule"
+                )
             add(method, attack, settings, specs)
             adaptation = adapt_to(defenses)
             if adaptation and attack == "megex":
@@ -260,47 +271,30 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
 def measure_utility(
     config: dict[str, Any], victims: dict[int, Path], data_root: str | None
 ) -> dict[str, dict[int, dict[str, float]]]:
-    """Per defence row and victim: the explanation utility of the defended maps against the
-    undefended ones, and how much the probabilities moved, on the first test images."""
-    import torch
-
+    """Per defence row and victim, the mean of each utility measure (megex.utility) of the
+    predicted class's map on the first `utility_images` test images: similarity to the
+    undefended map, faithfulness, and how much the probabilities moved."""
     from . import data as data_mod
     from .explain import Explanation
-    from .oracle import LocalOracle
     from .utility import explanation_utility
     from .victim import Victim
 
     ds = data_mod.load(config["dataset"], data_root)
     images = ds.test_tensors()[0][: int(config["utility_images"])]
-    spec = Explanation("gradient", target="predicted")
+    rows = [specs for specs in config["defenses"] if specs]
     out: dict[str, dict[int, dict[str, float]]] = {}
     for victim_seed, path in victims.items():
-        victim = Victim.load(path)
-        honest = LocalOracle(victim, explanation=None).query(images).probabilities
-        for specs in config["defenses"]:
-            defenses = _defenses(specs)
-            measured = explanation_utility(victim, images, defenses, spec)
-            shown = LocalOracle(victim, explanation=None, defenses=defenses).query(images)
-            moved = 0.5 * (shown.probabilities - honest).abs().sum(dim=1)
-            row = {k: float(v) for k, v in _flat_utility(measured).items()}
-            row["probability_tv"] = float(moved.mean())
-            row["label_kept"] = float((shown.probabilities.argmax(1) == honest.argmax(1)).float().mean())
-            out.setdefault(row_name(specs), {})[victim_seed] = row
-        del victim
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        measured = explanation_utility(
+            Victim.load(path), images, rows, Explanation("gradient", target="predicted")
+        )
+        # Row 0 is the undefended service; then one row per defended one, in order.
+        for specs, row in zip([[], *rows], measured["rows"]):
+            out.setdefault(row_name(specs), {})[victim_seed] = {
+                key: value["mean"]
+                for key, value in row.items()
+                if isinstance(value, dict) and "mean" in value
+            }
     return out
-
-
-def _flat_utility(measured: Any) -> dict[str, float]:
-    """The utility module's result as {metric: mean} for the defended service."""
-    row = measured["defended"] if isinstance(measured, dict) and "defended" in measured else measured
-    flat = {}
-    for key, value in row.items():
-        if isinstance(value, dict) and "mean" in value:
-            flat[key] = value["mean"]
-        elif isinstance(value, int | float):
-            flat[key] = value
-    return flat
 
 
 def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
@@ -451,13 +445,14 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Victims (test accuracy): {victims}; attack seeds {summary['seeds']}; "
         f"{summary['runs']} runs, {summary['wall_s']:.0f} s wall time. Clone accuracy in %, "
         "mean [95% hierarchical bootstrap interval]. Utility: the predicted class's map of "
-        "the defended service against the undefended one on test images (cosine; `tv`: "
-        "total variation moved in the probabilities; `labels`: top-1 labels kept).",
+        "the defended service against the undefended one on test images (cosine, Spearman; "
+        "`l1`: L1 distance moved in the probabilities; `labels`: share of top-1 labels "
+        "kept).",
         "",
     ]
     attackers = summary["attackers"]
     labels = [m for a in attackers for m in (a, a + ADAPTIVE)]
-    head = ["defence", "cosine", "spearman", "tv", "labels", *labels, summary["baseline"]]
+    head = ["defence", "cosine", "spearman", "l1", "labels", *labels, summary["baseline"]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary["rows"]:
         u = row["utility"]
@@ -465,7 +460,7 @@ def markdown(summary: dict[str, Any]) -> str:
             row["defense"],
             f"{u.get('cosine', math.nan):.3f}",
             f"{u.get('spearman', math.nan):.3f}",
-            f"{u.get('probability_tv', math.nan):.3f}",
+            f"{u.get('probability_l1', math.nan):.3f}",
             f"{u.get('label_kept', math.nan):.3f}",
         ]
         for label in labels:

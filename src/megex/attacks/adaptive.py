@@ -180,8 +180,8 @@ def _predicted_class_only(answer: Answer) -> Answer:
 # How each declared defence is met (keyed by the defence's name; a strength where it
 # matters). Names that are not listed need no adaptation or have none that helps.
 def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
-    """The adaptive settings for a service that applies `defenses` (objects with a `name`
-    and their parameters as attributes, or dicts with a "name" key), combined in order.
+    """The adaptive settings for a service that applies `defenses` (:mod:`megex.defenses`
+    objects, or dicts of a "name" and the parameters), combined in order.
 
     - noise (Gaussian or Laplace, zero-mean, fresh per answer): average 4 answers per image
       (4x the queries per map; the noise's norm falls by half);
@@ -196,13 +196,16 @@ def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
     """
     settings: dict[str, Any] = {}
     for defense in defenses:
-        params = dict(defense) if isinstance(defense, dict) else dict(vars(defense))
-        name = params.pop("name", None) or getattr(defense, "name", None)
-        if name in ("noise", "gaussian", "laplace"):
+        if isinstance(defense, dict):
+            params = dict(defense)
+            name = params.pop("name", None)
+        else:
+            params, name = defense.values(), defense.name
+        if name in ("noise", "gaussian", "laplace") and float(params.get("scale", 1)) > 0:
             settings["map_repeats"] = max(settings.get("map_repeats", 1), 4)
         elif name in ("sign", "quantize", "topk", "coarsen"):
             settings.update(map_scale="clone", map_matching="cosine")
-        elif name in ("predicted-only", "predicted"):
+        elif name == "predicted-only":
             settings["maps_of"] = "predicted"
         elif name == "withhold" and float(params.get("fraction", 0)) >= 0.5:
             settings["generator_gradient"] = "zeroth-order"
