@@ -1,4 +1,5 @@
-"""The `megex` command: train-victim, attack, eval, report, demo, serve and bench.
+"""The `megex` command: train-victim, attack, eval, report, demo, serve, flags, bench, tune
+and detection.
 
 One `main`, one user-error type and one map of exit statuses (:mod:`megex.cli.errors`):
 0 done, 1 refused or failed, 2 a mistake on the command line, 130 interrupted.
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parsers(sub, **fmt)
     demo.add_parser(sub, **fmt)
     serve.add_parser(sub, **fmt)
+    serve.add_flags_parser(sub, **fmt)
     settings.add_settings_parser(sub, **fmt)
     _add_bench(sub, **fmt)
     _add_tune(sub, **fmt)
