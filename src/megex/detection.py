@@ -699,12 +699,14 @@ class QueryStream:
     def from_victim(cls, victim: Any, images: torch.Tensor, name: str = "") -> QueryStream:
         """A stream of `images` with the probabilities `victim` (logits out) gives them."""
         images = images.detach().to("cpu", torch.float32)
+        device = next(iter(victim.parameters()), torch.empty(0)).device
         parts = []
         with torch.no_grad():
             was_training = victim.training
             victim.eval()
             for i in range(0, len(images), 1024):
-                parts.append(torch.softmax(victim(images[i : i + 1024]).float().cpu(), dim=1))
+                logits = victim(images[i : i + 1024].to(device))
+                parts.append(torch.softmax(logits.float().cpu(), dim=1))
             victim.train(was_training)
         return cls(images, torch.cat(parts), name)
 

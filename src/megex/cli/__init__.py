@@ -59,7 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_settings_parser(sub, **fmt)
     _add_bench(sub, **fmt)
     _add_tune(sub, **fmt)
+    _add_detection(sub, **fmt)
     return parser
+
+
+def _add_detection(sub: Any, **kwargs: Any) -> None:
+    from .. import detection_bench
+
+    p = sub.add_parser(
+        "detection",
+        help="detection benchmark: do query monitors flag the attacks, and benign keys?",
+        description="Record the query streams of attacks and of benign clients against a "
+        "victim, calibrate each query monitor's threshold on validation streams for a target "
+        "false-positive rate, and report detection rates, queries until detection and false "
+        "positives on test streams (JSON and markdown), with a calibration file per monitor "
+        "for megex serve --monitor NAME:calibration=FILE.",
+        **kwargs,
+    )
+    detection_bench.add_arguments(p)
+    p.set_defaults(func=lambda args: _run_tool(detection_bench.run_detection, args))
 
 
 def _add_tune(sub: Any, **kwargs: Any) -> None:
