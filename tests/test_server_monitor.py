@@ -223,3 +223,33 @@ def test_flags_the_ledger_cannot_record_are_logged_and_the_answer_stands(caplog)
         app.state.monitors.flush(timeout=30)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
     assert "recording 1 flag(s) of account" in caplog.text and "disk I/O error" in caplog.text
+
+
+def test_the_queue_for_the_monitors_is_ordered_and_bounded():
+    import time
+
+    from megex.serving.monitoring import MonitorHub
+
+    seen = []
+
+    class Slow(OODMonitor):
+        name = "slow"
+
+        def _update(self, state, images, probs):
+            time.sleep(0.02)
+            seen.append((len(images), hub._pending_bytes))
+            return []
+
+    ledger = SQLiteLedger()
+    hub = MonitorHub([Slow(0.5)], ledger, max_pending_bytes=2048)  # 8 images of 8x8 floats
+    try:
+        sizes = [4, 4, 4, 4, 8, 12]  # the last is larger than the cap: it waits for none
+        for n in sizes:
+            hub.submit(1, torch.rand(n, 1, 8, 8), torch.full((n, 10), 0.1))
+        hub.flush(timeout=30)
+    finally:
+        hub.close()
+        ledger.close()
+    assert [n for n, _ in seen] == sizes
+    assert max(pending for n, pending in seen if n <= 8) <= 2048
+    assert seen[-1] == (12, 12 * 64 * 4)

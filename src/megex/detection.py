@@ -646,18 +646,16 @@ class OODMonitor(Monitor):
 
     def _update(self, state: _OODKey, images: np.ndarray, probs: np.ndarray) -> list:
         new = self.scores(probs)
-        kept = state.scores
-        joined = np.concatenate([kept, new])
+        joined = np.concatenate([state.scores, new])
         sums = np.concatenate([[0.0], np.cumsum(joined)])
-        out = []
-        for i in range(len(new)):
-            end = len(kept) + i + 1  # scores up to this query, in `joined`
-            state.queries += 1
-            if state.queries >= self.window:
-                mean = (sums[end] - sums[end - self.window]) / self.window
-                out.append(Measurement(state.queries, float(mean)))
+        step = np.arange(1, len(new) + 1)
+        seen = state.queries + step  # each query's count
+        ends = len(state.scores) + step  # and where its window ends in `joined`
+        ready = seen >= self.window
+        means = (sums[ends[ready]] - sums[ends[ready] - self.window]) / self.window
+        state.queries += len(new)
         state.scores = joined[-self.window :].copy()
-        return out
+        return [Measurement(int(q), float(m)) for q, m in zip(seen[ready], means)]
 
 
 def _check_whole(name: str, value: Any, low: int) -> None:

@@ -4,8 +4,10 @@ Every answered request's images and the victim's honest probabilities are queued
 response is computed and stored, to one worker thread that shows them to every monitor, in
 the order the requests were answered, and records the flags in the ledger's ``flags`` table.
 Clients do not wait for the monitors; a monitor that fails is logged and never fails a
-request. At most `max_pending` requests wait for the monitors: past that, answering waits
-(the monitors are not skipped, so flooding the service does not hide a key's queries).
+request. The images waiting for the monitors take at most `max_pending_bytes` (a larger
+request waits until none are): past that, answering waits, so that the monitors are never
+skipped (flooding the service does not hide a key's queries) and the queue cannot fill the
+memory.
 
 The monitors' state per key lives in memory: a restarted server starts every key's history
 over (flags already recorded stay in the ledger).
@@ -23,12 +25,12 @@ import torch
 from ..detection import Flag, Monitor
 from ..sqlite_ledger import SQLiteLedger
 
-__all__ = ["DEFAULT_MAX_PENDING", "MonitorHub", "check_monitors"]
+__all__ = ["DEFAULT_MAX_PENDING_BYTES", "MonitorHub", "check_monitors"]
 
 log = logging.getLogger("megex.server")
 
-# Requests waiting for the monitors before answering waits for them.
-DEFAULT_MAX_PENDING = 64
+# Bytes of images waiting for the monitors before answering waits for them.
+DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
 
 
 def check_monitors(monitors: Sequence[Monitor]) -> None:
@@ -52,24 +54,40 @@ class MonitorHub:
         self,
         monitors: Sequence[Monitor],
         ledger: SQLiteLedger,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ):
         check_monitors(monitors)
         self.monitors = list(monitors)
         self.ledger = ledger
-        self._slots = threading.BoundedSemaphore(max_pending)
+        self.max_pending_bytes = int(max_pending_bytes)
+        self._pending_bytes = 0
+        self._room = threading.Condition()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megex-monitors")
 
     def submit(self, account_id: int, images: torch.Tensor, probabilities: torch.Tensor) -> None:
-        """Queue one answered request for the monitors (waits while `max_pending` do)."""
-        self._slots.acquire()
+        """Queue one answered request for the monitors (waits while the queue is full)."""
+        size = images.numel() * images.element_size()
+        with self._room:
+            self._room.wait_for(
+                lambda: (
+                    self._pending_bytes == 0 or self._pending_bytes + size <= self.max_pending_bytes
+                )
+            )
+            self._pending_bytes += size
         try:
-            self._worker.submit(self._observe, account_id, images, probabilities)
+            self._worker.submit(self._observe, account_id, images, probabilities, size)
         except BaseException:
-            self._slots.release()
+            self._release(size)
             raise
 
-    def _observe(self, account_id: int, images: torch.Tensor, probabilities: torch.Tensor) -> None:
+    def _release(self, size: int) -> None:
+        with self._room:
+            self._pending_bytes -= size
+            self._room.notify_all()
+
+    def _observe(
+        self, account_id: int, images: torch.Tensor, probabilities: torch.Tensor, size: int
+    ) -> None:
         try:
             flags: list[Flag] = []
             for monitor in self.monitors:
@@ -99,7 +117,7 @@ class MonitorHub:
                         "recording %d flag(s) of account %s failed", len(flags), account_id
                     )
         finally:
-            self._slots.release()
+            self._release(size)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every request queued so far has been observed."""
