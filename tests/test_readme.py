@@ -54,9 +54,9 @@ def test_readme_commands_run_as_written(tmp_path):
     try:
         for line in megex_commands():
             args = shlex.split(line.rstrip("&").strip())
-            if args[1] in ("bench", "tune"):
-                # Hours at full scale: their options must parse here, and both run at toy
-                # scale in test_bench.py.
+            if args[1] in ("bench", "tune", "detection"):
+                # Hours (minutes for detection) at full scale: their options must parse here;
+                # they run at toy scale in test_bench.py and test_detection_bench.py.
                 from megex.cli import build_parser
 
                 assert build_parser().parse_args(args[1:]).command == args[1]
