@@ -277,3 +277,15 @@ def test_measurements_and_bad_batches():
     prada.update("k", torch.rand(2, 1, 2, 2), torch.eye(2))
     with pytest.raises(ValueError, match="9 values per image, this monitor has seen 4"):
         prada.update("k", torch.rand(2, 1, 3, 3), torch.eye(2))
+
+
+def test_prada_says_at_once_that_it_needs_scipy(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a)
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"needs scipy: pip install 'megex\[data\]'"):
+        PradaMonitor()
+    assert OODMonitor(0.5).threshold == 0.5  # the other monitor needs only numpy

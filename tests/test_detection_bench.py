@@ -82,6 +82,7 @@ def test_detection_benchmark_refuses_bad_settings_before_training(tmp_path, caps
         (["--quick", "--queries", "400"], 2, "is more than the 300 validation images"),
         (["--quick", "--methods", "megex-everything"], 2, "unknown 'megex-everything'"),
         (["--quick", "--target-fpr", "1.5"], 2, "--target-fpr: expected in [0, 1)"),
+        (["--quick", "--threads", "0"], 2, "threads: expected >= 1, got 0"),
         (["--quick", "--settings-file", str(tmp_path / "none.json")], 1, "no file at"),
     ]:
         assert detection_bench.main(["--config", config, *out, *argv]) == status, argv

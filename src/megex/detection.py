@@ -27,6 +27,7 @@ and :func:`replay` feeds a recorded stream to a monitor. The Shapiro-Wilk test n
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -419,6 +420,11 @@ class PradaMonitor(Monitor):
         rearm: int = 1000,
     ):
         super().__init__(threshold, rearm)
+        if importlib.util.find_spec("scipy") is None:  # said now, not at the first test
+            raise ModuleNotFoundError(
+                "PradaMonitor's Shapiro-Wilk test needs scipy: pip install 'megex[data]'",
+                name="scipy",
+            )
         for name, value, low in (
             ("min_distances", min_distances, 3),
             ("min_per_class", min_per_class, 1),

@@ -121,7 +121,10 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options (the `megex detection` subcommand)."""
-    parser.add_argument("--config", help="JSON file of benchmark settings (keys of DEFAULTS)")
+    parser.add_argument(
+        "--config",
+        help="JSON file of benchmark settings (the keys of megex.detection_bench.DEFAULTS)",
+    )
     parser.add_argument("--data-root", help="folder holding the dataset's files")
     parser.add_argument(
         "--quick",
@@ -260,9 +263,12 @@ def _plan(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--methods: unknown {name!r}; expected one of {', '.join(METHODS)}")
     if not 0 <= float(plan["target_fpr"]) < 1:
         raise ValueError(f"--target-fpr: expected in [0, 1), got {plan['target_fpr']}")
-    for key in ("queries", "calibration_streams", "test_streams"):
-        if int(plan[key]) < 1:
-            raise ValueError(f"{key}: expected >= 1, got {plan[key]}")
+    for key, value in [
+        *((k, plan[k]) for k in ("queries", "calibration_streams", "test_streams")),
+        ("threads", args.threads),
+    ]:
+        if int(value) < 1:
+            raise ValueError(f"{key}: expected >= 1, got {value}")
     tuned = load_tuned(config)
     if not tuned:
         _log(
