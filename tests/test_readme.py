@@ -31,6 +31,7 @@ def megex_commands() -> list[str]:
 def test_readme_has_the_quick_start_and_commands():
     quick = blocks("bash")[0].split()
     assert quick == ["make", "demo", "make", "test"]
+    assert any("class MyNet" in block for block in blocks("python"))
     names = {cmd.split()[1] for cmd in megex_commands()}
     assert {"train-victim", "attack", "eval", "report", "serve"} <= names
 
@@ -54,9 +55,10 @@ def test_readme_commands_run_as_written(tmp_path):
     try:
         for line in megex_commands():
             args = shlex.split(line.rstrip("&").strip())
-            if args[1] in ("bench", "tune", "tradeoff"):
-                # Hours at full scale: their options must parse here, and they run at toy
-                # scale in test_bench.py and test_tradeoff.py.
+            if args[1] in ("bench", "tune", "tradeoff", "detection"):
+                # Hours (minutes for detection) at full scale: their options must parse here;
+                # they run at toy scale in test_bench.py, test_tradeoff.py and
+                # test_detection_bench.py.
                 from megex.cli import build_parser
 
                 assert build_parser().parse_args(args[1:]).command == args[1]
@@ -95,9 +97,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys, index):
 
     torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks("python")[index], f"README.md python block {index}", "exec"), {})
+    block = blocks("python")[index]
+    exec(compile(block, f"README.md python block {index}", "exec"), {})
     out = capsys.readouterr().out
     assert out.strip()
-    if index == 0:
+    if "class MyNet" in block:  # the Python API's first example
         assert "torch.Size([4, 10]) torch.Size([4, 10, 1, 8, 8]) 4" in out
         assert "megex 1" in out and "exact (all classes)" in out

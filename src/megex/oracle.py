@@ -263,18 +263,27 @@ class Responder:
         """Answer images checked by :func:`validate_images` with the explanation `spec`
         resolved by :meth:`resolve_explanation`, chunk by chunk, taking turns on the compute
         with other parties' requests."""
+        return self.answer_with_probabilities(images, spec, party)[0]
+
+    def answer_with_probabilities(
+        self, images: torch.Tensor, spec: Explanation | None, party: Hashable = 0
+    ) -> tuple[Answer, torch.Tensor]:
+        """:meth:`answer`, and the victim's honest (N, K) probabilities (before defences and
+        the prediction mode): what a service shows its query monitors, never its clients."""
         size = self.batch_size
         if self.chunk_passes is not None:
             per_image = self.passes_per_image(spec)
             size = max(1, min(size, self.chunk_passes // per_image))
-        parts = []
+        parts, honest = [], []
         for i in range(0, images.shape[0], size):
             with self._turns.turn(party):
-                parts.append(self._answer_chunk(images[i : i + size], spec))
+                part, probs = self._answer_chunk(images[i : i + size], spec)
+            parts.append(part)
+            honest.append(probs)
         if len(parts) == 1:
-            return parts[0]
+            return parts[0], honest[0]
         first = parts[0]
-        return Answer(
+        answer = Answer(
             _joined([p.probabilities for p in parts]),
             _joined([p.labels for p in parts]),
             None if first.logits is None else _joined([p.logits for p in parts]),
@@ -282,14 +291,19 @@ class Responder:
             spec,
             self.prediction,
         )
+        return answer, _joined(honest)
 
-    def _answer_chunk(self, images: torch.Tensor, spec: Explanation | None) -> Answer:
+    def _answer_chunk(
+        self, images: torch.Tensor, spec: Explanation | None
+    ) -> tuple[Answer, torch.Tensor]:
         # Every defence acts on each image alone, so a chunk is answered as a whole request.
         chunk = images.to(self.device)
         with torch.no_grad():
             chunk_logits = self.victim(chunk)
         logits = chunk_logits.float().cpu()
         probs = torch.softmax(logits, dim=1)
+        # Kept apart from what the defences return (a defence may work in place).
+        honest = probs.clone() if self.defenses else probs
         labels = logits.argmax(dim=1)
         for defense in self.defenses:
             probs = defense.probabilities(probs, labels=labels, generator=self._rng)
@@ -310,7 +324,7 @@ class Responder:
                 expl = defense.explanation(
                     expl, generator=self._rng, labels=labels, target=spec.target
                 )
-        return Answer(probs, labels, shown_logits, expl, spec, self.prediction)
+        return Answer(probs, labels, shown_logits, expl, spec, self.prediction), honest
 
 
 def _responder_setting(name: str) -> property:

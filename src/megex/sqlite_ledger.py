@@ -1,5 +1,6 @@
 """The service's ledger in SQLite: API keys, per-key budgets and counts, audit log,
-idempotent replays (:mod:`megex.stored_responses`).
+idempotent replays (:mod:`megex.stored_responses`), and the flags that query monitors
+raised (:mod:`megex.detection`; :func:`flag_report` reads them while a server runs).
 
 Everything lives in one database (WAL mode), so a restarted server neither resets nor loses
 a count. Keys are stored only as salted SHA-256 hashes. A request is charged inside a
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .ledger import BudgetExceeded, Charge, Usage
 from .stored_responses import (
@@ -39,6 +41,7 @@ from .stored_responses import (
 __all__ = [
     "Account",
     "IdempotencyConflict",
+    "flag_report",
     "LedgerInUse",
     "SQLiteLedger",
     "StoredResponse",
@@ -66,6 +69,16 @@ CREATE TABLE IF NOT EXISTS audit (
     images BLOB                          -- float32 little-endian (N, C, H, W), if audited
 );
 CREATE INDEX IF NOT EXISTS audit_account ON audit(account_id, time);
+CREATE TABLE IF NOT EXISTS flags (
+    id INTEGER PRIMARY KEY,
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    time REAL NOT NULL,
+    monitor TEXT NOT NULL,
+    statistic REAL NOT NULL,
+    threshold REAL NOT NULL,
+    queries_seen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flags_account ON flags(account_id, time);
 """
 
 # The open (no-auth) account: a value no SHA-256 hex digest can take.
@@ -296,6 +309,40 @@ class SQLiteLedger:
         with self._lock:
             return [tuple(r) for r in self._db.execute(sql + " ORDER BY id", args)]
 
+    # --- flags of the query monitors ---------------------------------------------------------
+
+    def record_flags(self, account_id: int, flags: Iterable[Any]) -> None:
+        """Store flags raised on an account: objects with monitor, statistic, threshold,
+        queries_seen and time (:class:`megex.detection.Flag`)."""
+        rows = [
+            (
+                account_id,
+                float(f.time),
+                str(f.monitor),
+                float(f.statistic),
+                float(f.threshold),
+                int(f.queries_seen),
+            )
+            for f in flags
+        ]
+        if not rows:
+            return
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO flags(account_id, time, monitor, statistic, threshold, "
+                "queries_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def flag_rows(self, account_id: int | None = None) -> list[tuple]:
+        """(time, monitor, statistic, threshold, queries_seen) of every flag, oldest first."""
+        sql = "SELECT time, monitor, statistic, threshold, queries_seen FROM flags"
+        args: tuple = ()
+        if account_id is not None:
+            sql, args = sql + " WHERE account_id = ?", (account_id,)
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+
     # --- charging ---------------------------------------------------------------------------
 
     def charge(
@@ -382,3 +429,55 @@ class SQLiteLedger:
         # Inside a transaction: the count goes back and its audit row says so.
         self._db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (count, account_id))
         self._db.execute("UPDATE audit SET refunded = 1 WHERE id = ?", (audit_id,))
+
+
+def flag_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The flagged accounts of a ledger file, read without taking its lock (a running
+    server keeps it): per account its label, queries used, budget, number of flags, flags
+    per monitor, first flag (time, monitor, statistic, threshold, queries_seen) and last
+    flag's time; and how many accounts the ledger holds. A ledger written before flags
+    existed has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ledger at {path}")
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "accounts" not in tables:
+            raise ValueError(f"{path} is not a megex ledger (it has no accounts table)")
+        accounts = int(db.execute("SELECT COUNT(*) FROM accounts").fetchone()[0])
+        flagged: dict[int, dict[str, Any]] = {}
+        if "flags" in tables:
+            rows = db.execute(
+                "SELECT f.account_id, a.label, a.active, a.used, a.budget, f.time, f.monitor, "
+                "f.statistic, f.threshold, f.queries_seen FROM flags f "
+                "JOIN accounts a ON a.id = f.account_id ORDER BY f.time, f.id"
+            )
+            for account_id, label, active, used, budget, *flag in rows:
+                when, monitor, statistic, threshold, seen = flag
+                entry = flagged.get(account_id)
+                if entry is None:
+                    entry = flagged[account_id] = {
+                        "account_id": account_id,
+                        "label": label,
+                        "active": bool(active),
+                        "queries_used": int(used),
+                        "budget": None if budget is None else int(budget),
+                        "flags": 0,
+                        "by_monitor": {},
+                        "first": {
+                            "time": when,
+                            "monitor": monitor,
+                            "statistic": statistic,
+                            "threshold": threshold,
+                            "queries_seen": int(seen),
+                        },
+                    }
+                entry["flags"] += 1
+                entry["by_monitor"][monitor] = entry["by_monitor"].get(monitor, 0) + 1
+                entry["last_time"] = when
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"{path} is not a readable megex ledger ({err})") from None
+    finally:
+        db.close()
+    return {"ledger": str(path), "accounts": accounts, "flagged": list(flagged.values())}

@@ -1,5 +1,5 @@
-"""The `megex` command: train-victim, attack, eval, report, demo, serve, bench, tune,
-tradeoff, defenses and utility.
+"""The `megex` command: train-victim, attack, eval, report, demo, serve, flags, bench,
+tune, tradeoff, detection, defenses and utility.
 
 One `main`, one user-error type and one map of exit statuses (:mod:`megex.cli.errors`):
 0 done, 1 refused or failed, 2 a mistake on the command line, 130 interrupted.
@@ -56,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub, **fmt)
     serve.add_parser(sub, **fmt)
     defenses.add_parsers(sub, **fmt)
+    serve.add_flags_parser(sub, **fmt)
     settings.add_settings_parser(sub, **fmt)
     _add_bench(sub, **fmt)
     _add_tune(sub, **fmt)
     _add_tradeoff(sub, **fmt)
+    _add_detection(sub, **fmt)
     return parser
 
 
@@ -73,6 +75,23 @@ def _add_tradeoff(sub: Any, **kwargs: Any) -> None:
     )
     tradeoff.add_arguments(p)
     p.set_defaults(func=lambda args: _run_tool(tradeoff.run_tradeoff, args))
+
+
+def _add_detection(sub: Any, **kwargs: Any) -> None:
+    from .. import detection_bench
+
+    p = sub.add_parser(
+        "detection",
+        help="detection benchmark: do query monitors flag the attacks, and benign keys?",
+        description="Record the query streams of attacks and of benign clients against a "
+        "victim, calibrate each query monitor's threshold on validation streams for a target "
+        "false-positive rate, and report detection rates, queries until detection and false "
+        "positives on test streams (JSON and markdown), with a calibration file per monitor "
+        "for megex serve --monitor NAME:calibration=FILE.",
+        **kwargs,
+    )
+    detection_bench.add_arguments(p)
+    p.set_defaults(func=lambda args: _run_tool(detection_bench.run_detection, args))
 
 
 def _add_tune(sub: Any, **kwargs: Any) -> None:

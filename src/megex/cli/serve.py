@@ -1,6 +1,7 @@
-"""`megex serve`: run a saved victim as an HTTP service (KServe V1 and V2 / Triton).
+"""`megex serve`: run a saved victim as an HTTP service (KServe V1 and V2 / Triton); and
+`megex flags`: the keys its query monitors flagged, from its ledger.
 
-Once it listens it prints one line of JSON on stdout, e.g.
+Once it listens `serve` prints one line of JSON on stdout, e.g.
 ``{"event": "ready", "address": "http://127.0.0.1:8765", "model": "model", ...}``;
 everything else (its description, uvicorn's logs) goes to stderr.
 """
@@ -11,14 +12,24 @@ import argparse
 import copy
 import socket
 import sys
+import time
 from typing import Any
 
 from ..explain import METHODS
-from .common import add_explanation_options, load_victim, port, print_json
+from .common import add_explanation_options, add_json_option, load_victim, port, print_json
 from .defenses import DEFENSE_HELP
 from .errors import FAILURE, UsageError, user_input
 
-__all__ = ["DEFAULT_DB", "add_parser", "build_app", "ready_line", "run_serve"]
+__all__ = [
+    "DEFAULT_DB",
+    "add_flags_parser",
+    "add_parser",
+    "build_app",
+    "build_monitors",
+    "ready_line",
+    "run_flags",
+    "run_serve",
+]
 
 DEFAULT_DB = "megex-ledger.sqlite"
 
@@ -103,6 +114,19 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         metavar="SPEC",
         help=f"{DEFENSE_HELP} (repeatable: applied in order; `megex defenses` lists them)",
     )
+    watch = p.add_argument_group("watching for extraction traffic")
+    watch.add_argument(
+        "--monitor",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a query-stream monitor per key, fed every answered request, its flags kept in "
+        "the ledger (megex flags lists them): prada[:threshold=W,...] (Shapiro-Wilk W below "
+        "the threshold, default 0.9) or ood:threshold=T[,score=msp|entropy,window=N] (mean "
+        "out-of-distribution score of the last N queries above T); NAME:calibration=FILE "
+        "takes a threshold and settings from a file written by megex detection (repeatable, "
+        "one per kind)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad and defence noise")
     p.add_argument(
         "--log-level",
@@ -183,6 +207,32 @@ def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def build_monitors(specs: list[str], input_shape: tuple[int, ...]) -> list[Any]:
+    """The monitors of --monitor SPEC options, each with a threshold."""
+    from ..detection import build_monitor
+
+    monitors = []
+    for spec in specs:
+        with user_input(f"--monitor {spec}"):
+            monitor = build_monitor(spec)
+        if monitor.threshold is None:
+            raise UsageError(
+                f"--monitor {spec}: {monitor.name} has no default threshold; give "
+                "threshold=VALUE, or calibration=FILE (written by megex detection)"
+            )
+        shape = monitor.calibrated_on.get("input_shape")
+        if shape is not None and tuple(shape) != tuple(input_shape):
+            raise UsageError(
+                f"--monitor {spec}: calibrated on images of shape {tuple(shape)}; this victim "
+                f"takes {tuple(input_shape)}"
+            )
+        monitors.append(monitor)
+    kinds = [m.name for m in monitors]
+    if len(set(kinds)) != len(kinds):
+        raise UsageError(f"--monitor: each kind at most once, got {', '.join(kinds)}")
+    return monitors
+
+
 def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
     """The FastAPI app and its API keys, from parsed arguments."""
     try:
@@ -207,6 +257,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
                 target=args.explanation_target,
                 output=args.explanation_output,
             )
+    monitors = build_monitors(args.monitor, victim.input_shape)
     keys: dict[str, int | None] = {}
     if args.keys:
         with user_input("--keys"):
@@ -260,6 +311,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
                 stored_response_bytes=int(args.stored_responses_mb * 1024 * 1024),
                 openapi=args.openapi,
                 expose_architecture=args.expose_architecture,
+                monitors=monitors,
             )
     except LedgerInUse as err:
         raise LedgerInUse(f"--db: {err}") from None
@@ -318,6 +370,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"  auth: {len(keys)} API key(s); default budget per key: {budget}", file=err)
     else:
         print(f"  auth: NONE - open server, every caller shares one budget ({budget})", file=err)
+    for monitor in service.monitors.monitors if service.monitors is not None else ():
+        settings = ", ".join(f"{k}={v}" for k, v in monitor.params().items())
+        print(
+            f"  monitor: {monitor.name}, threshold {monitor.threshold:g} ({settings}); "
+            "state per key in memory (a restart starts it over)",
+            file=err,
+        )
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
@@ -339,3 +398,61 @@ def run_serve(args: argparse.Namespace) -> int:
     server = Server(config)
     server.run()
     return 0 if server.started else FAILURE
+
+
+# --- megex flags --------------------------------------------------------------------------
+
+
+def add_flags_parser(sub: Any, **kwargs: Any) -> None:
+    p = sub.add_parser(
+        "flags",
+        help="the keys that a service's query monitors flagged (from its ledger)",
+        description="List the keys that the query monitors of `megex serve --monitor ...` "
+        "flagged, with each key's first flag (when, which monitor, its statistic and "
+        "threshold, after how many of the key's queries) and its number of flags. Reads the "
+        "ledger without locking it, so it works while the server runs. Keys are shown by "
+        "their ledger label (key- and the start of the key's salted hash).",
+        **kwargs,
+    )
+    p.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help="the service's SQLite ledger")
+    add_json_option(p)
+    p.set_defaults(func=run_flags)
+
+
+def run_flags(args: argparse.Namespace) -> int:
+    """Handler of ``flags``: the flagged keys, as a table or one JSON document."""
+    from ..sqlite_ledger import flag_report
+
+    with user_input("--db"):
+        report = flag_report(args.db)
+    if args.json:
+        print_json(report)
+        return 0
+    flagged = report["flagged"]
+    print(f"ledger {report['ledger']}: {len(flagged)} of {report['accounts']} key(s) flagged")
+    if not flagged:
+        return 0
+    header = (
+        "key", "flags", "first flag (UTC)", "monitor", "statistic", "threshold",
+        "after queries", "queries used", "flags by monitor",
+    )  # fmt: skip
+    rows = [header]
+    for entry in flagged:
+        first = entry["first"]
+        rows.append(
+            (
+                entry["label"] + ("" if entry["active"] else " (inactive)"),
+                str(entry["flags"]),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(first["time"])),
+                first["monitor"],
+                f"{first['statistic']:.4f}",
+                f"{first['threshold']:.4f}",
+                str(first["queries_seen"]),
+                str(entry["queries_used"]),
+                ", ".join(f"{k} {v}" for k, v in sorted(entry["by_monitor"].items())),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0

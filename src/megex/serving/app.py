@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..defenses import Defense
+from ..detection import Monitor
 from ..explain import Explanation
 from ..oracle import DEFAULT_CHUNK_PASSES, LocalOracle, Responder
 from ..sqlite_ledger import SQLiteLedger
@@ -37,6 +38,7 @@ from .limits import (
     DEFAULT_MAX_PASSES_PER_REQUEST,
     Limits,
 )
+from .monitoring import MonitorHub, check_monitors
 from .service import DEFAULT_MODEL_NAME, Service
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "read_keys_file"]
@@ -77,6 +79,7 @@ def create_app(
     stored_response_bytes: int = DEFAULT_STORED_RESPONSE_BYTES,
     openapi: bool = False,
     expose_architecture: bool = False,
+    monitors: Sequence[Monitor] = (),
 ) -> FastAPI:
     """The ASGI app serving one model.
 
@@ -97,7 +100,10 @@ def create_app(
     stored_response_bytes_per_key, stored_response_bytes (:mod:`megex.stored_responses`).
     openapi: serve the OpenAPI document at /openapi.json (off: it describes the service to
     anyone). expose_architecture: name the victim's architecture and dataset in the V2
-    model metadata.
+    model metadata. monitors: query-stream monitors (:mod:`megex.detection`, each kind at
+    most once, each with a threshold) shown every answered request's images and the
+    victim's honest probabilities; their flags go to the ledger's ``flags`` table
+    (:mod:`.monitoring`).
     """
     responder = _responder(
         source,
@@ -124,8 +130,9 @@ def create_app(
         failed_key_rate=failed_key_rate,
         failed_key_burst=failed_key_burst,
     )
-    # Limits are checked (above) before the ledger is opened and locked: a refused setting
-    # leaves it untouched.
+    check_monitors(monitors)
+    # Limits and monitors are checked (above) before the ledger is opened and locked: a
+    # refused setting leaves it untouched.
     ledger = SQLiteLedger(
         db_path,
         keys=keys,
@@ -134,11 +141,16 @@ def create_app(
         stored_response_bytes_per_key=stored_response_bytes_per_key,
         stored_response_bytes=stored_response_bytes,
     )
-    service = Service(responder, name, ledger, limits, audit_images, expose_architecture)
+    hub = MonitorHub(monitors, ledger) if monitors else None
+    service = Service(
+        responder, name, ledger, limits, audit_images, expose_architecture, monitors=hub
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        if hub is not None:  # the requests answered so far are observed, their flags kept
+            hub.close()
         # Closing releases the ledger's lock, so that the next server can take it over.
         ledger.close()
 
@@ -152,6 +164,7 @@ def create_app(
     )
     app.state.service = service
     app.state.ledger = ledger
+    app.state.monitors = hub
     _install_error_handlers(app)
     v2.add_routes(app, service)
     v1.add_routes(app, service)

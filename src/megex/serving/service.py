@@ -9,12 +9,15 @@ as it knows their number (from a declared shape or the list of instances) and be
 decodes them. The request's compute is checked against the per-request and per-key limits;
 then it is charged to the key's account in the SQLite ledger, answered by the
 :class:`~megex.oracle.Responder` in chunks (keys take turns between chunks), rendered by the
-protocol's renderer, and refunded if any of that fails.
+protocol's renderer, and refunded if any of that fails. An answered request's images and the
+victim's honest probabilities then go to the query monitors, if any (:mod:`.monitoring`),
+which the client does not wait for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -37,9 +40,12 @@ from .body import drain, read_body
 from .codec import WireError
 from .errors import HTTPError, bad_request
 from .limits import PARSE_SLOTS, Limits
+from .monitoring import MonitorHub
 from .parsing import Afford, Parsed
 
 __all__ = ["DEFAULT_MODEL_NAME", "HTTPError", "Parser", "Renderer", "Service"]
+
+log = logging.getLogger("megex.server")
 
 # The name in URLs unless the operator gives one: it says nothing about the model.
 DEFAULT_MODEL_NAME = "model"
@@ -59,10 +65,12 @@ class Service:
         limits: Limits,
         audit_images: bool = False,
         expose_architecture: bool = False,
+        monitors: MonitorHub | None = None,
     ):
         self.responder, self.name, self.ledger, self.limits = responder, name, ledger, limits
         self.audit_images = audit_images
         self.expose_architecture = expose_architecture
+        self.monitors = monitors
         self.request_limiter = limits.request_limiter()
         self.compute_limiter = limits.compute_limiter()
         self.failed_keys = limits.failed_key_limiter()
@@ -216,7 +224,13 @@ class Service:
             self._give_back_passes(account, passes)
             return self._replay(account, charge)
         try:
-            answer = self.responder.answer(parsed.images, spec, party=account.id)
+            honest = None
+            if self.monitors is None:
+                answer = self.responder.answer(parsed.images, spec, party=account.id)
+            else:
+                answer, honest = self.responder.answer_with_probabilities(
+                    parsed.images, spec, party=account.id
+                )
             content, content_type, extra = render(answer, parsed)
             # Storing the response for replays is part of serving it: if that fails, the
             # client gets an error, so the charge is given back and a retry runs afresh
@@ -225,6 +239,11 @@ class Service:
         except BaseException:
             self.ledger.refund(charge)
             raise
+        if honest is not None:
+            try:
+                self.monitors.submit(account.id, parsed.images, honest)
+            except Exception:  # the answer stands whatever happens to the monitors
+                log.exception("queueing a request of account %s for the monitors", account.id)
         headers_out = {**extra, **charge.usage.headers(), "X-Model-Passes": str(passes)}
         return Response(content, 200, headers_out, content_type)
 
