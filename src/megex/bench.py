@@ -81,6 +81,20 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "dfme+prior": {"attack": "dfme", "query_gamma": PRIOR, "tuned_as": "dfme"},
 }
+# Attackers that try to stay under an out-of-distribution query monitor (megex.detection):
+# their generator also raises the victim's confidence, and they send the images their clone
+# is most confident on; otherwise the settings searched for the method they evade with.
+METHODS.update(
+    {
+        f"{method}+evasive": {
+            **METHODS[method],
+            "attack": f"{METHODS[method]['attack']}-evasive",
+            "victim_confidence": 1.0,
+            "tuned_as": method,
+        }
+        for method in ("megex-all", "megex-jacobian", "dfme")
+    }
+)
 ASSUMPTIONS = {
     "+prior": f"queries raised to a power in {PRIOR} (query_gamma): assumes the domain's "
     "images have dark or light backgrounds"

@@ -5,9 +5,16 @@ from .adaptive import AdaptiveMEGEX, AdaptiveMEGEXConfig, adapt_to
 from .base import Attack
 from .config import AttackConfig, SettingError, describe_settings, parse_setting
 from .dfme import DFME, DFMEConfig
+from .evasive import EvasiveDFME, EvasiveMEGEX
 from .megex import MEGEX, MEGEXConfig
 
-ATTACKS = {"megex": MEGEX, "dfme": DFME, "megex-adaptive": AdaptiveMEGEX}
+ATTACKS = {
+    "megex": MEGEX,
+    "dfme": DFME,
+    "megex-adaptive": AdaptiveMEGEX,
+    "megex-evasive": EvasiveMEGEX,
+    "dfme-evasive": EvasiveDFME,
+}
 
 __all__ = [
     "ATTACKS",
@@ -17,6 +24,8 @@ __all__ = [
     "AttackConfig",
     "DFME",
     "DFMEConfig",
+    "EvasiveDFME",
+    "EvasiveMEGEX",
     "MEGEX",
     "MEGEXConfig",
     "SettingError",
