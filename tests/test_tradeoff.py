@@ -75,6 +75,7 @@ def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys
         assert (row["defense"] in summary["effective"]) == expected
     table = (out / "tradeoff.md").read_text()
     assert "| sign |" in table and "Without a defence, megex-all" in table
+    assert "Attack settings: untuned" in table
     assert (out / "tradeoff.png").stat().st_size > 1000
     # Started again: every run is found finished.
     capsys.readouterr()

@@ -152,6 +152,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "'round:2+sign'); repeatable; replaces the config's rows (the undefended row is "
         "always kept)",
     )
+    parser.add_argument(
+        "--settings-file",
+        metavar="PATH",
+        help="tuned attack settings (megex tune's tuned.json; default: the config's "
+        "tuned_settings); 'none': the package defaults, untuned, said so in the report",
+    )
     parser.add_argument("--budgets", type=int, nargs="+", help="query budgets to report")
     parser.add_argument("--seeds", type=int, nargs="+", help="attack seeds")
     parser.add_argument("--victim-seeds", type=int, nargs="+", help="victims (recipe seeds)")
@@ -188,6 +194,9 @@ def _apply_arguments(config: dict[str, Any], args: argparse.Namespace) -> dict[s
             config[key] = sorted(set(getattr(args, key)))
     if args.device:
         config["device"] = args.device
+    if args.settings_file:
+        none = args.settings_file.strip().lower() == "none"
+        config["tuned_settings"] = None if none else args.settings_file
     return config
 
 
@@ -418,6 +427,7 @@ def summarise(
         "attackers": config["attackers"],
         "baseline": baseline,
         "utility_threshold": config["utility_threshold"],
+        "tuned_settings": config["tuned_settings"],
         "undefended_lead": undefended_lead,
         "rows": rows_out,
         "effective": effective,
@@ -450,6 +460,14 @@ def markdown(summary: dict[str, Any]) -> str:
         "kept).",
         "",
     ]
+    if summary.get("tuned_settings") is None:
+        lines[-1:-1] = [
+            "Attack settings: untuned (the package defaults and the benchmark's shared "
+            "settings), not the search's.",
+            "",
+        ]
+    else:
+        lines[-1:-1] = [f"Attack settings: the search's, from {summary['tuned_settings']}.", ""]
     attackers = summary["attackers"]
     labels = [m for a in attackers for m in (a, a + ADAPTIVE)]
     head = ["defence", "cosine", "spearman", "l1", "labels", *labels, summary["baseline"]]
