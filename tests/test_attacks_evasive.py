@@ -60,3 +60,58 @@ def test_selection_costs_no_queries(digits_victim, name):
     assert result.queries_used == oracle.queries_used
     assert oracle.queries_used <= 1200
     assert oracle.queries_used >= 1200 - attack.iteration_cost()
+
+
+def test_padding_interleaves_confident_images_and_returns_the_attack_rows(
+    digits_victim, monkeypatch
+):
+    from megex.attacks import evasive
+
+    oracle = LocalOracle(digits_victim, seed=0)
+    attack = _attack("megex-evasive", oracle, padding_per_query=3, latent_candidates=1)
+    x = torch.rand(8, 1, 8, 8)
+    sent = []
+    real_query = oracle.query
+
+    def spy(images, **kwargs):
+        sent.append(images.clone())
+        return real_query(images, **kwargs)
+
+    oracle.query = spy
+    answer = attack.ask(oracle, x, Explanation("gradient", target="all"))
+    assert oracle.queries_used == 8 * 4
+    (request,) = sent
+    # Every attack image first, then its three padding images.
+    assert torch.equal(request[0::4], x)
+    pads = torch.cat([request[i::4] for i in (1, 2, 3)])
+    assert pads.min() >= 0 and pads.max() <= 1
+    assert len({tuple(p.flatten().tolist()) for p in pads}) == len(pads)
+    honest = LocalOracle(digits_victim, seed=0).query(
+        x, explanation=Explanation("gradient", target="all")
+    )
+    torch.testing.assert_close(answer.probabilities, honest.probabilities)
+    torch.testing.assert_close(answer.explanation, honest.explanation)
+    # The pool learnt the grey images' confidence, and padding draws from its best entries.
+    assert not torch.isnan(attack.pool_confidence).any()
+    monkeypatch.setattr(evasive, "POOL_DRAW", 5)
+    attack.pool_confidence = torch.rand(len(attack.pool_confidence))
+    _, drawn = attack._padding(500)
+    cutoff = attack.pool_confidence.topk(evasive.POOL_DRAW).values.min()
+    assert (attack.pool_confidence[drawn] >= cutoff).all()
+
+
+def test_padding_makes_the_stream_look_confident_and_is_paid_for(digits_victim):
+    from megex.detection import RecordingOracle
+
+    windows = {}
+    for padding in (0, 3):
+        oracle = RecordingOracle(LocalOracle(digits_victim, seed=0))
+        attack = ATTACKS["megex-evasive"](
+            seed=0, batch_size=16, ngf=8, padding_per_query=padding, latent_candidates=1
+        )
+        result = run(attack, oracle, 3200, progress=False)
+        assert result.queries_used == oracle.queries_used
+        assert attack.iteration_cost() == 16 * 2 * (1 + padding)
+        probs = oracle.stream().probabilities
+        windows[padding] = (1 - probs.amax(dim=1)).mean().item()
+    assert windows[3] < 0.6 * windows[0]

@@ -42,7 +42,7 @@ class DFME(Attack):
         shifted = base.view(n, 1, dims) + c.epsilon * u
         points = torch.cat([base.view(n, 1, dims), shifted], dim=1).view(-1, *base.shape[1:])
         images = self.to_query(points, z)
-        answer = oracle.query(images.cpu())
+        answer = self.ask(oracle, images)
         with torch.no_grad():
             losses = disagreement(self.clone(images), answer.probabilities.to(base.device), c.loss)
             losses = self.disagreement_now() * losses
