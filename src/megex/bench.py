@@ -82,14 +82,16 @@ METHODS: dict[str, dict[str, Any]] = {
     "dfme+prior": {"attack": "dfme", "query_gamma": PRIOR, "tuned_as": "dfme"},
 }
 # Attackers that try to stay under an out-of-distribution query monitor (megex.detection):
-# their generator also raises the victim's confidence, and they send the images their clone
-# is most confident on; otherwise the settings searched for the method they evade with.
+# their generator also raises the victim's confidence, they send the images their clone is
+# most confident on, and 4 confident padding images after each (4/5 of the budget);
+# otherwise the settings searched for the method they evade with.
 METHODS.update(
     {
         f"{method}+evasive": {
             **METHODS[method],
             "attack": f"{METHODS[method]['attack']}-evasive",
             "victim_confidence": 1.0,
+            "padding_per_query": 4,
             "tuned_as": method,
         }
         for method in ("megex-all", "megex-jacobian", "dfme")
