@@ -53,19 +53,21 @@ _NOISE_HELP = "std of the Gaussian noise added to every padding image (in [0, 1]
 class EvasiveMEGEXConfig(MEGEXConfig):
     latent_candidates: int = setting(8, _CANDIDATES_HELP, COUNT, "evasion")
     padding_per_query: int = setting(0, _PADDING_HELP, COUNT_0, "evasion")
-    padding_noise: float = setting(0.02, _NOISE_HELP, AT_LEAST_0, "evasion")
+    padding_noise: float = setting(0.08, _NOISE_HELP, AT_LEAST_0, "evasion")
 
 
 @dataclass(frozen=True)
 class EvasiveDFMEConfig(DFMEConfig):
     latent_candidates: int = setting(8, _CANDIDATES_HELP, COUNT, "evasion")
     padding_per_query: int = setting(0, _PADDING_HELP, COUNT_0, "evasion")
-    padding_noise: float = setting(0.02, _NOISE_HELP, AT_LEAST_0, "evasion")
+    padding_noise: float = setting(0.08, _NOISE_HELP, AT_LEAST_0, "evasion")
 
 
-# Padding pool: how many images it keeps, and from how many of the most confident it draws.
+# Padding pool: how many images it keeps; padding is drawn from the entries within
+# POOL_MARGIN of the most confident one's confidence, at most POOL_DRAW of them.
 POOL_SIZE = 512
 POOL_DRAW = 64
+POOL_MARGIN = 0.02
 
 
 class _Evasion:
@@ -86,6 +88,16 @@ class _Evasion:
         r = self.config.padding_per_query
         if r == 0:
             return super().ask(oracle, x, explanation)
+        untried = torch.isnan(self.pool_confidence)
+        if untried.any():
+            # The grey images' confidence, once, before any attack image is sent: padding
+            # must look confident from the first window on.
+            probe = super().ask(oracle, self.pool_images[untried])
+            self.pool_confidence[untried] = probe.probabilities.float().amax(dim=1).cpu()
+            self.observe(
+                self.pool_images[untried].to(self.config.device),
+                probe.probabilities.to(self.config.device),
+            )
         n = x.shape[0]
         x = x.detach().cpu()
         pads, drawn = self._padding(n * r)
@@ -104,8 +116,9 @@ class _Evasion:
 
     def _padding(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`count` padding images and the pool entries they were drawn from."""
-        known = torch.nan_to_num(self.pool_confidence, nan=2.0)  # untried ones first
-        best = known.topk(min(POOL_DRAW, len(known))).indices
+        confidence = self.pool_confidence
+        top = confidence.topk(min(POOL_DRAW, len(confidence)))
+        best = top.indices[top.values >= top.values[0] - POOL_MARGIN]
         drawn = best[torch.randint(len(best), (count,), generator=self.rng)]
         noise = torch.randn(count, *self.pool_images.shape[1:], generator=self.rng)
         pads = (self.pool_images[drawn] + self.config.padding_noise * noise).clamp(0, 1)
