@@ -53,14 +53,14 @@ _NOISE_HELP = "std of the Gaussian noise added to every padding image (in [0, 1]
 class EvasiveMEGEXConfig(MEGEXConfig):
     latent_candidates: int = setting(8, _CANDIDATES_HELP, COUNT, "evasion")
     padding_per_query: int = setting(0, _PADDING_HELP, COUNT_0, "evasion")
-    padding_noise: float = setting(0.08, _NOISE_HELP, AT_LEAST_0, "evasion")
+    padding_noise: float = setting(0.03, _NOISE_HELP, AT_LEAST_0, "evasion")
 
 
 @dataclass(frozen=True)
 class EvasiveDFMEConfig(DFMEConfig):
     latent_candidates: int = setting(8, _CANDIDATES_HELP, COUNT, "evasion")
     padding_per_query: int = setting(0, _PADDING_HELP, COUNT_0, "evasion")
-    padding_noise: float = setting(0.08, _NOISE_HELP, AT_LEAST_0, "evasion")
+    padding_noise: float = setting(0.03, _NOISE_HELP, AT_LEAST_0, "evasion")
 
 
 # Padding pool: how many images it keeps; padding is drawn from the entries within
