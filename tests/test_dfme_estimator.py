@@ -101,3 +101,16 @@ def test_the_estimator_is_unbiased_for_a_linear_loss_and_aligns_as_sqrt_m_over_d
         assert error < 0.1, error
         cosine = torch.nn.functional.cosine_similarity(grad, slope.double().expand(n, -1))
         assert abs(float(cosine.mean()) - math.sqrt(m / dims)) < 0.05
+
+
+def test_probe_points_of_a_channels_last_colour_batch_follow_the_logical_order():
+    # On a CPU the generator runs channels-last, and a 3-channel batch is then not laid out
+    # in (C, H, W) order; its points must be the same as those of the contiguous batch.
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 3, 6, 6, generator=gen)
+    u = random_directions(4, 2, 3 * 6 * 6, gen)
+    strided = base.to(memory_format=torch.channels_last)
+    assert not strided.is_contiguous()
+    assert torch.equal(probe_points(strided, u, 0.1), probe_points(base, u, 0.1))
+    moved = probe_points(base, u, 0.1).view(4, 3, -1)[:, 1:] - base.view(4, 1, -1)
+    assert torch.allclose(moved, 0.1 * u, atol=1e-6)

@@ -45,8 +45,11 @@ def probe_points(base: torch.Tensor, u: torch.Tensor, epsilon: float) -> torch.T
     """The m + 1 points queried per point of `base` (n, ...): each point, then the point moved
     by `epsilon` along each of its directions `u` (n, m, dims); shape ((m + 1) n, ...)."""
     n, dims = base.shape[0], base[0].numel()
-    shifted = base.view(n, 1, dims) + epsilon * u
-    return torch.cat([base.view(n, 1, dims), shifted], dim=1).view(-1, *base.shape[1:])
+    # reshape, not view: a channels-last batch of colour images (the generator's layout on a
+    # CPU) is flattened in (C, H, W) order by a copy; a contiguous one is not copied.
+    flat = base.reshape(n, 1, dims)
+    shifted = flat + epsilon * u
+    return torch.cat([flat, shifted], dim=1).view(-1, *base.shape[1:])
 
 
 def forward_difference_gradient(
