@@ -202,9 +202,10 @@ RECIPES: dict[str, Recipe] = {
     "fashion-mnist": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.89),
     # Fashion-MNIST at other sizes and in colour (megex.variants): the same recipe, LeNet-5's
     # first fully connected layer as wide as the image makes its last feature map.
-    "fashion-mnist-14": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.0),
-    "fashion-mnist-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.0),
-    "fashion-mnist-colour-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.0),
+    # Seed 0 with 5,000 validation images held out, one thread: 85.7%, 92.2% and 95.9%.
+    "fashion-mnist-14": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.85),
+    "fashion-mnist-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.92),
+    "fashion-mnist-colour-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.95),
     "mnist": Recipe("lenet5", epochs=8, lr=0.05, expected_accuracy=0.98),
     "svhn": Recipe("resnet34_8x", epochs=30, lr=0.1, expected_accuracy=0.95),
     "cifar10": Recipe("resnet34_8x", epochs=200, lr=0.1, expected_accuracy=0.94),
