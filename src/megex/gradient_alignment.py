@@ -269,10 +269,13 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     phases = list(dict.fromkeys(p for r in summary["sizes"] for p in r["phases"]))
     fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4.2), squeeze=False)
     for ax, phase in zip(axes[0], phases):
+        title = "as set up"
         for i, row in enumerate(summary["sizes"]):
             found = row["phases"].get(phase)
             if found is None:
                 continue
+            if "queries" in found:
+                title = f"after {found['queries']:,} queries of DFME"
             colour = f"C{i}"
             ms = [int(m) for m in found["m"]]
             values = list(found["m"].values())
@@ -290,7 +293,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("directions m")
         ax.set_ylabel("mean cosine with the exact gradient")
-        ax.set_title(f"DFME's estimate, {phase} (dashed: sqrt(m/d))", fontsize=10)
+        ax.set_title(f"DFME's estimate, {title} (dashed: sqrt(m/d))", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
