@@ -139,3 +139,20 @@ def test_colour_carries_class_information_that_grey_versions_lack(fashion_mnist)
     with_colour = probe(c_train, c_test)
     without = probe(c_train.mean(1, keepdim=True), c_test.mean(1, keepdim=True))
     assert with_colour > without + 0.03, (with_colour, without)
+
+
+def test_a_victim_trains_on_uint8_colour_images_with_per_channel_normalisation():
+    from megex.victim import train_victim
+
+    rng = np.random.RandomState(2)
+    scale = np.array([40, 120, 250]).reshape(1, 3, 1, 1)
+    images = (rng.rand(96, 3, 12, 12) * scale).astype(np.uint8)
+    labels = rng.randint(0, 10, 96).astype(np.int64)
+    ds = data.Dataset("tiny-colour", images[:64], labels[:64], images[64:], labels[64:], 10)
+    victim = train_victim(ds, "lenet5", epochs=1, progress=False)
+    expected = images[:64].astype(np.float64).mean(axis=(0, 2, 3)) / 255
+    assert victim.input_shape == (3, 12, 12)
+    assert np.allclose(victim.mean.flatten().numpy(), expected, atol=1e-5)
+    spread = (images[:64].astype(np.float64) / 255).std(axis=(0, 2, 3), ddof=1)
+    assert np.allclose(victim.std.flatten().numpy(), spread, atol=1e-5)
+    assert 0.0 <= victim.accuracy <= 1.0

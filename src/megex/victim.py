@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -300,11 +301,12 @@ def train_victim(
     return victim.cpu()
 
 
-def _channel_statistics(images) -> tuple[list[float], list[float]]:
+def _channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation (floored at 1e-3) of uint8 images in [0, 1].
 
-    One channel at a time, so that the float copy is a third of a colour split's; for one
-    channel this is the very computation on the very tensor of converting the whole split.
+    One channel at a time, so that the float copy is a third of a colour split's. For one
+    channel this is the very computation on the very tensor of converting the whole split;
+    for three, a mean may differ from the all-channel reduction's in its last float32 digit.
     """
     means, stds = [], []
     for c in range(images.shape[1]):
