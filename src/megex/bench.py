@@ -46,6 +46,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "megex-predicted": {"attack": "megex", "explanation": "gradient-predicted"},
     "megex-smoothgrad": {"attack": "megex", "explanation": "smoothgrad-predicted"},
     "dfme": {"attack": "dfme"},
+    # DFME with 10 directions per image (11 queries per generator image), as MAZE uses.
+    "dfme-m10": {"attack": "dfme", "directions": 10, "tuned_as": "dfme"},
     # The strongest use of the maps: every answered map, fresh or replayed, also trains the
     # clone's input gradients (Jacobian matching); clone queries ask for maps too.
     "megex-jacobian": {

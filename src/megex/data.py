@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .variants import VARIANTS
+
 __all__ = [
     "Dataset",
     "DatasetNotFound",
@@ -28,7 +30,8 @@ __all__ = [
     "read_svhn_mat",
 ]
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "svhn")
+# The variants (other sizes, colour) are computed from another dataset's files when loaded.
+DATASETS = ("digits", "fashion-mnist", *VARIANTS, "mnist", "cifar10", "svhn")
 
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -121,8 +124,11 @@ def default_root(name: str) -> Path:
     """Where `load(name)` looks when no root is given.
 
     Fashion-MNIST: the Debian package's folder. Others: $MEGEX_DATA/<name>, else
-    ~/.cache/megex/data/<name>.
+    ~/.cache/megex/data/<name>. A dataset computed from another (e.g. fashion-mnist-56) reads
+    its source's files, so its folder is its source's.
     """
+    if name in VARIANTS:
+        name = VARIANTS[name].source
     if name == "fashion-mnist" and "MEGEX_DATA" not in os.environ:
         return Path(FASHION_MNIST_DEBIAN_ROOT)
     base = os.environ.get("MEGEX_DATA") or os.path.join(Path.home(), ".cache", "megex", "data")
@@ -130,9 +136,16 @@ def default_root(name: str) -> Path:
 
 
 def load(name: str, root: str | os.PathLike | None = None) -> Dataset:
-    """Load a named dataset ('digits', 'fashion-mnist', 'mnist', 'cifar10', 'svhn')."""
+    """Load a named dataset: 'digits', 'fashion-mnist', 'mnist', 'cifar10', 'svhn', or
+    Fashion-MNIST at another size or in colour ('fashion-mnist-14', 'fashion-mnist-56',
+    'fashion-mnist-colour-56': computed from the Fashion-MNIST files in `root`, see
+    :mod:`megex.variants`)."""
     if name not in DATASETS:
         raise ValueError(f"dataset: unknown name {name!r}; expected one of {', '.join(DATASETS)}")
+    if name in VARIANTS:
+        from .variants import load_variant
+
+        return load_variant(name, root)
     if name == "digits":
         return _load_digits()
     folder = Path(root) if root is not None else default_root(name)

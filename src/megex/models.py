@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -186,18 +187,24 @@ def build_classifier(
 
 
 class GeneratorA(nn.Module):
-    """DFME's generator: latent -> image; sizes 8x8, 28x28, 32x32 (any multiple of 4).
+    """DFME's generator: latent -> image of any size >= 4 (8x8, 14x14, 28x28, 32x32, 56x56).
 
+    Two nearest-neighbour upsamplings take the first feature map (a quarter of the size,
+    rounded up) to the image size. For a multiple of 4 both double, as in DFME; otherwise
+    the first goes to half the size rounded up and the second to the size (14: 4, 7, 14).
     `forward` returns images in [0, 1]; `pre_activation` returns the values before tanh,
     where DFME takes its finite differences.
     """
 
     def __init__(self, image_size: int = 32, channels: int = 3, nz: int = 256, ngf: int = 64):
         super().__init__()
-        if image_size % 4 != 0:
-            raise ValueError(f"generator: image_size must be a multiple of 4, got {image_size}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
+            raise ValueError(
+                f"generator: image_size must be a whole number >= 4, got {image_size!r}"
+            )
         self.nz, self.image_size, self.channels = nz, image_size, channels
-        self.init_size = image_size // 4
+        self.mid_size = math.ceil(image_size / 2)
+        self.init_size = math.ceil(self.mid_size / 2)
         self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
         self.ngf = ngf
         self.bn0 = nn.BatchNorm2d(2 * ngf)
@@ -211,9 +218,9 @@ class GeneratorA(nn.Module):
     def pre_activation(self, z: torch.Tensor) -> torch.Tensor:
         out = self.l1(z).view(z.shape[0], 2 * self.ngf, self.init_size, self.init_size)
         out = self.bn0(out)
-        out = F.interpolate(out, scale_factor=2)
+        out = _upsample(out, self.mid_size)
         out = F.leaky_relu(self.bn1(self.conv1(out)), 0.2)
-        out = F.interpolate(out, scale_factor=2)
+        out = _upsample(out, self.image_size)
         out = F.leaky_relu(self.bn2(self.conv2(out)), 0.2)
         return self.bn3(self.conv3(out))
 
@@ -224,6 +231,14 @@ class GeneratorA(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.to_image(self.pre_activation(z))
+
+
+def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-neighbour upsampling of square maps to `size`; an exact doubling is DFME's
+    `scale_factor=2` call, so that sizes that are multiples of 4 are made as before."""
+    if 2 * x.shape[-1] == size:
+        return F.interpolate(x, scale_factor=2)
+    return F.interpolate(x, size=(size, size))
 
 
 GENERATORS: dict[str, Callable[..., nn.Module]] = {"generator_a": GeneratorA}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -200,6 +201,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "digits": Recipe("small_cnn", epochs=40, lr=0.05, batch_size=64, expected_accuracy=0.97),
     "fashion-mnist": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.89),
+    # Fashion-MNIST at other sizes and in colour (megex.variants): the same recipe, LeNet-5's
+    # first fully connected layer as wide as the image makes its last feature map.
+    # Seed 0 with 5,000 validation images held out, one thread: 85.7%, 92.2% and 95.9%.
+    "fashion-mnist-14": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.85),
+    "fashion-mnist-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.92),
+    "fashion-mnist-colour-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.95),
     "mnist": Recipe("lenet5", epochs=8, lr=0.05, expected_accuracy=0.98),
     "svhn": Recipe("resnet34_8x", epochs=30, lr=0.1, expected_accuracy=0.95),
     "cifar10": Recipe("resnet34_8x", epochs=200, lr=0.1, expected_accuracy=0.94),
@@ -241,10 +248,12 @@ def train_victim(
         raise ValueError(f"lr: expected > 0, got {lr}")
 
     torch.manual_seed(seed)
-    x_train, y_train = ds.train_tensors()
+    # The training images stay uint8 and each batch is converted on its own (the same values
+    # as converting them all first): 3x56x56 images would take 2 GB as float32.
+    x_train = torch.from_numpy(ds.x_train)
+    y_train = torch.from_numpy(ds.y_train).long()
     x_test, y_test = ds.test_tensors()
-    mean = x_train.mean(dim=(0, 2, 3)).tolist()
-    std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    mean, std = _channel_statistics(ds.x_train)
     c, h, _ = ds.input_shape
     model = build_classifier(arch, ds.num_classes, c, h)
     victim = Victim(model, ds.input_shape, ds.num_classes, mean, std, arch=arch, dataset=ds.name)
@@ -265,7 +274,7 @@ def train_victim(
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            xb, yb = x_train[idx], y_train[idx]
+            xb, yb = x_train[idx].float().div_(255.0), y_train[idx]
             if shift:
                 xb = _random_shift(xb, gen)
             loss = nn.functional.cross_entropy(victim(xb.to(device)), yb.to(device))
@@ -290,6 +299,21 @@ def train_victim(
         }
     )
     return victim.cpu()
+
+
+def _channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (floored at 1e-3) of uint8 images in [0, 1].
+
+    One channel at a time, so that the float copy is a third of a colour split's. For one
+    channel this is the very computation on the very tensor of converting the whole split;
+    for three, a mean may differ from the all-channel reduction's in its last float32 digit.
+    """
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        channel = torch.from_numpy(images[:, c : c + 1]).float().div_(255.0)
+        means.append(float(channel.mean(dim=(0, 2, 3))[0]))
+        stds.append(float(channel.std(dim=(0, 2, 3)).clamp_min(1e-3)[0]))
+    return means, stds
 
 
 def cached_victim(

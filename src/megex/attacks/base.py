@@ -119,10 +119,8 @@ class Attack:
         self.clone = fast_layout(
             build_classifier(self.clone_arch, oracle.num_classes, channels, size), c.device
         )
-        gen_size = size if size % 4 == 0 else 4 * math.ceil(size / 4)
-        self.generator_shape = (gen_size, channels)
+        self.generator_shape = (size, channels)
         self.generator = fast_layout(self.new_generator(), c.device)
-        self.crop = size
         self.clone_opt = torch.optim.SGD(
             self.clone.parameters(),
             lr=c.clone_lr,
@@ -265,8 +263,8 @@ class Attack:
         return torch.randn(n, self.config.nz, generator=self.rng).to(self.config.device)
 
     def generate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pre-activation, query image in [0, 1]) cropped to the victim's size."""
-        pre = self.generator.pre_activation(z)[..., : self.crop, : self.crop]
+        """(pre-activation, query image in [0, 1]) at the victim's size."""
+        pre = self.generator.pre_activation(z)
         return pre, self.to_query(pre, z)
 
     def to_query(self, pre: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 Forward differences in the generator's pre-tanh space along m random unit directions:
 grad ~ (d / (m eps)) sum_j [L(x + eps u_j) - L(x)] u_j, costing m + 1 queries per image.
+The estimator is three functions that the attack and measurements of it share
+(:mod:`megex.gradient_alignment`): `random_directions`, `probe_points` and
+`forward_difference_gradient`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,49 @@ from ..oracle import Oracle
 from .base import LOG_EPS, Attack, disagreement
 from .config import COUNT, POSITIVE, AttackConfig, setting
 
-__all__ = ["DFME", "DFMEConfig"]
+__all__ = [
+    "DFME",
+    "DFMEConfig",
+    "forward_difference_gradient",
+    "probe_points",
+    "random_directions",
+]
 
 
 @dataclass(frozen=True)
 class DFMEConfig(AttackConfig):
     directions: int = setting(1, "random directions m per image (m + 1 queries)", COUNT, "dfme")
     epsilon: float = setting(1e-3, "forward-difference step in pre-tanh space", POSITIVE, "dfme")
+
+
+def random_directions(
+    n: int, m: int, dims: int, rng: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(n, m, dims) directions uniform on the unit sphere, drawn on the CPU from `rng`."""
+    u = torch.randn(n, m, dims, generator=rng).to(device)
+    return u / u.norm(dim=2, keepdim=True)
+
+
+def probe_points(base: torch.Tensor, u: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The m + 1 points queried per point of `base` (n, ...): each point, then the point moved
+    by `epsilon` along each of its directions `u` (n, m, dims); shape ((m + 1) n, ...)."""
+    n, dims = base.shape[0], base[0].numel()
+    # reshape, not view: a channels-last batch of colour images (the generator's layout on a
+    # CPU) is flattened in (C, H, W) order by a copy; a contiguous one is not copied.
+    flat = base.reshape(n, 1, dims)
+    shifted = flat + epsilon * u
+    return torch.cat([flat, shifted], dim=1).view(-1, *base.shape[1:])
+
+
+def forward_difference_gradient(
+    losses: torch.Tensor, u: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    """(n, dims) estimated gradients from the losses at the probe points ((m + 1) n values in
+    `probe_points` order) and the directions `u` (n, m, dims)."""
+    n, m, dims = u.shape
+    losses = losses.view(n, m + 1)
+    diffs = (losses[:, 1:] - losses[:, :1]).unsqueeze(2)  # (n, m, 1)
+    return (dims / (m * epsilon)) * (diffs * u).sum(dim=1)
 
 
 class DFME(Attack):
@@ -37,11 +76,8 @@ class DFME(Attack):
         pre, _ = self.generate(z)
         base = pre.detach()
         n, dims = base.shape[0], base[0].numel()
-        u = torch.randn(n, c.directions, dims, generator=self.rng).to(base.device)
-        u = u / u.norm(dim=2, keepdim=True)
-        shifted = base.view(n, 1, dims) + c.epsilon * u
-        points = torch.cat([base.view(n, 1, dims), shifted], dim=1).view(-1, *base.shape[1:])
-        images = self.to_query(points, z)
+        u = random_directions(n, c.directions, dims, self.rng, base.device)
+        images = self.to_query(probe_points(base, u, c.epsilon), z)
         answer = self.ask(oracle, images)
         with torch.no_grad():
             losses = disagreement(self.clone(images), answer.probabilities.to(base.device), c.loss)
@@ -55,8 +91,7 @@ class DFME(Attack):
                 conf = logp[torch.arange(len(targets)), targets].to(base.device)
                 losses = losses + c.victim_confidence * conf
         losses = losses.view(n, c.directions + 1)
-        diffs = (losses[:, 1:] - losses[:, :1]).unsqueeze(2)  # (n, m, 1)
-        grad = (dims / (c.directions * c.epsilon)) * (diffs * u).sum(dim=1)
+        grad = forward_difference_gradient(losses, u, c.epsilon)
         # Maximise the disagreement: descend on -L, entering through the pre-activation.
         objective = -(pre * grad.view_as(pre)).sum() / n
         if (c.class_balance or 0) > 0:

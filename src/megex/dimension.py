@@ -1,0 +1,255 @@
+"""The input-size sweep: the query-efficiency benchmark at several input dimensions.
+
+DFME must estimate the generator's gradient from m random directions, and such an estimate
+aligns with the true gradient as roughly sqrt(m / d) (:mod:`megex.gradient_alignment`
+measures it), so explanations, which give the gradient for one query, should pay more as
+the input dimension d grows. The sweep runs the benchmark (`megex bench`) with
+``<configs>/dim-<size>.json`` for each size in turn, into ``<out>/<size>/`` (each resumes
+where it stopped), then writes one table across sizes: clone accuracy at the largest
+budget, and the queries each method needs to reach each fraction of the victim, with how
+many times more DFME (m = 1) needs. Every size uses the tuning search's settings, found at
+28x28: an assumption that the configs state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SIZES", "combine", "main", "markdown"]
+
+# size name -> (dataset, input dimension d = C * H * W)
+SIZES: dict[str, tuple[str, int]] = {
+    "14": ("fashion-mnist-14", 14 * 14),
+    "28": ("fashion-mnist", 28 * 28),
+    "56": ("fashion-mnist-56", 56 * 56),
+    "colour-56": ("fashion-mnist-colour-56", 3 * 56 * 56),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/dimension.py",
+        description="The query-efficiency benchmark at every input size, then one table "
+        "across sizes. Options not listed here (--jobs, --threads, --budgets, --seeds, "
+        "--victim-seeds, --methods, --no-plot, --no-progress, --fresh, --ray ...) are passed "
+        "to megex bench for every size.",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=list(SIZES),
+        default=list(SIZES),
+        help="sizes to run, in this order (default: all)",
+    )
+    parser.add_argument(
+        "--configs",
+        default="benchmarks/configs",
+        help="folder holding dim-<size>.json (default: benchmarks/configs)",
+    )
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/dims",
+        help="output folder; size s goes to OUT/s (default: benchmarks/results/dims)",
+    )
+    parser.add_argument("--quick", action="store_true", help="megex bench --quick at every size")
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing; write the table across sizes from the finished benchmarks",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; the exit status of the first size that fails, else 0."""
+    from .cli import build_parser as megex_parser
+    from .cli import main as megex_main
+
+    args, forwarded = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    commands = []
+    for size in args.sizes:
+        config = Path(args.configs) / f"dim-{size}.json"
+        if not config.is_file():
+            print(f"dimension: --configs: no {config.name} in {args.configs}", file=sys.stderr)
+            return 2
+        command = ["bench", "--config", str(config), "--out", str(out / size), *forwarded]
+        commands.append([*command, "--quick"] if args.quick else command)
+    # Every size's options are checked before the first benchmark starts (hours later, a
+    # typo would stop the sweep half way).
+    for command in commands:
+        megex_parser().parse_args(command)
+    if not args.summary_only:
+        for size, command in zip(args.sizes, commands):
+            print(f"dimension: size {size}: megex {' '.join(command)}", file=sys.stderr)
+            status = megex_main(command)
+            if status:
+                return status
+    stem = "query_efficiency_quick" if args.quick else "query_efficiency"
+    summary = combine(out, args.sizes, stem)
+    if not summary["sizes"]:
+        print(f"dimension: no finished benchmark under {out}", file=sys.stderr)
+        return 1
+    paths = write_outputs(summary, out, "dimension_quick" if args.quick else "dimension")
+    print(f"dimension: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def combine(out: Path, sizes: list[str], stem: str = "query_efficiency") -> dict[str, Any]:
+    """The figures across sizes, from each size's benchmark summary (sizes not yet run are
+    left out)."""
+    rows = []
+    for size in sizes:
+        path = Path(out) / size / f"{stem}.json"
+        if not path.is_file():
+            continue
+        bench = json.loads(path.read_text())
+        largest = max(bench["budgets"])
+        methods = {}
+        for method, by_budget in bench["stats"].items():
+            cell = by_budget.get(str(largest)) or by_budget.get(largest)
+            methods[method] = {
+                "accuracy": cell["interval"] if cell else None,
+                "ratio": cell["ratio"] if cell else None,
+                "reach": {
+                    target: {
+                        key: by_method[method][key]
+                        for key in ("median", "saved_x", "reached", "runs")
+                        if key in by_method[method]
+                    }
+                    for target, by_method in bench["queries_to_reach"].items()
+                    if method in by_method
+                },
+            }
+        dataset, d = SIZES[size]
+        rows.append(
+            {
+                "size": size,
+                "dataset": dataset,
+                "d": d,
+                "victim_accuracy": bench["victim_accuracy"],
+                "budget": largest,
+                "baseline": bench["baseline"],
+                "methods": methods,
+                "source": str(path),
+            }
+        )
+    return {"stem": stem, "sizes": rows}
+
+
+def _interval(i: dict[str, float], scale: float, digits: int) -> str:
+    if i is None:
+        return "-"
+    if math.isnan(i["low"]):
+        return f"{scale * i['estimate']:.{digits}f}"
+    return (
+        f"{scale * i['estimate']:.{digits}f} [{scale * i['low']:.{digits}f}, "
+        f"{scale * i['high']:.{digits}f}]"
+    )
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """One row per size and method: accuracy at the largest budget, queries to each target."""
+    rows = summary["sizes"]
+    targets = sorted({t for r in rows for m in r["methods"].values() for t in m["reach"]})
+    lines = [
+        "Clone test accuracy % at the largest budget (mean [95% interval], x the victim), and "
+        "queries to reach each fraction of the victim's accuracy (median [95% interval]; "
+        "baseline needs k x: the geometric mean over paired runs of the baseline's queries "
+        "over the method's).",
+        "",
+        "| size | d | victim | method | accuracy at budget | "
+        + " | ".join(f"queries to {t}x" for t in targets)
+        + " |",
+        "|" + " --- |" * (5 + len(targets)),
+    ]
+    for r in rows:
+        for method, m in r["methods"].items():
+            acc = _interval(m["accuracy"], 100, 1)
+            if m["ratio"] is not None:
+                acc += f" ({m['ratio']:.2f}x) at {r['budget']:,}"
+            cells = []
+            for t in targets:
+                reach = m["reach"].get(t, {})
+                if "median" in reach:
+                    cell = _interval(reach["median"], 1, 0)
+                    if "saved_x" in reach:
+                        cell += f"; {r['baseline']} needs {_interval(reach['saved_x'], 1, 2)}x"
+                elif "runs" in reach:
+                    cell = f"reached in {reach['reached']}/{reach['runs']} runs"
+                else:
+                    cell = "-"
+                cells.append(cell)
+            lines.append(
+                f"| {r['size']} | {r['d']} | {100 * r['victim_accuracy']:.1f}% | {method} | "
+                f"{acc} | " + " | ".join(cells) + " |"
+            )
+    sources = ", ".join(r["source"] for r in rows)
+    lines += ["", f"From {sources}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    from .runs import write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    write_json_atomic(paths[0], summary)
+    tmp = paths[1].with_name(paths[1].name + ".tmp")
+    tmp.write_text(markdown(summary))
+    tmp.replace(paths[1])
+    try:
+        paths.append(plot(summary, out / f"{stem}.png"))
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
+    return paths
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Queries to reach the first target against d, one line per method (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["sizes"]
+    targets = sorted({t for r in rows for m in r["methods"].values() for t in m["reach"]})
+    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(5 * max(1, len(targets)), 4))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    for ax, target in zip(axes, targets):
+        methods = sorted({m for r in rows for m in r["methods"]})
+        for method in methods:
+            points = [
+                (r["d"], r["methods"][method]["reach"][target]["median"])
+                for r in rows
+                if "median" in r["methods"].get(method, {}).get("reach", {}).get(target, {})
+            ]
+            if not points:
+                continue
+            ds, medians = zip(*points)
+            est = [m["estimate"] for m in medians]
+            low = [e - (m["low"] if not math.isnan(m["low"]) else e) for e, m in zip(est, medians)]
+            high = [
+                (m["high"] if not math.isnan(m["high"]) else e) - e for e, m in zip(est, medians)
+            ]
+            ax.errorbar(ds, est, yerr=[low, high], marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("input dimension d = C x H x W")
+        ax.set_ylabel(f"queries to reach {target}x the victim (median)")
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,403 @@
+"""How well DFME's zeroth-order gradient points along the true one, at each input size.
+
+DFME trains its generator with an estimate of the gradient of its loss L (the per-image
+disagreement between the clone and the victim, which the generator maximises) with respect
+to the generator's output before tanh, where it takes its forward differences. With m
+random unit directions in d = C x H x W dimensions the estimate aligns with the true
+gradient only as roughly sqrt(m / d): the hypothesis that explanations, which give the
+gradient for one query, pay more as d grows. This module measures the alignment, in
+process, for a victim, DFME's clone and DFME's generator:
+
+- the exact gradient, by autograd through the victim and the clone (L with the victim's
+  probabilities as a function of the image, which is what the differences estimate);
+- DFME's estimate with m directions, made by the estimator the attack uses
+  (:func:`megex.attacks.dfme.random_directions`, `probe_points`,
+  `forward_difference_gradient`) from the losses at the probe points;
+- the same estimator fed exact directional derivatives along the same directions ("ideal":
+  what the directions alone allow, without finite-difference or rounding error).
+
+Per image the cosine between estimate and exact gradient; per batch their mean; reported as
+the mean over batches with a 95% bootstrap interval, beside sqrt(m / d). For m = 1 the ideal
+expected cosine is E|cos(u, g)| = sqrt(2 / (pi d)), about 0.8 sqrt(1 / d); it approaches
+sqrt(m / d) as m grows (while m << d). Two phases: DFME's generator and clone as the attack
+sets them up (random weights), and after DFME has trained them for some queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .attacks.base import disagreement
+from .attacks.dfme import forward_difference_gradient, probe_points, random_directions
+
+__all__ = ["DIRECTIONS", "main", "measure_alignment", "markdown", "run_sizes"]
+
+DIRECTIONS = (1, 2, 5, 10, 20)
+
+
+def _loss(attack: Any, victim: torch.nn.Module, pre: torch.Tensor) -> torch.Tensor:
+    """DFME's per-image generator loss at pre-activations `pre` (the victim answering
+    probabilities, as the oracle does)."""
+    images = attack.generator.to_image(pre)
+    probs = torch.softmax(victim(images), dim=1)
+    return disagreement(attack.clone(images), probs, attack.config.loss)
+
+
+def measure_alignment(
+    attack: Any,
+    victim: torch.nn.Module,
+    *,
+    directions: tuple[int, ...] = DIRECTIONS,
+    batches: int = 20,
+    batch_size: int = 64,
+    epsilon: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Cosines between DFME's estimate and the exact gradient for each m in `directions`.
+
+    `attack`: a DFME attack after `setup` (its generator, clone and loss are used). Returns
+    {"d", "m": {m: {"mean", "low", "high", "ideal", "sqrt_m_over_d", "batches"}}}.
+    """
+    for name, value in (("batches", batches), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a whole number >= 1, got {value!r}")
+    if not directions or any(int(m) != m or m < 1 for m in directions):
+        raise ValueError(f"directions: expected whole numbers >= 1, got {list(directions)}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon: expected > 0, got {epsilon!r}")
+    from .stats import bootstrap_interval
+
+    rng = torch.Generator().manual_seed(seed)
+    victim.eval()
+    measured: dict[int, list[float]] = {m: [] for m in directions}
+    ideal: dict[int, list[float]] = {m: [] for m in directions}
+    dims = 0
+    for _ in range(batches):
+        z = torch.randn(batch_size, attack.config.nz, generator=rng)
+        with torch.no_grad():
+            base = attack.generator.pre_activation(z)
+        base = base.contiguous()
+        n, dims = base.shape[0], base[0].numel()
+        point = base.clone().requires_grad_(True)
+        (exact,) = torch.autograd.grad(_loss(attack, victim, point).sum(), point)
+        exact = exact.reshape(n, dims)
+        for m in directions:
+            u = random_directions(n, m, dims, rng)
+            with torch.no_grad():
+                losses = _loss(attack, victim, probe_points(base, u, epsilon))
+            estimate = forward_difference_gradient(losses, u, epsilon)
+            measured[m].append(float(F.cosine_similarity(estimate, exact, dim=1).mean()))
+            # Exact directional derivatives along the same directions, as probe-point losses.
+            slopes = torch.einsum("nmd,nd->nm", u, exact) * epsilon
+            linear = torch.cat([torch.zeros(n, 1), slopes], dim=1)
+            best = forward_difference_gradient(linear, u, epsilon)
+            ideal[m].append(float(F.cosine_similarity(best, exact, dim=1).mean()))
+    out: dict[str, Any] = {"d": dims, "m": {}}
+    for m in directions:
+        mean, low, high = bootstrap_interval({0: dict(enumerate(measured[m]))})
+        out["m"][m] = {
+            "mean": mean,
+            "low": low,
+            "high": high,
+            "ideal": statistics.fmean(ideal[m]),
+            "sqrt_m_over_d": math.sqrt(m / dims),
+            "batches": measured[m],
+        }
+    return out
+
+
+def run_sizes(
+    sizes: list[str],
+    *,
+    victims_root: str | Path,
+    train_queries: int,
+    directions: tuple[int, ...] = DIRECTIONS,
+    batches: int = 20,
+    batch_size: int = 64,
+    epsilon: float = 1e-3,
+    seed: int = 0,
+    data_root: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Measure every size: its recipe's victim (seed 0, 5,000 validation images held out,
+    from `victims_root`/<size>/victims, trained there if absent), DFME's models as set up,
+    and after `train_queries` queries of DFME (0: that phase is skipped)."""
+    from .attacks import DFME
+    from .bench import DEFAULTS
+    from .data import load
+    from .dimension import SIZES
+    from .engine import run
+    from .evaluate import Evaluator
+    from .oracle import LocalOracle
+    from .victim import cached_victim
+
+    # The benchmark's shared settings (small generator, constant schedule, weight average,
+    # compute per query) with the sweep's LeNet-5 clone; DFME's own settings at defaults.
+    settings = {**DEFAULTS["settings"], "clone": "lenet5"}
+    results = []
+    for size in sizes:
+        dataset, d = SIZES[size]
+        victim, path = cached_victim(
+            Path(victims_root) / size / "victims",
+            dataset,
+            "lenet5",
+            seed=0,
+            validation_images=5000,
+            data_root=data_root,
+            log=log,
+        )
+        phases = {}
+        oracle = LocalOracle(victim, budget=max(train_queries, 1), seed=seed)
+        attack = DFME(seed=seed, **settings)
+        attack.setup(oracle, iterations=1)
+        attack.generator.train()
+        t0 = time.time()
+        phases["initial"] = measure_alignment(
+            attack,
+            victim,
+            directions=directions,
+            batches=batches,
+            batch_size=batch_size,
+            epsilon=epsilon,
+            seed=seed,
+        )
+        phases["initial"]["seconds"] = round(time.time() - t0, 1)
+        if train_queries > 0:
+            x_test, y_test = load(dataset, data_root).test_tensors()
+            attack = DFME(seed=seed, **settings)
+            t0 = time.time()
+            result = run(
+                attack,
+                oracle,
+                train_queries,
+                evaluator=Evaluator.from_victim(victim, x_test, y_test),
+                eval_every=train_queries,
+                progress=False,
+            )
+            del x_test, y_test
+            attack.generator.train()
+            phases["trained"] = measure_alignment(
+                attack,
+                victim,
+                directions=directions,
+                batches=batches,
+                batch_size=batch_size,
+                epsilon=epsilon,
+                seed=seed,
+            )
+            phases["trained"].update(
+                {
+                    "queries": result.queries_used,
+                    "clone_accuracy": result.clone_accuracy,
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
+        for phase, found in phases.items():
+            log(
+                f"alignment: {size} (d = {d}) {phase}: "
+                + ", ".join(f"m={m} {v['mean']:.4f}" for m, v in found["m"].items())
+            )
+        results.append(
+            {
+                "size": size,
+                "dataset": dataset,
+                "d": d,
+                "victim": str(path),
+                "victim_accuracy": victim.accuracy,
+                "phases": phases,
+            }
+        )
+    return {
+        "directions": list(directions),
+        "batches": batches,
+        "batch_size": batch_size,
+        "epsilon": epsilon,
+        "seed": seed,
+        "train_queries": train_queries,
+        "attack_settings": settings,
+        "sizes": results,
+    }
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """One row per size, phase and m: measured cosine [interval], ideal, sqrt(m/d), ratio."""
+    lines = [
+        f"Mean cosine between DFME's estimate (m directions, epsilon {summary['epsilon']:g}) "
+        "and the exact gradient of its generator loss (pre-tanh), over "
+        f"{summary['batches']} batches of {summary['batch_size']} images [95% bootstrap "
+        "interval over batches]; ideal: the same directions with exact directional "
+        "derivatives.",
+        "",
+        "| size | d | phase | m | cosine | ideal | sqrt(m/d) | cosine / sqrt(m/d) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summary["sizes"]:
+        for phase, found in row["phases"].items():
+            label = phase
+            if phase == "trained":
+                label = (
+                    f"after {found['queries']:,} queries (clone "
+                    f"{100 * found['clone_accuracy']:.1f}%)"
+                )
+            for m, v in found["m"].items():
+                lines.append(
+                    f"| {row['size']} | {row['d']} | {label} | {m} | {v['mean']:.4f} "
+                    f"[{v['low']:.4f}, {v['high']:.4f}] | {v['ideal']:.4f} | "
+                    f"{v['sqrt_m_over_d']:.4f} | {v['mean'] / v['sqrt_m_over_d']:.2f} |"
+                )
+    victims = ", ".join(f"{r['size']} {100 * r['victim_accuracy']:.1f}%" for r in summary["sizes"])
+    lines += ["", f"Victims (LeNet-5, recipe seed 0, test accuracy): {victims}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Cosine against m (log-log), one colour per size; dashed: sqrt(m/d)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(dict.fromkeys(p for r in summary["sizes"] for p in r["phases"]))
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4.2), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        title = "as set up"
+        for i, row in enumerate(summary["sizes"]):
+            found = row["phases"].get(phase)
+            if found is None:
+                continue
+            if "queries" in found:
+                title = f"after {found['queries']:,} queries of DFME"
+            colour = f"C{i}"
+            ms = [int(m) for m in found["m"]]
+            values = list(found["m"].values())
+            mean = [v["mean"] for v in values]
+            err = [
+                [v["mean"] - v["low"] for v in values],
+                [v["high"] - v["mean"] for v in values],
+            ]
+            ax.errorbar(
+                ms, mean, yerr=err, marker="o", capsize=3, color=colour,
+                label=f"{row['size']} (d = {row['d']})",
+            )  # fmt: skip
+            ax.plot(ms, [v["sqrt_m_over_d"] for v in values], ls="--", color=colour, lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("directions m")
+        ax.set_ylabel("mean cosine with the exact gradient")
+        ax.set_title(f"DFME's estimate, {title} (dashed: sqrt(m/d))", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(summary: dict[str, Any], out: Path, plot_too: bool = True) -> list[Path]:
+    from .runs import write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "gradient_alignment.json", out / "gradient_alignment.md"]
+    write_json_atomic(paths[0], summary)
+    tmp = paths[1].with_name(paths[1].name + ".tmp")
+    tmp.write_text(markdown(summary))
+    tmp.replace(paths[1])
+    if plot_too:
+        try:
+            paths.append(plot(summary, out / "gradient_alignment.png"))
+        except ImportError:
+            print("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .dimension import SIZES
+
+    def whole(text: str, minimum: int = 1) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    def positive(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+        return value
+
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/gradient_alignment.py",
+        description="How well DFME's zeroth-order gradient aligns with the exact one, at each "
+        "input size (megex.gradient_alignment).",
+    )
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument(
+        "--directions", nargs="+", type=whole, default=list(DIRECTIONS), help="values of m"
+    )
+    parser.add_argument("--batches", type=whole, default=20, help="batches per m (default 20)")
+    parser.add_argument("--batch-size", type=whole, default=64, help="images per batch (64)")
+    parser.add_argument(
+        "--epsilon", type=positive, default=1e-3, help="forward-difference step (DFME's 1e-3)"
+    )
+    parser.add_argument(
+        "--train-queries",
+        type=lambda t: whole(t, 0),
+        default=20_000,
+        help="queries of DFME before the second measurement (0: none; default 20000)",
+    )
+    parser.add_argument("--seed", type=lambda t: whole(t, 0), default=0)
+    parser.add_argument(
+        "--victims-root",
+        default="benchmarks/results/dims",
+        help="victims are read from (or trained into) ROOT/<size>/victims, the size sweep's "
+        "folders (default: benchmarks/results/dims)",
+    )
+    parser.add_argument("--data-root", help="folder holding Fashion-MNIST's files")
+    parser.add_argument(
+        "--out", default="benchmarks/results/gradient_alignment", help="output folder"
+    )
+    parser.add_argument("--threads", type=whole, default=1, help="torch threads (default 1)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    summary = run_sizes(
+        args.sizes,
+        victims_root=args.victims_root,
+        train_queries=args.train_queries,
+        directions=tuple(sorted(set(args.directions))),
+        batches=args.batches,
+        batch_size=args.batch_size,
+        epsilon=args.epsilon,
+        seed=args.seed,
+        data_root=args.data_root,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    summary["wall_s"] = round(time.time() - t0, 1)
+    summary["threads"] = args.threads
+    paths = write_outputs(summary, Path(args.out), plot_too=not args.no_plot)
+    print(f"alignment: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

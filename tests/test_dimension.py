@@ -1,0 +1,111 @@
+"""The input-size sweep: its configs, and a toy-scale run of two sizes end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megex import bench, dimension
+from megex.models import build_classifier
+from megex.victim import Victim
+
+CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+
+
+@pytest.mark.parametrize("size", list(dimension.SIZES))
+def test_every_size_has_a_config_with_the_sweeps_methods_and_the_tuned_settings(size):
+    config = bench.load_config(CONFIGS / f"dim-{size}.json")
+    dataset, d = dimension.SIZES[size]
+    assert config["dataset"] == dataset and f"d = {d}" in config["description"]
+    assert config["methods"] == ["megex-all", "megex-predicted", "dfme", "dfme-m10"]
+    assert config["baseline"] == "dfme" and config["targets"] == [0.7, 0.8]
+    assert len(config["seeds"]) == 3 and len(config["victim_seeds"]) == 3
+    assert config["tuned_settings"] == bench.DEFAULTS["tuned_settings"]
+    assert "28x28" in config["description"] and "assumption" in config["description"]
+    # m is pinned whatever the search chose for DFME; the rest is DFME's searched settings.
+    tuned = {"methods": {"dfme": {"directions": 5, "epsilon": 0.02}}}
+    for method, m in (("dfme", 1), ("dfme-m10", 10)):
+        attack, settings = bench.method_settings(config, method, tuned)
+        assert attack == "dfme" and settings["directions"] == m
+        assert settings["epsilon"] == 0.02 and settings["clone"] == "lenet5"
+        assert settings["lr_schedule"] == "constant"
+    assert bench.METHODS["dfme-m10"]["tuned_as"] == "dfme"
+
+
+def _toy_configs(folder: Path, sizes: list[str]) -> Path:
+    """The sweep's own configs at toy scale: small batches, one evaluation, a tuned file of
+    our own."""
+    folder.mkdir(parents=True)
+    tuned = folder / "tuned.json"
+    searched = {"dfme": {"directions": 5, "epsilon": 0.01}, "megex-all": {}, "megex-predicted": {}}
+    tuned.write_text(json.dumps({"methods": searched}))
+    for size in sizes:
+        doc = json.loads((CONFIGS / f"dim-{size}.json").read_text())
+        doc["settings"].update({"batch_size": 16, "nz": 16, "clone_updates_per_1k_queries": 60.0})
+        doc.update({"tuned_settings": str(tuned), "eval_at": [], "quick_budgets": [300]})
+        (folder / f"dim-{size}.json").write_text(json.dumps(doc))
+    return folder
+
+
+def _untrained_victim(out: Path, size: str) -> None:
+    """A victim at the benchmark's cache path (training them is tested elsewhere)."""
+    dataset, _ = dimension.SIZES[size]
+    shape = {"14": (1, 14, 14), "colour-56": (3, 56, 56)}[size]
+    victim = Victim(
+        build_classifier("lenet5", 10, shape[0], shape[1]), shape, 10, arch="lenet5",
+        dataset=dataset,
+    )  # fmt: skip
+    victim.accuracy = 0.5
+    victim.save(out / size / "victims" / f"{dataset}-lenet5-seed0-val5000.safetensors")
+
+
+@pytest.mark.slow
+def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
+    tmp_path, fashion_mnist, capsys
+):
+    sizes = ["14", "colour-56"]
+    configs = _toy_configs(tmp_path / "configs", sizes)
+    out = tmp_path / "dims"
+    for size in sizes:
+        _untrained_victim(out, size)
+    common = ["--configs", str(configs), "--out", str(out), "--quick", "--no-progress"]
+    # Every method at 14x14; at 3x56x56 (each run evaluates on 10,000 test images of 9,408
+    # values) the two that differ most, the way a sweep is continued one size at a time.
+    assert dimension.main(["--sizes", "14", *common, "--no-plot"]) == 0
+    methods = ["--methods", "megex-all", "dfme-m10"]
+    assert dimension.main(["--sizes", "colour-56", *common, *methods, "--no-plot"]) == 0
+    capsys.readouterr()
+    assert dimension.main(["--sizes", *sizes, *common, "--summary-only"]) == 0
+    assert "megex bench" not in capsys.readouterr().err
+    summary = json.loads((out / "dimension_quick.json").read_text())
+    assert [(r["size"], r["d"]) for r in summary["sizes"]] == [("14", 196), ("colour-56", 9408)]
+    every = {"megex-all", "megex-predicted", "dfme", "dfme-m10"}
+    assert set(summary["sizes"][0]["methods"]) == every
+    assert set(summary["sizes"][1]["methods"]) == {"megex-all", "dfme-m10"}
+    for row in summary["sizes"]:
+        assert row["budget"] == 300 and row["victim_accuracy"] == 0.5
+        for method in row["methods"].values():
+            assert 0.0 <= method["accuracy"]["estimate"] <= 1.0
+            assert set(method["reach"]) == {"0.7", "0.8"}
+    # DFME ran with m = 1 and m = 10 whatever the tuned file said (5).
+    for size, method, m in (("14", "dfme", 1), ("colour-56", "dfme-m10", 10)):
+        run = json.loads((out / size / "runs" / f"{method}-v0-s0" / "config.json").read_text())
+        assert run["directions"] == m and run["epsilon"] == 0.01
+    assert run["input_shape"] == [3, 56, 56]
+    table = (out / "dimension_quick.md").read_text()
+    assert "| 14 | 196 | 50.0% | dfme-m10 |" in table
+    assert "| colour-56 | 9408 | 50.0% | megex-all |" in table
+    assert (out / "dimension_quick.png").stat().st_size > 1000
+
+
+def test_the_sweep_checks_every_sizes_options_before_running_any(tmp_path, capsys):
+    argv = ["--configs", str(CONFIGS), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        dimension.main([*argv, "--jobz", "2"])
+    assert info.value.code == 2 and "--jobz" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert dimension.main(["--configs", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "no dim-14.json" in capsys.readouterr().err
+    assert dimension.main([*argv, "--summary-only"]) == 1
