@@ -13,9 +13,10 @@ For each defence and strength (a list of defence specs, applied in order by the 
 
 A defence "stops" an explanation attacker when the paired difference attacker minus DFME
 (same victim, same seed) at the largest budget is no longer measurably above 0 (its 95%
-interval reaches 0); a defence counts only against the adaptive attacker (the naive one where
-there is nothing to adapt). It "keeps utility" when the mean cosine of its maps to the
-undefended maps is at least `utility_threshold`. The report names the defences that do
+interval reaches 0); a defence counts against the stronger of the naive and the adaptive
+attacker (by mean clone accuracy: an adaptation may not help), which the table marks. It
+"keeps utility" when the mean cosine of its maps to the undefended maps is at least
+`utility_threshold`. The report names the defences that do
 both, with their figures, and says first whether the explanation attackers were ahead of DFME
 without any defence (if not, no defence has anything to stop).
 
@@ -391,14 +392,23 @@ def summarise(
                     "accuracy": {"estimate": est, "low": low, "high": high},
                     "minus_baseline": diff,
                 }
-            counted = attacker + ADAPTIVE if adaptive else attacker
+            # A defence counts against the stronger of the two (the adaptation may not help).
+            counted = attacker
+            if adaptive and naive:
+                means = {
+                    label: methods[label]["accuracy"]["estimate"]
+                    for label in (attacker, attacker + ADAPTIVE)
+                }
+                counted = max(means, key=means.get)
             diff = methods.get(counted, {}).get("minus_baseline", {})
             stopped = diff.get("pairs", 0) > 1 and diff.get("verdict") != "a ahead"
             methods.setdefault(counted, {})["counted"] = True
             methods[counted]["stopped"] = stopped
             stopped_all = stopped_all and stopped
             if not specs:
-                undefended_lead[attacker] = diff.get("verdict")
+                undefended_lead[attacker] = (
+                    diff.get("verdict") if diff.get("pairs", 0) > 1 else "too few runs"
+                )
         if base:
             est, low, high = bootstrap_interval(base)
             methods[baseline] = {"accuracy": {"estimate": est, "low": low, "high": high}}
@@ -461,13 +471,13 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     if summary.get("tuned_settings") is None:
-        lines[-1:-1] = [
+        lines += [
             "Attack settings: untuned (the package defaults and the benchmark's shared "
             "settings), not the search's.",
             "",
         ]
     else:
-        lines[-1:-1] = [f"Attack settings: the search's, from {summary['tuned_settings']}.", ""]
+        lines += [f"Attack settings: the search's, from {summary['tuned_settings']}.", ""]
     attackers = summary["attackers"]
     labels = [m for a in attackers for m in (a, a + ADAPTIVE)]
     head = ["defence", "cosine", "spearman", "l1", "labels", *labels, summary["baseline"]]
@@ -486,14 +496,21 @@ def markdown(summary: dict[str, Any]) -> str:
             if m is None or "accuracy" not in m:
                 cells.append("= naive" if label.endswith(ADAPTIVE) else "-")
                 continue
-            mark = " (stopped)" if m.get("stopped") else ""
+            mark = ""
+            if m.get("counted"):
+                mark = " (counted, stopped)" if m.get("stopped") else " (counted)"
             cells.append(_pct(m["accuracy"]) + mark)
         cells.append(_pct(row["methods"].get(summary["baseline"], {}).get("accuracy", {})))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## What the table says", ""]
     lead = summary["undefended_lead"]
     for attacker, verdict in lead.items():
-        if verdict == "a ahead":
+        if verdict == "too few runs":
+            lines.append(
+                f"- One pair of runs per method: no interval, so no verdict on whether "
+                f"{attacker} is ahead of {summary['baseline']}, or on what a defence stops."
+            )
+        elif verdict == "a ahead":
             lines.append(f"- Without a defence, {attacker} is ahead of {summary['baseline']}.")
         else:
             lines.append(
@@ -504,7 +521,7 @@ def markdown(summary: dict[str, Any]) -> str:
     threshold = summary["utility_threshold"]
     if summary["effective"]:
         lines.append(
-            f"- Defences that leave no explanation attacker (adaptive where it adapts) "
+            f"- Defences that leave no explanation attacker (the stronger of naive and adaptive) "
             f"measurably ahead of {summary['baseline']} while keeping the maps' cosine to "
             f"the undefended ones at {threshold:g} or more: "
             + ", ".join(f"`{d}`" for d in summary["effective"])
