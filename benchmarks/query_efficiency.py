@@ -1,7 +1,7 @@
 """Query efficiency: explanation attacks against DFME under the fair protocol; see megex.bench.
 
 python benchmarks/query_efficiency.py --quick --jobs 2   # one victim and seed, 50k and 150k
-python benchmarks/query_efficiency.py --jobs 2           # 3 victims x 3 seeds, to 500k
+python benchmarks/query_efficiency.py --jobs 2           # 3 victims x 3 seeds, to 250k
 python benchmarks/query_efficiency.py --config benchmarks/configs/svhn.json --data-root DIR
 """
 
