@@ -44,6 +44,7 @@ from typing import Any
 from .bench import (
     METHODS,
     build_attack,
+    cells_of,
     get_victim,
     method_settings,
     prepare_torch,
@@ -131,10 +132,9 @@ def score(
             progress=False,
         )
         rows = result.metrics
-        at_marks = []
-        for mark in search["marks"]:
-            within = [r for r in rows if r["queries"] <= mark]
-            at_marks.append(within[-1]["clone_accuracy"] if within else 0.0)
+        # Read as the benchmark reads a budget: the last evaluation within each mark.
+        cells = cells_of({"budgets": search["marks"], "metrics": rows})
+        at_marks = [cells.get(m, {}).get("clone_accuracy", 0.0) for m in search["marks"]]
         values.append(statistics.fmean(at_marks))
         curves[str(seed)] = [[r["queries"], r["clone_accuracy"]] for r in rows]
     return statistics.fmean(values), curves
