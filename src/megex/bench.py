@@ -148,22 +148,38 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
-    """The benchmark's settings: DEFAULTS updated by a JSON file's keys (if given)."""
-    config = json.loads(json.dumps(DEFAULTS))
+def merged_config(
+    defaults: dict[str, Any],
+    path: str | os.PathLike | None,
+    merged: tuple[str, ...] = ("settings", "method_settings"),
+) -> dict[str, Any]:
+    """A copy of `defaults` updated by a JSON file's keys (if given); the keys in `merged`
+    hold dicts that the file's dicts update rather than replace. Unknown keys are refused."""
+    config = json.loads(json.dumps(defaults))
     if path is not None:
         user = json.loads(Path(path).read_text())
         unknown = set(user) - set(config) - {"description"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(config)}")
         for key, value in user.items():
-            if key in ("settings", "method_settings") and isinstance(value, dict):
+            if key in merged and isinstance(value, dict):
                 config[key].update(value)
             else:
                 config[key] = value
-    for name in [*config["methods"], *config["assumption_methods"], config["baseline"]]:
+    return config
+
+
+def check_methods(names: list[str]) -> None:
+    """Refuse a method name that METHODS does not have."""
+    for name in names:
         if name not in METHODS:
             raise ValueError(f"method: unknown {name!r}; expected one of {', '.join(METHODS)}")
+
+
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The benchmark's settings: DEFAULTS updated by a JSON file's keys (if given)."""
+    config = merged_config(DEFAULTS, path)
+    check_methods([*config["methods"], *config["assumption_methods"], config["baseline"]])
     return config
 
 
@@ -196,6 +212,18 @@ def method_settings(
         **config["method_settings"].get(method, {}),
     }
     return attack, settings
+
+
+def require_tuned(config: dict[str, Any], method: str, tuned: dict[str, Any] | None) -> None:
+    """With a search's output `tuned`, refuse a method whose settings it does not hold (the
+    search has not finished it) rather than run it untuned."""
+    source = METHODS[method].get("tuned_as", method)
+    if tuned and source not in (tuned.get("methods") or {}):
+        raise ValueError(
+            f"tuned_settings: {config['tuned_settings']} has no settings for {source!r} "
+            f"(the search has not finished it); run megex tune --methods {source}, or run "
+            "untuned, without a settings file"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -368,12 +396,7 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     progress = not args.no_progress and (args.jobs or 1) == 1 and not getattr(args, "ray", None)
     jobs = []
     for method in methods:
-        source = METHODS[method].get("tuned_as", method)
-        if tuned and source not in tuned.get("methods", {}):
-            raise ValueError(
-                f"tuned_settings: {config['tuned_settings']} has no settings for {source!r} "
-                f"(the search has not finished it); run megex tune --methods {source}"
-            )
+        require_tuned(config, method, tuned)
         attack, settings = method_settings(config, method, tuned)
         if settings.get("lr_schedule") != "constant":
             raise ValueError(

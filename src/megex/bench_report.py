@@ -262,13 +262,11 @@ def markdown(summary: dict[str, Any]) -> str:
 def write_outputs(
     summary: dict[str, Any], out: Path, stem: str = "query_efficiency", plot: bool = True
 ) -> list[Path]:
-    from .runs import write_json_atomic
+    from .runs import write_json_atomic, write_text_atomic
 
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     write_json_atomic(paths[0], summary)
-    tmp = paths[1].with_name(paths[1].name + ".tmp")
-    tmp.write_text(markdown(summary))
-    tmp.replace(paths[1])
+    write_text_atomic(paths[1], markdown(summary))
     if plot:
         try:
             paths.append(plot_curves(summary, out / f"{stem}.png"))

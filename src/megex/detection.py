@@ -40,7 +40,8 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from .oracle import Answer, Oracle
+from .oracle import Answer, Oracle, OracleView
+from .runs import write_json_atomic
 
 __all__ = [
     "Calibration",
@@ -794,9 +795,7 @@ class Calibration:
         """Write the calibration as JSON, atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
         return path
 
     @classmethod
@@ -911,31 +910,15 @@ def _parse_value(monitor: str, key: str, text: str, kind: type) -> Any:
 # --- in-process use -----------------------------------------------------------------------
 
 
-class RecordingOracle:
+class RecordingOracle(OracleView):
     """An Oracle that passes every query on and records its images and the probabilities
     returned, in order (:meth:`stream`). The probabilities are the answer's: the honest
     ones when the oracle returns probabilities without a defence of them."""
 
     def __init__(self, oracle: Oracle):
-        self.oracle = oracle
+        super().__init__(oracle)
         self._images: list[torch.Tensor] = []
         self._probabilities: list[torch.Tensor] = []
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.oracle.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.oracle.num_classes
-
-    @property
-    def queries_used(self) -> int:
-        return self.oracle.queries_used
-
-    @property
-    def remaining(self) -> int | float:
-        return self.oracle.remaining
 
     def query(self, x: torch.Tensor, explanation: Any = None) -> Answer:
         answer = self.oracle.query(x, explanation=explanation)
@@ -951,7 +934,7 @@ class RecordingOracle:
         return QueryStream(torch.cat(self._images), torch.cat(self._probabilities), name)
 
 
-class MonitoredOracle:
+class MonitoredOracle(OracleView):
     """An Oracle under watch: every answered query is shown to `monitors` as `key`'s.
 
     probabilities: computes the honest probabilities of a batch of images (e.g.
@@ -971,28 +954,12 @@ class MonitoredOracle:
         names = [m.name for m in monitors]
         if len(set(names)) != len(names):
             raise ValueError(f"monitors: each kind once, got {names}")
-        self.oracle = oracle
+        super().__init__(oracle)
         self.monitors = list(monitors)
         self.key = key
         self.probabilities = probabilities
         self.flags: list[Flag] = []
         self.measurements: dict[str, list[Measurement]] = {m.name: [] for m in monitors}
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.oracle.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.oracle.num_classes
-
-    @property
-    def queries_used(self) -> int:
-        return self.oracle.queries_used
-
-    @property
-    def remaining(self) -> int | float:
-        return self.oracle.remaining
 
     @property
     def flagged(self) -> bool:

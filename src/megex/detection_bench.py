@@ -28,7 +28,6 @@ is nothing to resume.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -89,23 +88,11 @@ DEFAULTS: dict[str, Any] = {
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     """The benchmark's settings: DEFAULTS updated by a JSON file's keys (if given)."""
-    from .bench import METHODS
+    from .bench import check_methods, merged_config
     from .detection import MONITORS
 
-    config = json.loads(json.dumps(DEFAULTS))
-    if path is not None:
-        user = json.loads(Path(path).read_text())
-        unknown = set(user) - set(config) - {"description"}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(config)}")
-        for key, value in user.items():
-            if key in ("settings", "method_settings", "augment") and isinstance(value, dict):
-                config[key].update(value)
-            else:
-                config[key] = value
-    for name in config["methods"]:
-        if name not in METHODS:
-            raise ValueError(f"method: unknown {name!r}; expected one of {', '.join(METHODS)}")
+    config = merged_config(DEFAULTS, path, ("settings", "method_settings", "augment"))
+    check_methods(config["methods"])
     for name in config["monitors"]:
         if name not in MONITORS:
             raise ValueError(f"monitor: unknown {name!r}; expected one of {', '.join(MONITORS)}")
@@ -240,7 +227,7 @@ def attack_stream(
 
 def _plan(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """What to run, with every setting checked before any victim is trained."""
-    from .bench import METHODS, load_tuned, method_settings
+    from .bench import METHODS, load_tuned, method_settings, require_tuned
     from .detection import MONITORS
 
     if args.settings_file:
@@ -278,13 +265,7 @@ def _plan(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         )
     attacks = {}
     for method in plan["methods"]:
-        source = METHODS[method].get("tuned_as", method)
-        if tuned and source not in tuned.get("methods", {}):
-            raise ValueError(
-                f"tuned_settings: {config['tuned_settings']} has no settings for {source!r}; "
-                f"run megex tune --methods {source}, or leave the settings file out for the "
-                "package defaults"
-            )
+        require_tuned(config, method, tuned)
         attacks[method] = method_settings(config, method, tuned)
     plan["attacks"] = attacks
     plan["monitors"] = {}
@@ -560,13 +541,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def _write(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    from .runs import write_json_atomic
+    from .runs import write_json_atomic, write_text_atomic
 
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     write_json_atomic(json_path, summary)
-    tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text(markdown(summary))
-    os.replace(tmp, md_path)
+    write_text_atomic(md_path, markdown(summary))
     return [json_path, md_path, out / "calibration"]
 
 

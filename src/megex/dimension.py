@@ -195,14 +195,12 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def write_outputs(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    from .runs import write_json_atomic
+    from .runs import write_json_atomic, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     write_json_atomic(paths[0], summary)
-    tmp = paths[1].with_name(paths[1].name + ".tmp")
-    tmp.write_text(markdown(summary))
-    tmp.replace(paths[1])
+    write_text_atomic(paths[1], markdown(summary))
     try:
         paths.append(plot(summary, out / f"{stem}.png"))
     except ImportError:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .attacks.base import Attack
-from .oracle import Answer, BudgetExceeded, Oracle
+from .oracle import Answer, BudgetExceeded, Oracle, OracleView
 from .runs import RunFolder
 
 __all__ = ["AttackResult", "Metered", "changed_settings", "describe_run", "run"]
@@ -53,7 +53,7 @@ class AttackResult:
         return out
 
 
-class Metered:
+class Metered(OracleView):
     """The oracle as one run sees it: queries counted from the run's start, by the oracle.
 
     A request that would pass the run's budget is refused whole before it reaches the
@@ -61,17 +61,9 @@ class Metered:
     """
 
     def __init__(self, oracle: Oracle, budget: int, already_spent: int = 0):
-        self.oracle = oracle
+        super().__init__(oracle)
         self.budget = int(budget)
         self._start = int(oracle.queries_used) - int(already_spent)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.oracle.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.oracle.num_classes
 
     @property
     def queries_used(self) -> int:

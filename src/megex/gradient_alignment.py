@@ -303,14 +303,12 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 
 def write_outputs(summary: dict[str, Any], out: Path, plot_too: bool = True) -> list[Path]:
-    from .runs import write_json_atomic
+    from .runs import write_json_atomic, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "gradient_alignment.json", out / "gradient_alignment.md"]
     write_json_atomic(paths[0], summary)
-    tmp = paths[1].with_name(paths[1].name + ".tmp")
-    tmp.write_text(markdown(summary))
-    tmp.replace(paths[1])
+    write_text_atomic(paths[1], markdown(summary))
     if plot_too:
         try:
             paths.append(plot(summary, out / "gradient_alignment.png"))

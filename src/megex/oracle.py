@@ -29,6 +29,7 @@ __all__ = [
     "Answer",
     "Oracle",
     "LocalOracle",
+    "OracleView",
     "Responder",
     "BudgetExceeded",
     "InvalidQuery",
@@ -325,6 +326,34 @@ class Responder:
                     expl, generator=self._rng, labels=labels, target=spec.target
                 )
         return Answer(probs, labels, shown_logits, expl, spec, self.prediction), honest
+
+
+class OracleView:
+    """An Oracle in front of another: its shape, classes, count and what it has left are the
+    wrapped oracle's, and every query goes through to it. Subclasses watch or limit the
+    queries (a run's budget, a recording, a query monitor)."""
+
+    def __init__(self, oracle: Oracle):
+        self.oracle = oracle
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.oracle.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.oracle.num_classes
+
+    @property
+    def queries_used(self) -> int:
+        return self.oracle.queries_used
+
+    @property
+    def remaining(self) -> int | float:
+        return self.oracle.remaining
+
+    def query(self, x: torch.Tensor, explanation: Any = None) -> Answer:
+        return self.oracle.query(x, explanation=explanation)
 
 
 def _responder_setting(name: str) -> property:

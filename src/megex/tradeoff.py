@@ -33,7 +33,6 @@ interrupted grid resumes; they are spread by megex.sweep (processes or Ray). Wri
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -104,24 +103,12 @@ ADAPTIVE = "+adaptive"
 
 def load_config(path: str | os.PathLike | None, quick: bool = False) -> dict[str, Any]:
     """DEFAULTS updated by a JSON file's keys, then by its "quick" keys under --quick."""
-    from .bench import METHODS
+    from .bench import check_methods, merged_config
 
-    config = json.loads(json.dumps(DEFAULTS))
-    if path is not None:
-        user = json.loads(Path(path).read_text())
-        unknown = set(user) - set(config) - {"description"}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(config)}")
-        for key, value in user.items():
-            if key in ("settings", "method_settings", "quick") and isinstance(value, dict):
-                config[key].update(value)
-            else:
-                config[key] = value
+    config = merged_config(DEFAULTS, path, ("settings", "method_settings", "quick"))
     if quick:
         config.update(config["quick"])
-    for name in [*config["attackers"], config["baseline"]]:
-        if name not in METHODS:
-            raise ValueError(f"method: unknown {name!r}; expected one of {', '.join(METHODS)}")
+    check_methods([*config["attackers"], config["baseline"]])
     if not config["budgets"] or not config["defenses"]:
         raise ValueError("budgets and defenses: expected at least one of each")
     for entry in config["defenses"]:
@@ -214,18 +201,12 @@ def _touches_predictions(defenses: list[Any]) -> bool:
 def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: dict) -> list:
     """The runs of the grid (checked before any victim is trained)."""
     from .attacks import adapt_to
-    from .bench import METHODS, load_tuned, method_settings
+    from .bench import load_tuned, method_settings, require_tuned
 
     tuned = load_tuned(config)
     budgets = sorted(set(config["budgets"]))
-    bench_like = {**config, "method_settings": config["method_settings"]}
     for method in [*config["attackers"], config["baseline"]]:
-        source = METHODS[method].get("tuned_as", method)
-        if tuned and source not in tuned.get("methods", {}):
-            raise ValueError(
-                f"tuned_settings: {config['tuned_settings']} has no settings for {source!r}; "
-                f"run megex tune --methods {source}"
-            )
+        require_tuned(config, method, tuned)
     progress = not args.no_progress and (args.jobs or 1) == 1 and not getattr(args, "ray", None)
     out = out.resolve()
     data_root = args.data_root and str(Path(args.data_root).resolve())
@@ -263,10 +244,10 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     for specs in config["defenses"]:
         defenses = _defenses(specs)  # a bad spec fails here, before any training
         if not specs or _touches_predictions(defenses):
-            attack, settings = method_settings(bench_like, config["baseline"], tuned)
+            attack, settings = method_settings(config, config["baseline"], tuned)
             add(config["baseline"], attack, settings, specs)
         for method in config["attackers"]:
-            attack, settings = method_settings(bench_like, method, tuned)
+            attack, settings = method_settings(config, method, tuned)
             if settings.get("lr_schedule") != "constant":
                 raise ValueError(
                     f"{method}: every budget is read off one run: needs a constant lr_schedule"
@@ -536,13 +517,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def write_outputs(summary: dict[str, Any], out: Path, stem: str, plot: bool = True) -> list[Path]:
-    from .runs import write_json_atomic
+    from .runs import write_json_atomic, write_text_atomic
 
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     write_json_atomic(paths[0], summary)
-    tmp = paths[1].with_name(paths[1].name + ".tmp")
-    tmp.write_text(markdown(summary))
-    tmp.replace(paths[1])
+    write_text_atomic(paths[1], markdown(summary))
     if plot:
         try:
             paths.append(plot_tradeoff(summary, out / f"{stem}.png"))
