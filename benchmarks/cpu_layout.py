@@ -48,7 +48,7 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 def default_layout():
     """Run the attacks with fast_layout reduced to a plain .to(device)."""
 
-    def plain(module, device):
+    def plain(module, device, channels_last=None):
         return module.to(device)
 
     saved = attack_base.fast_layout, oracle_mod.fast_layout

@@ -73,6 +73,11 @@ class Metered(OracleView):
     def remaining(self) -> int | float:
         return min(self.budget - self.queries_used, self.oracle.remaining)
 
+    @property
+    def query_device(self) -> str:
+        """The wrapped oracle's (megex.accel: queries sent without a copy to the host)."""
+        return getattr(self.oracle, "query_device", "cpu")
+
     def query(self, x: torch.Tensor, explanation: Any = None) -> Answer:
         n = int(x.shape[0])
         left = self.budget - self.queries_used
@@ -160,7 +165,9 @@ def run(
             "generator_updates": attack.generator_updates,
             **evaluator(attack.eval_model()),
         }
-        row.update({k: round(v, 5) for k, v in info.items() if isinstance(v, float)})
+        # Losses kept on the device (on_device) are read here, where the loop waits anyway.
+        values = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in info.items()}
+        row.update({k: round(v, 5) for k, v in values.items() if isinstance(v, float)})
         metrics.append(row)
         return row
 
@@ -274,15 +281,24 @@ def _checkpoint(folder, attack, iteration, spent, metrics, t0, service_state) ->
     folder.write_metrics(metrics)
 
 
-# Settings that may differ between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = {"device"}
+# Settings that may differ between an interrupted run and its resumption (compiling changes
+# speed, not results).
+_RESUMABLE_CHANGES = {"device", "compile"}
+# Settings added after runs were recorded without them, with the value those runs had.
+_ADDED_SETTINGS = {
+    "precision": "fp32",
+    "compile": "off",
+    "on_device": False,
+    "lr_scaling": "none",
+}
 
 
 def changed_settings(folder: RunFolder, described: dict[str, Any]) -> list[str]:
     """How `described` differs from the settings a run folder was started with.
 
     A setting the folder does not record (a run from a version without that option) counts
-    as changed: its value then is unknown.
+    as changed, its value then being unknown, unless it is one added since with the value
+    that every run had before it existed (the speed settings' defaults).
     """
     before = folder.read_config()
     now = json.loads(json.dumps(described, default=str))
@@ -291,8 +307,12 @@ def changed_settings(folder: RunFolder, described: dict[str, Any]) -> list[str]:
         if key in before
         else f"{key}: not recorded then, {value!r} now"
         for key, value in now.items()
-        if key not in _RESUMABLE_CHANGES and (key not in before or before[key] != value)
+        if key not in _RESUMABLE_CHANGES
+        and before.get(key, _ADDED_SETTINGS.get(key, _UNRECORDED)) != value
     ]
+
+
+_UNRECORDED = object()
 
 
 def check_same_settings(folder: RunFolder, described: dict[str, Any]) -> None:

@@ -170,6 +170,16 @@ def _transform(logits: torch.Tensor, output: str) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def batched_classes(device: torch.device) -> bool:
+    """Whether all-class maps are computed in one batched backward: off the CPU (the same
+    values; on a CPU the per-class loop is kept, which measured faster there)."""
+    return device.type != "cpu" or _BATCH_CLASSES_ON_CPU
+
+
+# Tests compare the batched pass with the loop on a CPU.
+_BATCH_CLASSES_ON_CPU = False
+
+
 def _gradients(
     forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -185,6 +195,13 @@ def _gradients(
             (grad,) = torch.autograd.grad(selected, x)
             return grad
         k = values.shape[1]
+        if batched_classes(x.device):
+            # Every class's backward in one batched pass (vmap over the K one-hot output
+            # gradients): one launch of each kernel instead of K, which an accelerator needs.
+            eye = torch.eye(k, dtype=values.dtype, device=values.device)
+            seeds = eye.unsqueeze(1).expand(k, *values.shape)
+            (grads,) = torch.autograd.grad(values, x, grad_outputs=seeds, is_grads_batched=True)
+            return grads.transpose(0, 1)
         grads = []
         # Images in a batch are independent (eval mode), so one backward per class
         # gives every image's gradient for that class.

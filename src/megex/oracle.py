@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .accel import same_device
 from .compute import TurnLock, passes_per_image
 from .defenses import Defense
 from .explain import Explanation, explain
@@ -93,8 +94,11 @@ class Oracle(Protocol):
     def query(self, x: torch.Tensor, explanation: Explanation | bool | None = None) -> Answer: ...
 
 
-def validate_images(x: Any, input_shape: Sequence[int], name: str = "x") -> torch.Tensor:
-    """Check a batch of images and return it as a float32 CPU tensor, or raise InvalidQuery."""
+def validate_images(
+    x: Any, input_shape: Sequence[int], name: str = "x", keep_device: bool = False
+) -> torch.Tensor:
+    """Check a batch of images and return it as a float32 CPU tensor (on its own device with
+    `keep_device`), or raise InvalidQuery."""
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise InvalidQuery(
@@ -118,10 +122,13 @@ def validate_images(x: Any, input_shape: Sequence[int], name: str = "x") -> torc
         )
     if x.shape[0] == 0:
         raise InvalidQuery(f"{name}: the batch is empty")
-    x = x.detach().to("cpu", torch.float32)
-    if not torch.isfinite(x).all():
+    x = x.detach().to(x.device if keep_device else "cpu", torch.float32)
+    # One read of the values (on an accelerator, the one wait for the device in answering:
+    # bad images are refused before they are charged).
+    summary = torch.stack([torch.isfinite(x).all().to(x.dtype), x.amin(), x.amax()])
+    finite, lo, hi = summary.tolist()
+    if not finite:
         raise InvalidQuery(f"{name}: contains NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise InvalidQuery(f"{name}: values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}")
     return x
@@ -144,6 +151,10 @@ class Responder:
     A request is computed in chunks of at most `batch_size` images and `chunk_passes` model
     passes (:func:`megex.compute.passes_per_image`; at least one image; None: no limit), one
     chunk at a time, with parties (the service's API keys) taking turns between chunks.
+
+    answer_on_device: keep answers on `device` instead of copying them to the host (an
+    in-process caller on the same device, :mod:`megex.accel`); not with defences, which
+    draw their noise on the host.
     """
 
     def __init__(
@@ -159,6 +170,7 @@ class Responder:
         device: str = "cpu",
         batch_size: int = 1024,
         chunk_passes: int | None = None,
+        answer_on_device: bool = False,
     ):
         if prediction not in PREDICTION_MODES:
             raise ValueError(
@@ -178,6 +190,12 @@ class Responder:
             raise ValueError(
                 f"defenses: a defence of probabilities does not apply to prediction={prediction!r}"
             )
+        if answer_on_device and defenses:
+            raise ValueError(
+                "answer_on_device: defences draw their noise on the host; answer on the host "
+                "(answer_on_device=False) to apply them"
+            )
+        self.answer_on_device = bool(answer_on_device)
         self.victim = fast_layout(victim.eval(), device)
         self.prediction = prediction
         self.top_k = None if top_k is None else int(top_k)
@@ -297,11 +315,21 @@ class Responder:
     def _answer_chunk(
         self, images: torch.Tensor, spec: Explanation | None
     ) -> tuple[Answer, torch.Tensor]:
+        # The service computes at its own precision: an in-process caller's autocast (an
+        # attack running in bf16, megex.accel) must not reach the victim.
+        with torch.autocast(torch.device(self.device).type, enabled=False):
+            return self._answer_chunk_fp32(images, spec)
+
+    def _answer_chunk_fp32(
+        self, images: torch.Tensor, spec: Explanation | None
+    ) -> tuple[Answer, torch.Tensor]:
         # Every defence acts on each image alone, so a chunk is answered as a whole request.
         chunk = images.to(self.device)
         with torch.no_grad():
             chunk_logits = self.victim(chunk)
-        logits = chunk_logits.float().cpu()
+        logits = chunk_logits.float()
+        if not self.answer_on_device:
+            logits = logits.cpu()
         probs = torch.softmax(logits, dim=1)
         # Kept apart from what the defences return (a defence may work in place).
         honest = probs.clone() if self.defenses else probs
@@ -320,7 +348,8 @@ class Responder:
         if spec is not None:
             computed = self.computed_explanation(spec)
             expl = explain(self.victim, chunk, computed, generator=self._rng, logits=chunk_logits)
-            expl = expl.cpu()
+            if not self.answer_on_device:
+                expl = expl.cpu()
             for defense in self.defenses:
                 expl = defense.explanation(
                     expl, generator=self._rng, labels=labels, target=spec.target
@@ -373,8 +402,9 @@ class LocalOracle:
 
     budget: queries allowed (None: unlimited); queries_used: queries already spent (a
     service restored from a checkpoint). The other settings are the Responder's:
-    prediction, top_k, explanation, allow_explanation_choice, defenses, seed, device and
-    batch_size.
+    prediction, top_k, explanation, allow_explanation_choice, defenses, seed, device,
+    batch_size and answer_on_device (then images sent from `device`, its `query_device`,
+    are checked and answered there without a copy to the host).
     """
 
     # One account: an in-process oracle has one client.
@@ -390,6 +420,7 @@ class LocalOracle:
     defenses = _responder_setting("defenses")
     device = _responder_setting("device")
     batch_size = _responder_setting("batch_size")
+    answer_on_device = _responder_setting("answer_on_device")
 
     def __init__(
         self,
@@ -405,6 +436,7 @@ class LocalOracle:
         queries_used: int = 0,
         device: str = "cpu",
         batch_size: int = 1024,
+        answer_on_device: bool = False,
     ):
         self.responder = Responder(
             victim,
@@ -416,6 +448,7 @@ class LocalOracle:
             seed=seed,
             device=device,
             batch_size=batch_size,
+            answer_on_device=answer_on_device,
         )
         self.ledger = MemoryLedger(budget)
         self.ledger.set_used(self.ACCOUNT, queries_used)
@@ -434,6 +467,12 @@ class LocalOracle:
     def remaining(self) -> int | float:
         return self.ledger.usage(self.ACCOUNT).remaining
 
+    @property
+    def query_device(self) -> str:
+        """Where a caller's images may come from without a copy: `device` when answers stay
+        there, else the host."""
+        return str(self.device) if self.answer_on_device else "cpu"
+
     def state_dict(self) -> dict[str, Any]:
         """The service's state (ledger and noise RNG), for a service that restarts."""
         return {"queries_used": self.queries_used, **self.responder.state_dict()}
@@ -448,7 +487,16 @@ class LocalOracle:
 
     def query(self, x: Any, explanation: Explanation | bool | None = None) -> Answer:
         """Answer a batch of images; charges one query per image."""
-        images = validate_images(x, self.input_shape)
+        on_device = (
+            self.answer_on_device
+            and isinstance(x, torch.Tensor)
+            and x.device.type != "cpu"
+            and same_device(x.device, self.device)
+        )
+        if on_device:
+            images = validate_images(x, self.input_shape, keep_device=True)
+        else:
+            images = validate_images(x, self.input_shape)
         spec = self.responder.resolve_explanation(explanation)
         charge = self.ledger.charge(self.ACCOUNT, images.shape[0])
         try:

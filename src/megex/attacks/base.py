@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import accel
 from ..models import build_classifier, build_generator, fast_layout
 from ..oracle import Answer, Oracle
 from .config import AttackConfig
@@ -114,20 +115,25 @@ class Attack:
         c = self.config
         channels, size, _ = oracle.input_shape
         torch.manual_seed(c.seed)
-        self.rng = torch.Generator(device="cpu").manual_seed(c.seed)
+        self.rng = accel.attacker_generator(c)
         self.clone_arch = c.clone or default_clone_arch(oracle.input_shape)
+        layout = accel.uses_channels_last(c)
         self.clone = fast_layout(
-            build_classifier(self.clone_arch, oracle.num_classes, channels, size), c.device
+            build_classifier(self.clone_arch, oracle.num_classes, channels, size),
+            c.device,
+            layout,
         )
         self.generator_shape = (size, channels)
-        self.generator = fast_layout(self.new_generator(), c.device)
+        self.generator = fast_layout(self.new_generator(), c.device, layout)
+        self._passes: dict[str, tuple[Any, Any]] = {}
+        clone_lr, generator_lr = accel.scaled_learning_rates(c)
         self.clone_opt = torch.optim.SGD(
             self.clone.parameters(),
-            lr=c.clone_lr,
+            lr=clone_lr,
             momentum=c.clone_momentum,
             weight_decay=c.clone_weight_decay,
         )
-        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=c.generator_lr)
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
         milestones = sorted({max(1, int(m * iterations)) for m in c.lr_milestones})
         if c.lr_schedule == "constant":
             milestones = []
@@ -144,6 +150,7 @@ class Attack:
                 oracle.num_classes,
                 c.replay_policy,
                 maps=self.replays_maps(),
+                device=c.device if c.on_device else "cpu",
             )
             if c.replay_size > 0
             else None
@@ -159,6 +166,22 @@ class Attack:
         self.clone_updates = 0
         self.generator_updates = 0
         self.queries_at_step = 0
+
+    def clone_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The clone's logits, as the speed settings compute them (float32)."""
+        return self._pass("clone", self.clone)(x)
+
+    def generator_pre_activation(self, z: torch.Tensor) -> torch.Tensor:
+        """The generator's values before tanh, as the speed settings compute them (float32)."""
+        return self._pass("generator", self.generator.pre_activation)(z)
+
+    def _pass(self, name: str, function: Any) -> Any:
+        # Made once per model (compiling is slow), again if the model was replaced.
+        made = self._passes.get(name)
+        if made is None or made[0] != function:
+            made = (function, accel.forward_pass(function, self.config))
+            self._passes[name] = made
+        return made[1]
 
     def new_generator(self) -> nn.Module:
         """A freshly initialised query generator for this attack (default layout, on the CPU)."""
@@ -253,18 +276,27 @@ class Attack:
     def ask(self, oracle: Oracle, x: torch.Tensor, explanation: Any = None) -> Answer:
         """Send images `x` to the oracle (with `explanation`, if any): every query an
         attack makes goes through here, so an attack that adapts to a defence changes how
-        it asks in one place."""
-        images = x.detach().cpu()
+        it asks in one place. Images go from the host, or from the attacker's device to an
+        oracle that answers there (`query_device`: an in-process oracle on that device)."""
+        images = x.detach()
+        if not accel.same_device(images.device, getattr(oracle, "query_device", "cpu")):
+            images = images.cpu()
         if explanation is None or explanation is False:
             return oracle.query(images)
         return oracle.query(images, explanation=explanation)
 
     def sample_latent(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.config.nz, generator=self.rng).to(self.config.device)
+        return self.draw_normal(n, self.config.nz)
+
+    def draw_normal(self, *shape: int) -> torch.Tensor:
+        """Standard normal values from the attack's generator, on the attacker's device."""
+        rng = self.rng
+        return torch.randn(*shape, generator=rng, device=rng.device).to(self.config.device)
 
     def generate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pre-activation, query image in [0, 1]) at the victim's size."""
-        pre = self.generator.pre_activation(z)
+        """(pre-activation, query image in [0, 1]) at the victim's size, in float32 (also
+        when the generator runs under bf16 autocast: queries are float32)."""
+        pre = self.generator_pre_activation(z)
         return pre, self.to_query(pre, z)
 
     def to_query(self, pre: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -293,7 +325,7 @@ class Attack:
     ) -> torch.Tensor:
         """The clone's training loss on images `x` answered with `probs`; `answer` (fresh)
         or `stored` (a replayed batch's other fields) may carry more to learn from."""
-        return disagreement(self.clone(x), probs, self.config.loss).mean()
+        return disagreement(self.clone_forward(x), probs, self.config.loss).mean()
 
     def clone_update(
         self,
@@ -301,7 +333,7 @@ class Attack:
         probs: torch.Tensor,
         answer: Answer | None = None,
         stored: dict[str, torch.Tensor] | None = None,
-    ) -> float:
+    ) -> float | torch.Tensor:
         """One clone optimiser step on answered images (fresh, replayed or generator's)."""
         loss = self.clone_loss(x, probs, answer, stored)
         self.clone_opt.zero_grad(set_to_none=True)
@@ -317,7 +349,7 @@ class Attack:
                     avg.lerp_(cur, 1 - decay)
                 for avg, cur in zip(self.clone_ema_model.buffers(), self.clone.buffers()):
                     avg.copy_(cur)
-        return loss.item()
+        return accel.logged(loss, self.config)
 
     def observe(self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None) -> None:
         """Remember answered queries for replay (they were paid for once)."""

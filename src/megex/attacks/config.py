@@ -244,6 +244,37 @@ class AttackConfig:
     # --- the run ---
     seed: int = setting(0, "seed of every random choice of the attack", COUNT_0, "run")
     device: str = setting("cpu", "torch device of the attacker's models", group="run")
+    # --- speed (megex.accel): off by default, so CPU runs and their results are unchanged ---
+    precision: str = setting(
+        "fp32",
+        "'bf16': autocast the attacker's own passes (clone training, generator; channels-last "
+        "off the CPU); DFME's probe losses, the queries and the victim stay fp32",
+        Choice(("fp32", "bf16")),
+        "speed",
+    )
+    compile: str = setting(
+        "off",
+        "torch.compile the clone's and the generator's forward passes with this mode "
+        "('reduce-overhead' adds CUDA graphs); the map-matching loss stays eager",
+        Choice(("off", "default", "reduce-overhead", "max-autotune")),
+        "speed",
+    )
+    on_device: bool = setting(
+        False,
+        "keep the attacker's random draws, replay buffer and logged losses on its device and "
+        "send queries from there (no copy to the host for an oracle that answers on the same "
+        "device): no host synchronisation inside an iteration; draws differ from the host "
+        "generator's, so results differ from a run without it",
+        FLAG,
+        "speed",
+    )
+    lr_scaling: str = setting(
+        "none",
+        "scale both learning rates with batch_size / 256 (DFME's batch): 'linear', 'sqrt', "
+        "or 'none'",
+        Choice(("none", "linear", "sqrt")),
+        "speed",
+    )
 
     def __post_init__(self) -> None:
         # JSON gives lists where the fields hold tuples.

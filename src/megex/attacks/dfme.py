@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import accel
 from ..oracle import Oracle
 from .base import LOG_EPS, Attack, disagreement
 from .config import COUNT, POSITIVE, AttackConfig, setting
@@ -36,8 +37,8 @@ class DFMEConfig(AttackConfig):
 def random_directions(
     n: int, m: int, dims: int, rng: torch.Generator, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """(n, m, dims) directions uniform on the unit sphere, drawn on the CPU from `rng`."""
-    u = torch.randn(n, m, dims, generator=rng).to(device)
+    """(n, m, dims) directions uniform on the unit sphere, drawn from `rng` (on its device)."""
+    u = torch.randn(n, m, dims, generator=rng, device=rng.device).to(device)
     return u / u.norm(dim=2, keepdim=True)
 
 
@@ -79,6 +80,8 @@ class DFME(Attack):
         u = random_directions(n, c.directions, dims, self.rng, base.device)
         images = self.to_query(probe_points(base, u, c.epsilon), z)
         answer = self.ask(oracle, images)
+        # The clone itself, not clone_forward: fp32 whatever the precision, since the
+        # differences are below bf16's resolution.
         with torch.no_grad():
             losses = disagreement(self.clone(images), answer.probabilities.to(base.device), c.loss)
             losses = self.disagreement_now() * losses
@@ -86,9 +89,10 @@ class DFME(Attack):
                 # The same queries estimate the gradient of the victim's log p of the class
                 # the latent picks.
                 k = answer.probabilities.shape[1]
-                targets = self.latent_classes(z, k).cpu().repeat_interleave(c.directions + 1)
-                logp = answer.probabilities.clamp_min(LOG_EPS).log()
-                conf = logp[torch.arange(len(targets)), targets].to(base.device)
+                logp = answer.probabilities.to(base.device).clamp_min(LOG_EPS).log()
+                targets = self.latent_classes(z, k).to(base.device)
+                targets = targets.repeat_interleave(c.directions + 1)
+                conf = logp[torch.arange(len(targets), device=base.device), targets]
                 losses = losses + c.victim_confidence * conf
         losses = losses.view(n, c.directions + 1)
         grad = forward_difference_gradient(losses, u, c.epsilon)
@@ -96,11 +100,11 @@ class DFME(Attack):
         objective = -(pre * grad.view_as(pre)).sum() / n
         if (c.class_balance or 0) > 0:
             # The clone is the attacker's own: this term has an exact gradient, no queries.
-            clone_logits = self.clone(self.to_query(pre, z))
+            clone_logits = self.clone_forward(self.to_query(pre, z))
             objective = objective - c.class_balance * self.balance_term(clone_logits)
         # Every one of the (m + 1) n answered images is a labelled example already paid for.
         probs = answer.probabilities.to(base.device)
-        info = {"generator_loss": float(losses[:, 0].mean())}
+        info = {"generator_loss": accel.logged(losses[:, 0].mean(), c)}
         return self.finish_generator_step(objective, images.detach(), probs, None, info)
 
     def details(self) -> dict[str, Any]:

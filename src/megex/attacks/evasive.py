@@ -119,8 +119,11 @@ class _Evasion:
         confidence = self.pool_confidence
         top = confidence.topk(min(POOL_DRAW, len(confidence)))
         best = top.indices[top.values >= top.values[0] - POOL_MARGIN]
-        drawn = best[torch.randint(len(best), (count,), generator=self.rng)]
-        noise = torch.randn(count, *self.pool_images.shape[1:], generator=self.rng)
+        # The pool lives on the host; draws come from the attack's generator wherever it is.
+        d = self.rng.device
+        drawn = best[torch.randint(len(best), (count,), generator=self.rng, device=d).cpu()]
+        noise = torch.randn(count, *self.pool_images.shape[1:], generator=self.rng, device=d)
+        noise = noise.cpu()
         pads = (self.pool_images[drawn] + self.config.padding_noise * noise).clamp(0, 1)
         return pads, drawn
 

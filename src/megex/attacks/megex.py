@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import accel
 from ..explain import Explanation
 from ..oracle import Answer, Oracle
 from .base import LOG_EPS, Attack, disagreement, victim_targets
@@ -157,7 +158,7 @@ class MEGEX(Attack):
         # The clone step on these answers (train_on_generator_queries) needs them again.
         self._dlogp_of = (answer, dlogp)
         probs = answer.probabilities.to(x.device)
-        clone_logits = self.clone(x)
+        clone_logits = self.clone_forward(x)
         n, k = probs.shape
         if dlogp.dim() == 5 and c.loss == "kl":
             # KL(pV || pS): d/dx = sum_k pV_k (log pV_k - log pS_k) d log pV_k
@@ -217,7 +218,7 @@ class MEGEX(Attack):
             balance = 0.0 if dlogp.dim() == 5 else 1.0
         if balance > 0:
             objective = objective - balance * self.balance_term(clone_logits)
-        info = {"generator_loss": float(loss_value)}
+        info = {"generator_loss": accel.logged(loss_value, c)}
         info = self.finish_generator_step(objective, x.detach(), probs, answer, info)
         self._dlogp_of = None
         return info
@@ -242,7 +243,7 @@ class MEGEX(Attack):
         n, k = answer.probabilities.shape
         if dlogp.dim() == 5:
             # E_v[(v.(Js - Jv))^2] = ||Js - Jv||^2 for v ~ N(0, I): one backward, unbiased.
-            v = torch.randn(n, k, generator=self.rng).to(x.device)
+            v = self.draw_normal(n, k).to(x.device)
             return class_combination(v, dlogp), v
         cls = _explained_class(answer).to(x.device)
         return dlogp, F.one_hot(cls, k).to(dlogp.dtype)

@@ -28,7 +28,9 @@ class ReplayBuffer:
     image: a combination sum_k v_k d log p_k / dx of the returned explanation (float16, the
     image's size) and its weights v (K floats; all zero where the answer carried no map).
     That is C x H x W x 2 + 4 K bytes more per stored query (1,608 bytes at 28 x 28 with
-    10 classes, beside the image's 1,568).
+    10 classes, beside the image's 1,568). `device`: where the buffer is held (an
+    accelerator's memory keeps replay off the host: ``on_device``); its random draws then
+    come from a generator on that device.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class ReplayBuffer:
         num_classes: int,
         policy: str = "ring",
         maps: bool = False,
+        device: str | torch.device = "cpu",
     ):
         if int(capacity) < 1:
             raise ValueError(f"replay capacity: expected >= 1, got {capacity}")
@@ -49,16 +52,25 @@ class ReplayBuffer:
         self.capacity = int(capacity)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
+        self.device = torch.device(device)
+        d = self.device
+        # Off the CPU a spare row takes the reservoir's rejected pairs, so that a batch is
+        # placed by one indexed copy instead of a boolean mask (which waits for the device).
+        self.mask_free = d.type != "cpu"
+        rows = self.capacity + 1
         # torch.empty does not touch the memory: a large capacity costs only what is used.
-        self.fields = {
-            "images": torch.empty(self.capacity, *self.image_shape, dtype=torch.float16),
-            "probs": torch.empty(self.capacity, self.num_classes, dtype=torch.float32),
+        self._storage = {
+            "images": torch.empty(rows, *self.image_shape, dtype=torch.float16, device=d),
+            "probs": torch.empty(rows, self.num_classes, dtype=torch.float32, device=d),
         }
         if maps:
-            self.fields["maps"] = torch.empty(self.capacity, *self.image_shape, dtype=torch.float16)
-            self.fields["projections"] = torch.empty(
-                self.capacity, self.num_classes, dtype=torch.float32
+            self._storage["maps"] = torch.empty(
+                rows, *self.image_shape, dtype=torch.float16, device=d
             )
+            self._storage["projections"] = torch.empty(
+                rows, self.num_classes, dtype=torch.float32, device=d
+            )
+        self.fields = {k: v[: self.capacity] for k, v in self._storage.items()}
         self.size = 0
         self.position = 0  # where the next pair goes
         self.added = 0
@@ -91,20 +103,21 @@ class ReplayBuffer:
 
         `generator` draws the reservoir's replacements (so a resumed run repeats them).
         """
+        d = self.device
         batch = {
-            "images": images.detach().to("cpu", torch.float16),
-            "probs": probs.detach().to("cpu", torch.float32),
+            "images": images.detach().to(d, torch.float16),
+            "probs": probs.detach().to(d, torch.float32),
         }
         n = batch["images"].shape[0]
         if batch["probs"].shape[0] != n:
             raise ValueError(f"replay: {n} images but {batch['probs'].shape[0]} answers")
         if self.stores_maps:
             if maps is None:
-                batch["maps"] = torch.zeros(n, *self.image_shape, dtype=torch.float16)
-                batch["projections"] = torch.zeros(n, self.num_classes)
+                batch["maps"] = torch.zeros(n, *self.image_shape, dtype=torch.float16, device=d)
+                batch["projections"] = torch.zeros(n, self.num_classes, device=d)
             else:
-                batch["maps"] = maps.detach().to("cpu", torch.float16)
-                batch["projections"] = projections.detach().to("cpu", torch.float32)
+                batch["maps"] = maps.detach().to(d, torch.float16)
+                batch["projections"] = projections.detach().to(d, torch.float32)
         if self.policy == "reservoir":
             self._add_reservoir(batch, generator)
             return
@@ -132,11 +145,18 @@ class ReplayBuffer:
         if n == 0:
             return
         # The t-th pair ever added (t >= capacity) takes a random slot with chance capacity/t.
-        seen = self.added + 1 + torch.arange(n, dtype=torch.float64)
-        slot = (torch.rand(n, generator=generator, dtype=torch.float64) * seen).long()
+        d = generator.device if generator is not None else self.device
+        seen = self.added + 1 + torch.arange(n, dtype=torch.float64, device=d)
+        slot = (torch.rand(n, generator=generator, dtype=torch.float64, device=d) * seen).long()
+        slot = slot.to(self.device)
         keep = slot < self.capacity
-        for name, values in batch.items():
-            self.fields[name][slot[keep]] = values[keep]
+        if not self.mask_free:
+            for name, values in batch.items():
+                self.fields[name][slot[keep]] = values[keep]
+        else:
+            slot = torch.where(keep, slot, self.capacity)
+            for name, values in batch.items():
+                self._storage[name][slot] = values
         self.added += n
 
     def sample_batch(
@@ -145,7 +165,8 @@ class ReplayBuffer:
         """n stored queries drawn uniformly with replacement, every field (float32)."""
         if len(self) == 0:
             raise RuntimeError("replay: the buffer is empty")
-        idx = torch.randint(self.size, (int(n),), generator=generator)
+        idx = torch.randint(self.size, (int(n),), generator=generator, device=generator.device)
+        idx = idx.to(self.device)
         return {k: v[idx].to(device, torch.float32) for k, v in self.fields.items()}
 
     def sample(
@@ -163,6 +184,6 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.size = int(state["images"].shape[0])
         for name, values in self.fields.items():
-            values[: self.size] = state[name].to(values.dtype)
+            values[: self.size] = state[name].to(values.device, values.dtype)
         self.position = int(state["position"])
         self.added = int(state["added"])

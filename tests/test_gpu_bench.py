@@ -1,0 +1,40 @@
+"""benchmarks/gpu.py at toy size on the CPU: every section runs and reports its figures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_smoke_runs_every_section(tmp_path):
+    # The README's command, with --out in the test's folder.
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["matrix_rate_tflops"]["bf16"] > 0
+    rows = report["throughput"]
+    assert {(r["method"], r["mode"]) for r in rows} == {
+        (m, mode) for m in ("megex", "dfme") for mode in ("plain", "fast")
+    }
+    for row in rows:
+        assert row["queries_per_s"] > 0 and row["minutes_for_20M"] > 0
+        assert 0 < row["fraction_of_bf16_rate"]
+    plain = {r["method"]: r["flops_per_query"] for r in rows if r["mode"] == "plain"}
+    # MEGEX's victim explains every class (a backward pass per class): more per query.
+    assert plain["megex"] > plain["dfme"] > 0
+    runs = report["paper_run"]
+    assert [r["method"] for r in runs] == ["megex-all", "megex-jacobian", "dfme"]
+    for r in runs:
+        assert 0 < r["queries"] <= 600 and 0 <= r["clone_accuracy"] <= 1
+        assert r["ratio"] == round(r["clone_accuracy"] / r["victim_accuracy"], 4)
+    assert "figures in" in proc.stdout
