@@ -216,3 +216,23 @@ def test_runs_recorded_before_the_speed_settings_resume(tmp_path, digits_victim)
         folder, describe_run(DFME(seed=0, precision="bf16", **SMALL), oracle, 600)
     )
     assert changed == ["precision: not recorded then, 'bf16' now"]
+
+
+def test_the_command_line_takes_the_speed_settings(tmp_path, digits_victim, capsys):
+    from megex.cli import main
+
+    victim_file = str(tmp_path / "victim.safetensors")
+    digits_victim.save(victim_file)
+    out = tmp_path / "run"
+    argv = ["attack", "--victim", victim_file, "--out", str(out), "--quiet", "--budget", "1500"]
+    argv += ["--set", "precision=bf16", "--set", "on_device=true", "--set", "lr_scaling=sqrt"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["precision"], config["on_device"], config["lr_scaling"]) == (
+        "bf16",
+        True,
+        "sqrt",
+    )
+    assert json.loads((out / "result.json").read_text())["queries_used"] <= 1500
+    assert main([*argv[:-6], "--set", "precision=fp16", "--force"]) == 2
+    assert "precision" in capsys.readouterr().err

@@ -321,13 +321,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     attack = build_attack(job["attack"], job["settings"], job["seed"], job["device"])
     from .defenses import build_defense
 
+    defenses = [build_defense(spec) for spec in job.get("defenses", [])]
     oracle = LocalOracle(
         victim,
         budget=job["budget"],
         explanation=None,
         seed=job["seed"],
         device=job["device"],
-        defenses=[build_defense(spec) for spec in job.get("defenses", [])],
+        defenses=defenses,
+        # An attack with on_device (megex.accel) sends its queries from the device.
+        answer_on_device=attack.config.on_device and not defenses,
     )
     if folder.config_path.is_file() and not job["fresh"]:
         # A finished or interrupted run is reused only if it had these very settings.

@@ -247,8 +247,9 @@ class AttackConfig:
     # --- speed (megex.accel): off by default, so CPU runs and their results are unchanged ---
     precision: str = setting(
         "fp32",
-        "'bf16': autocast the attacker's own passes (clone training, generator; channels-last "
-        "off the CPU); DFME's probe losses, the queries and the victim stay fp32",
+        "'bf16': the clone's and the generator's forward passes under bf16 autocast "
+        "(channels-last off the CPU); the victim, the queries, DFME's probe losses, the "
+        "map-matching loss and the optimisers stay fp32",
         Choice(("fp32", "bf16")),
         "speed",
     )
@@ -263,8 +264,8 @@ class AttackConfig:
         False,
         "keep the attacker's random draws, replay buffer and logged losses on its device and "
         "send queries from there (no copy to the host for an oracle that answers on the same "
-        "device): no host synchronisation inside an iteration; draws differ from the host "
-        "generator's, so results differ from a run without it",
+        "device; the oracle's check of the images is then the one wait for the device): "
+        "off a CPU, draws differ from the host generator's, and so do results",
         FLAG,
         "speed",
     )

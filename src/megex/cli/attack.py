@@ -190,9 +190,13 @@ def _prepare_out_folder(args: argparse.Namespace, folder: RunFolder) -> bool:
 
 
 def _oracle(
-    args: argparse.Namespace, explanation: Explanation | None, checkpoint: Any
+    args: argparse.Namespace,
+    explanation: Explanation | None,
+    checkpoint: Any,
+    settings: dict[str, Any],
 ) -> tuple[Any, Any, Any, Any]:
-    """(oracle, local victim or None, evaluator or None, service state or None)."""
+    """(oracle, local victim or None, evaluator or None, service state or None). A local
+    victim runs on the attack's device, and answers there for an attack with on_device."""
     if is_url(args.victim):
         try:
             from ..client import RemoteOracle
@@ -219,6 +223,8 @@ def _oracle(
             explanation=explanation or Explanation("gradient"),
             defenses=defenses,
             seed=args.seed,
+            device=settings.get("device", "cpu"),
+            answer_on_device=bool(settings.get("on_device")) and not defenses,
         )
     if checkpoint is not None and "service" in checkpoint:
         oracle.load_state_dict(checkpoint["service"])
@@ -243,8 +249,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         return 0
     checkpoint = folder.load_checkpoint() if (args.resume and folder.has_checkpoint()) else None
     explanation = explanation_from_args(args) if _uses_explanations(args.method) else None
-    oracle, victim, evaluator, service_state = _oracle(args, explanation, checkpoint)
     settings = attack_settings(args)
+    oracle, victim, evaluator, service_state = _oracle(args, explanation, checkpoint, settings)
     if explanation is not None:
         settings["explanation"] = explanation
     with user_input():
