@@ -1,6 +1,7 @@
 """Paper scale on one GPU: the attack loop's throughput, its FLOPs, and 2M-query runs.
 
-Sections (all by default, in this order; `--sections` picks some):
+Sections (`--sections`; rate and throughput by default, about 5 minutes on an H200 without
+--compile modes, whose compilation takes minutes more per batch size):
 
 - rate: the chip's measured bf16 (and fp32) matrix rate, from square matrix products;
 - throughput: queries/s of MEGEX (maps of every class) and DFME (m=1) in the paper's
@@ -10,18 +11,21 @@ Sections (all by default, in this order; `--sections` picks some):
   each --compile mode), at batch 256 and larger; the model FLOPs per query, counted from the
   architectures by torch's FLOP counter over one iteration (the victim's answers and
   explanations, the generator's and the clone's training); the achieved fraction of the
-  measured bf16 rate; the projected wall time of a 20M-query run;
+  measured rate (bf16 for the fast rows, fp32 for the plain ones); the projected wall time
+  of a 20M-query run;
 - paper-run: a ResNet-34-8x victim trained on Fashion-MNIST (1x28x28), then MEGEX, the
   Jacobian-matching attacker and DFME with the fair comparison's settings (the tuning
   search's file) and the fastest speed settings found, `--queries` queries each: clone
-  accuracy and its ratio to the victim.
+  accuracy and its ratio to the victim. It needs every such method in the settings file and
+the dataset's files (`--data-root`), and takes minutes per million queries.
 
-    PYTHONPATH=src python3 benchmarks/gpu.py                       # every section, < 10 min
-    PYTHONPATH=src python3 benchmarks/gpu.py --sections rate throughput
+    PYTHONPATH=src python3 benchmarks/gpu.py                       # rate and throughput
+    PYTHONPATH=src python3 benchmarks/gpu.py --compile default     # and compiled passes
     PYTHONPATH=src python3 benchmarks/gpu.py --sections paper-run --data-root data/fashion-mnist
     python benchmarks/gpu.py --smoke                               # tiny, on the CPU (tests)
 
-Figures go to the terminal and to `--out`/gpu.json (written after each section).
+Figures go to the terminal and to `--out`/gpu.json (written after each section; paths are
+relative to the checkout, wherever the script is run from).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from megex.runs import write_json_atomic  # noqa: E402
 from megex.victim import Victim  # noqa: E402
 
 SECTIONS = ("rate", "throughput", "paper-run")
+ROOT = Path(__file__).resolve().parents[1]
 PAPER_RUN_METHODS = ("megex-all", "megex-jacobian", "dfme")
 TARGET_QUERIES = 20_000_000
 
@@ -138,7 +143,7 @@ def time_iterations(attack: Any, oracle: Any, device: str, seconds: float, warmu
     return (oracle.queries_used - queries0) / (time.perf_counter() - start), steps
 
 
-def throughput(args: argparse.Namespace, rate_bf16: float | None) -> list[dict[str, Any]]:
+def throughput(args: argparse.Namespace, rates: dict[str, float]) -> list[dict[str, Any]]:
     shape = tuple(args.shape)
     victim = paper_victim(shape, args.victim_arch, args.device)
     rows = []
@@ -151,11 +156,13 @@ def throughput(args: argparse.Namespace, rate_bf16: float | None) -> list[dict[s
                     victim,
                     explanation=Explanation("gradient", target="all"),
                     device=args.device,
-                    batch_size=max(batch * 11, 1024),
+                    # Chunks of 1,024: maps of every class in one batched backward hold K
+                    # times a backward's memory.
+                    batch_size=1024,
                     answer_on_device=mode != "plain",
                 )
-                attack.setup(oracle, 10**6)
                 try:
+                    attack.setup(oracle, 10**6)
                     flops = None
                     if mode == "plain":
                         flops = count_flops_per_query(attack, oracle)
@@ -164,6 +171,10 @@ def throughput(args: argparse.Namespace, rate_bf16: float | None) -> list[dict[s
                     )
                 except torch.OutOfMemoryError:
                     print(f"{method} {mode} batch {batch}: out of memory", flush=True)
+                    qps = None
+                if qps is None:
+                    del attack, oracle
+                    free_memory(args.device)
                     continue
                 row = {
                     "method": method,
@@ -178,35 +189,51 @@ def throughput(args: argparse.Namespace, rate_bf16: float | None) -> list[dict[s
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del attack, oracle
-                if torch.device(args.device).type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory(args.device)
     # FLOPs per query depend on the method and batch, not on how fast they are computed.
     per_query = {
         (r["method"], r["batch"]): r["flops_per_query"] for r in rows if "flops_per_query" in r
     }
     for row in rows:
         flops = per_query.get((row["method"], args.batches[0]))
-        if flops is not None and rate_bf16:
-            row["fraction_of_bf16_rate"] = round(flops * row["queries_per_s"] / rate_bf16, 4)
+        kind = "fp32" if row["mode"] == "plain" else "bf16"
+        if flops is not None and rates.get(kind):
+            achieved = flops * row["queries_per_s"] / rates[kind]
+            row[f"fraction_of_{kind}_rate"] = round(achieved, 4)
     return rows
 
 
-def paper_run(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A trained ResNet-34-8x victim on Fashion-MNIST; each method at `--queries`, with the
-    fair comparison's settings (the benchmark's shared ones and the search's per method) at
-    paper scale (ResNet-18-8x clone, the generator at DFME's width 64) and the speed
-    settings of the fastest throughput row."""
-    from megex.bench import DEFAULTS, load_tuned, method_settings, require_tuned
-    from megex.data import load
-    from megex.evaluate import Evaluator
-    from megex.victim import train_victim
+def free_memory(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
+
+def paper_run_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(benchmark config, tuned settings, dataset) for the paper run; raises if the settings
+    file lacks a method or the dataset's files are missing."""
+    from megex.bench import DEFAULTS, check_methods, load_tuned, require_tuned
+    from megex.data import load
+
+    check_methods(args.paper_methods)
     settings_file = None if args.settings_file == "none" else args.settings_file
     config = {**DEFAULTS, "tuned_settings": settings_file}
     tuned = load_tuned(config)
     for method in args.paper_methods:
         require_tuned(config, method, tuned)
-    ds = load(args.dataset, args.data_root)
+    return config, tuned, load(args.dataset, args.data_root)
+
+
+def paper_run(
+    args: argparse.Namespace, rows: list[dict[str, Any]], config: Any, tuned: Any, ds: Any
+) -> list[dict[str, Any]]:
+    """A trained ResNet-34-8x victim on Fashion-MNIST; each method at `--queries`, with the
+    fair comparison's settings (the benchmark's shared ones and the search's per method) at
+    paper scale (ResNet-18-8x clone, the generator at DFME's width 64) and the speed
+    settings of the fastest throughput row."""
+    from megex.bench import method_settings
+    from megex.evaluate import Evaluator
+    from megex.victim import train_victim
+
     start = time.time()
     victim = train_victim(
         ds, args.victim_arch, epochs=args.victim_epochs, device=args.device, progress=False
@@ -256,14 +283,15 @@ def _fastest_mode(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=["rate", "throughput"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument(
         "--compile",
         nargs="*",
-        default=["max-autotune"],
-        help="torch.compile modes to measure besides eager (none: eager only)",
+        default=[],
+        help="torch.compile modes to measure besides eager (default, reduce-overhead, "
+        "max-autotune; none given: eager only)",
     )
     p.add_argument("--seconds", type=float, default=8.0, help="timing per configuration")
     p.add_argument("--warmup", type=int, default=3, help="iterations before timing")
@@ -272,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--victim-epochs", type=int, default=8)
     p.add_argument(
         "--settings-file",
-        default="benchmarks/results/tuning/tuned.json",
+        default=str(ROOT / "benchmarks/results/tuning/tuned.json"),
         help="the tuning search's settings for the paper run ('none': untuned defaults)",
     )
     p.add_argument("--dataset", default="fashion-mnist", help="the paper run's dataset")
     p.add_argument("--data-root", help="folder with the dataset's files")
-    p.add_argument("--out", default="benchmarks/results/gpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu"))
     p.add_argument(
         "--smoke", action="store_true", help="tiny sizes on the CPU: checks that every section runs"
     )
@@ -299,8 +327,14 @@ def main(argv: list[str] | None = None) -> int:
             8,
         )
         args.dataset, args.settings_file = "digits", "none"
+        args.sections = list(SECTIONS)
         matrix_n = 128
     prepare_torch(torch.get_num_threads(), args.device)
+    # The paper run's inputs are checked before anything runs (settings, dataset files).
+    try:
+        inputs = paper_run_inputs(args) if "paper-run" in args.sections else None
+    except (ValueError, FileNotFoundError) as err:
+        p.error(f"paper-run: {err}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -311,26 +345,30 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
     }
-    rate_bf16 = None
+    rates: dict[str, float] = {}
     if "rate" in args.sections:
         seconds = 0.2 if args.smoke else 3.0
-        rate_bf16 = matrix_rate(args.device, torch.bfloat16, matrix_n, seconds)
-        rate_fp32 = matrix_rate(args.device, torch.float32, matrix_n, seconds)
-        report["matrix_rate_tflops"] = {"bf16": rate_bf16 / 1e12, "fp32": rate_fp32 / 1e12}
-        print(f"matrix rate: bf16 {rate_bf16 / 1e12:.1f} TFLOP/s, fp32 {rate_fp32 / 1e12:.1f}")
+        for kind, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            rates[kind] = matrix_rate(args.device, dtype, matrix_n, seconds)
+        report["matrix_rate_tflops"] = {k: v / 1e12 for k, v in rates.items()}
+        print(
+            f"matrix rate: bf16 {rates['bf16'] / 1e12:.1f} TFLOP/s, fp32 {rates['fp32'] / 1e12:.1f}"
+        )
         write_json_atomic(out / "gpu.json", report)
     rows: list[dict[str, Any]] = []
     if "throughput" in args.sections:
-        rows = throughput(args, rate_bf16)
+        rows = throughput(args, rates)
         report["throughput"] = rows
-        best = max((r for r in rows if r["method"] == "megex"), key=lambda r: r["queries_per_s"])
-        print(
-            f"fastest MEGEX: {best['mode']} batch {best['batch']}, "
-            f"{best['queries_per_s']:.0f} queries/s, 20M in {best['minutes_for_20M']} min"
-        )
+        megex_rows = [r for r in rows if r["method"] == "megex"]
+        if megex_rows:
+            best = max(megex_rows, key=lambda r: r["queries_per_s"])
+            print(
+                f"fastest MEGEX: {best['mode']} batch {best['batch']}, "
+                f"{best['queries_per_s']:.0f} queries/s, 20M in {best['minutes_for_20M']} min"
+            )
         write_json_atomic(out / "gpu.json", report)
-    if "paper-run" in args.sections:
-        report["paper_run"] = paper_run(args, rows)
+    if inputs is not None:
+        report["paper_run"] = paper_run(args, rows, *inputs)
         write_json_atomic(out / "gpu.json", report)
     print(f"figures in {out / 'gpu.json'}")
     return 0

@@ -142,22 +142,27 @@ def test_all_class_maps_in_one_batched_pass_equal_the_per_class_loop(monkeypatch
     torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-7)
 
 
-def test_replay_without_masks_keeps_consistent_pairs():
-    # Off the CPU the reservoir places a batch with one indexed copy (rejected pairs go to a
-    # spare row); run that path on the CPU and check what it keeps.
-    buffer = ReplayBuffer(50, (1, 2, 2), 3, "reservoir")
-    buffer.mask_free = True
-    gen = torch.Generator().manual_seed(0)
-    for start in range(0, 400, 40):
-        ids = torch.arange(start, start + 40, dtype=torch.float32)
-        images = (ids / 1000).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
-        probs = torch.stack([ids, ids, ids], 1)
-        buffer.add(images, probs, gen)
-    assert len(buffer) == 50 and buffer.added == 400
-    kept = buffer.probs[:, 0]
-    assert torch.allclose(buffer.images[:, 0, 0, 0].float() * 1000, kept, atol=0.5)
-    assert len(set(kept.tolist())) == 50
-    assert (kept >= 50).sum() > 25  # later pairs replace earlier ones, roughly uniformly
+def test_replay_without_masks_keeps_what_the_masked_copy_keeps():
+    # Off the CPU the reservoir places a batch with one indexed copy (rejected pairs and the
+    # earlier of two pairs drawing one slot go to a spare row); on the CPU it must keep
+    # exactly what the masked copy keeps, slot for slot.
+    buffers = []
+    for mask_free in (False, True):
+        buffer = ReplayBuffer(50, (1, 2, 2), 3, "reservoir")
+        buffer.mask_free = mask_free
+        gen = torch.Generator().manual_seed(0)
+        for start in range(0, 2000, 200):  # batches of 200 into 50 slots: many collisions
+            ids = torch.arange(start, start + 200, dtype=torch.float32)
+            images = (ids / 4096).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+            buffer.add(images, torch.stack([ids, ids + 0.5, ids], 1), gen)
+        buffers.append(buffer)
+    masked, mask_free = buffers
+    assert len(mask_free) == 50 and mask_free.added == 2000
+    assert torch.equal(masked.probs, mask_free.probs)
+    assert torch.equal(masked.images, mask_free.images)
+    kept = mask_free.probs[:, 0]
+    assert torch.equal(mask_free.images[:, 0, 0, 0].float() * 4096, kept)  # whole pairs
+    assert (kept >= 1000).sum() > 15  # later pairs replace earlier ones
 
 
 def test_device_images_are_checked_with_clear_errors():
@@ -179,7 +184,14 @@ def test_answers_on_the_device_refuse_defences(digits_victim):
 
     with pytest.raises(ValueError, match="answer_on_device"):
         LocalOracle(digits_victim, answer_on_device=True, defenses=[build_defense("round")])
-    assert LocalOracle(digits_victim, answer_on_device=True).query_device == "cpu"
+    oracle = LocalOracle(digits_victim, answer_on_device=True)
+    assert oracle.query_device == "cpu"
+    with pytest.raises(ValueError, match="answer_on_device"):
+        oracle.defenses = [build_defense("round")]
+    oracle.answer_on_device = False
+    oracle.defenses = [build_defense("round")]
+    with pytest.raises(ValueError, match="answer_on_device"):
+        oracle.answer_on_device = True
 
 
 def test_learning_rates_scale_with_the_batch():
@@ -216,6 +228,14 @@ def test_runs_recorded_before_the_speed_settings_resume(tmp_path, digits_victim)
         folder, describe_run(DFME(seed=0, precision="bf16", **SMALL), oracle, 600)
     )
     assert changed == ["precision: not recorded then, 'bf16' now"]
+    # The device may change on resumption, unless the random generator lives on it.
+    config["device"] = "meta"
+    folder.config_path.write_text(json.dumps(config))
+    assert changed_settings(folder, describe_run(DFME(seed=0, **SMALL), oracle, 600)) == []
+    config["on_device"] = True
+    folder.config_path.write_text(json.dumps(config))
+    moved = describe_run(DFME(seed=0, on_device=True, **SMALL), oracle, 600)
+    assert changed_settings(folder, moved) == ["device: 'meta' then, 'cpu' now"]
 
 
 def test_the_command_line_takes_the_speed_settings(tmp_path, digits_victim, capsys):

@@ -15,7 +15,10 @@ Each is off by default, so that a CPU run, and its results, are what they were:
   map-matching loss (a double backward, which compiled graphs do not support) stays eager.
 - ``on_device``: random draws, the replay buffer and the logged losses stay on the attacker's
   device, and queries go to an oracle that answers on that device without a copy to the
-  host, so that an iteration queues its work without waiting for it.
+  host, so that an iteration queues its work without waiting for it. Waits left: the
+  oracle's check of the images' values (once per request: bad images are refused before
+  they are charged), SmoothGrad's noise (the service draws it on the host), a generator
+  restart (once per period), and the evasive attackers, whose pool of padding is on the host.
 - ``lr_scaling``: learning rates scaled with the batch, for runs at larger batches.
 """
 
@@ -30,6 +33,7 @@ import torch
 __all__ = [
     "REFERENCE_BATCH",
     "attacker_generator",
+    "exact_fp32",
     "forward_pass",
     "logged",
     "same_device",
@@ -90,6 +94,15 @@ def scaled_learning_rates(config: Any) -> tuple[float, float]:
     ratio = config.batch_size / REFERENCE_BATCH
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[config.lr_scaling]
     return config.clone_lr * factor, config.generator_lr * factor
+
+
+def exact_fp32(device: str | torch.device) -> None:
+    """Full fp32 matrix products on a CUDA device, as on a CPU. With TF32 (PyTorch's default
+    for cuDNN convolutions) DFME's forward differences (eps 1e-3) drown in rounding and the
+    maps lose bits; bf16 passes (`precision`) are unaffected."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def same_device(a: torch.device | str, b: torch.device | str) -> bool:

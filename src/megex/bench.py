@@ -298,12 +298,10 @@ def build_attack(attack: str, settings: dict[str, Any], seed: int, device: str):
 def prepare_torch(threads: int, device: str) -> None:
     import torch
 
+    from .accel import exact_fp32
+
     torch.set_num_threads(threads)
-    if str(device).startswith("cuda"):
-        # Full fp32 as on a CPU: with TF32 (PyTorch's default for cuDNN convolutions)
-        # DFME's forward differences (eps 1e-3) drown in rounding, and the maps lose bits.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    exact_fp32(device)
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:

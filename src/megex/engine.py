@@ -281,8 +281,9 @@ def _checkpoint(folder, attack, iteration, spent, metrics, t0, service_state) ->
     folder.write_metrics(metrics)
 
 
-# Settings that may differ between an interrupted run and its resumption (compiling changes
-# speed, not results).
+# Settings that may differ between an interrupted run and its resumption (they change speed
+# and float rounding, not what the run does); the device only while the attack's random
+# generator is on the host (on_device keeps it on the device, whose state does not transfer).
 _RESUMABLE_CHANGES = {"device", "compile"}
 # Settings added after runs were recorded without them, with the value those runs had.
 _ADDED_SETTINGS = {
@@ -302,13 +303,13 @@ def changed_settings(folder: RunFolder, described: dict[str, Any]) -> list[str]:
     """
     before = folder.read_config()
     now = json.loads(json.dumps(described, default=str))
+    resumable = _RESUMABLE_CHANGES - ({"device"} if now.get("on_device") else set())
     return [
         f"{key}: {before[key]!r} then, {value!r} now"
         if key in before
         else f"{key}: not recorded then, {value!r} now"
         for key, value in now.items()
-        if key not in _RESUMABLE_CHANGES
-        and before.get(key, _ADDED_SETTINGS.get(key, _UNRECORDED)) != value
+        if key not in resumable and before.get(key, _ADDED_SETTINGS.get(key, _UNRECORDED)) != value
     ]
 
 

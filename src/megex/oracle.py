@@ -190,12 +190,9 @@ class Responder:
             raise ValueError(
                 f"defenses: a defence of probabilities does not apply to prediction={prediction!r}"
             )
-        if answer_on_device and defenses:
-            raise ValueError(
-                "answer_on_device: defences draw their noise on the host; answer on the host "
-                "(answer_on_device=False) to apply them"
-            )
-        self.answer_on_device = bool(answer_on_device)
+        self._answer_on_device = False
+        self._defenses: list[Defense] = []
+        self.answer_on_device = answer_on_device
         self.victim = fast_layout(victim.eval(), device)
         self.prediction = prediction
         self.top_k = None if top_k is None else int(top_k)
@@ -214,6 +211,32 @@ class Responder:
         if explanation is not None:
             # A defence that cannot apply to the configured explanation is a setting mistake.
             self.computed_explanation(explanation)
+
+    @property
+    def defenses(self) -> list[Defense]:
+        return self._defenses
+
+    @defenses.setter
+    def defenses(self, defenses: Sequence[Defense]) -> None:
+        self._check_device_answers(self.answer_on_device, defenses)
+        self._defenses = list(defenses)
+
+    @property
+    def answer_on_device(self) -> bool:
+        return self._answer_on_device
+
+    @answer_on_device.setter
+    def answer_on_device(self, value: bool) -> None:
+        self._check_device_answers(value, self.defenses)
+        self._answer_on_device = bool(value)
+
+    @staticmethod
+    def _check_device_answers(on_device: bool, defenses: Sequence[Defense]) -> None:
+        if on_device and defenses:
+            raise ValueError(
+                "answer_on_device: defences draw their noise on the host; answer on the host "
+                "(answer_on_device=False) to apply them"
+            )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -403,8 +426,8 @@ class LocalOracle:
     budget: queries allowed (None: unlimited); queries_used: queries already spent (a
     service restored from a checkpoint). The other settings are the Responder's:
     prediction, top_k, explanation, allow_explanation_choice, defenses, seed, device,
-    batch_size and answer_on_device (then images sent from `device`, its `query_device`,
-    are checked and answered there without a copy to the host).
+    batch_size and answer_on_device (then answers stay on `device`, and images sent from
+    there, its `query_device`, are checked there without a copy to the host).
     """
 
     # One account: an in-process oracle has one client.

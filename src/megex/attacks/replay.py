@@ -154,7 +154,14 @@ class ReplayBuffer:
             for name, values in batch.items():
                 self.fields[name][slot[keep]] = values[keep]
         else:
+            # Two pairs of a batch may draw one slot: the later one wins, as in the loop above
+            # (an indexed copy with repeated indices leaves the winner undefined on a GPU,
+            # even per element). Losers and rejected pairs go to the spare row.
             slot = torch.where(keep, slot, self.capacity)
+            arrival = torch.arange(n, device=slot.device)
+            last = torch.full((self.capacity + 1,), -1, dtype=torch.long, device=slot.device)
+            last.scatter_reduce_(0, slot, arrival, reduce="amax")
+            slot = torch.where(last[slot] == arrival, slot, self.capacity)
             for name, values in batch.items():
                 self._storage[name][slot] = values
         self.added += n

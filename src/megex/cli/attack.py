@@ -193,7 +193,7 @@ def _oracle(
     args: argparse.Namespace,
     explanation: Explanation | None,
     checkpoint: Any,
-    settings: dict[str, Any],
+    settings: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """(oracle, local victim or None, evaluator or None, service state or None). A local
     victim runs on the attack's device, and answers there for an attack with on_device."""
@@ -209,9 +209,13 @@ def _oracle(
             oracle = RemoteOracle(args.victim, api_key=args.api_key)
         reference = load_victim(args.reference_victim) if args.reference_victim else None
         return oracle, None, evaluator_for(args.dataset, args.data_root, reference), None
+    from ..accel import exact_fp32
     from ..oracle import LocalOracle
 
+    settings = settings or {}
+
     victim = load_victim(args.victim)
+    exact_fp32(settings.get("device", "cpu"))
     with user_input("--defense"):
         defenses = [build_defense(spec) for spec in args.defense]
     with user_input():
