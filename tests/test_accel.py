@@ -18,6 +18,9 @@ from megex.oracle import InvalidQuery, validate_images
 from megex.runs import RunFolder
 from megex.victim import Victim
 
+# torch.compile imports torch.jit pieces that warn of their own deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method`:DeprecationWarning")
+
 SMALL = {"batch_size": 32, "clone_steps": 2, "replay_size": 500}
 ALL = Explanation("gradient", target="all")
 
