@@ -12,7 +12,7 @@ Sections (`--sections`; rate and throughput by default, about 5 minutes on an H2
   architectures by torch's FLOP counter over one iteration (the victim's answers and
   explanations, the generator's and the clone's training); the achieved fraction of the
   measured rate (bf16 for the fast rows, fp32 for the plain ones); the projected wall time
-  of a 20M-query run;
+  of a 20M-query run; on CUDA, the host synchronisations in one iteration (sync debug mode);
 - paper-run: a ResNet-34-8x victim trained on Fashion-MNIST (1x28x28), then MEGEX, the
   Jacobian-matching attacker and DFME with the fair comparison's settings (the tuning
   search's file) and the fastest speed settings found, `--queries` queries each: clone
@@ -125,6 +125,23 @@ def count_flops_per_query(attack: Any, oracle: Any) -> float:
     return counter.total / max(1, oracle.queries_used - before)
 
 
+def count_host_syncs(attack: Any, oracle: Any, device: str) -> int | None:
+    """Host synchronisations in one iteration, as CUDA's sync debug mode reports them (None
+    off CUDA). The fast path expects one per request: the oracle's check of the images."""
+    if torch.device(device).type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            attack.step(oracle)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def time_iterations(attack: Any, oracle: Any, device: str, seconds: float, warmup: int):
     """(queries/s, iterations timed) of attack.step on the oracle, after `warmup` steps."""
     for _ in range(warmup):
@@ -169,6 +186,7 @@ def throughput(args: argparse.Namespace, rates: dict[str, float]) -> list[dict[s
                     qps, steps = time_iterations(
                         attack, oracle, args.device, args.seconds, args.warmup
                     )
+                    syncs = count_host_syncs(attack, oracle, args.device)
                 except torch.OutOfMemoryError:
                     print(f"{method} {mode} batch {batch}: out of memory", flush=True)
                     qps = None
@@ -186,6 +204,10 @@ def throughput(args: argparse.Namespace, rates: dict[str, float]) -> list[dict[s
                 }
                 if flops is not None:
                     row["flops_per_query"] = flops
+                if syncs is not None:
+                    row["host_syncs_per_iteration"] = syncs
+                    c = attack.config
+                    row["requests_per_iteration"] = c.generator_steps + c.clone_steps
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del attack, oracle
