@@ -13,6 +13,7 @@ and continues a checkpoint exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .attacks.base import Attack
+from .attacks.config import AttackConfig
 from .oracle import Answer, BudgetExceeded, Oracle, OracleView
 from .runs import RunFolder
 
@@ -285,12 +287,10 @@ def _checkpoint(folder, attack, iteration, spent, metrics, t0, service_state) ->
 # and float rounding, not what the run does); the device only while the attack's random
 # generator is on the host (on_device keeps it on the device, whose state does not transfer).
 _RESUMABLE_CHANGES = {"device", "compile"}
-# Settings added after runs were recorded without them, with the value those runs had.
+# Settings added after runs were recorded without them, with the value those runs had:
+# the speed settings' defaults.
 _ADDED_SETTINGS = {
-    "precision": "fp32",
-    "compile": "off",
-    "on_device": False,
-    "lr_scaling": "none",
+    f.name: f.default for f in dataclasses.fields(AttackConfig) if f.metadata["group"] == "speed"
 }
 
 

@@ -510,16 +510,8 @@ class LocalOracle:
 
     def query(self, x: Any, explanation: Explanation | bool | None = None) -> Answer:
         """Answer a batch of images; charges one query per image."""
-        on_device = (
-            self.answer_on_device
-            and isinstance(x, torch.Tensor)
-            and x.device.type != "cpu"
-            and same_device(x.device, self.device)
-        )
-        if on_device:
-            images = validate_images(x, self.input_shape, keep_device=True)
-        else:
-            images = validate_images(x, self.input_shape)
+        sent_from_here = isinstance(x, torch.Tensor) and same_device(x.device, self.query_device)
+        images = validate_images(x, self.input_shape, keep_device=sent_from_here)
         spec = self.responder.resolve_explanation(explanation)
         charge = self.ledger.charge(self.ACCOUNT, images.shape[0])
         try:
