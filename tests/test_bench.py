@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +63,9 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
 
     for method in ("megex-all", "dfme"):
         assert summary["stats"][method]["600"]["clone_updates"] > 0
-        for row in read_metrics(tmp_path / "out" / "runs" / f"{method}-v1-s0" / "metrics.jsonl"):
+        for row in read_metrics(
+            tmp_path / "out" / "runs-quick" / f"{method}-v1-s0" / "metrics.jsonl"
+        ):
             allotted = int(80 * row["queries"] / 1000)
             assert allotted <= row["clone_updates"] <= allotted + 2
     assert set(summary["queries_to_reach"]) == {"0.8", "0.9"}
@@ -105,6 +108,34 @@ def test_settings_come_from_the_search_and_variants_take_their_methods(tmp_path)
     config["tuned_settings"] = str(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="run benchmarks/tune.py"):
         bench.load_tuned(config)
+
+
+def test_a_benchmark_stopped_part_way_holds_every_method_on_the_same_runs(tmp_path):
+    import argparse
+
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"methods": {"megex-all": {}, "dfme": {}}}))
+    config = bench.load_config(_config(tmp_path, tuned_settings=str(tuned)))
+    config.update(methods=["megex-all", "dfme"], assumption_methods=[], seeds=[0, 1])
+    victims = {0: tmp_path / "v0.safetensors", 1: tmp_path / "v1.safetensors"}
+
+    def jobs(quick: bool) -> list:
+        args = argparse.Namespace(
+            budgets=None, quick=quick, seeds=None, methods=None, device=None, data_root=None,
+            threads=1, fresh=False, no_progress=True, jobs=2,
+        )  # fmt: skip
+        return bench.plan(config, args, tmp_path, victims)
+
+    full = jobs(quick=False)
+    order = [(j["seed"], j["victim_seed"], j["method"]) for j in full]
+    # Seed, then victim, then method: any prefix of whole blocks is a paired table.
+    assert order == [
+        (s, v, m) for s in (0, 1) for v in (0, 1) for m in ("megex-all", "dfme")
+    ]  # fmt: skip
+    # The quick grid's shorter runs never land in (and are never refused by) the full runs.
+    quick_dirs = {Path(j["run_dir"]).parent for j in jobs(quick=True)}
+    assert quick_dirs == {tmp_path / "runs-quick"}
+    assert {Path(j["run_dir"]).parent for j in full} == {tmp_path / "runs"}
 
 
 def test_the_leakage_config_names_the_strongest_attacker_with_every_kind_of_map():

@@ -91,7 +91,9 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
             assert set(method["reach"]) == {"0.7", "0.8"}
     # DFME ran with m = 1 and m = 10 whatever the tuned file said (5).
     for size, method, m in (("14", "dfme", 1), ("colour-56", "dfme-m10", 10)):
-        run = json.loads((out / size / "runs" / f"{method}-v0-s0" / "config.json").read_text())
+        run = json.loads(
+            (out / size / "runs-quick" / f"{method}-v0-s0" / "config.json").read_text()
+        )
         assert run["directions"] == m and run["epsilon"] == 0.01
     assert run["input_shape"] == [3, 56, 56]
     table = (out / "dimension_quick.md").read_text()

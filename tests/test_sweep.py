@@ -83,8 +83,8 @@ def test_a_sweep_on_ray_gives_the_local_runners_results(tmp_path, ray_instance, 
     assert on_ray["queries_to_reach"] == local["queries_to_reach"]
     assert "Ray" in on_ray["runner"] and "local processes" in local["runner"]
     for name in ("megex-all-v0-s0", "dfme-v0-s0"):
-        rows = _rows(tmp_path / "ray" / "runs" / name)
-        assert len(rows) == 4 and rows == _rows(tmp_path / "local" / "runs" / name)
+        rows = _rows(tmp_path / "ray" / "runs-quick" / name)
+        assert len(rows) == 4 and rows == _rows(tmp_path / "local" / "runs-quick" / name)
     # The same tables, from the same code.
     assert (tmp_path / "ray" / "query_efficiency_quick.md").is_file()
     assert "as Ray tasks" in capfd.readouterr().err
@@ -122,7 +122,7 @@ def test_a_worker_killed_mid_run_is_retried_and_resumed(tmp_path, ray_instance):
         [job], None, results.append, _killed_after_first_checkpoint, ray="local", retries=2
     )
     assert failures == [] and len(results) == 1 and not results[0]["skipped"]
-    attempts = (tmp_path / "out" / "runs" / "dfme-v0-s0.attempts").read_text().split()
+    attempts = (tmp_path / "out" / "runs-quick" / "dfme-v0-s0.attempts").read_text().split()
     # Two processes: the first started afresh and was killed, the second found its checkpoint.
     assert len(attempts) == 4 and attempts[0] != attempts[2]
     assert attempts[1] == "False" and attempts[3] == "True"

@@ -117,7 +117,21 @@ DEFAULTS: dict[str, Any] = {
     # Up to 250k: 8 methods x 9 runs fit about a working day on 2 cores (500k would double it).
     "budgets": [50_000, 100_000, 250_000],
     # Evaluations besides the budgets, for the queries needed to reach a target.
-    "eval_at": [5_000, 10_000, 20_000, 30_000, 75_000, 150_000, 200_000],
+    # (From 1k: the leakage curve, benchmarks/configs/leakage.json, can read these runs too.)
+    "eval_at": [
+        1_000,
+        2_000,
+        3_000,
+        5_000,
+        7_500,
+        10_000,
+        15_000,
+        20_000,
+        30_000,
+        75_000,
+        150_000,
+        200_000,
+    ],
     "methods": [
         "megex-all",
         "megex-predicted",
@@ -129,7 +143,8 @@ DEFAULTS: dict[str, Any] = {
     "assumption_methods": ["megex-all+prior", "dfme+prior"],
     "baseline": "dfme",
     "targets": [0.8, 0.9],
-    "quick_budgets": [50_000, 150_000],
+    # 6 methods x 1 run to 75k: about 8 minutes on 2 cores with the searched settings.
+    "quick_budgets": [25_000, 75_000],
     "quick_seeds": [0],
     "quick_victim_seeds": [0],
     # Shared by every method and not searched: a small generator keeps the CPU runs short,
@@ -395,17 +410,22 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     device = args.device or config["device"]
     out, data_root = out.resolve(), args.data_root and str(Path(args.data_root).resolve())
     progress = not args.no_progress and (args.jobs or 1) == 1 and not getattr(args, "ray", None)
-    jobs = []
+    chosen = {}
     for method in methods:
         require_tuned(config, method, tuned)
-        attack, settings = method_settings(config, method, tuned)
-        if settings.get("lr_schedule") != "constant":
+        chosen[method] = method_settings(config, method, tuned)
+        if chosen[method][1].get("lr_schedule") != "constant":
             raise ValueError(
                 f"{method}: the benchmark reads every budget off one run, which needs "
                 "lr_schedule 'constant'"
             )
+    runs_dir = out / ("runs-quick" if args.quick else "runs")
+    jobs = []
+    # Seed, then victim, then method: a benchmark stopped part-way has every method on the
+    # same victims and seeds, a smaller but paired and balanced table.
+    for seed in seeds:
         for victim_seed, victim in victims.items():
-            for seed in seeds:
+            for method, (attack, settings) in chosen.items():
                 jobs.append(
                     {
                         "method": method,
@@ -418,7 +438,7 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
                         "eval_at": [b for b in config["eval_at"] if b < max(budgets)],
                         "name": f"{method} victim {victim_seed} seed {seed}",
                         # Absolute: workers (processes, Ray tasks) may start elsewhere.
-                        "run_dir": str(out / "runs" / f"{method}-v{victim_seed}-s{seed}"),
+                        "run_dir": str(runs_dir / f"{method}-v{victim_seed}-s{seed}"),
                         "victim": str(Path(victim).resolve()),
                         "dataset": config["dataset"],
                         "data_root": data_root,
