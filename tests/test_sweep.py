@@ -190,6 +190,16 @@ def test_the_search_on_ray_shares_one_study_per_method(tmp_path, ray_instance):
     assert 3 <= len(complete) <= 4
 
 
+def test_the_settings_file_names_its_study_without_machine_paths_or_passwords(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    inside = f"sqlite:///{tmp_path / 'tuning' / 'studies.db'}"
+    assert tune._portable(inside) == "sqlite:///tuning/studies.db"
+    assert tune._portable("sqlite:////elsewhere/studies.db") == "sqlite:////elsewhere/studies.db"
+    assert tune._portable("postgresql://user:secret@db/optuna") == "postgresql://db/optuna"
+
+
 def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
     from megex.cli import build_parser
 

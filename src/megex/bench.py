@@ -474,7 +474,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for job in jobs:
             shutil.rmtree(job["run_dir"], ignore_errors=True)
             job["fresh"] = False
-    _log(f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under {out / 'runs'}")
+    runs_dir = Path(jobs[0]["run_dir"]).parent if jobs else out
+    _log(f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under {runs_dir}")
     finished: list[dict[str, Any]] = []
 
     def done(res: dict[str, Any]) -> None:

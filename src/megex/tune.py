@@ -157,6 +157,17 @@ def _public(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//", url)
 
 
+def _portable(url: str) -> str:
+    """The storage URL as the output file records it: a SQLite file under the working
+    folder by its relative path, so that the record holds in any checkout."""
+    url = _public(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if path.is_relative_to(Path.cwd()):
+            return f"sqlite:///{path.relative_to(Path.cwd())}"
+    return url
+
+
 def _storage(url: str):
     import warnings
 
@@ -360,7 +371,7 @@ def _record(
             "dataset": config["dataset"],
             "validation_images": config["validation_images"],
             "search": search,
-            "study": _public(url),
+            "study": _portable(url),
         }
     )
     for key, value in (("methods", res["params"]), ("validation_score", res["value"]),
