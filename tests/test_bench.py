@@ -58,6 +58,7 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     assert interval["low"] <= interval["estimate"] <= interval["high"]
     assert cell["vs_baseline"]["pairs"] == 4
     assert cell["vs_baseline"]["verdict"] in ("a ahead", "b ahead", "no difference measured")
+    assert summary["seeds"] == [0, 1]
     # Compute is recorded per budget: the same clone updates per query for both methods.
     from megex.runs import read_metrics
 
@@ -70,6 +71,7 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
             assert allotted <= row["clone_updates"] <= allotted + 2
     assert set(summary["queries_to_reach"]) == {"0.8", "0.9"}
     table = (tmp_path / "out" / "query_efficiency_quick.md").read_text()
+    assert "(2 victim(s) x 2 attack seed(s))" in table
     for heading in ("Paired difference", "Queries to reach", "Compute at each budget"):
         assert heading in table
     assert (tmp_path / "out" / "query_efficiency_quick_reach.png").stat().st_size > 1000
@@ -205,3 +207,9 @@ def test_hierarchical_bootstrap_and_paired_differences():
     noise = {v: {s: x + (0.01 if (v + s) % 2 else -0.01) for s, x in seeds.items()}
              for v, seeds in data.items()}  # fmt: skip
     assert stats.paired_difference(data, noise)["verdict"] == "no difference measured"
+    # One pair has no interval: no verdict, not "no difference".
+    one = stats.paired_difference({0: {0: 0.7}}, {0: {0: 0.5}})
+    assert one["pairs"] == 1 and one["verdict"] == "one pair, no interval"
+    # The victim's share needs two victims and a repeated seed on one of them.
+    assert stats.variance_components({0: {0: 0.5, 1: 0.6}})["victim_share"] is None
+    assert stats.variance_components({0: {0: 0.5}, 1: {0: 0.7}})["victim_share"] is None

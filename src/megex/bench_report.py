@@ -122,6 +122,7 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
         "dataset": config["dataset"],
         "victims": victims,
         "victim_accuracy": statistics.fmean(victims.values()),
+        "seeds": sorted({r["seed"] for r in finished}),
         "baseline": baseline,
         "budgets": budgets,
         "settings": config["settings"],
@@ -160,9 +161,10 @@ def markdown(summary: dict[str, Any]) -> str:
     rule = "|" + " --- |" * (len(budgets) + 1)
     runs = max((s["runs"] for m in stats.values() for s in m.values()), default=0)
     victims = len(summary["victims"])
+    seeds = len(summary["seeds"])
     lines = [
         f"Clone test accuracy %, mean [95% interval] over {runs} run(s) ({victims} victim(s) "
-        f"x attack seeds), and x the victim's accuracy (victims "
+        f"x {seeds} attack seed(s)), and x the victim's accuracy (victims "
         + ", ".join(f"{100 * a:.1f}%" for a in summary["victims"].values())
         + "). Data-free: no prior on the images.",
         "",
@@ -202,7 +204,11 @@ def markdown(summary: dict[str, Any]) -> str:
                 cells.append("-")
                 continue
             interval = {"estimate": d["mean"], "low": d["low"], "high": d["high"]}
-            verdict = {"a ahead": "ahead", "b ahead": "behind"}.get(d["verdict"], "no difference")
+            verdict = {
+                "a ahead": "ahead",
+                "b ahead": "behind",
+                "one pair, no interval": "(one pair: no interval, no verdict)",
+            }.get(d["verdict"], "no difference")
             cells.append(f"{_ci(interval)} {verdict}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Queries to reach a fraction of the victim's accuracy (median [95% interval]):"]
@@ -239,12 +245,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "Where the spread comes from (share of the variance due to the victim):", ""]
     lines += [head, rule]
     for method in stats:
-        cells = [
-            f"{100 * stats[method][b]['spread']['victim_share']:.0f}%"
-            if b in stats[method]
-            else "-"
-            for b in budgets
-        ]
+        cells = []
+        for b in budgets:
+            share = stats[method].get(b, {}).get("spread", {}).get("victim_share")
+            # Not estimable from one victim, or without a repeated seed on some victim.
+            cells.append("-" if share is None else f"{100 * share:.0f}%")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if assumed:
         lines += ["", "With an assumption about the domain (not data-free):", ""]

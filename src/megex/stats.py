@@ -98,7 +98,7 @@ def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
     """Mean of a - b over the runs both have (same victim, same seed), with its interval.
 
     `verdict` is 'a ahead' or 'b ahead' only where the interval excludes 0, else 'no
-    difference measured'.
+    difference measured'; with one pair there is no interval: 'one pair, no interval'.
     """
     diffs: Nested = {}
     for victim, by_seed in a.items():
@@ -114,6 +114,8 @@ def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
         verdict = "a ahead"
     elif pairs > 1 and high < 0:
         verdict = "b ahead"
+    elif pairs == 1:
+        verdict = "one pair, no interval"
     else:
         verdict = "no difference measured"
     return {"pairs": pairs, "mean": mean, "low": low, "high": high, "verdict": verdict}
@@ -124,7 +126,8 @@ def variance_components(data: Nested) -> dict[str, float]:
 
     One-way random-effects estimate on a nested design: `seed` is the mean within-victim
     variance; `victim` the variance of victim means less what seed noise alone explains
-    (floored at 0).
+    (floored at 0). `victim_share` is None where the design cannot split the two: fewer
+    than two victims, or no victim with two seeds.
     """
     groups = [list(by_seed.values()) for by_seed in data.values() if by_seed]
     within = [statistics.variance(g) for g in groups if len(g) > 1]
@@ -134,8 +137,8 @@ def variance_components(data: Nested) -> dict[str, float]:
     between = statistics.variance(means) if len(means) > 1 else 0.0
     victim_var = max(0.0, between - seed_var / n)
     total = victim_var + seed_var
-    return {
-        "victim_var": victim_var,
-        "seed_var": seed_var,
-        "victim_share": victim_var / total if total > 0 else 0.0,
-    }
+    if len(groups) < 2 or not within:
+        share = None
+    else:
+        share = victim_var / total if total > 0 else 0.0
+    return {"victim_var": victim_var, "seed_var": seed_var, "victim_share": share}
