@@ -80,6 +80,27 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(argv + ["--no-plot"]) == 0
     assert "already done" in capsys.readouterr().err
+    # A benchmark stopped part-way: --finished-only runs nothing and tables the (seed,
+    # victim) pairs that every method finished, so that the table stays paired.
+    (tmp_path / "out" / "runs-quick" / "dfme-v1-s1" / "result.json").unlink()
+    assert bench.main(argv + ["--no-plot", "--finished-only"]) == 0
+    assert "already done" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs-quick" / "dfme-v1-s1" / "result.json").exists()
+    partial = json.loads((tmp_path / "out" / "query_efficiency_quick_partial.json").read_text())
+    assert partial["partial"] == {"runs": 6, "planned": 8}
+    assert partial["stats"]["megex-all"]["600"]["runs"] == 3
+    assert partial["stats"]["megex-all"]["600"]["vs_baseline"]["pairs"] == 3
+    text = (tmp_path / "out" / "query_efficiency_quick_partial.md").read_text()
+    assert text.startswith("**Partial: 6 of the 8 planned runs**")
+    # The full table was not overwritten by the partial one.
+    assert json.loads((tmp_path / "out" / "query_efficiency_quick.json").read_text())[
+        "stats"
+    ]["megex-all"]["600"]["runs"] == 4  # fmt: skip
+    for run in (tmp_path / "out" / "runs-quick").iterdir():
+        if run.is_dir():
+            (run / "result.json").unlink(missing_ok=True)
+    assert bench.main(argv + ["--no-plot", "--finished-only"]) == 2
+    assert "no (seed, victim) pair has every method finished" in capsys.readouterr().err
     # Other settings in the same output folder: refused, not silently reported as done.
     config = _config(tmp_path, settings={**SMALL, "clone_updates_per_1k_queries": 60.0})
     assert bench.main(argv + ["--no-plot"]) == 2

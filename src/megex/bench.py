@@ -260,6 +260,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--fresh", action="store_true", help="ignore finished runs and checkpoints; start over"
     )
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: a table (<stem>_partial.*) of the finished runs, restricted to the "
+        "(seed, victim) pairs on which every method has finished, so that it stays paired",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     from . import sweep
@@ -399,6 +405,26 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 # --- the benchmark ------------------------------------------------------------------------
 
 
+def plan_dir(out: Path, args: argparse.Namespace) -> Path:
+    """The folder of the benchmark's run folders."""
+    return out.resolve() / ("runs-quick" if args.quick else "runs")
+
+
+def finished_blocks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs of the (seed, victim) pairs on which every planned method has finished."""
+    from .runs import RunFolder
+
+    blocks: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for job in jobs:
+        blocks.setdefault((job["seed"], job["victim_seed"]), []).append(job)
+    return [
+        job
+        for block in blocks.values()
+        if all(RunFolder(j["run_dir"]).is_finished() for j in block)
+        for job in block
+    ]
+
+
 def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: dict) -> list:
     tuned = load_tuned(config)
     budgets = sorted(set(args.budgets or (config["quick_budgets"] if args.quick else [])))
@@ -419,7 +445,7 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
                 f"{method}: the benchmark reads every budget off one run, which needs "
                 "lr_schedule 'constant'"
             )
-    runs_dir = out / ("runs-quick" if args.quick else "runs")
+    runs_dir = plan_dir(out, args)
     jobs = []
     # Seed, then victim, then method: a benchmark stopped part-way has every method on the
     # same victims and seeds, a smaller but paired and balanced table.
@@ -468,6 +494,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from . import sweep
 
     jobs = plan(config, args, out, victims)
+    planned = len(jobs)
+    if getattr(args, "finished_only", False):
+        if args.fresh:
+            raise ValueError("--finished-only reads finished runs; --fresh would discard them")
+        jobs = finished_blocks(jobs)
+        if not jobs:
+            raise ValueError(
+                f"--finished-only: no (seed, victim) pair has every method finished under "
+                f"{Path(plan_dir(out, args))}; run the benchmark first"
+            )
+        # Finished runs are only read: no worker processes, no Ray instance.
+        args.jobs, args.ray = None, None
     if args.fresh:
         # Started over here, once, so that a run retried after its worker died resumes from
         # its new checkpoint instead of starting over again.
@@ -498,6 +536,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     summary = summarise(finished, config, wall, args)
     stem = "query_efficiency_quick" if args.quick else "query_efficiency"
+    if len(jobs) < planned:
+        summary["partial"] = {"runs": len(jobs), "planned": planned}
+        stem += "_partial"
     paths = write_outputs(summary, out, stem, plot=not args.no_plot)
     _log(f"benchmark: {wall:.0f} s wall time; wrote {', '.join(str(p) for p in paths)}")
     return summary

@@ -162,7 +162,15 @@ def markdown(summary: dict[str, Any]) -> str:
     runs = max((s["runs"] for m in stats.values() for s in m.values()), default=0)
     victims = len(summary["victims"])
     seeds = len(summary["seeds"])
-    lines = [
+    partial = summary.get("partial")
+    lines = []
+    if partial:
+        lines += [
+            f"**Partial: {partial['runs']} of the {partial['planned']} planned runs** (every "
+            "method on the same victims and seeds; the benchmark has not finished).",
+            "",
+        ]
+    lines += [
         f"Clone test accuracy %, mean [95% interval] over {runs} run(s) ({victims} victim(s) "
         f"x {seeds} attack seed(s)), and x the victim's accuracy (victims "
         + ", ".join(f"{100 * a:.1f}%" for a in summary["victims"].values())
