@@ -22,8 +22,12 @@ def test_every_size_has_a_config_with_the_sweeps_methods_and_the_tuned_settings(
     assert config["methods"] == ["megex-all", "megex-predicted", "dfme", "dfme-m10"]
     assert config["baseline"] == "dfme" and config["targets"] == [0.7, 0.8]
     assert len(config["seeds"]) == 3 and len(config["victim_seeds"]) == 3
-    assert config["tuned_settings"] == bench.DEFAULTS["tuned_settings"]
-    assert "28x28" in config["description"] and "assumption" in config["description"]
+    # Every size searches its own settings, the same way; the benchmark reads that output.
+    assert config["search"] == {
+        "methods": ["megex-all", "megex-predicted", "dfme"], "trials": 10, "budget": 50000
+    }  # fmt: skip
+    assert config["tuned_settings"] == f"benchmarks/results/dims/{size}/tuning/tuned.json"
+    assert f"dims/{size}/tuning" in config["description"]
     # m is pinned whatever the search chose for DFME; the rest is DFME's searched settings.
     tuned = {"methods": {"dfme": {"directions": 5, "epsilon": 0.02}}}
     for method, m in (("dfme", 1), ("dfme-m10", 10)):
@@ -34,9 +38,9 @@ def test_every_size_has_a_config_with_the_sweeps_methods_and_the_tuned_settings(
     assert bench.METHODS["dfme-m10"]["tuned_as"] == "dfme"
 
 
-def _toy_configs(folder: Path, sizes: list[str]) -> Path:
-    """The sweep's own configs at toy scale: small batches, one evaluation, a tuned file of
-    our own."""
+def _toy_configs(folder: Path, sizes: list[str], searched_at: tuple[str, ...] = ()) -> Path:
+    """The sweep's own configs at toy scale: small batches, one evaluation; a search of one
+    trial per method at the sizes `searched_at`, elsewhere a tuned file of our own."""
     folder.mkdir(parents=True)
     tuned = folder / "tuned.json"
     searched = {"dfme": {"directions": 5, "epsilon": 0.01}, "megex-all": {}, "megex-predicted": {}}
@@ -45,12 +49,16 @@ def _toy_configs(folder: Path, sizes: list[str]) -> Path:
         doc = json.loads((CONFIGS / f"dim-{size}.json").read_text())
         doc["settings"].update({"batch_size": 16, "nz": 16, "clone_updates_per_1k_queries": 60.0})
         doc.update({"tuned_settings": str(tuned), "eval_at": [], "quick_budgets": [300]})
+        doc["search"] = (
+            {**doc["search"], "trials": 1, "budget": 300} if size in searched_at else None
+        )
         (folder / f"dim-{size}.json").write_text(json.dumps(doc))
     return folder
 
 
-def _untrained_victim(out: Path, size: str) -> None:
-    """A victim at the benchmark's cache path (training them is tested elsewhere)."""
+def _untrained_victim(out: Path, size: str, seed: int = 0, under: str = "") -> None:
+    """A victim at the benchmark's (or the search's) cache path (training them is tested
+    elsewhere)."""
     dataset, _ = dimension.SIZES[size]
     shape = {"14": (1, 14, 14), "colour-56": (3, 56, 56)}[size]
     victim = Victim(
@@ -58,22 +66,30 @@ def _untrained_victim(out: Path, size: str) -> None:
         dataset=dataset,
     )  # fmt: skip
     victim.accuracy = 0.5
-    victim.save(out / size / "victims" / f"{dataset}-lenet5-seed0-val5000.safetensors")
+    folder = out / size / under / "victims"
+    victim.save(folder / f"{dataset}-lenet5-seed{seed}-val5000.safetensors")
 
 
 @pytest.mark.slow
 def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
     tmp_path, fashion_mnist, capsys
 ):
+    pytest.importorskip("optuna")
     sizes = ["14", "colour-56"]
-    configs = _toy_configs(tmp_path / "configs", sizes)
+    configs = _toy_configs(tmp_path / "configs", sizes, searched_at=("14",))
     out = tmp_path / "dims"
     for size in sizes:
         _untrained_victim(out, size)
+    _untrained_victim(out, "14", seed=100, under="tuning")
     common = ["--configs", str(configs), "--out", str(out), "--quick", "--no-progress"]
-    # Every method at 14x14; at 3x56x56 (each run evaluates on 10,000 test images of 9,408
-    # values) the two that differ most, the way a sweep is continued one size at a time.
+    # Every method at 14x14, after that size's own search; at 3x56x56 (each run evaluates
+    # on 10,000 test images of 9,408 values) the two that differ most, with a tuned file
+    # given, the way a sweep is continued one size at a time.
     assert dimension.main(["--sizes", "14", *common, "--no-plot"]) == 0
+    err = capsys.readouterr().err
+    assert "megex tune --config" in err and "--trials 1 --budget 300" in err
+    found = json.loads((out / "14" / "tuning" / "tuned.json").read_text())
+    assert found["trials"] == {"megex-all": 1, "megex-predicted": 1, "dfme": 1}
     methods = ["--methods", "megex-all", "dfme-m10"]
     assert dimension.main(["--sizes", "colour-56", *common, *methods, "--no-plot"]) == 0
     capsys.readouterr()
@@ -89,12 +105,17 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
         for method in row["methods"].values():
             assert 0.0 <= method["accuracy"]["estimate"] <= 1.0
             assert set(method["reach"]) == {"0.7", "0.8"}
-    # DFME ran with m = 1 and m = 10 whatever the tuned file said (5).
-    for size, method, m in (("14", "dfme", 1), ("colour-56", "dfme-m10", 10)):
+    # DFME ran with m = 1 and m = 10 whatever the tuned file said, with the rest of the
+    # settings from that size's search (14) or the given file (colour-56).
+    searched = found["methods"]["dfme"]["epsilon"]
+    for size, method, m, epsilon in (
+        ("14", "dfme", 1, searched),
+        ("colour-56", "dfme-m10", 10, 0.01),
+    ):
         run = json.loads(
             (out / size / "runs-quick" / f"{method}-v0-s0" / "config.json").read_text()
         )
-        assert run["directions"] == m and run["epsilon"] == 0.01
+        assert run["directions"] == m and run["epsilon"] == epsilon
     assert run["input_shape"] == [3, 56, 56]
     table = (out / "dimension_quick.md").read_text()
     assert "| 14 | 196 | 50.0% | dfme-m10 |" in table

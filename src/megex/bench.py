@@ -158,6 +158,9 @@ DEFAULTS: dict[str, Any] = {
     },
     # The search's output (megex.tune); null: the package defaults, untuned.
     "tuned_settings": "benchmarks/results/tuning/tuned.json",
+    # A search of this config's own ({"methods": [...], "trials": N, "budget": B}), which
+    # the input-size sweep (megex.dimension) runs before the benchmark; null: none.
+    "search": None,
     "method_settings": {},
     "device": "cpu",
 }
@@ -254,6 +257,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods to run")
     parser.add_argument(
         "--out", default="benchmarks/results", help="output folder (default: benchmarks/results)"
+    )
+    parser.add_argument(
+        "--settings-file",
+        metavar="PATH",
+        help="tuned attack settings (megex tune's tuned.json; default: the config's "
+        "tuned_settings); 'none': the package defaults, untuned",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--device", help="cpu or cuda (default: the config's)")
@@ -482,6 +491,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args.config)
     if args.device:
         config["device"] = args.device
+    settings_file = getattr(args, "settings_file", None)
+    if settings_file:
+        none = settings_file.strip().lower() == "none"
+        config["tuned_settings"] = None if none else settings_file
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -7,8 +7,9 @@ the input dimension d grows. The sweep runs the benchmark (`megex bench`) with
 ``<configs>/dim-<size>.json`` for each size in turn, into ``<out>/<size>/`` (each resumes
 where it stopped), then writes one table across sizes: clone accuracy at the largest
 budget, and the queries each method needs to reach each fraction of the victim, with how
-many times more DFME (m = 1) needs. Every size uses the tuning search's settings, found at
-28x28: an assumption that the configs state.
+many times more DFME (m = 1) needs. Settings do not carry over between sizes, so a size
+whose config has a `search` block first runs that search (`megex tune`, the same trials and
+budget at every size) into ``<out>/<size>/tuning/``, and its benchmark reads the output.
 """
 
 from __future__ import annotations
@@ -67,25 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; the exit status of the first size that fails, else 0."""
+    from .bench import load_config
     from .cli import build_parser as megex_parser
     from .cli import main as megex_main
 
     args, forwarded = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
-    commands = []
+    steps: list[tuple[str, list[str]]] = []
     for size in args.sizes:
         config = Path(args.configs) / f"dim-{size}.json"
         if not config.is_file():
             print(f"dimension: --configs: no {config.name} in {args.configs}", file=sys.stderr)
             return 2
+        try:
+            search = load_config(config).get("search")
+        except ValueError as err:
+            print(f"dimension: {err}", file=sys.stderr)
+            return 2
         command = ["bench", "--config", str(config), "--out", str(out / size), *forwarded]
-        commands.append([*command, "--quick"] if args.quick else command)
-    # Every size's options are checked before the first benchmark starts (hours later, a
-    # typo would stop the sweep half way).
-    for command in commands:
+        if search:
+            # This size's own search first (resumable); the benchmark reads its output.
+            tuning = out / size / "tuning"
+            steps.append((size, search_command(config, tuning, search, forwarded)))
+            command += ["--settings-file", str(tuning / "tuned.json")]
+        steps.append((size, [*command, "--quick"] if args.quick else command))
+    # Every step's options are checked before the first one starts (hours later, a typo
+    # would stop the sweep half way).
+    for _, command in steps:
         megex_parser().parse_args(command)
     if not args.summary_only:
-        for size, command in zip(args.sizes, commands):
+        for size, command in steps:
             print(f"dimension: size {size}: megex {' '.join(command)}", file=sys.stderr)
             status = megex_main(command)
             if status:
@@ -98,6 +110,28 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_outputs(summary, out, "dimension_quick" if args.quick else "dimension")
     print(f"dimension: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
+
+
+def search_command(
+    config: Path, out: Path, search: dict[str, Any], forwarded: list[str]
+) -> list[str]:
+    """`megex tune` for one size's config: its search's methods, trials and budget, and the
+    sweep's options that a search has too (workers, threads, device, data, Ray)."""
+    shared = argparse.ArgumentParser(add_help=False)
+    for option in ("--jobs", "--threads", "--device", "--data-root", "--retries"):
+        shared.add_argument(option)
+    shared.add_argument("--ray", nargs="?", const="")
+    known, _ = shared.parse_known_args(forwarded)
+    command = ["tune", "--config", str(config), "--out", str(out)]
+    for option, value in vars(known).items():
+        if value is not None:
+            flag = "--" + option.replace("_", "-")
+            command += [flag] if value == "" else [flag, value]
+    command += ["--methods", *search["methods"]]
+    for key in ("trials", "budget"):
+        if key in search:
+            command += [f"--{key}", str(search[key])]
+    return command
 
 
 def combine(out: Path, sizes: list[str], stem: str = "query_efficiency") -> dict[str, Any]:
