@@ -143,7 +143,7 @@ DEFAULTS: dict[str, Any] = {
     "assumption_methods": ["megex-all+prior", "dfme+prior"],
     "baseline": "dfme",
     "targets": [0.8, 0.9],
-    # 6 methods x 1 run to 75k: about 8 minutes on 2 cores with the searched settings.
+    # 6 methods x 1 run to 75k: 6 minutes on 2 idle cores with the searched settings.
     "quick_budgets": [25_000, 75_000],
     "quick_seeds": [0],
     "quick_victim_seeds": [0],
