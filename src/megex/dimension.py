@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="benchmarks/results/dims",
         help="output folder; size s goes to OUT/s (default: benchmarks/results/dims)",
     )
-    parser.add_argument("--quick", action="store_true", help="megex bench --quick at every size")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="megex bench --quick at every size (a size's search is not shortened)",
+    )
     parser.add_argument(
         "--summary-only",
         action="store_true",
