@@ -215,6 +215,14 @@ def load_tuned(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def apply_settings_file(config: dict[str, Any], settings_file: str | None) -> None:
+    """--settings-file: the tuned settings file to read instead of the config's; 'none' for
+    the package defaults, untuned; None leaves the config's."""
+    if settings_file:
+        none = settings_file.strip().lower() == "none"
+        config["tuned_settings"] = None if none else settings_file
+
+
 def method_settings(
     config: dict[str, Any], method: str, tuned: dict[str, Any] | None = None
 ) -> tuple[str, dict[str, Any]]:
@@ -491,10 +499,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args.config)
     if args.device:
         config["device"] = args.device
-    settings_file = getattr(args, "settings_file", None)
-    if settings_file:
-        none = settings_file.strip().lower() == "none"
-        config["tuned_settings"] = None if none else settings_file
+    apply_settings_file(config, getattr(args, "settings_file", None))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -515,7 +520,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if not jobs:
             raise ValueError(
                 f"--finished-only: no (seed, victim) pair has every method finished under "
-                f"{Path(plan_dir(out, args))}; run the benchmark first"
+                f"{plan_dir(out, args)}; run the benchmark first"
             )
         # Finished runs are only read: no worker processes, no Ray instance.
         args.jobs, args.ray = None, None
@@ -525,8 +530,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for job in jobs:
             shutil.rmtree(job["run_dir"], ignore_errors=True)
             job["fresh"] = False
-    runs_dir = Path(jobs[0]["run_dir"]).parent if jobs else out
-    _log(f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under {runs_dir}")
+    _log(
+        f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under "
+        f"{plan_dir(out, args)}"
+    )
     finished: list[dict[str, Any]] = []
 
     def done(res: dict[str, Any]) -> None:

@@ -227,11 +227,10 @@ def attack_stream(
 
 def _plan(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """What to run, with every setting checked before any victim is trained."""
-    from .bench import METHODS, load_tuned, method_settings, require_tuned
+    from .bench import METHODS, apply_settings_file, load_tuned, method_settings, require_tuned
     from .detection import MONITORS
 
-    if args.settings_file:
-        config["tuned_settings"] = args.settings_file
+    apply_settings_file(config, args.settings_file)
 
     def pick(given: Any, key: str, quick_key: str) -> Any:
         return given if given is not None else config[quick_key if args.quick else key]

@@ -174,6 +174,8 @@ def _slug(specs: list[str]) -> str:
 
 
 def _apply_arguments(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from .bench import apply_settings_file
+
     if args.defense:
         rows = [[s for s in row.split("+") if s] for row in args.defense]
         config["defenses"] = [[], *[r for r in rows if r]]
@@ -182,9 +184,7 @@ def _apply_arguments(config: dict[str, Any], args: argparse.Namespace) -> dict[s
             config[key] = sorted(set(getattr(args, key)))
     if args.device:
         config["device"] = args.device
-    if args.settings_file:
-        none = args.settings_file.strip().lower() == "none"
-        config["tuned_settings"] = None if none else args.settings_file
+    apply_settings_file(config, args.settings_file)
     return config
 
 
