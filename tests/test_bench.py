@@ -215,6 +215,22 @@ def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
     assert settings["directions"] == doc["methods"]["dfme"]["directions"]
 
 
+def test_t_quantiles_match_the_printed_table():
+    # Two-sided 95% critical values from a printed t table.
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 10: 2.228, 30: 2.042}
+    for df, expected in table.items():
+        assert math.isclose(stats.t_quantile(0.975, df), expected, abs_tol=5e-4)
+    assert math.isclose(stats.t_quantile(0.995, 2), 9.925, abs_tol=5e-4)
+    assert stats.t_quantile(0.025, 4) == -stats.t_quantile(0.975, 4)
+    assert stats.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="df must be a positive integer"):
+        stats.t_quantile(0.975, 0)
+    with pytest.raises(ValueError, match="p must be in"):
+        stats.t_quantile(1.0, 3)
+    mean, low, high = stats.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(high - mean, 4.303 / math.sqrt(3), abs_tol=1e-3)
+
+
 def test_hierarchical_bootstrap_and_paired_differences():
     # Three victims that differ a lot, seeds that differ little: the victim dominates.
     data = {v: {s: 0.5 + 0.1 * v + 0.001 * s for s in range(3)} for v in range(3)}
@@ -234,6 +250,18 @@ def test_hierarchical_bootstrap_and_paired_differences():
     # One pair has no interval: no verdict, not "no difference".
     one = stats.paired_difference({0: {0: 0.7}}, {0: {0: 0.5}})
     assert one["pairs"] == 1 and one["verdict"] == "one pair, no interval"
+    # Three victims whose differences all lie above 0 but disagree: the bootstrap's top
+    # level resamples three values and excludes 0; the t interval (2 degrees of freedom)
+    # does not, so no lead is claimed.
+    spread = {v: {s: x + 0.01 + 0.02 * v for s, x in seeds.items()} for v, seeds in data.items()}
+    d = stats.paired_difference(spread, data)
+    assert d["low"] > 0 and d["units"] == 3
+    assert d["t_low"] < 0 < d["t_high"] and d["verdict"] == "no difference measured"
+    # One victim: the seeds are the t interval's units.
+    single = stats.paired_difference(
+        {0: {0: 0.70, 1: 0.71, 2: 0.72}}, {0: {0: 0.5, 1: 0.5, 2: 0.5}}
+    )
+    assert single["units"] == 3 and single["t_low"] > 0 and single["verdict"] == "a ahead"
     # The victim's share needs two victims and a repeated seed on one of them.
     assert stats.variance_components({0: {0: 0.5, 1: 0.6}})["victim_share"] is None
     assert stats.variance_components({0: {0: 0.5}, 1: {0: 0.7}})["victim_share"] is None

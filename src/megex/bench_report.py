@@ -196,8 +196,9 @@ def markdown(summary: dict[str, Any]) -> str:
     base = summary["baseline"]
     lines += [
         "",
-        f"Paired difference method - {base} (same victim, same seed), points, mean [95% "
-        "interval]; 'ahead' only where the interval excludes 0:",
+        f"Paired difference method - {base} (same victim, same seed), points: mean "
+        "[95% hierarchical bootstrap interval] (t: 95% Student t interval over the victims' "
+        "mean differences); 'ahead' or 'behind' only where both intervals exclude 0:",
         "",
         head,
         rule,
@@ -212,12 +213,15 @@ def markdown(summary: dict[str, Any]) -> str:
                 cells.append("-")
                 continue
             interval = {"estimate": d["mean"], "low": d["low"], "high": d["high"]}
+            cell = _ci(interval)
+            if not math.isnan(d.get("t_low", math.nan)):
+                cell += f" (t: [{100 * d['t_low']:.1f}, {100 * d['t_high']:.1f}])"
             verdict = {
                 "a ahead": "ahead",
                 "b ahead": "behind",
                 "one pair, no interval": "(one pair: no interval, no verdict)",
             }.get(d["verdict"], "no difference")
-            cells.append(f"{_ci(interval)} {verdict}")
+            cells.append(f"{cell} {verdict}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Queries to reach a fraction of the victim's accuracy (median [95% interval]):"]
     lines += ["", "| method | " + " | ".join(f"{f}x" for f in summary["queries_to_reach"]) + " |"]

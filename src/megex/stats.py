@@ -4,7 +4,10 @@ Runs are nested: several attack seeds on each of several victims (the same recip
 with different seeds). Intervals come from a hierarchical bootstrap that resamples victims,
 then seeds within each victim, so that the spread between victims is not mistaken for
 precision. A difference between two methods is taken on paired runs (same victim, same
-seed) and called a difference only when its interval excludes zero.
+seed) and called a difference only when two intervals exclude zero: the bootstrap's, and a
+Student t interval over the victims' mean differences. With few victims the bootstrap's
+top level resamples only a handful of values and its percentile interval is too narrow;
+the t interval, with its n - 1 degrees of freedom, is not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ __all__ = [
     "bootstrap_interval",
     "mean_interval",
     "paired_difference",
+    "t_interval",
+    "t_quantile",
     "variance_components",
 ]
 
@@ -94,11 +99,79 @@ def mean_interval(
     return estimate, low, high
 
 
-def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
-    """Mean of a - b over the runs both have (same victim, same seed), with its interval.
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with integer `df`, from the closed-form finite series
+    (Abramowitz and Stegun 26.7.3 and 26.7.4); exact, no special functions needed."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: theta + sin cos (1 + 2/3 c2 + ... + (2.4...(df-3))/(1.3...(df-2)) c2^..)
+        total, term = 0.0, 1.0
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        central = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    else:
+        total, term = 0.0, 1.0
+        for k in range(1, df // 2 + 1):
+            total += term
+            term *= c2 * (2 * k - 1) / (2 * k)
+        central = math.sin(theta) * total
+    return 0.5 + math.copysign(central / 2, t)
 
-    `verdict` is 'a ahead' or 'b ahead' only where the interval excludes 0, else 'no
-    difference measured'; with one pair there is no interval: 'one pair, no interval'.
+
+def t_quantile(p: float, df: int) -> float:
+    """The `p` quantile of Student's t with `df` (a positive integer) degrees of freedom."""
+    if not 0 < p < 1:
+        raise ValueError(f"t_quantile: p must be in (0, 1), got {p}")
+    if int(df) != df or df < 1:
+        raise ValueError(f"t_quantile: df must be a positive integer, got {df}")
+    df = int(df)
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    low, high = 0.0, 1.0
+    while _t_cdf(high, df) < p:
+        high *= 2
+    for _ in range(200):  # bisection to float precision
+        mid = (low + high) / 2
+        if _t_cdf(mid, df) < p:
+            low = mid
+        else:
+            high = mid
+        if high - low <= 1e-12 * max(1.0, high):
+            break
+    return (low + high) / 2
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student t interval for the mean of independent values.
+    Fewer than two values: (mean, nan, nan)."""
+    values = list(values)
+    if not values:
+        raise ValueError("t_interval: no values")
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile(1 - (1 - level) / 2, len(values) - 1) * statistics.stdev(values)
+    half /= math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _units(diffs: Nested) -> list[float]:
+    """The independent units of a nested design for a t interval: one mean per victim, or
+    the seeds' values where there is a single victim."""
+    if len(diffs) == 1:
+        return list(next(iter(diffs.values())).values())
+    return [statistics.fmean(by_seed.values()) for by_seed in diffs.values()]
+
+
+def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
+    """Mean of a - b over the runs both have (same victim, same seed), with its intervals.
+
+    `low`/`high` are the hierarchical bootstrap's; `t_low`/`t_high` a Student t interval
+    over the victims' mean differences (over the seeds where there is one victim).
+    `verdict` is 'a ahead' or 'b ahead' only where both intervals exclude 0 on the same
+    side, else 'no difference measured'; with one pair there is no interval: 'one pair,
+    no interval'. `level` sets both intervals' coverage.
     """
     diffs: Nested = {}
     for victim, by_seed in a.items():
@@ -110,15 +183,26 @@ def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
     if pairs == 0:
         return {"pairs": 0}
     mean, low, high = bootstrap_interval(diffs, **kwargs)
-    if pairs > 1 and low > 0:
+    units = _units(diffs)
+    _, t_low, t_high = t_interval(units, level=kwargs.get("level", 0.95))
+    if pairs > 1 and low > 0 and t_low > 0:
         verdict = "a ahead"
-    elif pairs > 1 and high < 0:
+    elif pairs > 1 and high < 0 and t_high < 0:
         verdict = "b ahead"
     elif pairs == 1:
         verdict = "one pair, no interval"
     else:
         verdict = "no difference measured"
-    return {"pairs": pairs, "mean": mean, "low": low, "high": high, "verdict": verdict}
+    return {
+        "pairs": pairs,
+        "units": len(units),
+        "mean": mean,
+        "low": low,
+        "high": high,
+        "t_low": t_low,
+        "t_high": t_high,
+        "verdict": verdict,
+    }
 
 
 def variance_components(data: Nested) -> dict[str, float]:
