@@ -22,9 +22,12 @@ imported only then, so that Ray stays an optional extra.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +172,18 @@ def _run_processes(
     fail: Callable[[Failure], None],
     retries: int,
 ) -> None:
+    with _stop_signals_interrupt():
+        _run_pools(jobs, workers, done, function, fail, retries)
+
+
+def _run_pools(
+    jobs: list[Job],
+    workers: int,
+    done: Callable[[Any], None],
+    function: Callable[[Job], Any],
+    fail: Callable[[Failure], None],
+    retries: int,
+) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -195,8 +210,8 @@ def _run_processes(
                     continue
                 deliver(jobs[i], outcome, done, fail)
         except BaseException:
-            # Ctrl-C or a failing `done`: end the workers at once. Checkpoints are written
-            # atomically, so each run resumes from its last evaluation next time.
+            # Ctrl-C, SIGTERM or a failing `done`: end the workers at once. Checkpoints are
+            # written atomically, so each run resumes from its last evaluation next time.
             _terminate(pool)
             raise
         finally:
@@ -213,6 +228,31 @@ def _run_processes(
                 f"sweep: a worker process died; {len(todo)} unfinished run(s) start again "
                 f"from their checkpoints (restart {restarts} of at most {retries})"
             )
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the sweep's driver: handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """While local workers run, SIGTERM and SIGHUP raise in the driver like Ctrl-C, so that
+    it ends its workers before it exits. By default those signals end the driver alone and
+    leave its spawned workers running, unseen, on the machine's cores."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def _terminate(pool: Any) -> None:
