@@ -172,62 +172,51 @@ def _run_processes(
     fail: Callable[[Failure], None],
     retries: int,
 ) -> None:
-    with _stop_signals_interrupt():
-        _run_pools(jobs, workers, done, function, fail, retries)
-
-
-def _run_pools(
-    jobs: list[Job],
-    workers: int,
-    done: Callable[[Any], None],
-    function: Callable[[Job], Any],
-    fail: Callable[[Failure], None],
-    retries: int,
-) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     todo = list(range(len(jobs)))
     restarts = 0
-    while todo:
-        # One spawned process per run (no forked torch state). A process that dies breaks
-        # the pool and every run still in it; those start again from their checkpoints.
-        pool = ProcessPoolExecutor(
-            min(workers, len(todo)),
-            mp_context=multiprocessing.get_context("spawn"),
-            max_tasks_per_child=1,
-        )
-        lost = []
-        try:
-            futures = {pool.submit(call, function, jobs[i]): i for i in todo}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    outcome = future.result()
-                except BrokenProcessPool:
-                    lost.append(i)
-                    continue
-                deliver(jobs[i], outcome, done, fail)
-        except BaseException:
-            # Ctrl-C, SIGTERM or a failing `done`: end the workers at once. Checkpoints are
-            # written atomically, so each run resumes from its last evaluation next time.
-            _terminate(pool)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        todo = sorted(lost)
-        if todo and restarts >= retries:
-            for i in todo:
-                message = f"a worker process died; given up after {retries} restart(s)"
-                fail(Failure(jobs[i], "WorkerDied", message))
-            return
-        if todo:
-            restarts += 1
-            _log(
-                f"sweep: a worker process died; {len(todo)} unfinished run(s) start again "
-                f"from their checkpoints (restart {restarts} of at most {retries})"
+    with _stop_signals_interrupt():
+        while todo:
+            # One spawned process per run (no forked torch state). A process that dies breaks
+            # the pool and every run still in it; those start again from their checkpoints.
+            pool = ProcessPoolExecutor(
+                min(workers, len(todo)),
+                mp_context=multiprocessing.get_context("spawn"),
+                max_tasks_per_child=1,
             )
+            lost = []
+            try:
+                futures = {pool.submit(call, function, jobs[i]): i for i in todo}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    try:
+                        outcome = future.result()
+                    except BrokenProcessPool:
+                        lost.append(i)
+                        continue
+                    deliver(jobs[i], outcome, done, fail)
+            except BaseException:
+                # Ctrl-C, SIGTERM or a failing `done`: end the workers at once. Checkpoints are
+                # written atomically, so each run resumes from its last evaluation next time.
+                _terminate(pool)
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            todo = sorted(lost)
+            if todo and restarts >= retries:
+                for i in todo:
+                    message = f"a worker process died; given up after {retries} restart(s)"
+                    fail(Failure(jobs[i], "WorkerDied", message))
+                return
+            if todo:
+                restarts += 1
+                _log(
+                    f"sweep: a worker process died; {len(todo)} unfinished run(s) start again "
+                    f"from their checkpoints (restart {restarts} of at most {retries})"
+                )
 
 
 class _Stopped(KeyboardInterrupt):
