@@ -215,6 +215,18 @@ def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
     assert settings["directions"] == doc["methods"]["dfme"]["directions"]
 
 
+def test_a_method_with_a_prior_is_compared_with_the_baseline_under_the_same_prior():
+    from megex.bench_report import baseline_for
+
+    methods = {"dfme", "dfme+prior", "megex-all", "megex-all+prior", "megex-predicted+prior"}
+    assert baseline_for("megex-all", "dfme", methods) == "dfme"
+    assert baseline_for("megex-all+prior", "dfme", methods) == "dfme+prior"
+    assert baseline_for("dfme", "dfme", methods) is None
+    assert baseline_for("dfme+prior", "dfme", methods) is None
+    # No baseline with the same prior: no comparison (never against a data-free run).
+    assert baseline_for("megex-all+prior", "dfme", {"dfme", "megex-all+prior"}) is None
+
+
 def test_t_quantiles_match_the_printed_table():
     # Two-sided 95% critical values from a printed t table.
     table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 10: 2.228, 30: 2.042}

@@ -38,6 +38,15 @@ def _interval(data: Nested, statistic=statistics.fmean) -> dict[str, float]:
     return {"estimate": est, "low": low, "high": high}
 
 
+def baseline_for(method: str, baseline: str, methods: Any) -> str | None:
+    """What `method` is compared with: the baseline under the same assumption (dfme+prior
+    for megex-all+prior), the plain baseline for a data-free method; None where the run
+    has no such baseline (a prior is never weighed against a data-free run)."""
+    tags = [tag for tag in ASSUMPTIONS if tag in method]
+    other = baseline + "".join(tags)
+    return other if other != method and other in methods else None
+
+
 def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str, Any]:
     """Every figure of the tables, from the finished runs."""
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -75,12 +84,13 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
                 ),
                 "elapsed_s": statistics.fmean(c["elapsed_s"] for c in cell_rows),
             }
-            if method != baseline and baseline in by_method:
+            against = baseline_for(method, baseline, by_method)
+            if against:
                 base = _nested(
-                    by_method[baseline],
+                    by_method[against],
                     lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy"),
                 )
-                entry["vs_baseline"] = paired_difference(accs, base)
+                entry["vs_baseline"] = {"baseline": against, **paired_difference(accs, base)}
             stats[method][b] = entry
     reach: dict[str, Any] = {}
     for fraction in config["targets"]:
@@ -95,15 +105,16 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
             }
             if len(flat) == len(runs) and flat:
                 row["median"] = _interval(hits, statistics.median)
-            if method != baseline and baseline in by_method:
-                base = _nested(by_method[baseline], lambda r, f=fraction: _reach(r, f))
+            against = baseline_for(method, baseline, by_method)
+            if against:
+                base = _nested(by_method[against], lambda r, f=fraction: _reach(r, f))
                 logs: Nested = {}
                 for v, s_map in hits.items():
                     for s, q in s_map.items():
                         if base.get(v, {}).get(s):
                             logs.setdefault(v, {})[s] = math.log(base[v][s] / q)
                 pairs = sum(len(x) for x in logs.values())
-                if pairs and pairs == len(runs) == len(by_method[baseline]):
+                if pairs and pairs == len(runs) == len(by_method[against]):
                     est, low, high = bootstrap_interval(logs)
                     # Geometric mean of baseline / method: queries saved by explanations.
                     row["saved_x"] = {
@@ -192,6 +203,29 @@ def markdown(summary: dict[str, Any]) -> str:
             rows.append(f"| {method} | " + " | ".join(cells) + " |")
         return rows
 
+    def difference_rows(methods: list[str]) -> list[str]:
+        rows = []
+        for method in methods:
+            cells = []
+            for b in budgets:
+                d = stats[method].get(b, {}).get("vs_baseline")
+                if not d or not d.get("pairs"):
+                    cells.append("-")
+                    continue
+                interval = {"estimate": d["mean"], "low": d["low"], "high": d["high"]}
+                cell = _ci(interval)
+                if not math.isnan(d.get("t_low", math.nan)):
+                    cell += f" (t: [{100 * d['t_low']:.1f}, {100 * d['t_high']:.1f}])"
+                verdict = {
+                    "a ahead": "ahead",
+                    "b ahead": "behind",
+                    "one pair, no interval": "(one pair: no interval, no verdict)",
+                }.get(d["verdict"], "no difference")
+                cells.append(f"{cell} {verdict}")
+            if any(c != "-" for c in cells):
+                rows.append(f"| {method} | " + " | ".join(cells) + " |")
+        return rows
+
     lines += accuracy_rows(free)
     base = summary["baseline"]
     lines += [
@@ -203,26 +237,7 @@ def markdown(summary: dict[str, Any]) -> str:
         head,
         rule,
     ]
-    for method in free:
-        if method == base:
-            continue
-        cells = []
-        for b in budgets:
-            d = stats[method].get(b, {}).get("vs_baseline")
-            if not d or not d.get("pairs"):
-                cells.append("-")
-                continue
-            interval = {"estimate": d["mean"], "low": d["low"], "high": d["high"]}
-            cell = _ci(interval)
-            if not math.isnan(d.get("t_low", math.nan)):
-                cell += f" (t: [{100 * d['t_low']:.1f}, {100 * d['t_high']:.1f}])"
-            verdict = {
-                "a ahead": "ahead",
-                "b ahead": "behind",
-                "one pair, no interval": "(one pair: no interval, no verdict)",
-            }.get(d["verdict"], "no difference")
-            cells.append(f"{cell} {verdict}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += difference_rows(free)
     lines += ["", "Queries to reach a fraction of the victim's accuracy (median [95% interval]):"]
     lines += ["", "| method | " + " | ".join(f"{f}x" for f in summary["queries_to_reach"]) + " |"]
     lines.append("|" + " --- |" * (len(summary["queries_to_reach"]) + 1))
@@ -267,6 +282,17 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", "With an assumption about the domain (not data-free):", ""]
         lines += [f"- {tag}: {text}" for tag, text in summary["assumptions"].items()]
         lines += ["", head, rule] + accuracy_rows(assumed)
+        compared = difference_rows(assumed)
+        if compared:
+            lines += [
+                "",
+                "Paired difference under the same assumption (megex-all+prior - dfme+prior, "
+                "and so on), points, as above:",
+                "",
+                head,
+                rule,
+                *compared,
+            ]
     lines += [
         "",
         f"Wall time of this invocation {summary['wall_s']:.0f} s (finished runs are reused; "
