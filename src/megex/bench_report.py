@@ -56,6 +56,7 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
     victims = {r["victim_seed"]: r["victim_accuracy"] for r in finished}
     baseline = config["baseline"]
     tuned = load_tuned(config)
+    against_of = {m: baseline_for(m, baseline, by_method) for m in by_method}
     stats: dict[str, Any] = {}
     for method, runs in by_method.items():
         stats[method] = {}
@@ -84,7 +85,7 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
                 ),
                 "elapsed_s": statistics.fmean(c["elapsed_s"] for c in cell_rows),
             }
-            against = baseline_for(method, baseline, by_method)
+            against = against_of[method]
             if against:
                 base = _nested(
                     by_method[against],
@@ -105,7 +106,7 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
             }
             if len(flat) == len(runs) and flat:
                 row["median"] = _interval(hits, statistics.median)
-            against = baseline_for(method, baseline, by_method)
+            against = against_of[method]
             if against:
                 base = _nested(by_method[against], lambda r, f=fraction: _reach(r, f))
                 logs: Nested = {}

@@ -164,7 +164,7 @@ def _units(diffs: Nested) -> list[float]:
     return [statistics.fmean(by_seed.values()) for by_seed in diffs.values()]
 
 
-def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
+def paired_difference(a: Nested, b: Nested, level: float = 0.95, **kwargs: Any) -> dict[str, Any]:
     """Mean of a - b over the runs both have (same victim, same seed), with its intervals.
 
     `low`/`high` are the hierarchical bootstrap's; `t_low`/`t_high` a Student t interval
@@ -182,9 +182,9 @@ def paired_difference(a: Nested, b: Nested, **kwargs: Any) -> dict[str, Any]:
     pairs = sum(len(v) for v in diffs.values())
     if pairs == 0:
         return {"pairs": 0}
-    mean, low, high = bootstrap_interval(diffs, **kwargs)
+    mean, low, high = bootstrap_interval(diffs, level=level, **kwargs)
     units = _units(diffs)
-    _, t_low, t_high = t_interval(units, level=kwargs.get("level", 0.95))
+    _, t_low, t_high = t_interval(units, level=level)
     if pairs > 1 and low > 0 and t_low > 0:
         verdict = "a ahead"
     elif pairs > 1 and high < 0 and t_high < 0:
