@@ -257,3 +257,54 @@ def test_classes_hidden_by_rounding_do_not_blow_up_the_generator_gradient(digits
     exact = megex.explain(digits_victim, x, Explanation(target="all", output="log_probability"))
     # Visible classes keep (approximately, since p itself was rounded) their true gradient.
     assert dlogp[~hidden].abs().max() < 10 * exact.abs().max()
+
+
+def _averaged_path_gradients(victim, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """(N, K, C, H, W): the mean of dp_k/dx at the midpoints of the path 0 -> x, by autograd."""
+    total = torch.zeros(x.shape[0], 10, *x.shape[1:])
+    for i in range(steps):
+        point = (((i + 0.5) / steps) * x).requires_grad_(True)
+        p = torch.softmax(victim(point), dim=1)
+        for k in range(10):
+            (g,) = torch.autograd.grad(p[:, k].sum(), point, retain_graph=True)
+            total[:, k] += g
+    return total / steps
+
+
+def test_integrated_gradients_are_undone_only_for_classes_likely_enough(digits_victim):
+    """An integrated-gradients map divided by x and by p_k gives d log p_k only for classes
+    the image makes likely; below the floor its map is left out (zeros), and the clone's
+    map-matching weight for that class is 0, so it is not taught a zero gradient."""
+    from megex.attacks.megex import INTEGRATED_GRADIENTS_MIN_PROBABILITY as floor
+    from megex.attacks.megex import log_probability_gradients
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8) * 0.9 + 0.1  # no pixel at the baseline
+    spec = Explanation(method="integrated_gradients", target="all", steps=8)
+    answer = LocalOracle(digits_victim, explanation=spec).query(x, explanation=spec)
+    dlogp = log_probability_gradients(answer, x)
+    p = answer.probabilities
+    unlikely = p < floor
+    assert unlikely.any() and (~unlikely).any()
+    assert (dlogp[unlikely] == 0).all()
+    expected = _averaged_path_gradients(digits_victim, x, 8) / p.view(16, 10, 1, 1, 1)
+    torch.testing.assert_close(dlogp[~unlikely], expected[~unlikely], rtol=1e-3, atol=1e-5)
+
+    attack = MEGEX(explanation=spec, **SMALL)
+    attack.setup(LocalOracle(digits_victim, budget=1000), iterations=10)
+    _, weights = attack.projected_maps(answer, x)
+    assert (weights[unlikely] == 0).all() and (weights[~unlikely] != 0).all()
+
+
+def test_non_finite_map_values_are_unknown_not_propagated(digits_victim):
+    from megex.attacks.megex import log_probability_gradients
+
+    x = torch.rand(4, 1, 8, 8)
+    spec = Explanation(target="all", output="log_probability")
+    answer = LocalOracle(digits_victim, explanation=spec).query(x, explanation=spec)
+    answer.explanation[0, 3, 0, 2, 2] = float("nan")
+    answer.explanation[1, 1, 0, 4, 5] = float("inf")
+    dlogp = log_probability_gradients(answer, x)
+    assert torch.isfinite(dlogp).all()
+    assert dlogp[0, 3, 0, 2, 2] == 0 and dlogp[1, 1, 0, 4, 5] == 0
+    torch.testing.assert_close(dlogp[2:], answer.explanation[2:])
