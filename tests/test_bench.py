@@ -277,3 +277,25 @@ def test_hierarchical_bootstrap_and_paired_differences():
     # The victim's share needs two victims and a repeated seed on one of them.
     assert stats.variance_components({0: {0: 0.5, 1: 0.6}})["victim_share"] is None
     assert stats.variance_components({0: {0: 0.5}, 1: {0: 0.7}})["victim_share"] is None
+
+
+def test_wilson_interval_ends_symmetry_and_coverage():
+    from megex.stats import wilson_interval
+
+    z2 = 1.959963984540054**2
+    # Closed forms at the ends: 0 of n has high z^2 / (n + z^2); n of n has low n / (n + z^2).
+    assert wilson_interval(0, 60) == (0.0, pytest.approx(z2 / (60 + z2)))
+    assert wilson_interval(15, 15) == (pytest.approx(15 / (15 + z2)), 1.0)
+    low, high = wilson_interval(9, 60)
+    mirrored = wilson_interval(51, 60)
+    assert (low, high) == (pytest.approx(1 - mirrored[1]), pytest.approx(1 - mirrored[0]))
+    # Its actual coverage, summed exactly over the binomial, is near the level asked for.
+    for p, n in [(0.05, 60), (0.3, 50), (0.5, 20)]:
+        coverage = sum(
+            math.comb(n, k) * p**k * (1 - p) ** (n - k)
+            for k in range(n + 1)
+            if wilson_interval(k, n)[0] <= p <= wilson_interval(k, n)[1]
+        )
+        assert 0.92 < coverage < 0.98, (p, n, coverage)
+    with pytest.raises(ValueError, match="successes <= trials"):
+        wilson_interval(5, 4)

@@ -497,24 +497,37 @@ def markdown(summary: dict[str, Any]) -> str:
         '"any": flagged by any monitor, each at its own threshold (so its false-positive '
         "rate can reach the sum of theirs). Queries until detection: over the runs detected.",
         "",
-        "| monitor | method | detected | queries until detection: median | range |",
-        "| --- | --- | --- | ---: | --- |",
+        "| monitor | method | detected | rate [95% interval] | queries until detection: "
+        "median | range |",
+        "| --- | --- | --- | --- | ---: | --- |",
     ]
     for name, methods in summary["detection"].items():
         for method, d in methods.items():
             median = "-" if d["median_queries"] is None else f"{d['median_queries']:g}"
             span = "-" if d["min_queries"] is None else f"{d['min_queries']}-{d['max_queries']}"
-            lines.append(f"| {name} | {method} | {d['detected']}/{d['runs']} | {median} | {span} |")
+            lines.append(
+                f"| {name} | {method} | {d['detected']}/{d['runs']} | "
+                f"{_rate(d['detected'], d['runs'])} | {median} | {span} |"
+            )
     lines += [
         "",
         "## Benign test streams flagged (false positives)",
         "",
-        "| monitor | kind | flagged | rate |",
-        "| --- | --- | --- | ---: |",
+        '95% Wilson intervals; "all" pools the kinds.',
+        "",
+        "| monitor | kind | flagged | rate [95% interval] |",
+        "| --- | --- | --- | --- |",
     ]
     for name, kinds in summary["false_positives"].items():
         for kind, f in kinds.items():
-            lines.append(f"| {name} | {kind} | {f['flagged']}/{f['streams']} | {f['rate']:.2f} |")
+            lines.append(
+                f"| {name} | {kind} | {f['flagged']}/{f['streams']} | "
+                f"{_rate(f['flagged'], f['streams'])} |"
+            )
+        flagged = sum(f["flagged"] for f in kinds.values())
+        streams = sum(f["streams"] for f in kinds.values())
+        if len(kinds) > 1 and streams:
+            lines.append(f"| {name} | all | {flagged}/{streams} | {_rate(flagged, streams)} |")
     lines += [
         "",
         "## Thresholds",
@@ -537,6 +550,16 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _rate(count: int, total: int) -> str:
+    """A proportion with its 95% Wilson interval, or '-' when there is nothing to count."""
+    from .stats import wilson_interval
+
+    if not total:
+        return "-"
+    low, high = wilson_interval(count, total)
+    return f"{count / total:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _write(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:

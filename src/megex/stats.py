@@ -26,6 +26,7 @@ __all__ = [
     "t_interval",
     "t_quantile",
     "variance_components",
+    "wilson_interval",
 ]
 
 # values[victim][seed]: one number per run (None where a run has no value).
@@ -154,6 +155,26 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     half = t_quantile(1 - (1 - level) / 2, len(values) - 1) * statistics.stdev(values)
     half /= math.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """(low, high): Wilson score interval for a proportion, e.g. a detection or a
+    false-positive rate; unlike the normal approximation it stays in [0, 1] and is not empty
+    at 0 of n or n of n."""
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(
+            f"wilson_interval: expected 0 <= successes <= trials, trials >= 1; "
+            f"got {successes} of {trials}"
+        )
+    z = statistics.NormalDist().inv_cdf(1 - (1 - level) / 2)
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials))
+    half /= 1 + z * z / trials
+    # The exact ends: 0 of n has low 0 and n of n has high 1 (rounding could miss them).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
 
 
 def _units(diffs: Nested) -> list[float]:
