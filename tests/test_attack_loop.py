@@ -308,3 +308,32 @@ def test_non_finite_map_values_are_unknown_not_propagated(digits_victim):
     assert torch.isfinite(dlogp).all()
     assert dlogp[0, 3, 0, 2, 2] == 0 and dlogp[1, 1, 0, 4, 5] == 0
     torch.testing.assert_close(dlogp[2:], answer.explanation[2:])
+
+
+@pytest.mark.parametrize("target", ["all", "predicted"])
+@pytest.mark.parametrize("output", ["probability", "log_probability", "logit"])
+def test_clone_path_gradient_is_the_victims_map_when_the_clone_is_the_victim(
+    digits_victim, target, output
+):
+    """Integrated-gradients maps are matched by the clone's own path average: with the
+    victim itself as the clone, the clone's counterpart equals the projected map the
+    service's answer gives (autograd through the same path on both sides)."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 8, 8) * 0.9 + 0.1
+    spec = Explanation(
+        method="integrated_gradients", target=target, output=output, steps=4, baseline=0.0
+    )
+    answer = LocalOracle(digits_victim, explanation=spec).query(x, explanation=spec)
+    attack = MEGEX(explanation=spec, **SMALL)
+    attack.setup(LocalOracle(digits_victim, budget=1000), iterations=10)
+    target_map, weights = attack.projected_maps(answer, x)
+    attack.clone = digits_victim.eval()
+    counterpart = attack.clone_path_gradient(x, answer.probabilities, weights, spec)
+    known = (target_map != 0).to(counterpart.dtype)
+    assert known.mean() > 0.5
+    torch.testing.assert_close(counterpart * known, target_map, rtol=1e-3, atol=1e-5)
+    # The clone's gradient at x is not that map: it is what an IG map must not be matched to.
+    x_grad = x.clone().requires_grad_(True)
+    logp = torch.log_softmax(digits_victim(x_grad), dim=1)
+    (at_x,) = torch.autograd.grad((weights * logp).sum(), x_grad)
+    assert not torch.allclose(at_x * known, target_map, rtol=1e-2, atol=1e-3)
