@@ -291,7 +291,8 @@ class MEGEX(Attack):
             spec = answer.explanation_spec
         elif stored is not None and "maps" in stored:
             target, weights = stored["maps"], stored["projections"]
-            spec = self.explanation_used
+            # Replayed maps came in answers to the explanation this run asks for.
+            spec = self.explanation_used or self.config.explanation
         else:
             return super().clone_loss(x, probs)
         return self.loss_with_maps(x, probs, target, weights, spec)
