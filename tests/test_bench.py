@@ -299,3 +299,30 @@ def test_wilson_interval_ends_symmetry_and_coverage():
         assert 0.92 < coverage < 0.98, (p, n, coverage)
     with pytest.raises(ValueError, match="successes <= trials"):
         wilson_interval(5, 4)
+
+
+def test_censored_queries_to_reach_give_a_one_sided_ratio():
+    """A run that never reached the target needed more than the budget: counted as the
+    budget, it bounds its pair's ratio from one side; the bound is reported only when every
+    censored pair bounds from the same side."""
+    import math
+
+    from megex.bench_report import _censored_ratio, saved_cell
+
+    runs = [{"victim_seed": v, "seed": s} for v in (0, 1) for s in (0, 1)]
+    method = {0: {0: 10_000, 1: 20_000}, 1: {0: 10_000, 1: 40_000}}
+    baseline_missed = {0: {0: 50_000, 1: 80_000}, 1: {0: 100_000}}  # v1 s1: never
+    bound = _censored_ratio(method, baseline_missed, runs, budget=100_000)
+    ratios = [5.0, 4.0, 10.0, 100_000 / 40_000]
+    assert set(bound) == {"saved_x_at_least"}
+    expected = math.exp(sum(math.log(r) for r in ratios) / 4)
+    assert bound["saved_x_at_least"]["estimate"] == pytest.approx(expected)
+    assert saved_cell(bound, "dfme").startswith("; dfme needs >= ")
+    # Only the method missed (v0 s0): an upper bound.
+    method_missed = {0: {1: 20_000}, 1: {0: 10_000, 1: 40_000}}
+    full_base = {0: {0: 50_000, 1: 80_000}, 1: {0: 100_000, 1: 60_000}}
+    assert set(_censored_ratio(method_missed, full_base, runs, 100_000)) == {"saved_x_at_most"}
+    # Sides mixed, or a pair where both missed: no bound at all.
+    assert _censored_ratio(method_missed, baseline_missed, runs, 100_000) == {}
+    both_missed = {0: {0: 50_000, 1: 80_000}, 1: {0: 100_000}}
+    assert _censored_ratio({0: {0: 1, 1: 1}, 1: {0: 1}}, both_missed, runs, 100_000) == {}

@@ -38,6 +38,36 @@ def _interval(data: Nested, statistic=statistics.fmean) -> dict[str, float]:
     return {"estimate": est, "low": low, "high": high}
 
 
+def _ratio_interval(logs: Nested) -> dict[str, float]:
+    est, low, high = bootstrap_interval(logs)
+    return {
+        "estimate": math.exp(est),
+        "low": math.exp(low) if not math.isnan(low) else math.nan,
+        "high": math.exp(high) if not math.isnan(high) else math.nan,
+    }
+
+
+def _censored_ratio(hits: Nested, base: Nested, runs: list, budget: int) -> dict[str, Any]:
+    """Baseline / method queries when some runs never reached the target within `budget`:
+    such a run needed more than `budget`, so counting it as `budget` bounds its pair's ratio
+    from one side. Where every such pair bounds it from the same side (only the baseline's
+    runs missed: 'saved_x_at_least'; only the method's: 'saved_x_at_most'), the geometric
+    mean over all pairs is that bound; where both missed, or the sides mix, nothing."""
+    logs: Nested = {}
+    sides = set()
+    for r in runs:
+        v, s = r["victim_seed"], r["seed"]
+        q, b = hits.get(v, {}).get(s), base.get(v, {}).get(s)
+        if q is None and b is None:
+            return {}
+        if q is None or b is None:
+            sides.add("at_least" if b is None else "at_most")
+        logs.setdefault(v, {})[s] = math.log((b or budget) / (q or budget))
+    if len(sides) != 1:
+        return {}
+    return {f"saved_x_{sides.pop()}": _ratio_interval(logs)}
+
+
 def baseline_for(method: str, baseline: str, methods: Any) -> str | None:
     """What `method` is compared with: the baseline under the same assumption (dfme+prior
     for megex-all+prior), the plain baseline for a data-free method; None where the run
@@ -116,13 +146,12 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
                             logs.setdefault(v, {})[s] = math.log(base[v][s] / q)
                 pairs = sum(len(x) for x in logs.values())
                 if pairs and pairs == len(runs) == len(by_method[against]):
-                    est, low, high = bootstrap_interval(logs)
                     # Geometric mean of baseline / method: queries saved by explanations.
-                    row["saved_x"] = {
-                        "estimate": math.exp(est),
-                        "low": math.exp(low) if not math.isnan(low) else math.nan,
-                        "high": math.exp(high) if not math.isnan(high) else math.nan,
-                    }
+                    row["saved_x"] = _ratio_interval(logs)
+                elif len(runs) == len(by_method[against]):
+                    bound = _censored_ratio(hits, base, runs, budgets[-1])
+                    if bound:
+                        row.update(bound)
             reach[str(fraction)][method] = row
     curves = {
         f"{r['method']}-v{r['victim_seed']}-s{r['seed']}": [
@@ -161,6 +190,15 @@ def _ci(i: dict[str, float], scale: float = 100, digits: int = 1) -> str:
         f"{scale * i['estimate']:.{digits}f} [{scale * i['low']:.{digits}f}, "
         f"{scale * i['high']:.{digits}f}]"
     )
+
+
+def saved_cell(row: dict[str, Any], base: str) -> str:
+    """'; <base> needs k [low, high]x' for a queries-to-reach row, with '>=' or '<=' where
+    the ratio is a bound (censored runs, `_censored_ratio`); '' when there is none."""
+    for key, sign in (("saved_x", ""), ("saved_x_at_least", ">= "), ("saved_x_at_most", "<= ")):
+        if row.get(key):
+            return f"; {base} needs {sign}{_ci(row[key], scale=1, digits=2)}x"
+    return ""
 
 
 def _is_assumption(method: str) -> bool:
@@ -239,7 +277,14 @@ def markdown(summary: dict[str, Any]) -> str:
         rule,
     ]
     lines += difference_rows(free)
-    lines += ["", "Queries to reach a fraction of the victim's accuracy (median [95% interval]):"]
+    lines += [
+        "",
+        "Queries to reach a fraction of the victim's accuracy (median [95% interval]); "
+        f"'{base} needs k x': the geometric mean over paired runs of {base}'s queries over the "
+        "method's, with a 95% interval; '>= k x' (or '<= k x') where some of "
+        f"{base}'s runs (or the method's) never reached the fraction within the largest "
+        "budget and count as that budget, which makes k a lower (upper) bound:",
+    ]
     lines += ["", "| method | " + " | ".join(f"{f}x" for f in summary["queries_to_reach"]) + " |"]
     lines.append("|" + " --- |" * (len(summary["queries_to_reach"]) + 1))
     for method in free:
@@ -249,13 +294,11 @@ def markdown(summary: dict[str, Any]) -> str:
             if row is None:
                 cells.append("-")
             elif "median" not in row:
-                cells.append(f"reached in {row['reached']}/{row['runs']} runs")
+                cells.append(
+                    f"reached in {row['reached']}/{row['runs']} runs" + saved_cell(row, base)
+                )
             else:
-                cell = _ci(row["median"], scale=1, digits=0)
-                saved = row.get("saved_x")
-                if saved:
-                    cell += f"; {base} needs {_ci(saved, scale=1, digits=2)}x"
-                cells.append(cell)
+                cells.append(_ci(row["median"], scale=1, digits=0) + saved_cell(row, base))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Compute at each budget (mean per run): clone updates / generator updates / s:"]
     lines += ["", head, rule]

@@ -157,7 +157,14 @@ def combine(out: Path, sizes: list[str], stem: str = "query_efficiency") -> dict
                 "reach": {
                     target: {
                         key: by_method[method][key]
-                        for key in ("median", "saved_x", "reached", "runs")
+                        for key in (
+                            "median",
+                            "saved_x",
+                            "saved_x_at_least",
+                            "saved_x_at_most",
+                            "reached",
+                            "runs",
+                        )
                         if key in by_method[method]
                     }
                     for target, by_method in bench["queries_to_reach"].items()
@@ -193,13 +200,16 @@ def _interval(i: dict[str, float], scale: float, digits: int) -> str:
 
 def markdown(summary: dict[str, Any]) -> str:
     """One row per size and method: accuracy at the largest budget, queries to each target."""
+    from .bench_report import saved_cell
+
     rows = summary["sizes"]
     targets = sorted({t for r in rows for m in r["methods"].values() for t in m["reach"]})
     lines = [
         "Clone test accuracy % at the largest budget (mean [95% interval], x the victim), and "
         "queries to reach each fraction of the victim's accuracy (median [95% interval]; "
         "baseline needs k x: the geometric mean over paired runs of the baseline's queries "
-        "over the method's).",
+        "over the method's; '>= k x' or '<= k x' where runs that never reached the fraction "
+        "count as the largest budget, which makes k a bound).",
         "",
         "| size | d | victim | method | accuracy at budget | "
         + " | ".join(f"queries to {t}x" for t in targets)
@@ -215,11 +225,10 @@ def markdown(summary: dict[str, Any]) -> str:
             for t in targets:
                 reach = m["reach"].get(t, {})
                 if "median" in reach:
-                    cell = _interval(reach["median"], 1, 0)
-                    if "saved_x" in reach:
-                        cell += f"; {r['baseline']} needs {_interval(reach['saved_x'], 1, 2)}x"
+                    cell = _interval(reach["median"], 1, 0) + saved_cell(reach, r["baseline"])
                 elif "runs" in reach:
                     cell = f"reached in {reach['reached']}/{reach['runs']} runs"
+                    cell += saved_cell(reach, r["baseline"])
                 else:
                     cell = "-"
                 cells.append(cell)
