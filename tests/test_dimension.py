@@ -20,7 +20,7 @@ def test_every_size_has_a_config_with_the_sweeps_methods_and_the_tuned_settings(
     dataset, d = dimension.SIZES[size]
     assert config["dataset"] == dataset and f"d = {d}" in config["description"]
     assert config["methods"] == ["megex-all", "megex-predicted", "dfme", "dfme-m10"]
-    assert config["baseline"] == "dfme" and config["targets"] == [0.7, 0.8]
+    assert config["baseline"] == "dfme" and config["targets"] == [0.5, 0.6, 0.7, 0.8]
     assert len(config["seeds"]) == 3 and len(config["victim_seeds"]) == 3
     # Every size searches its own settings, the same way; the benchmark reads that output.
     assert config["search"] == {
@@ -104,7 +104,7 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
         assert row["budget"] == 300 and row["victim_accuracy"] == 0.5
         for method in row["methods"].values():
             assert 0.0 <= method["accuracy"]["estimate"] <= 1.0
-            assert set(method["reach"]) == {"0.7", "0.8"}
+            assert set(method["reach"]) == {"0.5", "0.6", "0.7", "0.8"}
     # DFME ran with m = 1 and m = 10 whatever the tuned file said, with the rest of the
     # settings from that size's search (14) or the given file (colour-56).
     searched = found["methods"]["dfme"]["epsilon"]
