@@ -306,8 +306,16 @@ def test_non_finite_map_values_are_unknown_not_propagated(digits_victim):
     answer.explanation[1, 1, 0, 4, 5] = float("inf")
     dlogp = log_probability_gradients(answer, x)
     assert torch.isfinite(dlogp).all()
-    assert dlogp[0, 3, 0, 2, 2] == 0 and dlogp[1, 1, 0, 4, 5] == 0
+    # A pixel unknown in one class's map is unknown in every class's.
+    assert (dlogp[0, :, 0, 2, 2] == 0).all() and (dlogp[1, :, 0, 4, 5] == 0).all()
     torch.testing.assert_close(dlogp[2:], answer.explanation[2:])
+    # Through the conversion from probability maps too (which mixes nothing, but divides).
+    spec = Explanation(target="all", output="probability")
+    answer = LocalOracle(digits_victim, explanation=spec).query(x, explanation=spec)
+    answer.explanation[0, 3, 0, 2, 2] = float("inf")
+    dlogp = log_probability_gradients(answer, x)
+    assert torch.isfinite(dlogp).all() and (dlogp[0, :, 0, 2, 2] == 0).all()
+    assert (dlogp[0, :, 0, 2, 3] != 0).any()
 
 
 @pytest.mark.parametrize("target", ["all", "predicted"])
@@ -337,3 +345,50 @@ def test_clone_path_gradient_is_the_victims_map_when_the_clone_is_the_victim(
     logp = torch.log_softmax(digits_victim(x_grad), dim=1)
     (at_x,) = torch.autograd.grad((weights * logp).sum(), x_grad)
     assert not torch.allclose(at_x * known, target_map, rtol=1e-2, atol=1e-3)
+
+
+def test_integrated_gradients_maps_fresh_and_replayed_are_matched_by_the_path_average(
+    digits_victim, monkeypatch
+):
+    """The clone's loss on integrated-gradients maps, from an answer or from the replay
+    buffer, goes through clone_path_gradient (and its value is finite)."""
+    spec = Explanation(method="integrated_gradients", target="all", steps=4)
+    attack = MEGEX(explanation=spec, replay_maps=True, **SMALL)
+    attack.setup(LocalOracle(digits_victim, budget=1000), iterations=10)
+    x = torch.rand(8, 1, 8, 8) * 0.9 + 0.1
+    answer = LocalOracle(digits_victim, explanation=spec).query(x, explanation=spec)
+    calls = []
+    original = attack.clone_path_gradient
+
+    def counted(*args, **kwargs):
+        calls.append(args[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attack, "clone_path_gradient", counted)
+    fresh = attack.clone_loss(x, answer.probabilities, answer=answer)
+    target, weights = attack.projected_maps(answer, x)
+    stored = {"maps": target.half().float(), "projections": weights}
+    replayed = attack.clone_loss(x, answer.probabilities, stored=stored)
+    assert len(calls) == 2 and all(c.method == "integrated_gradients" for c in calls)
+    assert torch.isfinite(fresh) and torch.isfinite(replayed)
+    fresh.backward()
+    assert all(torch.isfinite(p.grad).all() for p in attack.clone.parameters())
+
+
+def test_clone_path_gradient_leaves_batch_norm_statistics_and_mode_alone(digits_victim):
+    spec = Explanation(method="integrated_gradients", target="all", steps=4)
+    attack = MEGEX(explanation=spec, **SMALL)
+    attack.setup(LocalOracle(digits_victim, budget=1000), iterations=10)
+    attack.clone = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)
+    ).train()
+    norm = attack.clone[1]
+    before = norm.running_mean.clone()
+    x = torch.rand(5, 1, 8, 8)
+    weights = torch.randn(5, 10)
+    grad = attack.clone_path_gradient(x, torch.full((5, 10), 0.1), weights, spec)
+    assert grad.shape == x.shape and grad.requires_grad
+    assert torch.equal(norm.running_mean, before) and norm.training
+    # Eval mode: each image's counterpart does not depend on the others in the batch.
+    alone = attack.clone_path_gradient(x[:1], torch.full((1, 10), 0.1), weights[:1], spec)
+    torch.testing.assert_close(alone, grad[:1])

@@ -302,27 +302,45 @@ def test_wilson_interval_ends_symmetry_and_coverage():
 
 
 def test_censored_queries_to_reach_give_a_one_sided_ratio():
-    """A run that never reached the target needed more than the budget: counted as the
-    budget, it bounds its pair's ratio from one side; the bound is reported only when every
-    censored pair bounds from the same side."""
+    """A run that never reached the target needed more than its largest budget: counted as
+    that budget, it bounds its pair's ratio from one side; the bound is reported only when
+    every censored pair bounds from the same side, and the two methods have the same runs."""
     import math
 
     from megex.bench_report import _censored_ratio, saved_cell
 
-    runs = [{"victim_seed": v, "seed": s} for v in (0, 1) for s in (0, 1)]
+    runs = [
+        {"victim_seed": v, "seed": s, "budgets": [50_000, 100_000]} for v in (0, 1) for s in (0, 1)
+    ]
     method = {0: {0: 10_000, 1: 20_000}, 1: {0: 10_000, 1: 40_000}}
     baseline_missed = {0: {0: 50_000, 1: 80_000}, 1: {0: 100_000}}  # v1 s1: never
-    bound = _censored_ratio(method, baseline_missed, runs, budget=100_000)
-    ratios = [5.0, 4.0, 10.0, 100_000 / 40_000]
+
+    def geometric_mean(ratios: list[float]) -> float:
+        return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+    bound = _censored_ratio(method, baseline_missed, runs, runs)
     assert set(bound) == {"saved_x_at_least"}
-    expected = math.exp(sum(math.log(r) for r in ratios) / 4)
-    assert bound["saved_x_at_least"]["estimate"] == pytest.approx(expected)
+    assert bound["saved_x_at_least"]["estimate"] == pytest.approx(
+        geometric_mean([5.0, 4.0, 10.0, 100_000 / 40_000])
+    )
     assert saved_cell(bound, "dfme").startswith("; dfme needs >= ")
-    # Only the method missed (v0 s0): an upper bound.
+    # Only the method missed (v0 s0): an upper bound, the miss counted as 100k.
     method_missed = {0: {1: 20_000}, 1: {0: 10_000, 1: 40_000}}
     full_base = {0: {0: 50_000, 1: 80_000}, 1: {0: 100_000, 1: 60_000}}
-    assert set(_censored_ratio(method_missed, full_base, runs, 100_000)) == {"saved_x_at_most"}
-    # Sides mixed, or a pair where both missed: no bound at all.
-    assert _censored_ratio(method_missed, baseline_missed, runs, 100_000) == {}
-    both_missed = {0: {0: 50_000, 1: 80_000}, 1: {0: 100_000}}
-    assert _censored_ratio({0: {0: 1, 1: 1}, 1: {0: 1}}, both_missed, runs, 100_000) == {}
+    upper = _censored_ratio(method_missed, full_base, runs, runs)
+    assert set(upper) == {"saved_x_at_most"}
+    assert upper["saved_x_at_most"]["estimate"] == pytest.approx(
+        geometric_mean([0.5, 4.0, 10.0, 1.5])
+    )
+    # A miss counts as that run's own largest budget, not the largest of all runs.
+    short = [
+        {**r, "budgets": [50_000]} if (r["victim_seed"], r["seed"]) == (1, 1) else r for r in runs
+    ]
+    lower = _censored_ratio(method, baseline_missed, runs, short)
+    assert lower["saved_x_at_least"]["estimate"] == pytest.approx(
+        geometric_mean([5.0, 4.0, 10.0, 50_000 / 40_000])
+    )
+    # Sides mixed, a pair where both missed, or runs that do not pair: no bound at all.
+    assert _censored_ratio(method_missed, baseline_missed, runs, runs) == {}
+    assert _censored_ratio({0: {0: 1, 1: 1}, 1: {0: 1}}, baseline_missed, runs, runs) == {}
+    assert _censored_ratio(method, baseline_missed, runs, runs[:3]) == {}

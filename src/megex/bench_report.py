@@ -47,22 +47,29 @@ def _ratio_interval(logs: Nested) -> dict[str, float]:
     }
 
 
-def _censored_ratio(hits: Nested, base: Nested, runs: list, budget: int) -> dict[str, Any]:
-    """Baseline / method queries when some runs never reached the target within `budget`:
-    such a run needed more than `budget`, so counting it as `budget` bounds its pair's ratio
-    from one side. Where every such pair bounds it from the same side (only the baseline's
-    runs missed: 'saved_x_at_least'; only the method's: 'saved_x_at_most'), the geometric
-    mean over all pairs is that bound; where both missed, or the sides mix, nothing."""
+def _censored_ratio(hits: Nested, base: Nested, runs: list, base_runs: list) -> dict[str, Any]:
+    """Baseline / method queries when some runs never reached the target: such a run needed
+    more than its largest budget, so counting it as that budget bounds its pair's ratio from
+    one side. Where every such pair bounds it from the same side (only the baseline's runs
+    missed: 'saved_x_at_least'; only the method's: 'saved_x_at_most'), the geometric mean
+    over all pairs is that bound; where both missed, the sides mix, or the two methods do
+    not have the same (victim, seed) runs, nothing."""
+
+    def budgets(of: list) -> dict[tuple, int]:
+        return {(r["victim_seed"], r["seed"]): max(r["budgets"]) for r in of}
+
+    mine, theirs = budgets(runs), budgets(base_runs)
+    if set(mine) != set(theirs):
+        return {}
     logs: Nested = {}
     sides = set()
-    for r in runs:
-        v, s = r["victim_seed"], r["seed"]
+    for (v, s), budget in mine.items():
         q, b = hits.get(v, {}).get(s), base.get(v, {}).get(s)
         if q is None and b is None:
             return {}
         if q is None or b is None:
             sides.add("at_least" if b is None else "at_most")
-        logs.setdefault(v, {})[s] = math.log((b or budget) / (q or budget))
+        logs.setdefault(v, {})[s] = math.log((b or theirs[(v, s)]) / (q or budget))
     if len(sides) != 1:
         return {}
     return {f"saved_x_{sides.pop()}": _ratio_interval(logs)}
@@ -148,10 +155,8 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
                 if pairs and pairs == len(runs) == len(by_method[against]):
                     # Geometric mean of baseline / method: queries saved by explanations.
                     row["saved_x"] = _ratio_interval(logs)
-                elif len(runs) == len(by_method[against]):
-                    bound = _censored_ratio(hits, base, runs, budgets[-1])
-                    if bound:
-                        row.update(bound)
+                else:
+                    row.update(_censored_ratio(hits, base, runs, by_method[against]))
             reach[str(fraction)][method] = row
     curves = {
         f"{r['method']}-v{r['victim_seed']}-s{r['seed']}": [

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import accel
 from ..explain import Explanation
@@ -107,7 +108,12 @@ def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
     non-finite value in a map is unknown too."""
     spec = answer.explanation_spec
     maps = _undo_attribution(answer.explanation.to(x.device), x, spec)
-    maps = torch.where(torch.isfinite(maps), maps, 0.0)
+    finite = torch.isfinite(maps)
+    if maps.dim() == 5:
+        # A pixel unknown in one class's map is unknown in all: the conversions and the
+        # projection over classes mix the classes at each pixel.
+        finite = finite.all(dim=1, keepdim=True)
+    maps = torch.where(finite, maps, 0.0)
     shown = answer.probabilities.to(x.device)
     p = shown.clamp_min(LOG_EPS)
     if spec.output == "log_probability":
@@ -289,6 +295,8 @@ class MEGEX(Attack):
         if answer is not None and answer.explanation is not None:
             target, weights = self.projected_maps(answer, x)
             spec = answer.explanation_spec
+            # Maps replayed later came with this explanation (also before any generator step).
+            self.explanation_used = self.explanation_used or spec
         elif stored is not None and "maps" in stored:
             target, weights = stored["maps"], stored["projections"]
             # Replayed maps came in answers to the explanation this run asks for.
@@ -358,7 +366,17 @@ class MEGEX(Attack):
         alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
         points = baseline + alphas.view(-1, 1, 1, 1, 1) * (x - baseline).unsqueeze(0)
         points = points.reshape(steps * n, *x.shape[1:]).requires_grad_(True)
-        logits = self.clone(points)
+        # Batch normalisation in eval mode here: the victim's maps come from its eval mode,
+        # and the path's darker images must not enter the clone's running statistics.
+        norms = [m for m in self.clone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        modes = [m.training for m in norms]
+        for m in norms:
+            m.eval()
+        try:
+            logits = self.clone(points)
+        finally:
+            for m, mode in zip(norms, modes):
+                m.train(mode)
         if spec.output == "probability":
             values = F.softmax(logits, dim=1)
         elif spec.output == "log_probability":
