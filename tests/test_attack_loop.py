@@ -1,5 +1,9 @@
 """The shared attack loop through the Oracle protocol: budgets, user oracles, resume."""
 
+import os
+import signal
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -392,3 +396,50 @@ def test_clone_path_gradient_leaves_batch_norm_statistics_and_mode_alone(digits_
     # Eval mode: each image's counterpart does not depend on the others in the batch.
     alone = attack.clone_path_gradient(x[:1], torch.full((1, 10), 0.1), weights[:1], spec)
     torch.testing.assert_close(alone, grad[:1])
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX")
+def test_sigterm_stops_between_steps_and_resumes_exactly(tmp_path, digits_victim, digits_test):
+    """SIGTERM to a run with a folder: it ends its current step, saves a checkpoint there
+    (not back at its last evaluation) and returns unfinished; resumed, it ends exactly where
+    an uninterrupted run does. Without a folder the signal keeps its usual handler."""
+    x, y = digits_test
+    evaluator = Evaluator.from_victim(digits_victim, x, y)
+    budget, every = 5000, 2500
+    settings = dict(seed=4, **SMALL)
+    whole = LocalOracle(digits_victim, budget=budget)
+    straight = megex.run(
+        MEGEX(**settings), whole, evaluator=evaluator, eval_every=every,
+        run_dir=tmp_path / "a", progress=False, service_state=whole.state_dict,
+    )  # fmt: skip
+
+    def terminate(iteration, spent):
+        if iteration == 20:  # 20 x 96 = 1,920 queries, before the first evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    first = LocalOracle(digits_victim, budget=budget)
+    partial = megex.run(
+        MEGEX(**settings), first, evaluator=evaluator, eval_every=every,
+        run_dir=tmp_path / "b", progress=False, callback=terminate,
+        service_state=first.state_dict,
+    )  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert not partial.finished and partial.iterations == 20 and partial.metrics == []
+    from megex.runs import RunFolder
+
+    saved = RunFolder(tmp_path / "b").load_checkpoint()
+    assert saved["iteration"] == 20 and saved["queries_spent"] == first.queries_used
+    second = LocalOracle(digits_victim, budget=budget)
+    second.load_state_dict(saved["service"])
+    resumed = megex.run(
+        MEGEX(**settings), second, evaluator=evaluator, eval_every=every,
+        run_dir=tmp_path / "b", resume=True, progress=False, service_state=second.state_dict,
+    )  # fmt: skip
+    assert resumed.finished and resumed.queries_used == straight.queries_used
+    assert [m["clone_accuracy"] for m in resumed.metrics] == [
+        m["clone_accuracy"] for m in straight.metrics
+    ]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["attack"]["clone"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["attack"]["clone"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

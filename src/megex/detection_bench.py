@@ -218,7 +218,8 @@ def attack_stream(
     explanation = getattr(attack.config, "explanation", None)
     oracle = LocalOracle(victim, budget=queries, explanation=explanation, seed=seed, device=device)
     recorder = RecordingOracle(oracle)
-    run(attack, recorder, queries, progress=False)
+    if not run(attack, recorder, queries, progress=False).finished:
+        raise KeyboardInterrupt  # a cut-off stream must not be scored
     return recorder.stream(name=f"{method}-{seed}")
 
 

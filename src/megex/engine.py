@@ -13,10 +13,14 @@ and continues a checkpoint exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,40 +177,50 @@ def run(
         metrics.append(row)
         return row
 
-    try:
-        for iteration in range(start_iteration, iterations):
-            if metered.remaining < cost:
-                stopped = f"the oracle had {oracle.remaining} queries left, less than one iteration"
-                break
-            before = metered.queries_used
-            info = attack.step(metered)
-            spent = metered.queries_used
-            # The clone updates this many queries pay for, whatever kind the step made.
-            owed = int(rate * spent / 1000) - attack.clone_updates if rate > 0 else 0
-            if owed > 0:
-                loss = attack.replay(owed)
-                if loss is not None:
-                    info["replay_loss"] = loss
-            attack.end_iteration()
-            if bar is not None:
-                bar.update(spent - before)
-            last = iteration + 1 == iterations
-            marked = any(spent <= b < spent + cost for b in marks)
-            if evaluator is not None and (spent >= next_eval or last or marked):
-                row = evaluate(info)
-                next_eval = (spent // eval_every + 1) * eval_every
+    stop_at_boundary = False
+    with _stop_requests(enabled=folder is not None) as stop:
+        try:
+            for iteration in range(start_iteration, iterations):
+                if stop.is_set():
+                    # SIGTERM or SIGHUP: stop between two steps, where the state is whole.
+                    interrupted = stop_at_boundary = True
+                    break
+                if metered.remaining < cost:
+                    stopped = (
+                        f"the oracle had {oracle.remaining} queries left, less than one iteration"
+                    )
+                    break
+                before = metered.queries_used
+                info = attack.step(metered)
+                spent = metered.queries_used
+                # The clone updates this many queries pay for, whatever kind the step made.
+                owed = int(rate * spent / 1000) - attack.clone_updates if rate > 0 else 0
+                if owed > 0:
+                    loss = attack.replay(owed)
+                    if loss is not None:
+                        info["replay_loss"] = loss
+                attack.end_iteration()
                 if bar is not None:
-                    bar.set_postfix(acc=f"{row['clone_accuracy']:.3f}")
-                if folder is not None:
-                    _checkpoint(folder, attack, iteration + 1, spent, metrics, t0, service_state)
-            done = iteration + 1
-            if callback is not None:
-                callback(done, spent)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.update(spent - before)
+                last = iteration + 1 == iterations
+                marked = any(spent <= b < spent + cost for b in marks)
+                if evaluator is not None and (spent >= next_eval or last or marked):
+                    row = evaluate(info)
+                    next_eval = (spent // eval_every + 1) * eval_every
+                    if bar is not None:
+                        bar.set_postfix(acc=f"{row['clone_accuracy']:.3f}")
+                    if folder is not None:
+                        _checkpoint(
+                            folder, attack, iteration + 1, spent, metrics, t0, service_state
+                        )
+                done = iteration + 1
+                if callback is not None:
+                    callback(done, spent)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
     spent = metered.queries_used
     if (
         stopped
@@ -217,9 +231,9 @@ def run(
         # Stopped early: the clone as it is at the end still gets its evaluation.
         evaluate({})
     elapsed = time.time() - t0
-    # After an interrupt the checkpoint of the last evaluation stands: a half-done step
-    # cannot be resumed exactly, so it is not saved.
-    if folder is not None and not interrupted:
+    # After Ctrl-C the checkpoint of the last evaluation stands: a half-done step cannot be
+    # resumed exactly, so it is not saved. A stop between two steps is saved where it is.
+    if folder is not None and (not interrupted or stop_at_boundary):
         _checkpoint(folder, attack, done, spent, metrics, t0, service_state)
     final = metrics[-1] if metrics else {}
     result = AttackResult(
@@ -252,6 +266,29 @@ def run(
         )
         folder.write_result(result.to_dict())
     return result
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool) -> Iterator[threading.Event]:
+    """An event that SIGTERM and SIGHUP set while a run that has a folder goes on, so that
+    the run stops at the end of its current step and saves a checkpoint there, rather than
+    die and lose every step since its last evaluation. Off elsewhere (no folder, or not the
+    main thread, where handlers cannot be set): those signals keep their usual effect."""
+    event = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def request(signum: int, frame: Any) -> None:
+        event.set()
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.signal(getattr(signal, name), request) for name in names}
+    try:
+        yield event
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def describe_run(attack: Attack, oracle: Oracle, budget: int) -> dict[str, Any]:

@@ -183,6 +183,8 @@ def run_sizes(
                 eval_every=train_queries,
                 progress=False,
             )
+            if not result.finished:
+                raise KeyboardInterrupt  # not the trained state the phase claims
             del x_test, y_test
             attack.generator.train()
             phases["trained"] = measure_alignment(

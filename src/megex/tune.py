@@ -131,6 +131,9 @@ def score(
             eval_at=search["marks"],
             progress=False,
         )
+        if not result.finished:
+            # Ctrl-C inside the run: a trial scored on part of its budget would be wrong.
+            raise KeyboardInterrupt
         rows = result.metrics
         # Read as the benchmark reads a budget: the last evaluation within each mark.
         cells = cells_of({"budgets": search["marks"], "metrics": rows})
