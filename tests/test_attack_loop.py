@@ -142,6 +142,16 @@ def test_too_small_budget_is_a_clear_error(digits_victim):
         MEGEX(batch_size=0)
 
 
+def _run_in_folder(attack, victim, budget, evaluator, every, run_dir, **kwargs):
+    """megex.run on a fresh LocalOracle whose ledger goes into the run's checkpoints."""
+    oracle = LocalOracle(victim, budget=budget)
+    result = megex.run(
+        attack, oracle, evaluator=evaluator, eval_every=every, run_dir=run_dir,
+        progress=False, service_state=oracle.state_dict, **kwargs,
+    )  # fmt: skip
+    return result, oracle
+
+
 @pytest.mark.parametrize("attack_class", [MEGEX, DFME])
 def test_interrupted_and_resumed_run_equals_uninterrupted(
     tmp_path, digits_victim, digits_test, attack_class
@@ -151,12 +161,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     budget, every = 6000, 1000
     settings = dict(seed=3, **SMALL)
 
-    whole = LocalOracle(digits_victim, budget=budget)
-    straight = megex.run(
-        attack_class(**settings),
-        whole, evaluator=evaluator, eval_every=every, run_dir=tmp_path / "a", progress=False,
-        service_state=whole.state_dict,
-    )  # fmt: skip
+    straight, _ = _run_in_folder(
+        attack_class(**settings), digits_victim, budget, evaluator, every, tmp_path / "a"
+    )
 
     def interrupt(iteration, spent):
         if spent >= 3500:
@@ -407,22 +414,24 @@ def test_sigterm_stops_between_steps_and_resumes_exactly(tmp_path, digits_victim
     evaluator = Evaluator.from_victim(digits_victim, x, y)
     budget, every = 5000, 2500
     settings = dict(seed=4, **SMALL)
-    whole = LocalOracle(digits_victim, budget=budget)
-    straight = megex.run(
-        MEGEX(**settings), whole, evaluator=evaluator, eval_every=every,
-        run_dir=tmp_path / "a", progress=False, service_state=whole.state_dict,
+    handler = signal.getsignal(signal.SIGTERM)
+    seen = []
+    megex.run(
+        MEGEX(**settings), LocalOracle(digits_victim, budget=500), progress=False,
+        callback=lambda *_: seen.append(signal.getsignal(signal.SIGTERM)),
     )  # fmt: skip
+    assert seen and all(h is handler for h in seen)
+    straight, _ = _run_in_folder(
+        MEGEX(**settings), digits_victim, budget, evaluator, every, tmp_path / "a"
+    )
 
     def terminate(iteration, spent):
         if iteration == 20:  # 20 x 96 = 1,920 queries, before the first evaluation
             os.kill(os.getpid(), signal.SIGTERM)
 
-    handler = signal.getsignal(signal.SIGTERM)
-    first = LocalOracle(digits_victim, budget=budget)
-    partial = megex.run(
-        MEGEX(**settings), first, evaluator=evaluator, eval_every=every,
-        run_dir=tmp_path / "b", progress=False, callback=terminate,
-        service_state=first.state_dict,
+    partial, first = _run_in_folder(
+        MEGEX(**settings), digits_victim, budget, evaluator, every, tmp_path / "b",
+        callback=terminate,
     )  # fmt: skip
     assert signal.getsignal(signal.SIGTERM) is handler
     assert not partial.finished and partial.iterations == 20 and partial.metrics == []
