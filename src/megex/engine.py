@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from .attacks.base import Attack
 from .attacks.config import AttackConfig
 from .oracle import Answer, BudgetExceeded, Oracle, OracleView
 from .runs import RunFolder
+from .stop_signals import handled_stop_signals
 
 __all__ = ["AttackResult", "Metered", "changed_settings", "describe_run", "run"]
 
@@ -275,20 +275,11 @@ def _stop_requests(enabled: bool) -> Iterator[threading.Event]:
     die and lose every step since its last evaluation. Off elsewhere (no folder, or not the
     main thread, where handlers cannot be set): those signals keep their usual effect."""
     event = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if not enabled:
         yield event
         return
-
-    def request(signum: int, frame: Any) -> None:
-        event.set()
-
-    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {name: signal.signal(getattr(signal, name), request) for name in names}
-    try:
+    with handled_stop_signals(lambda signum, frame: event.set()):
         yield event
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
 
 
 def describe_run(attack: Attack, oracle: Oracle, budget: int) -> dict[str, Any]:

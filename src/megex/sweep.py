@@ -25,12 +25,13 @@ import argparse
 import contextlib
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .stop_signals import handled_stop_signals
 
 __all__ = [
     "Failure",
@@ -228,20 +229,12 @@ def _stop_signals_interrupt() -> Iterator[None]:
     """While local workers run, SIGTERM and SIGHUP raise in the driver like Ctrl-C, so that
     it ends its workers before it exits. By default those signals end the driver alone and
     leave its spawned workers running, unseen, on the machine's cores."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stopped(signal.Signals(signum).name)
 
-    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {name: signal.signal(getattr(signal, name), stop) for name in names}
-    try:
+    with handled_stop_signals(stop):
         yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
 
 
 def _terminate(pool: Any) -> None:
