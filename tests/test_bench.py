@@ -307,7 +307,7 @@ def test_censored_queries_to_reach_give_a_one_sided_ratio():
     every censored pair bounds from the same side, and the two methods have the same runs."""
     import math
 
-    from megex.bench_report import _censored_ratio, saved_cell
+    from megex.bench_report import _queries_saved, saved_cell
 
     runs = [
         {"victim_seed": v, "seed": s, "budgets": [50_000, 100_000]} for v in (0, 1) for s in (0, 1)
@@ -318,7 +318,7 @@ def test_censored_queries_to_reach_give_a_one_sided_ratio():
     def geometric_mean(ratios: list[float]) -> float:
         return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
-    bound = _censored_ratio(method, baseline_missed, runs, runs)
+    bound = _queries_saved(method, baseline_missed, runs, runs)
     assert set(bound) == {"saved_x_at_least"}
     assert bound["saved_x_at_least"]["estimate"] == pytest.approx(
         geometric_mean([5.0, 4.0, 10.0, 100_000 / 40_000])
@@ -327,7 +327,7 @@ def test_censored_queries_to_reach_give_a_one_sided_ratio():
     # Only the method missed (v0 s0): an upper bound, the miss counted as 100k.
     method_missed = {0: {1: 20_000}, 1: {0: 10_000, 1: 40_000}}
     full_base = {0: {0: 50_000, 1: 80_000}, 1: {0: 100_000, 1: 60_000}}
-    upper = _censored_ratio(method_missed, full_base, runs, runs)
+    upper = _queries_saved(method_missed, full_base, runs, runs)
     assert set(upper) == {"saved_x_at_most"}
     assert upper["saved_x_at_most"]["estimate"] == pytest.approx(
         geometric_mean([0.5, 4.0, 10.0, 1.5])
@@ -336,11 +336,11 @@ def test_censored_queries_to_reach_give_a_one_sided_ratio():
     short = [
         {**r, "budgets": [50_000]} if (r["victim_seed"], r["seed"]) == (1, 1) else r for r in runs
     ]
-    lower = _censored_ratio(method, baseline_missed, runs, short)
+    lower = _queries_saved(method, baseline_missed, runs, short)
     assert lower["saved_x_at_least"]["estimate"] == pytest.approx(
         geometric_mean([5.0, 4.0, 10.0, 50_000 / 40_000])
     )
     # Sides mixed, a pair where both missed, or runs that do not pair: no bound at all.
-    assert _censored_ratio(method_missed, baseline_missed, runs, runs) == {}
-    assert _censored_ratio({0: {0: 1, 1: 1}, 1: {0: 1}}, baseline_missed, runs, runs) == {}
-    assert _censored_ratio(method, baseline_missed, runs, runs[:3]) == {}
+    assert _queries_saved(method_missed, baseline_missed, runs, runs) == {}
+    assert _queries_saved({0: {0: 1, 1: 1}, 1: {0: 1}}, baseline_missed, runs, runs) == {}
+    assert _queries_saved(method, baseline_missed, runs, runs[:3]) == {}

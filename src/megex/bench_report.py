@@ -47,13 +47,14 @@ def _ratio_interval(logs: Nested) -> dict[str, float]:
     }
 
 
-def _censored_ratio(hits: Nested, base: Nested, runs: list, base_runs: list) -> dict[str, Any]:
-    """Baseline / method queries when some runs never reached the target: such a run needed
-    more than its largest budget, so counting it as that budget bounds its pair's ratio from
-    one side. Where every such pair bounds it from the same side (only the baseline's runs
-    missed: 'saved_x_at_least'; only the method's: 'saved_x_at_most'), the geometric mean
-    over all pairs is that bound; where both missed, the sides mix, or the two methods do
-    not have the same (victim, seed) runs, nothing."""
+def _queries_saved(hits: Nested, base: Nested, runs: list, base_runs: list) -> dict[str, Any]:
+    """The geometric mean over paired runs of baseline / method queries to a target (the
+    queries saved by explanations): 'saved_x' where every run reached it. A run that never
+    reached it needed more than its largest budget, so counting it as that budget bounds its
+    pair's ratio from one side; where every such pair bounds it from the same side (only the
+    baseline's runs missed: 'saved_x_at_least'; only the method's: 'saved_x_at_most'), the
+    mean is that bound. Where both missed, the sides mix, or the two methods do not have the
+    same (victim, seed) runs, nothing."""
 
     def budgets(of: list) -> dict[tuple, int]:
         return {(r["victim_seed"], r["seed"]): max(r["budgets"]) for r in of}
@@ -70,6 +71,8 @@ def _censored_ratio(hits: Nested, base: Nested, runs: list, base_runs: list) -> 
         if q is None or b is None:
             sides.add("at_least" if b is None else "at_most")
         logs.setdefault(v, {})[s] = math.log((b or theirs[(v, s)]) / (q or budget))
+    if not sides:
+        return {"saved_x": _ratio_interval(logs)}
     if len(sides) != 1:
         return {}
     return {f"saved_x_{sides.pop()}": _ratio_interval(logs)}
@@ -146,17 +149,7 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
             against = against_of[method]
             if against:
                 base = _nested(by_method[against], lambda r, f=fraction: _reach(r, f))
-                logs: Nested = {}
-                for v, s_map in hits.items():
-                    for s, q in s_map.items():
-                        if base.get(v, {}).get(s):
-                            logs.setdefault(v, {})[s] = math.log(base[v][s] / q)
-                pairs = sum(len(x) for x in logs.values())
-                if pairs and pairs == len(runs) == len(by_method[against]):
-                    # Geometric mean of baseline / method: queries saved by explanations.
-                    row["saved_x"] = _ratio_interval(logs)
-                else:
-                    row.update(_censored_ratio(hits, base, runs, by_method[against]))
+                row.update(_queries_saved(hits, base, runs, by_method[against]))
             reach[str(fraction)][method] = row
     curves = {
         f"{r['method']}-v{r['victim_seed']}-s{r['seed']}": [
@@ -199,7 +192,7 @@ def _ci(i: dict[str, float], scale: float = 100, digits: int = 1) -> str:
 
 def saved_cell(row: dict[str, Any], base: str) -> str:
     """'; <base> needs k [low, high]x' for a queries-to-reach row, with '>=' or '<=' where
-    the ratio is a bound (censored runs, `_censored_ratio`); '' when there is none."""
+    the ratio is a bound (censored runs, `_queries_saved`); '' when there is none."""
     for key, sign in (("saved_x", ""), ("saved_x_at_least", ">= "), ("saved_x_at_most", "<= ")):
         if row.get(key):
             return f"; {base} needs {sign}{_ci(row[key], scale=1, digits=2)}x"

@@ -156,16 +156,7 @@ def combine(out: Path, sizes: list[str], stem: str = "query_efficiency") -> dict
                 "ratio": cell["ratio"] if cell else None,
                 "reach": {
                     target: {
-                        key: by_method[method][key]
-                        for key in (
-                            "median",
-                            "saved_x",
-                            "saved_x_at_least",
-                            "saved_x_at_most",
-                            "reached",
-                            "runs",
-                        )
-                        if key in by_method[method]
+                        key: value for key, value in by_method[method].items() if key != "per_run"
                     }
                     for target, by_method in bench["queries_to_reach"].items()
                     if method in by_method
