@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Explanation", "METHODS", "OUTPUTS", "explain", "parse_target"]
+__all__ = ["Explanation", "METHODS", "OUTPUTS", "explain", "output_values", "parse_target"]
 
 METHODS = ("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient")
 OUTPUTS = ("probability", "log_probability", "logit")
@@ -162,7 +162,9 @@ def _count(name: str, value: Any, high: int) -> int:
     return int(value)
 
 
-def _transform(logits: torch.Tensor, output: str) -> torch.Tensor:
+def output_values(logits: torch.Tensor, output: str) -> torch.Tensor:
+    """A model's outputs in an explanation's output space: logit, log_probability or
+    probability (what the maps are gradients of)."""
     if output == "logit":
         return logits
     if output == "log_probability":
@@ -189,7 +191,7 @@ def _gradients(
     """d output[class] / dx for each image; classes None means every class (N, K, ...)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        values = _transform(forward(x), output)
+        values = output_values(forward(x), output)
         if classes is not None:
             selected = values.gather(1, classes.view(-1, 1)).sum()
             (grad,) = torch.autograd.grad(selected, x)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import accel
-from ..explain import Explanation
+from ..explain import Explanation, output_values
 from ..oracle import Answer, Oracle
 from .base import LOG_EPS, Attack, disagreement, victim_targets
 from .config import AT_LEAST_0, FLAG, AttackConfig, SettingError, setting
@@ -377,12 +377,7 @@ class MEGEX(Attack):
         finally:
             for m, mode in zip(norms, modes):
                 m.train(mode)
-        if spec.output == "probability":
-            values = F.softmax(logits, dim=1)
-        elif spec.output == "log_probability":
-            values = F.log_softmax(logits, dim=1)
-        else:
-            values = logits
+        values = output_values(logits, spec.output)
         combined = (values.view(steps, n, k) * coefficients.unsqueeze(0)).sum()
         (grad,) = torch.autograd.grad(combined, points, create_graph=True)
         return grad.view(steps, n, *x.shape[1:]).mean(dim=0)
