@@ -24,7 +24,8 @@ def test_every_size_has_a_config_with_the_sweeps_methods_and_the_tuned_settings(
     assert len(config["seeds"]) == 3 and len(config["victim_seeds"]) == 3
     # Every size searches its own settings, the same way; the benchmark reads that output.
     assert config["search"] == {
-        "methods": ["megex-all", "megex-predicted", "dfme"], "trials": 10, "budget": 50000
+        "methods": ["megex-all", "megex-predicted", "dfme"], "trials": 10, "budget": 50000,
+        "confirm_trials": 3,
     }  # fmt: skip
     assert config["tuned_settings"] == f"benchmarks/results/dims/{size}/tuning/tuned.json"
     assert f"dims/{size}/tuning" in config["description"]
@@ -50,7 +51,9 @@ def _toy_configs(folder: Path, sizes: list[str], searched_at: tuple[str, ...] = 
         doc["settings"].update({"batch_size": 16, "nz": 16, "clone_updates_per_1k_queries": 60.0})
         doc.update({"tuned_settings": str(tuned), "eval_at": [], "quick_budgets": [300]})
         doc["search"] = (
-            {**doc["search"], "trials": 1, "budget": 300} if size in searched_at else None
+            {**doc["search"], "trials": 1, "budget": 300, "confirm_seeds": [102]}
+            if size in searched_at
+            else None
         )
         (folder / f"dim-{size}.json").write_text(json.dumps(doc))
     return folder
@@ -88,8 +91,12 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
     assert dimension.main(["--sizes", "14", *common, "--no-plot"]) == 0
     err = capsys.readouterr().err
     assert "megex tune --config" in err and "--trials 1 --budget 300" in err
+    assert "--confirm-trials 3 --confirm-seeds 102" in err
     found = json.loads((out / "14" / "tuning" / "tuned.json").read_text())
     assert found["trials"] == {"megex-all": 1, "megex-predicted": 1, "dfme": 1}
+    # The one trial of each method was scored again on the confirmation seed.
+    for row in found["confirmation"].values():
+        assert [list(r["seed_scores"]) for r in row["rows"]] == [["102"]]
     methods = ["--methods", "megex-all", "dfme-m10"]
     assert dimension.main(["--sizes", "colour-56", *common, *methods, "--no-plot"]) == 0
     capsys.readouterr()

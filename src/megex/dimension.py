@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 def search_command(
     config: Path, out: Path, search: dict[str, Any], forwarded: list[str]
 ) -> list[str]:
-    """`megex tune` for one size's config: its search's methods, trials and budget, and the
+    """`megex tune` for one size's config: its search's methods, trials, budget and
+    confirmation step, and the
     sweep's options that a search has too (workers, threads, device, data, Ray)."""
     shared = argparse.ArgumentParser(add_help=False)
     for option in ("--jobs", "--threads", "--device", "--data-root", "--retries"):
@@ -132,9 +133,11 @@ def search_command(
             flag = "--" + option.replace("_", "-")
             command += [flag] if value == "" else [flag, value]
     command += ["--methods", *search["methods"]]
-    for key in ("trials", "budget"):
+    for key in ("trials", "budget", "confirm_trials"):
         if key in search:
-            command += [f"--{key}", str(search[key])]
+            command += [f"--{key.replace('_', '-')}", str(search[key])]
+    if "confirm_seeds" in search:
+        command += ["--confirm-seeds", *(str(seed) for seed in search["confirm_seeds"])]
     return command
 
 

@@ -27,6 +27,10 @@ on a cluster of several machines, pass a database URL with `--storage`
 on a shared filesystem, is not offered: it has no heartbeats, so a trial on a worker that
 died would stay running for ever. Every method is judged on the same number of trials: its
 first `--trials` finished trials by number (parallel workers may finish a few more).
+
+With `--confirm-trials N` (megex.tune_confirm), each method's N best trials are then scored
+on more tuning seeds and the best mean over all seeds is chosen: a setting that scored well
+on the search's few seeds by luck does not reach the benchmark.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import tune_confirm
 from .bench import (
     METHODS,
     build_attack,
@@ -59,6 +64,10 @@ SEARCH: dict[str, Any] = {
     "marks": [25_000, 50_000, 100_000],
     "trials": 20,
     "startup_trials": 8,
+    # The confirmation step (megex.tune_confirm): off here; the input-size sweep's searches
+    # use it.
+    "confirm_trials": 0,
+    "confirm_seeds": [102, 103, 104],
     "methods": [
         "megex-all",
         "megex-predicted",
@@ -189,16 +198,15 @@ def _storage(url: str):
     return storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **retry)
 
 
-def search_method(job: dict[str, Any]) -> dict[str, Any]:
-    """Run the remaining trials of one method's study; return its best settings."""
-    import optuna
-
+def method_setup(job: dict[str, Any]) -> tuple[Any, Any, str, dict[str, Any]]:
+    """(tuning victim, validation evaluator, attack name, the method's fixed settings) for a
+    worker of one method's search."""
     from . import data as data_mod
     from .evaluate import Evaluator
     from .victim import Victim
 
     prepare_torch(job["threads"], job["device"])
-    config, search, method = job["config"], job["search"], job["method"]
+    config = job["config"]
     if job["storage"].startswith("sqlite:") and socket.gethostname() != job["host"]:
         raise ValueError(
             f"--storage: the SQLite file {job['storage']} serves one machine, and this worker "
@@ -209,7 +217,26 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
     ds = data_mod.load(config["dataset"], job["data_root"])
     x_val, y_val = ds.validation_tensors(config["validation_images"])
     evaluator = Evaluator.from_victim(victim, x_val, y_val)
-    attack_name, fixed = method_settings(config, method)
+    attack_name, fixed = method_settings(config, job["method"])
+    return victim, evaluator, attack_name, fixed
+
+
+def judged_trials(study: Any, trials: int) -> list[Any]:
+    """The trials a method is judged on, the same number for every method: its first
+    `trials` finished ones by number (parallel workers may finish a few more)."""
+    import optuna
+
+    complete = optuna.trial.TrialState.COMPLETE
+    finished = study.get_trials(deepcopy=False, states=(complete,))
+    return sorted(finished, key=lambda t: t.number)[:trials]
+
+
+def search_method(job: dict[str, Any]) -> dict[str, Any]:
+    """Run the remaining trials of one method's study; return its best settings."""
+    import optuna
+
+    search, method = job["search"], job["method"]
+    victim, evaluator, attack_name, fixed = method_setup(job)
     study = optuna.create_study(
         study_name=method,
         storage=_storage(job["storage"]),
@@ -243,9 +270,7 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
             objective,
             callbacks=[optuna.study.MaxTrialsCallback(search["trials"], states=(complete,))],
         )
-    # The same number of trials for every method: the first finished ones by number.
-    trials = study.get_trials(deepcopy=False, states=(complete,))
-    judged = sorted(trials, key=lambda t: t.number)[: search["trials"]]
+    judged = judged_trials(study, search["trials"])
     best = max(judged, key=lambda t: t.value)
     return {
         "method": method,
@@ -266,6 +291,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=int, help=f"queries per trial run ({SEARCH['budget']})")
     parser.add_argument("--methods", nargs="+", help="methods to search (default: all)")
     from . import sweep
+
+    parser.add_argument(
+        "--confirm-trials",
+        type=lambda text: sweep.positive(text, 0),
+        help="score each method's N best trials again on the --confirm-seeds and choose by "
+        f"the mean over all seeds (default {SEARCH['confirm_trials']}: the search's best)",
+    )
+    parser.add_argument(
+        "--confirm-seeds",
+        type=int,
+        nargs="+",
+        help=f"tuning seeds of that step (default {SEARCH['confirm_seeds']})",
+    )
 
     parser.add_argument(
         "--parallel-trials",
@@ -296,6 +334,11 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     if args.budget:
         search["budget"] = args.budget
         search["marks"] = [m for m in search["marks"] if m < args.budget] + [args.budget]
+    if args.confirm_trials is not None:
+        search["confirm_trials"] = args.confirm_trials
+    if args.confirm_seeds:
+        search["confirm_seeds"] = args.confirm_seeds
+    tune_confirm.validate(search)
     methods = args.methods or search["methods"]
     for method in methods:
         if method not in METHODS or "tuned_as" in METHODS[method]:
@@ -321,6 +364,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
             "parallel": args.parallel_trials,
             # One worker per method keeps the seeds of a search run without parallel trials.
             "sampler_seed": i + 1000 * k,
+            "worker": k,
         }
         for i, m in enumerate(methods)
         for k in range(args.parallel_trials)
@@ -343,10 +387,16 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     tuned_path = out / "tuned.json"
     doc: dict[str, Any] = {}
 
+    confirming = search["confirm_trials"] > 0
+
     def finished(res: dict[str, Any]) -> None:
         # Written as each worker finishes (the last of a method's workers sees all its
-        # trials), so a long search leaves what it has.
+        # trials), so a long search leaves what it has; with a confirmation step, only once
+        # that step has chosen.
         nonlocal doc
+        if confirming and "confirmation" not in res:
+            _log(f"tune {res['method']}: search's best {res['value']:.4f} (trial {res['trial']})")
+            return
         doc = _record(tuned_path, config, search, url, res)
         _log(f"tune {res['method']}: best {res['value']:.4f} (trial {res['trial']})")
 
@@ -355,6 +405,15 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     failures = sweep.run_jobs(jobs, args.jobs, finished, search_method, shared=out, **options)
     if failures:
         raise sweep.SweepFailed(failures, len(jobs), "trial workers")
+    if confirming:
+        # One job per method, after every trial of every method has finished.
+        checks = [{**job, "name": f"tune {job['method']} confirmation"} for job in jobs
+                  if job["worker"] == 0]  # fmt: skip
+        failures = sweep.run_jobs(
+            checks, args.jobs, finished, tune_confirm.confirm_method, shared=out, **options
+        )
+        if failures:
+            raise sweep.SweepFailed(failures, len(checks), "confirmation jobs")
     _log(f"tune: {time.time() - t0:.0f} s; best settings in {tuned_path}")
     return doc
 
@@ -380,6 +439,10 @@ def _record(
     for key, value in (("methods", res["params"]), ("validation_score", res["value"]),
                        ("trials", res["trials"])):  # fmt: skip
         doc.setdefault(key, {})[method] = value
+    if "confirmation" in res:
+        doc.setdefault("confirmation", {})[method] = res["confirmation"]
+    else:
+        doc.get("confirmation", {}).pop(method, None)
     write_json_atomic(path, doc)
     return doc
 
