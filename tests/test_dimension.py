@@ -139,3 +139,34 @@ def test_the_sweep_checks_every_sizes_options_before_running_any(tmp_path, capsy
     assert dimension.main(["--configs", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "no dim-14.json" in capsys.readouterr().err
     assert dimension.main([*argv, "--summary-only"]) == 1
+
+
+def test_the_plot_shows_queries_saved_with_bounds_marked(tmp_path):
+    pytest.importorskip("matplotlib")
+    nan = float("nan")
+
+    def ratio(e, lo, hi):
+        return {"estimate": e, "low": lo, "high": hi}
+
+    summary = {
+        "sizes": [
+            {"d": 196, "baseline": "dfme", "methods": {
+                "dfme": {"reach": {"0.5": {"median": ratio(2e4, 1e4, 3e4)}}},
+                "megex-all": {"reach": {"0.5": {"saved_x": ratio(1.5, 1.1, 2.0)}}},
+            }},
+            {"d": 784, "baseline": "dfme", "methods": {
+                "dfme": {"reach": {"0.5": {}}},
+                "megex-all": {"reach": {"0.5": {"saved_x_at_least": ratio(2.0, nan, nan)},
+                                        "0.8": {"reached": 0, "runs": 9}}},
+            }},
+        ]
+    }  # fmt: skip
+    points = dimension.saved_points(summary, "megex-all", "0.5")
+    # A bound without an interval is drawn at its estimate; the baseline has no ratio.
+    assert points == [(196, "saved_x", 1.5, 1.1, 2.0), (784, "saved_x_at_least", 2.0, 2.0, 2.0)]
+    assert dimension.saved_points(summary, "megex-all", "0.8") == []
+    assert dimension.saved_points(summary, "dfme", "0.5") == []
+    assert dimension.plot(summary, tmp_path / "d.png").stat().st_size > 1000
+    # Nothing measured at all: still a figure, which says so.
+    empty = {"sizes": [{**summary["sizes"][0], "methods": {"dfme": {"reach": {}}}}]}
+    assert dimension.plot(empty, tmp_path / "e.png").stat().st_size > 1000

@@ -249,41 +249,84 @@ def write_outputs(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:
     return paths
 
 
+# The paper's inputs (SVHN, CIFAR-10: 3 x 32 x 32), marked on the plot.
+PAPER_D = 3 * 32 * 32
+# Marker per kind of ratio: exact, or a bound where some runs never reached the target.
+_RATIO_KINDS = (("saved_x", "o", ""), ("saved_x_at_least", "^", " (>=)"),
+                ("saved_x_at_most", "v", " (<=)"))  # fmt: skip
+
+
+def saved_points(summary: dict[str, Any], method: str, target: str) -> list[tuple]:
+    """(d, kind, estimate, low, high) for each size where the queries saved by `method` to
+    `target` are known, exactly or as a bound (kind: a key of _RATIO_KINDS)."""
+    points = []
+    for row in summary["sizes"]:
+        reach = row["methods"].get(method, {}).get("reach", {}).get(target, {})
+        for kind, _, _ in _RATIO_KINDS:
+            if kind in reach:
+                r = reach[kind]
+                low = r["low"] if not math.isnan(r["low"]) else r["estimate"]
+                high = r["high"] if not math.isnan(r["high"]) else r["estimate"]
+                points.append((row["d"], kind, r["estimate"], low, high))
+    return points
+
+
 def plot(summary: dict[str, Any], path: Path) -> Path:
-    """Queries to reach the first target against d, one line per method (log-log)."""
+    """Queries saved by explanations against d (baseline's queries over the method's, to each
+    target, log-log), one panel per target with a measured ratio, the paper's d marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = summary["sizes"]
+    baseline = rows[0]["baseline"] if rows else "dfme"
+    methods = sorted({m for r in rows for m in r["methods"]} - {baseline})
     targets = sorted({t for r in rows for m in r["methods"].values() for t in m["reach"]})
-    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(5 * max(1, len(targets)), 4))
-    axes = axes if hasattr(axes, "__len__") else [axes]
-    for ax, target in zip(axes, targets):
-        methods = sorted({m for r in rows for m in r["methods"]})
-        for method in methods:
-            points = [
-                (r["d"], r["methods"][method]["reach"][target]["median"])
-                for r in rows
-                if "median" in r["methods"].get(method, {}).get("reach", {}).get(target, {})
-            ]
+    panels = [t for t in targets if any(saved_points(summary, m, t) for m in methods)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4))
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    ds = [r["d"] for r in rows] + [PAPER_D]
+    for ax, target in zip(axes, panels):
+        for i, method in enumerate(methods):
+            points = saved_points(summary, method, target)
             if not points:
                 continue
-            ds, medians = zip(*points)
-            est = [m["estimate"] for m in medians]
-            low = [e - (m["low"] if not math.isnan(m["low"]) else e) for e, m in zip(est, medians)]
-            high = [
-                (m["high"] if not math.isnan(m["high"]) else e) - e for e, m in zip(est, medians)
-            ]
-            ax.errorbar(ds, est, yerr=[low, high], marker="o", capsize=3, label=method)
+            color = f"C{i}"
+            ax.plot([p[0] for p in points], [p[2] for p in points], color=color, lw=1)
+            for kind, marker, note in _RATIO_KINDS:
+                chosen = [p for p in points if p[1] == kind]
+                if not chosen:
+                    continue
+                est = [p[2] for p in chosen]
+                err = [[e - p[3] for e, p in zip(est, chosen)],
+                       [p[4] - e for e, p in zip(est, chosen)]]  # fmt: skip
+                ax.errorbar([p[0] for p in chosen], est, yerr=err, marker=marker, ls="none",
+                            capsize=3, color=color, label=f"{method}{note}")  # fmt: skip
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axvline(PAPER_D, color="grey", ls="--", lw=1, label="paper's inputs, d = 3,072")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xlim(min(ds) / 1.5, max(ds) * 1.5)
+        # Ticks at the measured sizes and the paper's, and at powers of 2 of the ratio.
+        ax.set_xticks(sorted(set(ds)))
+        shown = [v for m in methods for pt in saved_points(summary, m, target) for v in pt[3:]]
+        bottom, top = min(shown + [1.0]) / 1.3, max(shown + [1.0]) * 1.3
+        ax.set_yticks([2.0**k for k in range(-8, 9) if bottom <= 2.0**k <= top])
+        ax.set_ylim(bottom, top)
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("input dimension d = C x H x W")
-        ax.set_ylabel(f"queries to reach {target}x the victim (median)")
+        ax.set_ylabel(f"{baseline}'s queries / method's, to {target}x the victim")
+        ax.set_title(f"queries saved to {target}x (95% interval)", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    if not panels:
+        axes[0].text(0.5, 0.5, "no target reached by both a method and the baseline",
+                     ha="center", transform=axes[0].transAxes)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
