@@ -190,10 +190,22 @@ def _ci(i: dict[str, float], scale: float = 100, digits: int = 1) -> str:
     )
 
 
+# The kinds of queries-saved ratio (`_queries_saved`) and the sign each is written with:
+# exact, a lower bound, an upper bound.
+SAVED_KINDS = (("saved_x", ""), ("saved_x_at_least", ">= "), ("saved_x_at_most", "<= "))
+
+
+def interval_ends(i: dict[str, float]) -> tuple[float, float]:
+    """(low, high) of an interval, the estimate where it has none (one unit: NaN ends)."""
+    low = i["low"] if not math.isnan(i["low"]) else i["estimate"]
+    high = i["high"] if not math.isnan(i["high"]) else i["estimate"]
+    return low, high
+
+
 def saved_cell(row: dict[str, Any], base: str) -> str:
     """'; <base> needs k [low, high]x' for a queries-to-reach row, with '>=' or '<=' where
     the ratio is a bound (censored runs, `_queries_saved`); '' when there is none."""
-    for key, sign in (("saved_x", ""), ("saved_x_at_least", ">= "), ("saved_x_at_most", "<= ")):
+    for key, sign in SAVED_KINDS:
         if row.get(key):
             return f"; {base} needs {sign}{_ci(row[key], scale=1, digits=2)}x"
     return ""
@@ -407,9 +419,7 @@ def plot_reach(summary: dict[str, Any], path: Path) -> Path:
             row = summary["queries_to_reach"][str(f)].get(method, {})
             if "median" in row:
                 m = row["median"]
-                low = m["low"] if not math.isnan(m["low"]) else m["estimate"]
-                high = m["high"] if not math.isnan(m["high"]) else m["estimate"]
-                points.append((f, m["estimate"], low, high))
+                points.append((f, m["estimate"], *interval_ends(m)))
         if not points:
             continue
         fs, est, lows, highs = zip(*points)

@@ -251,23 +251,23 @@ def write_outputs(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
 # The paper's inputs (SVHN, CIFAR-10: 3 x 32 x 32), marked on the plot.
 PAPER_D = 3 * 32 * 32
-# Marker per kind of ratio: exact, or a bound where some runs never reached the target.
-_RATIO_KINDS = (("saved_x", "o", ""), ("saved_x_at_least", "^", " (>=)"),
-                ("saved_x_at_most", "v", " (<=)"))  # fmt: skip
+# Marker per kind of ratio (by its sign in bench_report.SAVED_KINDS): exact, or a bound
+# where some runs never reached the target.
+_MARKERS = {"": "o", ">= ": "^", "<= ": "v"}
 
 
 def saved_points(summary: dict[str, Any], method: str, target: str) -> list[tuple]:
     """(d, kind, estimate, low, high) for each size where the queries saved by `method` to
-    `target` are known, exactly or as a bound (kind: a key of _RATIO_KINDS)."""
+    `target` are known, exactly or as a bound (kind: a key of bench_report.SAVED_KINDS)."""
+    from .bench_report import SAVED_KINDS, interval_ends
+
     points = []
     for row in summary["sizes"]:
         reach = row["methods"].get(method, {}).get("reach", {}).get(target, {})
-        for kind, _, _ in _RATIO_KINDS:
+        for kind, _ in SAVED_KINDS:
             if kind in reach:
-                r = reach[kind]
-                low = r["low"] if not math.isnan(r["low"]) else r["estimate"]
-                high = r["high"] if not math.isnan(r["high"]) else r["estimate"]
-                points.append((row["d"], kind, r["estimate"], low, high))
+                ratio = reach[kind]
+                points.append((row["d"], kind, ratio["estimate"], *interval_ends(ratio)))
     return points
 
 
@@ -280,30 +280,34 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
+    from .bench_report import SAVED_KINDS
+
     rows = summary["sizes"]
     baseline = rows[0]["baseline"] if rows else "dfme"
     methods = sorted({m for r in rows for m in r["methods"]} - {baseline})
     targets = sorted({t for r in rows for m in r["methods"].values() for t in m["reach"]})
-    panels = [t for t in targets if any(saved_points(summary, m, t) for m in methods)]
+    by_target = {t: {m: saved_points(summary, m, t) for m in methods} for t in targets}
+    panels = [t for t in targets if any(by_target[t].values())]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4))
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
     ds = [r["d"] for r in rows] + [PAPER_D]
     for ax, target in zip(axes, panels):
         for i, method in enumerate(methods):
-            points = saved_points(summary, method, target)
+            points = by_target[target][method]
             if not points:
                 continue
             color = f"C{i}"
             ax.plot([p[0] for p in points], [p[2] for p in points], color=color, lw=1)
-            for kind, marker, note in _RATIO_KINDS:
+            for kind, sign in SAVED_KINDS:
                 chosen = [p for p in points if p[1] == kind]
                 if not chosen:
                     continue
                 est = [p[2] for p in chosen]
                 err = [[e - p[3] for e, p in zip(est, chosen)],
                        [p[4] - e for e, p in zip(est, chosen)]]  # fmt: skip
-                ax.errorbar([p[0] for p in chosen], est, yerr=err, marker=marker, ls="none",
-                            capsize=3, color=color, label=f"{method}{note}")  # fmt: skip
+                note = f" ({sign.strip()})" if sign else ""
+                ax.errorbar([p[0] for p in chosen], est, yerr=err, marker=_MARKERS[sign],
+                            ls="none", capsize=3, color=color, label=f"{method}{note}")  # fmt: skip
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axvline(PAPER_D, color="grey", ls="--", lw=1, label="paper's inputs, d = 3,072")
         ax.set_xscale("log")
@@ -311,7 +315,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.set_xlim(min(ds) / 1.5, max(ds) * 1.5)
         # Ticks at the measured sizes and the paper's, and at powers of 2 of the ratio.
         ax.set_xticks(sorted(set(ds)))
-        shown = [v for m in methods for pt in saved_points(summary, m, target) for v in pt[3:]]
+        shown = [v for pts in by_target[target].values() for pt in pts for v in pt[3:]]
         bottom, top = min(shown + [1.0]) / 1.3, max(shown + [1.0]) * 1.3
         ax.set_yticks([2.0**k for k in range(-8, 9) if bottom <= 2.0**k <= top])
         ax.set_ylim(bottom, top)

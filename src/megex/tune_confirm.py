@@ -22,8 +22,6 @@ __all__ = ["confirm_key", "confirm_method", "validate"]
 def validate(search: dict[str, Any]) -> None:
     """Refuse confirmation settings that would score a trial twice on one seed."""
     trials, seeds = search["confirm_trials"], list(search["confirm_seeds"])
-    if trials < 0:
-        raise ValueError(f"--confirm-trials: {trials}; expected 0 (no confirmation) or more")
     if trials and not seeds:
         raise ValueError("--confirm-seeds: expected at least one seed to confirm trials on")
     if len(set(seeds)) != len(seeds):
@@ -56,7 +54,7 @@ def confirm_method(job: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"tune {method}: no finished trial to confirm")
     best_first = sorted(judged, key=lambda t: (-t.value, t.number))
     searched = len(search["seeds"])
-    rows = []
+    scored = []  # (trial, its row)
     for trial in best_first[: search["confirm_trials"]]:
         seed_scores = {}
         for seed in search["confirm_seeds"]:
@@ -83,27 +81,25 @@ def confirm_method(job: dict[str, Any]) -> dict[str, Any]:
         # The search's score is the mean over its own seeds: weighted by their number, the
         # result is the mean over every seed the trial ran with.
         total = trial.value * searched + sum(seed_scores.values())
-        rows.append(
-            {
-                "trial": trial.number,
-                "search_score": trial.value,
-                "seed_scores": seed_scores,
-                "worst_seed": min(seed_scores.values()),
-                "mean": total / (searched + len(seed_scores)),
-            }
-        )
+        row = {
+            "trial": trial.number,
+            "search_score": trial.value,
+            "seed_scores": seed_scores,
+            "worst_seed": min(seed_scores.values()),
+            "mean": total / (searched + len(seed_scores)),
+        }
+        scored.append((trial, row))
     # Ties go to the trial the search ranked first.
-    chosen = max(rows, key=lambda r: r["mean"])
-    by_number = {t.number: t for t in judged}
+    best, chosen = max(scored, key=lambda pair: pair[1]["mean"])
     return {
         "method": method,
-        "params": by_number[chosen["trial"]].params,
+        "params": best.params,
         "value": chosen["mean"],
-        "trial": chosen["trial"],
+        "trial": best.number,
         "trials": len(judged),
         "confirmation": {
             "chosen_by_search": best_first[0].number,
             "seeds": list(search["confirm_seeds"]),
-            "rows": rows,
+            "rows": [row for _, row in scored],
         },
     }
