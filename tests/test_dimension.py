@@ -100,6 +100,9 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
     methods = ["--methods", "megex-all", "dfme-m10"]
     assert dimension.main(["--sizes", "colour-56", *common, *methods, "--no-plot"]) == 0
     capsys.readouterr()
+    # One size run alone keeps the sizes finished before it in the table across sizes.
+    alone = json.loads((out / "dimension_quick.json").read_text())
+    assert [r["size"] for r in alone["sizes"]] == ["14", "colour-56"]
     assert dimension.main(["--sizes", *sizes, *common, "--summary-only"]) == 0
     assert "megex bench" not in capsys.readouterr().err
     summary = json.loads((out / "dimension_quick.json").read_text())
@@ -139,6 +142,28 @@ def test_the_sweep_checks_every_sizes_options_before_running_any(tmp_path, capsy
     assert dimension.main(["--configs", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "no dim-14.json" in capsys.readouterr().err
     assert dimension.main([*argv, "--summary-only"]) == 1
+
+
+@pytest.mark.parametrize(
+    "search, expected",
+    [
+        ({"trials": 10}, "needs 'methods'"),
+        ({"methods": "dfme"}, "needs 'methods'"),
+        ({"methods": ["dfme"], "confirm_trial": 3}, "unknown keys ['confirm_trial']"),
+        (["dfme"], "must be an object"),
+    ],
+)
+def test_a_bad_search_block_is_refused_before_anything_runs(tmp_path, capsys, search, expected):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    doc = json.loads((CONFIGS / "dim-14.json").read_text())
+    doc["search"] = search
+    (configs / "dim-14.json").write_text(json.dumps(doc))
+    out = tmp_path / "dims"
+    assert dimension.main(["--sizes", "14", "--configs", str(configs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "dim-14.json" in err and expected in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_the_plot_shows_queries_saved_with_bounds_marked(tmp_path):

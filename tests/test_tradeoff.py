@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from megex import tradeoff
@@ -78,6 +79,9 @@ def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys
         assert row["keeps_utility"] == (row["utility"]["cosine"] >= 0.5)
         expected = row["stops_explanation_attackers"] and row["keeps_utility"]
         assert (row["defense"] in summary["effective"]) == expected
+    # The plot draws the variant the table counts.
+    points = dict(tradeoff.plotted_points(summary, "megex-all")["sign"])
+    assert points[rows["sign"]["utility"]["cosine"]] == 100 * sign[stronger]["accuracy"]["estimate"]
     table = (out / "tradeoff.md").read_text()
     assert "| sign |" in table and "Without a defence, megex-all" in table
     assert "Attack settings: untuned" in table
@@ -97,6 +101,25 @@ def test_bad_settings_are_refused_before_any_training(tmp_path, capsys):
     bad = _config(tmp_path, utility_threshold=2)
     assert main(["tradeoff", "--config", bad, "--out", str(out)]) == 2
     assert "utility_threshold" in capsys.readouterr().err
+
+
+def test_a_defence_row_given_twice_is_run_once(tmp_path):
+    args = tradeoff.add_arguments(argparse.ArgumentParser()).parse_args(
+        [
+            "--defense",
+            "sign",
+            "--defense",
+            "gaussian:2+sign",
+            "--defense",
+            "sign",
+            "--defense",
+            "gaussian:2+sign",
+            "--settings-file",
+            "none",
+        ]  # fmt: skip
+    )
+    config = tradeoff._apply_arguments(tradeoff.load_config(_config(tmp_path)), args)
+    assert config["defenses"] == [[], ["sign"], ["gaussian:2", "sign"]]
 
 
 def test_quick_grid_is_a_subset_of_the_full_one():

@@ -50,13 +50,21 @@ def test_confirmation_chooses_by_the_mean_over_all_seeds_and_resumes(tmp_path, m
         assert set(row["seed_scores"]) == {"7", "8"}
         expected = (2 * row["search_score"] + sum(row["seed_scores"].values())) / 4
         assert row["mean"] == pytest.approx(expected)
-        assert row["worst_seed"] == min(row["seed_scores"].values())
+        # The search's seeds, scored again from their curves, give back the search's score,
+        # and the worst seed is the worst of all four.
+        search_scores = row["search_seed_scores"]
+        assert set(search_scores) == {"100", "101"}
+        assert sum(search_scores.values()) / 2 == pytest.approx(row["search_score"])
+        every = [*search_scores.values(), *row["seed_scores"].values()]
+        assert row["worst_seed"] == min(every)
     chosen = max(rows, key=lambda r: r["mean"])
     assert doc["validation_score"]["dfme"] == pytest.approx(chosen["mean"])
     import optuna
 
     study = optuna.load_study(study_name="dfme", storage=f"sqlite:///{out / 'studies.db'}")
     assert doc["methods"]["dfme"] == study.trials[chosen["trial"]].params
+    # The record names the method searched, not the default list.
+    assert doc["search"]["methods"] == ["dfme"]
     # Each confirmation score sits in the study with its curve, and a third call scores
     # nothing again.
     stored = study.user_attrs[tune_confirm.confirm_key(rows[1]["trial"], 8)]

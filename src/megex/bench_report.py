@@ -398,9 +398,12 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .runs import save_figure_atomic
+
+    try:
+        return save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def plot_reach(summary: dict[str, Any], path: Path) -> Path:
@@ -437,6 +440,9 @@ def plot_reach(summary: dict[str, Any], path: Path) -> Path:
         ax.text(0.5, 0.5, "no method reached a target in every run", ha="center",
                 transform=ax.transAxes)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .runs import save_figure_atomic
+
+    try:
+        return save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

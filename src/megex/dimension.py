@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SIZES", "combine", "main", "markdown"]
+__all__ = ["SIZES", "check_search", "combine", "main", "markdown"]
 
 # size name -> (dataset, input dimension d = C * H * W)
 SIZES: dict[str, tuple[str, int]] = {
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--summary-only",
         action="store_true",
-        help="run nothing; write the table across sizes from the finished benchmarks",
+        help="run nothing; write the table across sizes from the finished benchmarks "
+        "(the table always covers every size finished under --out)",
     )
     return parser
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             search = load_config(config).get("search")
+            if search is not None:
+                check_search(search, config.name)
         except ValueError as err:
             print(f"dimension: {err}", file=sys.stderr)
             return 2
@@ -107,13 +110,37 @@ def main(argv: list[str] | None = None) -> int:
             if status:
                 return status
     stem = "query_efficiency_quick" if args.quick else "query_efficiency"
-    summary = combine(out, args.sizes, stem)
+    # Every size with a finished benchmark under --out, not only those run now: running one
+    # size alone must not drop the others from the table across sizes.
+    summary = combine(out, list(SIZES), stem)
     if not summary["sizes"]:
         print(f"dimension: no finished benchmark under {out}", file=sys.stderr)
         return 1
     paths = write_outputs(summary, out, "dimension_quick" if args.quick else "dimension")
     print(f"dimension: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
+
+
+# What a config's `search` block may hold: the methods to search, then the search's own
+# settings, as `megex tune` options.
+SEARCH_KEYS = ("methods", "trials", "budget", "confirm_trials", "confirm_seeds")
+
+
+def check_search(search: Any, name: str) -> None:
+    """Refuse a `search` block that the sweep would misread, before anything runs."""
+    if not isinstance(search, dict):
+        raise ValueError(f"{name}: 'search' must be an object, got {search!r}")
+    unknown = sorted(set(search) - set(SEARCH_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{name}: 'search' has unknown keys {unknown}; expected {', '.join(SEARCH_KEYS)}"
+        )
+    methods = search.get("methods")
+    if not (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods)):
+        raise ValueError(
+            f"{name}: 'search' needs 'methods', a list of the method names to search, "
+            f"got {methods!r}"
+        )
 
 
 def search_command(
@@ -245,7 +272,10 @@ def write_outputs(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:
     try:
         paths.append(plot(summary, out / f"{stem}.png"))
     except ImportError:
-        print("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
+        print(
+            "plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped",
+            file=sys.stderr,
+        )
     return paths
 
 
@@ -332,9 +362,12 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         axes[0].text(0.5, 0.5, "no target reached by both a method and the baseline",
                      ha="center", transform=axes[0].transAxes)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .runs import save_figure_atomic
+
+    try:
+        return save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -299,9 +299,12 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .runs import save_figure_atomic
+
+    try:
+        return save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(summary: dict[str, Any], out: Path, plot_too: bool = True) -> list[Path]:

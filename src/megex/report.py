@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .runs import RunFolder, write_json_atomic
+from .runs import RunFolder, save_figure_atomic, write_json_atomic
 
 __all__ = ["load_run", "markdown_table", "plot_accuracy", "summary", "write_report"]
 
@@ -120,12 +120,10 @@ def plot_accuracy(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def write_report(

@@ -18,6 +18,7 @@ __all__ = [
     "read_metrics",
     "read_weights_description",
     "save_described_weights",
+    "save_figure_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -33,6 +34,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike, **options: Any) -> Path:
+    """Save a matplotlib figure to a temporary PNG beside `path`, then rename it over
+    `path`: a failure half way leaves the previous plot, not a broken one."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    try:
+        fig.savefig(tmp, **options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_described_weights(

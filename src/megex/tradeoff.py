@@ -178,7 +178,9 @@ def _apply_arguments(config: dict[str, Any], args: argparse.Namespace) -> dict[s
 
     if args.defense:
         rows = [[s for s in row.split("+") if s] for row in args.defense]
-        config["defenses"] = [[], *[r for r in rows if r]]
+        # A row given twice is one row: two would be two jobs writing one run folder.
+        unique = list(dict.fromkeys(tuple(r) for r in rows if r))
+        config["defenses"] = [[], *[list(r) for r in unique]]
     for key in ("budgets", "seeds", "victim_seeds"):
         if getattr(args, key, None):
             config[key] = sorted(set(getattr(args, key)))
@@ -530,6 +532,25 @@ def write_outputs(summary: dict[str, Any], out: Path, stem: str, plot: bool = Tr
     return paths
 
 
+def plotted_points(summary: dict[str, Any], attacker: str) -> dict[str, list[tuple]]:
+    """Per defence family, the (cosine utility, clone accuracy %) points of one attacker in
+    the variant the table counts for each row (the stronger of naive and adaptive)."""
+    families: dict[str, list[tuple[float, float]]] = {}
+    for row in summary["rows"]:
+        measured = [
+            v
+            for v in (row["methods"].get(name) for name in (attacker, attacker + ADAPTIVE))
+            if v and "accuracy" in v
+        ]
+        m = next((v for v in measured if v.get("counted")), measured[0] if measured else None)
+        cos = row["utility"].get("cosine")
+        if m is None or cos is None:
+            continue
+        family = row["defense"].split(":")[0] if row["specs"] else "none"
+        families.setdefault(family, []).append((cos, 100 * m["accuracy"]["estimate"]))
+    return families
+
+
 def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
     """One panel per explanation attacker (the counted variant): one curve per defence
     family, utility (cosine) across, clone accuracy up; the baseline as a band."""
@@ -542,14 +563,7 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(attackers), figsize=(5.5 * len(attackers), 4.2), squeeze=False)
     base_row = next((r for r in summary["rows"] if r["defense"] == "none"), None)
     for ax, attacker in zip(axes[0], attackers):
-        families: dict[str, list[tuple[float, float]]] = {}
-        for row in summary["rows"]:
-            m = row["methods"].get(attacker + ADAPTIVE) or row["methods"].get(attacker)
-            cos = row["utility"].get("cosine")
-            if not m or "accuracy" not in m or cos is None:
-                continue
-            family = row["defense"].split(":")[0] if row["specs"] else "none"
-            families.setdefault(family, []).append((cos, 100 * m["accuracy"]["estimate"]))
+        families = plotted_points(summary, attacker)
         for family, points in sorted(families.items()):
             points.sort()
             ax.plot(*zip(*points), marker="o", label=family)
@@ -564,9 +578,12 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"{attacker} (adaptive where it adapts)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .runs import save_figure_atomic
+
+    try:
+        return save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _warn(message: str) -> None:

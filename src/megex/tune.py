@@ -143,13 +143,19 @@ def score(
         if not result.finished:
             # Ctrl-C inside the run: a trial scored on part of its budget would be wrong.
             raise KeyboardInterrupt
-        rows = result.metrics
-        # Read as the benchmark reads a budget: the last evaluation within each mark.
-        cells = cells_of({"budgets": search["marks"], "metrics": rows})
-        at_marks = [cells.get(m, {}).get("clone_accuracy", 0.0) for m in search["marks"]]
-        values.append(statistics.fmean(at_marks))
-        curves[str(seed)] = [[r["queries"], r["clone_accuracy"]] for r in rows]
+        curve = [[r["queries"], r["clone_accuracy"]] for r in result.metrics]
+        values.append(curve_score(curve, search["marks"]))
+        curves[str(seed)] = curve
     return statistics.fmean(values), curves
+
+
+def curve_score(curve: list[list[float]], marks: list[int]) -> float:
+    """One seed's score: the mean validation accuracy at the marks, each read as the
+    benchmark reads a budget (the last evaluation within it; 0 where there is none).
+    `curve` is the [queries, clone accuracy] pairs that a trial keeps in its "curves"."""
+    rows = [{"queries": q, "clone_accuracy": acc} for q, acc in curve]
+    cells = cells_of({"budgets": marks, "metrics": rows})
+    return statistics.fmean(cells.get(m, {}).get("clone_accuracy", 0.0) for m in marks)
 
 
 def storage_url(args: argparse.Namespace) -> str:
@@ -439,6 +445,9 @@ def _record(
     for key, value in (("methods", res["params"]), ("validation_score", res["value"]),
                        ("trials", res["trials"])):  # fmt: skip
         doc.setdefault(key, {})[method] = value
+    # The methods this file holds settings for (searched by this call or an earlier one),
+    # not the default list.
+    doc["search"] = {**search, "methods": list(doc["methods"])}
     if "confirmation" in res:
         doc.setdefault("confirmation", {})[method] = res["confirmation"]
     else:

@@ -44,7 +44,7 @@ def confirm_method(job: dict[str, Any]) -> dict[str, Any]:
     return the settings with the best mean over the search's seeds and these."""
     import optuna
 
-    from .tune import _log, _storage, judged_trials, method_setup, score
+    from .tune import _log, _storage, curve_score, judged_trials, method_setup, score
 
     search, method = job["search"], job["method"]
     victim, evaluator, attack_name, fixed = method_setup(job)
@@ -81,11 +81,17 @@ def confirm_method(job: dict[str, Any]) -> dict[str, Any]:
         # The search's score is the mean over its own seeds: weighted by their number, the
         # result is the mean over every seed the trial ran with.
         total = trial.value * searched + sum(seed_scores.values())
+        # The worst seed of all: the search's seeds' scores come back from their curves.
+        search_scores = {
+            seed: curve_score(curve, search["marks"])
+            for seed, curve in trial.user_attrs.get("curves", {}).items()
+        }
         row = {
             "trial": trial.number,
             "search_score": trial.value,
+            "search_seed_scores": search_scores,
             "seed_scores": seed_scores,
-            "worst_seed": min(seed_scores.values()),
+            "worst_seed": min([*search_scores.values(), *seed_scores.values()]),
             "mean": total / (searched + len(seed_scores)),
         }
         scored.append((trial, row))
