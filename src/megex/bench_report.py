@@ -400,10 +400,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     from .runs import save_figure_atomic
 
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path, dpi=120)
 
 
 def plot_reach(summary: dict[str, Any], path: Path) -> Path:
@@ -442,7 +439,4 @@ def plot_reach(summary: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     from .runs import save_figure_atomic
 
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path, dpi=120)

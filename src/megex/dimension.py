@@ -364,10 +364,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     from .runs import save_figure_atomic
 
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path, dpi=120)
 
 
 if __name__ == "__main__":  # pragma: no cover

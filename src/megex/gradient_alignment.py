@@ -301,10 +301,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     from .runs import save_figure_atomic
 
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path, dpi=120)
 
 
 def write_outputs(summary: dict[str, Any], out: Path, plot_too: bool = True) -> list[Path]:

@@ -120,10 +120,7 @@ def plot_accuracy(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path)
 
 
 def write_report(

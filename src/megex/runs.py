@@ -38,7 +38,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 def save_figure_atomic(fig: Any, path: str | os.PathLike, **options: Any) -> Path:
     """Save a matplotlib figure to a temporary PNG beside `path`, then rename it over
-    `path`: a failure half way leaves the previous plot, not a broken one."""
+    `path`: a failure half way leaves the previous plot, not a broken one. The figure is
+    closed either way (pyplot keeps every open figure in memory)."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     try:
@@ -46,6 +49,7 @@ def save_figure_atomic(fig: Any, path: str | os.PathLike, **options: Any) -> Pat
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

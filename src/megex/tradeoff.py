@@ -575,15 +575,12 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
         ax.axvline(summary["utility_threshold"], color="grey", ls=":", lw=1)
         ax.set_xlabel("explanation utility (cosine to the undefended map)")
         ax.set_ylabel(f"clone accuracy at {summary['budget']:,} queries (%)")
-        ax.set_title(f"{attacker} (adaptive where it adapts)")
+        ax.set_title(f"{attacker} (the variant counted: naive or adaptive)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     from .runs import save_figure_atomic
 
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path, dpi=120)
 
 
 def _warn(message: str) -> None:
