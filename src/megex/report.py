@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .runs import RunFolder, save_figure_atomic, write_json_atomic
+from .runs import RunFolder, save_figure_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["load_run", "markdown_table", "plot_accuracy", "summary", "write_report"]
 
@@ -140,13 +140,11 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs, victim_accuracy)
     md = out / "report.md"
-    tmp = md.with_name("report.md.tmp")
     png = plot_accuracy(runs, out / "accuracy.png", victim_accuracy)
     body = "# megex report\n\n" + table
     if png is not None:
         body += f"\n![clone accuracy vs queries]({png.name})\n"
-    tmp.write_text(body)
-    os.replace(tmp, md)
+    write_text_atomic(md, body)
     report = {"victim_accuracy": victim_accuracy, "runs": summary(runs, victim_accuracy)}
     write_json_atomic(out / "report.json", report)
     return md, png, table
