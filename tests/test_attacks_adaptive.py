@@ -57,6 +57,43 @@ def test_clone_scale_keeps_the_direction_and_takes_the_clone_norm(digits_victim,
     torch.testing.assert_close(cosine, torch.ones(4))
 
 
+def _spread(norms):
+    """Median over images of the largest class norm over the smallest."""
+    return (norms.max(dim=1).values / norms.min(dim=1).values).median()
+
+
+def test_clone_scale_gives_each_class_map_the_clones_norm(digits_victim, digits_test):
+    # Sign maps of every class lose each class's magnitude; d log p_k then divides class k's
+    # map by p_k, so without a per-class scale the least likely class dominates.
+    x = digits_test[0][:6]
+    oracle = LocalOracle(digits_victim, defenses=[ExplanationSign()], seed=0)
+    naive, scaled = _attack(oracle), _attack(oracle, map_scale="clone")
+    answer = scaled.ask(oracle, x, ALL)
+    raw = naive.map_gradients(answer, x)
+    adapted = scaled.map_gradients(answer, x)
+    xg = x.clone().requires_grad_(True)
+    logp = torch.log_softmax(scaled.clone(xg), dim=1)
+    clone_norms = torch.stack(
+        [
+            torch.autograd.grad(logp[:, c].sum(), xg, retain_graph=True)[0].flatten(1).norm(dim=1)
+            for c in range(10)
+        ],
+        dim=1,
+    )
+    known = raw.flatten(2).norm(dim=2) > 0
+    norms = adapted.flatten(2).norm(dim=2)
+    torch.testing.assert_close(norms[known], clone_norms[known])
+    assert (norms[~known] == 0).all()
+    cosine = torch.nn.functional.cosine_similarity(adapted.flatten(2), raw.flatten(2), dim=2)
+    torch.testing.assert_close(cosine[known], torch.ones(int(known.sum())))
+    # The naive reading is the one the rescale exists for: its classes' norms are far apart.
+    assert _spread(raw.flatten(2).norm(dim=2)) > 10 * _spread(clone_norms)
+    # Maps of one class keep their magnitudes here (scale_victim_gradient rescales them).
+    one = Explanation("gradient", target="predicted")
+    single = scaled.ask(oracle, x, one)
+    torch.testing.assert_close(scaled.map_gradients(single, x), naive.map_gradients(single, x))
+
+
 def test_cosine_matching_ignores_the_maps_scale(digits_victim):
     oracle = LocalOracle(digits_victim, seed=0)
     cosine = _attack(oracle, map_matching="cosine")

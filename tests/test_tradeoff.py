@@ -77,7 +77,7 @@ def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys
     assert rows["none"]["stops_explanation_attackers"] is False
     for row in summary["rows"]:
         assert row["keeps_utility"] == (row["utility"]["cosine"] >= 0.5)
-        expected = row["stops_explanation_attackers"] and row["keeps_utility"]
+        expected = bool(row["stops_explanation_attackers"]) and row["keeps_utility"]
         assert (row["defense"] in summary["effective"]) == expected
     # The plot draws the variant the table counts.
     points = dict(tradeoff.plotted_points(summary, "megex-all")["sign"])
@@ -127,3 +127,95 @@ def test_quick_grid_is_a_subset_of_the_full_one():
     assert quick["defenses"][0] == [] and len(quick["defenses"]) < len(full["defenses"])
     assert set(map(tuple, quick["defenses"])) <= set(map(tuple, full["defenses"]))
     assert max(quick["budgets"]) <= max(full["budgets"])
+
+
+def _finished(method, row, accuracies, budget=1000):
+    """Run results of one method under one defence row: accuracies[victim][seed]."""
+    return [
+        {
+            "method": method,
+            "defense_row": row,
+            "victim_seed": victim,
+            "seed": seed,
+            "victim_accuracy": 0.9,
+            "budgets": [budget],
+            "metrics": [{"queries": budget, "clone_accuracy": value}],
+        }
+        for victim, by_seed in enumerate(accuracies)
+        for seed, value in enumerate(by_seed)
+    ]
+
+
+def _grid_config(attackers):
+    return {
+        "budgets": [1000],
+        "baseline": "dfme",
+        "attackers": attackers,
+        "defenses": [[], ["sign"], ["gaussian:2"]],
+        "utility_threshold": 0.5,
+        "seeds": [0, 1],
+        "tuned_settings": None,
+    }
+
+
+UTILITY = {
+    "none": {0: {"cosine": 1.0}},
+    "sign": {0: {"cosine": 0.7}},
+    "gaussian:2": {0: {"cosine": 0.4}},
+}
+DFME = [[0.50, 0.52], [0.48, 0.51], [0.49, 0.50]]
+
+
+def _shifted(by):
+    return [[v + by + 0.002 * (i + j) for j, v in enumerate(s)] for i, s in enumerate(DFME)]
+
+
+def test_a_defence_stops_a_lead_only_if_neither_variant_keeps_it():
+    finished = [
+        *_finished("dfme", "none", DFME),
+        *_finished("megex-all", "none", _shifted(0.20)),  # well ahead without a defence
+        # sign: the naive attacker falls to DFME's level, the adaptive one stays 5 points
+        # ahead, so the lead is not stopped.
+        *_finished("megex-all", "sign", _shifted(-0.01)),
+        *_finished("megex-all+adaptive", "sign", _shifted(0.05)),
+        # gaussian: both variants fall to DFME's level.
+        *_finished("megex-all", "gaussian:2", _shifted(0.0)),
+        *_finished("megex-all+adaptive", "gaussian:2", _shifted(-0.02)),
+    ]
+    summary = tradeoff.summarise(finished, UTILITY, _grid_config(["megex-all"]), 1.0)
+    rows = {r["defense"]: r for r in summary["rows"]}
+    assert summary["undefended_lead"] == {"megex-all": "a ahead"}
+    assert summary["leading_attackers"] == ["megex-all"]
+    assert rows["sign"]["stops_explanation_attackers"] is False
+    assert rows["sign"]["methods"]["megex-all+adaptive"]["counted"]
+    assert rows["gaussian:2"]["stops_explanation_attackers"] is True
+    # gaussian:2 stops the lead but keeps too little utility; sign keeps utility, stops none.
+    assert summary["effective"] == []
+    # What the defence took: about 20 points from the naive attacker under gaussian:2.
+    taken = rows["gaussian:2"]["methods"]["megex-all"]["minus_undefended"]
+    assert abs(taken["mean"] + 0.20) < 1e-9 and taken["verdict"] == "b ahead"
+    table = tradeoff.markdown(summary)
+    assert "What each defence took from each attacker" in table
+    assert "| gaussian:2 | -20.0 [" in table
+
+
+def test_without_an_undefended_lead_no_defence_is_named():
+    finished = [
+        *_finished("dfme", "none", DFME),
+        *_finished("megex-all", "none", _shifted(0.0)),
+        *_finished("megex-all", "sign", _shifted(-0.10)),
+        *_finished("megex-all+adaptive", "sign", _shifted(-0.12)),
+        *_finished("megex-all", "gaussian:2", _shifted(-0.05)),
+    ]
+    summary = tradeoff.summarise(finished, UTILITY, _grid_config(["megex-all"]), 1.0)
+    assert summary["leading_attackers"] == []
+    assert [r["stops_explanation_attackers"] for r in summary["rows"]] == [False, None, None]
+    assert summary["effective"] == []
+    table = tradeoff.markdown(summary)
+    assert "no defence had a lead to stop" in table and "stopped)" not in table
+
+
+def test_quick_runs_are_kept_apart_from_the_full_grid():
+    parser = tradeoff.add_arguments(argparse.ArgumentParser())
+    assert tradeoff.runs_folder_name(parser.parse_args(["--quick"])) == "runs-quick"
+    assert tradeoff.runs_folder_name(parser.parse_args([])) == "runs"

@@ -11,14 +11,15 @@ For each defence and strength (a list of defence specs, applied in order by the 
   under the benchmark's fair protocol (its shared settings, the tuned settings file, equal
   clone updates per query).
 
-A defence "stops" an explanation attacker when the paired difference attacker minus DFME
-(same victim, same seed) at the largest budget is no longer measurably above 0 (its 95%
-interval reaches 0); a defence counts against the stronger of the naive and the adaptive
-attacker (by mean clone accuracy: an adaptation may not help), which the table marks. It
-"keeps utility" when the mean cosine of its maps to the undefended maps is at least
-`utility_threshold`. The report names the defences that do
-both, with their figures, and says first whether the explanation attackers were ahead of DFME
-without any defence (if not, no defence has anything to stop).
+An explanation attacker "leads" when, without a defence, the paired difference attacker
+minus DFME (same victim, same seed) at the largest budget is measurably above 0 (both its
+bootstrap and its t interval exclude 0: stats.paired_difference). A defence "stops" a
+leading attacker when neither its naive nor its adaptive variant is measurably ahead of DFME
+under the defence; the table shows the stronger variant by mean ("counted": an adaptation
+may not help), and what the defence took from each attacker (its accuracy minus its own
+undefended runs, paired). A defence "keeps utility" when the mean cosine of its maps to the
+undefended maps is at least `utility_threshold`. The report names the defences that do
+both; where no attacker leads, there is nothing to stop and it names none, and says so.
 
 Explanation defences do not change what DFME is answered (it asks for no maps): DFME runs
 once without a defence and under each prediction defence, and its undefended runs stand for
@@ -53,7 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "validation_images": 5000,
     "budgets": [20_000, 50_000],
     "eval_at": [5_000, 10_000],
-    "attackers": ["megex-all", "megex-jacobian"],
+    # MEGEX with maps of every class, and the strongest explanation attacker of the full
+    # benchmark (megex-predicted: the largest, if not significant, lead over DFME).
+    "attackers": ["megex-all", "megex-predicted"],
     "baseline": "dfme",
     # Each entry: the defence specs a service applies, in order ([] : none).
     "defenses": [
@@ -200,6 +203,10 @@ def _touches_predictions(defenses: list[Any]) -> bool:
     return any(d.side == "prediction" for d in defenses)
 
 
+def runs_folder_name(args: argparse.Namespace) -> str:
+    return "runs-quick" if getattr(args, "quick", False) else "runs"
+
+
 def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: dict) -> list:
     """The runs of the grid (checked before any victim is trained)."""
     from .attacks import adapt_to
@@ -213,6 +220,8 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     out = out.resolve()
     data_root = args.data_root and str(Path(args.data_root).resolve())
     jobs: list[dict[str, Any]] = []
+    # A quick grid's runs are shorter: kept apart, so that the full grid never finds them.
+    runs_folder = runs_folder_name(args)
 
     def add(method: str, attack: str, settings: dict[str, Any], specs: list[str]) -> None:
         for victim_seed, victim in victims.items():
@@ -231,7 +240,7 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
                         "eval_at": [b for b in config["eval_at"] if b < max(budgets)],
                         "name": f"{method} [{row_name(specs)}] victim {victim_seed} seed {seed}",
                         "run_dir": str(
-                            out / "runs" / f"{method}-{_slug(specs)}-v{victim_seed}-s{seed}"
+                            out / runs_folder / f"{method}-{_slug(specs)}-v{victim_seed}-s{seed}"
                         ),
                         "victim": str(Path(victim).resolve()),
                         "dataset": config["dataset"],
@@ -308,7 +317,10 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
         for job in jobs:
             shutil.rmtree(job["run_dir"], ignore_errors=True)
             job["fresh"] = False
-    _log(f"tradeoff: {len(jobs)} runs {sweep.describe(args)}; run folders under {out / 'runs'}")
+    _log(
+        f"tradeoff: {len(jobs)} runs {sweep.describe(args)}; "
+        f"run folders under {out / runs_folder_name(args)}"
+    )
     utility = measure_utility(config, victims, args.data_root)
     finished: list[dict[str, Any]] = []
 
@@ -355,43 +367,50 @@ def summarise(
         accuracy.setdefault(key, {}).setdefault(r["victim_seed"], {})[r["seed"]] = cell[
             "clone_accuracy"
         ]
-    rows_out = []
+    # Whether each explanation attacker (naive, or adaptive where it differs) is measurably
+    # ahead of the baseline without a defence: only such a lead can be stopped.
+    undefended_base = accuracy.get(("none", baseline), {})
     undefended_lead: dict[str, Any] = {}
+    for attacker in config["attackers"]:
+        diff = paired_difference(accuracy.get(("none", attacker), {}), undefended_base)
+        undefended_lead[attacker] = (
+            diff.get("verdict") if diff.get("pairs", 0) > 1 else "too few runs"
+        )
+    leading = [a for a, verdict in undefended_lead.items() if verdict == "a ahead"]
+    rows_out = []
     for specs in config["defenses"]:
         name = row_name(specs)
         # Explanation defences leave DFME's answers as they were: its undefended runs.
-        base = accuracy.get((name, baseline)) or accuracy.get(("none", baseline), {})
+        base = accuracy.get((name, baseline)) or undefended_base
         methods: dict[str, Any] = {}
         stopped_all = True
         for attacker in config["attackers"]:
             naive = accuracy.get((name, attacker), {})
             adaptive = accuracy.get((name, attacker + ADAPTIVE))
+            undefended = accuracy.get(("none", attacker), {})
             for label, values in ((attacker, naive), (attacker + ADAPTIVE, adaptive)):
                 if not values:
                     continue
                 est, low, high = bootstrap_interval(values)
-                diff = paired_difference(values, base)
                 methods[label] = {
                     "accuracy": {"estimate": est, "low": low, "high": high},
-                    "minus_baseline": diff,
+                    "minus_baseline": paired_difference(values, base),
+                    # What the defence took from this attacker (paired with its own
+                    # undefended runs: the naive attacker's, as nothing was there to adapt to).
+                    "minus_undefended": paired_difference(values, undefended),
                 }
-            # A defence counts against the stronger of the two (the adaptation may not help).
-            counted = attacker
-            if adaptive and naive:
-                means = {
-                    label: methods[label]["accuracy"]["estimate"]
-                    for label in (attacker, attacker + ADAPTIVE)
-                }
-                counted = max(means, key=means.get)
-            diff = methods.get(counted, {}).get("minus_baseline", {})
-            stopped = diff.get("pairs", 0) > 1 and diff.get("verdict") != "a ahead"
-            methods.setdefault(counted, {})["counted"] = True
+            variants = [v for v in (attacker, attacker + ADAPTIVE) if v in methods]
+            if not variants:
+                continue
+            # The table and plot show the stronger variant by mean (an adaptation may not
+            # help); a defence stops the attacker only if neither variant stays ahead.
+            counted = max(variants, key=lambda v: methods[v]["accuracy"]["estimate"])
+            verdicts = [methods[v]["minus_baseline"] for v in variants]
+            stopped = all(d.get("pairs", 0) > 1 and d.get("verdict") != "a ahead" for d in verdicts)
+            methods[counted]["counted"] = True
             methods[counted]["stopped"] = stopped
-            stopped_all = stopped_all and stopped
-            if not specs:
-                undefended_lead[attacker] = (
-                    diff.get("verdict") if diff.get("pairs", 0) > 1 else "too few runs"
-                )
+            if attacker in leading:
+                stopped_all = stopped_all and stopped
         if base:
             est, low, high = bootstrap_interval(base)
             methods[baseline] = {"accuracy": {"estimate": est, "low": low, "high": high}}
@@ -405,7 +424,10 @@ def summarise(
                 "specs": specs,
                 "utility": util,
                 "methods": methods,
-                "stops_explanation_attackers": bool(specs) and stopped_all,
+                # None: no attacker was ahead without a defence, so there is nothing to stop.
+                "stops_explanation_attackers": (
+                    (stopped_all if leading else None) if specs else False
+                ),
                 "keeps_utility": keeps,
             }
         )
@@ -422,6 +444,7 @@ def summarise(
         "utility_threshold": config["utility_threshold"],
         "tuned_settings": config["tuned_settings"],
         "undefended_lead": undefended_lead,
+        "leading_attackers": leading,
         "rows": rows_out,
         "effective": effective,
         "wall_s": round(wall, 1),
@@ -435,6 +458,18 @@ def _pct(i: dict[str, float]) -> str:
     if math.isnan(i["low"]):
         return f"{100 * i['estimate']:.1f}"
     return f"{100 * i['estimate']:.1f} [{100 * i['low']:.1f}, {100 * i['high']:.1f}]"
+
+
+def _points(d: dict[str, Any]) -> str:
+    """A paired difference in points: mean [bootstrap] (t: [...]), or '-'."""
+    if not d or d.get("pairs", 0) == 0:
+        return "-"
+    if d["pairs"] == 1:
+        return f"{100 * d['mean']:+.1f}"
+    text = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    if math.isnan(d.get("t_low", math.nan)):
+        return text
+    return text + f" (t: [{100 * d['t_low']:+.1f}, {100 * d['t_high']:+.1f}])"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -481,9 +516,34 @@ def markdown(summary: dict[str, Any]) -> str:
                 continue
             mark = ""
             if m.get("counted"):
-                mark = " (counted, stopped)" if m.get("stopped") else " (counted)"
+                leads = label.removesuffix(ADAPTIVE) in summary.get("leading_attackers", [])
+                mark = " (counted, stopped)" if leads and m.get("stopped") else " (counted)"
             cells.append(_pct(m["accuracy"]) + mark)
         cells.append(_pct(row["methods"].get(summary["baseline"], {}).get("accuracy", {})))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "What each defence took from each attacker: the counted variant's clone accuracy "
+        "minus the same attacker's undefended runs (same victim, same seed), points, "
+        "mean [95% bootstrap interval] (t: Student t interval over the victims):",
+        "",
+        "| defence | " + " | ".join(attackers) + " |",
+        "|" + "---|" * (len(attackers) + 1),
+    ]
+    for row in summary["rows"]:
+        if not row["specs"]:
+            continue
+        cells = [row["defense"]]
+        for attacker in attackers:
+            counted = next(
+                (
+                    row["methods"][v]
+                    for v in (attacker, attacker + ADAPTIVE)
+                    if row["methods"].get(v, {}).get("counted")
+                ),
+                None,
+            )
+            cells.append(_points((counted or {}).get("minus_undefended", {})))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## What the table says", ""]
     lead = summary["undefended_lead"]
@@ -502,9 +562,15 @@ def markdown(summary: dict[str, Any]) -> str:
                 "a defence to remove, and 'stopped' says only that none appeared."
             )
     threshold = summary["utility_threshold"]
-    if summary["effective"]:
+    if not summary.get("leading_attackers", []):
         lines.append(
-            f"- Defences that leave no explanation attacker (the stronger of naive and adaptive) "
+            "- No explanation attacker was measurably ahead without a defence: no defence "
+            "had a lead to stop, so none is named as effective; the tables give what each "
+            "costs in utility and takes from the attackers."
+        )
+    elif summary["effective"]:
+        lines.append(
+            f"- Defences that leave no explanation attacker that led (neither naive nor adaptive) "
             f"measurably ahead of {summary['baseline']} while keeping the maps' cosine to "
             f"the undefended ones at {threshold:g} or more: "
             + ", ".join(f"`{d}`" for d in summary["effective"])

@@ -19,6 +19,8 @@ steps on the generator's queries, brightness prior, constant schedule).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +139,21 @@ def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
     return maps * (1 - p.gather(1, cls.view(-1, 1))).view(-1, 1, 1, 1)
 
 
+@contextlib.contextmanager
+def frozen_batch_norm(model: nn.Module) -> Iterator[None]:
+    """Batch normalisation layers of `model` in eval mode for the block (restored after):
+    images passed through for a gradient must not enter the running statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in norms]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(norms, modes):
+            m.train(mode)
+
+
 def class_combination(weights: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """sum_k weights[n, k] * maps[n, k] for (N, K) weights and (N, K, C, H, W) maps.
 
@@ -176,7 +193,7 @@ class MEGEX(Attack):
         if answer.explanation is None or answer.explanation_spec is None:
             raise RuntimeError("megex: the oracle returned no explanation; MEGEX needs one")
         self.explanation_used = answer.explanation_spec
-        dlogp = log_probability_gradients(answer, x.detach())
+        dlogp = self.map_gradients(answer, x.detach())
         # The clone step on these answers (train_on_generator_queries) needs them again.
         self._dlogp_of = (answer, dlogp)
         probs = answer.probabilities.to(x.device)
@@ -261,7 +278,7 @@ class MEGEX(Attack):
         if cached is not None and cached[0] is answer:
             dlogp = cached[1]
         else:
-            dlogp = log_probability_gradients(answer, x.detach())
+            dlogp = self.map_gradients(answer, x.detach())
         n, k = answer.probabilities.shape
         # A class whose map is unknown (all zeros, see log_probability_gradients) gets weight
         # 0, so the clone is not taught a zero gradient for it.
@@ -368,19 +385,17 @@ class MEGEX(Attack):
         points = points.reshape(steps * n, *x.shape[1:]).requires_grad_(True)
         # Batch normalisation in eval mode here: the victim's maps come from its eval mode,
         # and the path's darker images must not enter the clone's running statistics.
-        norms = [m for m in self.clone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        modes = [m.training for m in norms]
-        for m in norms:
-            m.eval()
-        try:
+        with frozen_batch_norm(self.clone):
             logits = self.clone(points)
-        finally:
-            for m, mode in zip(norms, modes):
-                m.train(mode)
         values = output_values(logits, spec.output)
         combined = (values.view(steps, n, k) * coefficients.unsqueeze(0)).sum()
         (grad,) = torch.autograd.grad(combined, points, create_graph=True)
         return grad.view(steps, n, *x.shape[1:]).mean(dim=0)
+
+    def map_gradients(self, answer: Answer, x: torch.Tensor) -> torch.Tensor:
+        """d log p / dx read off an answer's maps (log_probability_gradients; a hook for
+        attackers that know the maps' magnitudes were changed)."""
+        return log_probability_gradients(answer, x)
 
     def map_error(self, grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per image, how far the clone's input gradient is from the map's: the relative
