@@ -286,8 +286,13 @@ def measure_utility(
     rows = [specs for specs in config["defenses"] if specs]
     out: dict[str, dict[int, dict[str, float]]] = {}
     for victim_seed, path in victims.items():
+        # Each victim its own draw of the defences' randomness (noise, withheld maps).
         measured = explanation_utility(
-            Victim.load(path), images, rows, Explanation("gradient", target="predicted")
+            Victim.load(path),
+            images,
+            rows,
+            Explanation("gradient", target="predicted"),
+            seed=victim_seed,
         )
         # Row 0 is the undefended service; then one row per defended one, in order.
         for specs, row in zip([[], *rows], measured["rows"]):
