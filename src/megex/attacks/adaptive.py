@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..explain import Explanation
+from ..explain import Explanation, explain
 from ..oracle import Answer, Oracle
 from .config import COUNT, POSITIVE, Choice, setting
 from .dfme import DFME
-from .megex import MEGEX, MEGEXConfig, frozen_batch_norm
+from .megex import MEGEX, MEGEXConfig
 
 __all__ = ["AdaptiveMEGEX", "AdaptiveMEGEXConfig", "adapt_to"]
 
@@ -82,6 +82,10 @@ class AdaptiveMEGEXConfig(MEGEXConfig):
     )
 
 
+# The clone's own d log p_k / dx for every class (explained in eval mode, like the victim).
+_CLONE_LOG_PROBABILITY_MAPS = Explanation("gradient", target="all", output="log_probability")
+
+
 class AdaptiveMEGEX(MEGEX):
     name = "megex-adaptive"
     config_class = AdaptiveMEGEXConfig
@@ -126,15 +130,8 @@ class AdaptiveMEGEX(MEGEX):
         # the others by orders of magnitude (measured on sign maps: median ratio of the
         # largest to the smallest class's norm 2e6, against 2e2 for honest maps). Each
         # class's map is given the norm of the clone's own d log pS_k / dx, direction kept.
-        with torch.enable_grad(), frozen_batch_norm(self.clone):
-            xg = x.detach().requires_grad_(True)
-            logp = F.log_softmax(self.clone(xg), dim=1)
-            k = logp.shape[1]
-            norms = []
-            for c in range(k):
-                (g,) = torch.autograd.grad(logp[:, c].sum(), xg, retain_graph=c < k - 1)
-                norms.append(g.flatten(1).norm(dim=1))
-        target = torch.stack(norms, dim=1).to(dlogp.dtype)
+        own = explain(self.clone, x.detach(), _CLONE_LOG_PROBABILITY_MAPS)
+        target = own.flatten(2).norm(dim=2).to(dlogp.dtype)
         current = dlogp.flatten(2).norm(dim=2)
         scale = torch.where(current > 0, target / current.clamp_min(1e-12), 0.0)
         return dlogp * scale.view(*scale.shape, 1, 1, 1)
