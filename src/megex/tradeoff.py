@@ -540,15 +540,8 @@ def markdown(summary: dict[str, Any]) -> str:
             continue
         cells = [row["defense"]]
         for attacker in attackers:
-            counted = next(
-                (
-                    row["methods"][v]
-                    for v in (attacker, attacker + ADAPTIVE)
-                    if row["methods"].get(v, {}).get("counted")
-                ),
-                None,
-            )
-            cells.append(_points((counted or {}).get("minus_undefended", {})))
+            counted = counted_variant(row, attacker) or {}
+            cells.append(_points(counted.get("minus_undefended", {})))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## What the table says", ""]
     lead = summary["undefended_lead"]
@@ -603,17 +596,21 @@ def write_outputs(summary: dict[str, Any], out: Path, stem: str, plot: bool = Tr
     return paths
 
 
+def counted_variant(row: dict[str, Any], attacker: str) -> dict[str, Any] | None:
+    """A summary row's entry for the variant of `attacker` that it counts (the stronger of
+    naive and adaptive), or None where the attacker did not run under that defence."""
+    for label in (attacker, attacker + ADAPTIVE):
+        if row["methods"].get(label, {}).get("counted"):
+            return row["methods"][label]
+    return None
+
+
 def plotted_points(summary: dict[str, Any], attacker: str) -> dict[str, list[tuple]]:
     """Per defence family, the (cosine utility, clone accuracy %) points of one attacker in
     the variant the table counts for each row (the stronger of naive and adaptive)."""
     families: dict[str, list[tuple[float, float]]] = {}
     for row in summary["rows"]:
-        measured = [
-            v
-            for v in (row["methods"].get(name) for name in (attacker, attacker + ADAPTIVE))
-            if v and "accuracy" in v
-        ]
-        m = next((v for v in measured if v.get("counted")), measured[0] if measured else None)
+        m = counted_variant(row, attacker)
         cos = row["utility"].get("cosine")
         if m is None or cos is None:
             continue
