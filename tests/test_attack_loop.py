@@ -253,6 +253,27 @@ def test_resume_with_other_settings_is_refused(tmp_path, digits_victim):
         )  # fmt: skip
 
 
+def test_a_run_behind_a_defence_is_not_resumed_without_it(tmp_path, digits_victim):
+    from megex.defenses import build_defense
+
+    def stop(iteration, spent):
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    defended = LocalOracle(digits_victim, budget=5000, defenses=[build_defense("sign")])
+    megex.run(
+        MEGEX(**SMALL),
+        defended, eval_every=100, run_dir=tmp_path / "r", progress=False, callback=stop,
+        evaluator=lambda clone: {"clone_accuracy": 0.0},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="defenses: .*sign.* then, none now"):
+        megex.run(
+            MEGEX(**SMALL),
+            LocalOracle(digits_victim, budget=5000), run_dir=tmp_path / "r", resume=True,
+            progress=False,
+        )  # fmt: skip
+
+
 def test_classes_hidden_by_rounding_do_not_blow_up_the_generator_gradient(digits_victim):
     from megex.attacks.megex import log_probability_gradients
     from megex.defenses import build_defense

@@ -159,6 +159,31 @@ def test_interrupted_attack_says_so_on_stderr_and_resumes(
     assert json.loads(capsys.readouterr().out)["iterations"] == 20
 
 
+def test_a_run_behind_a_defence_resumes_only_behind_it(tmp_path, victim_file, monkeypatch, capsys):
+    from megex.attacks.base import Attack
+
+    argv = attack_argv(victim_file, tmp_path / "run", "--budget", "2560", "--batch-size", "64")
+    argv += ["--eval-every", "256", "--json"]
+    clone_step = Attack.clone_step
+    calls = []
+
+    def interrupted_after_three(self, oracle):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return clone_step(self, oracle)
+
+    monkeypatch.setattr(Attack, "clone_step", interrupted_after_three)
+    assert main(argv + ["--defense", "sign"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "defenses" in err and "sign" in err and "none now" in err and one_line(err)
+    assert main(argv + ["--defense", "sign", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["iterations"] == 20
+
+
 def test_json_output_of_train_attack_eval_and_report(tmp_path, capsys):
     victim = tmp_path / "victims" / "digits.safetensors"
     argv = ["train-victim", "--dataset", "digits", "--epochs", "2", "--out", str(victim)]

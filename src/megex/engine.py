@@ -332,16 +332,25 @@ def changed_settings(folder: RunFolder, described: dict[str, Any]) -> list[str]:
     before = folder.read_config()
     now = json.loads(json.dumps(described, default=str))
     resumable = _RESUMABLE_CHANGES - ({"device"} if now.get("on_device") else set())
-    return [
+    changed = [
         f"{key}: {before[key]!r} then, {value!r} now"
         if key in before
         else f"{key}: not recorded then, {value!r} now"
         for key, value in now.items()
         if key not in resumable and before.get(key, _ADDED_SETTINGS.get(key, _UNRECORDED)) != value
     ]
+    # Recorded only when set (describe_run): a run made behind a defence is not one without.
+    # The CLI also writes an empty list (or null, for a service) when there was none.
+    changed += [
+        f"{key}: {before[key]!r} then, none now"
+        for key in _RECORDED_WHEN_SET
+        if before.get(key) and key not in now
+    ]
+    return changed
 
 
 _UNRECORDED = object()
+_RECORDED_WHEN_SET = ("defenses",)
 
 
 def check_same_settings(folder: RunFolder, described: dict[str, Any]) -> None:
