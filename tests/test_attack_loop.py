@@ -227,17 +227,22 @@ def test_early_stop_on_an_exhausted_oracle_is_evaluated_and_recorded(
     assert saved["iteration"] == result.iterations
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, digits_victim):
+def _interrupted_run(run_dir, oracle) -> None:
+    """A MEGEX run in `run_dir` stopped by Ctrl-C after 3 iterations (its checkpoint kept)."""
+
     def stop(iteration, spent):
         if iteration == 3:
             raise KeyboardInterrupt
 
-    oracle = LocalOracle(digits_victim, budget=5000)
     megex.run(
         MEGEX(**SMALL),
-        oracle, eval_every=100, run_dir=tmp_path / "r", progress=False, callback=stop,
+        oracle, eval_every=100, run_dir=run_dir, progress=False, callback=stop,
         evaluator=lambda clone: {"clone_accuracy": 0.0},
     )  # fmt: skip
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, digits_victim):
+    _interrupted_run(tmp_path / "r", LocalOracle(digits_victim, budget=5000))
     assert (tmp_path / "r" / "checkpoint.pt").is_file()
     with pytest.raises(ValueError, match="batch_size: 32 then, 64 now"):
         megex.run(
@@ -256,16 +261,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, digits_victim):
 def test_a_run_behind_a_defence_is_not_resumed_without_it(tmp_path, digits_victim):
     from megex.defenses import build_defense
 
-    def stop(iteration, spent):
-        if iteration == 3:
-            raise KeyboardInterrupt
-
     defended = LocalOracle(digits_victim, budget=5000, defenses=[build_defense("sign")])
-    megex.run(
-        MEGEX(**SMALL),
-        defended, eval_every=100, run_dir=tmp_path / "r", progress=False, callback=stop,
-        evaluator=lambda clone: {"clone_accuracy": 0.0},
-    )  # fmt: skip
+    _interrupted_run(tmp_path / "r", defended)
     with pytest.raises(ValueError, match="defenses: .*sign.* then, none now"):
         megex.run(
             MEGEX(**SMALL),
