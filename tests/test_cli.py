@@ -128,24 +128,30 @@ def test_attack_refuses_to_overwrite_and_resumes(tmp_path, victim_file, capsys):
     assert 0 <= evaluation["fidelity"] <= 1
 
 
+def interrupt_clone_steps_after(monkeypatch, steps: int) -> None:
+    """Make the attack loop see Ctrl-C after `steps` clone updates (undo() lifts it)."""
+    from megex.attacks.base import Attack
+
+    clone_step = Attack.clone_step
+    calls = []
+
+    def interrupted(self, oracle):
+        calls.append(1)
+        if len(calls) > steps:
+            raise KeyboardInterrupt
+        return clone_step(self, oracle)
+
+    monkeypatch.setattr(Attack, "clone_step", interrupted)
+
+
 def test_interrupted_attack_says_so_on_stderr_and_resumes(
     tmp_path, victim_file, monkeypatch, capsys
 ):
-    from megex.attacks.base import Attack
 
     out = tmp_path / "run"
     argv = attack_argv(victim_file, out, "--budget", "2560", "--batch-size", "64", "--json")
     argv += ["--eval-every", "256"]
-    calls = []
-    clone_step = Attack.clone_step
-
-    def interrupted_after_ten(self, oracle):
-        calls.append(1)
-        if len(calls) > 10:
-            raise KeyboardInterrupt
-        return clone_step(self, oracle)
-
-    monkeypatch.setattr(Attack, "clone_step", interrupted_after_ten)
+    interrupt_clone_steps_after(monkeypatch, 10)
     assert main(argv) == 130
     captured = capsys.readouterr()
     assert captured.out == "" and "megex attack: interrupted after" in captured.err
@@ -160,20 +166,10 @@ def test_interrupted_attack_says_so_on_stderr_and_resumes(
 
 
 def test_a_run_behind_a_defence_resumes_only_behind_it(tmp_path, victim_file, monkeypatch, capsys):
-    from megex.attacks.base import Attack
 
     argv = attack_argv(victim_file, tmp_path / "run", "--budget", "2560", "--batch-size", "64")
     argv += ["--eval-every", "256", "--json"]
-    clone_step = Attack.clone_step
-    calls = []
-
-    def interrupted_after_three(self, oracle):
-        calls.append(1)
-        if len(calls) > 3:
-            raise KeyboardInterrupt
-        return clone_step(self, oracle)
-
-    monkeypatch.setattr(Attack, "clone_step", interrupted_after_three)
+    interrupt_clone_steps_after(monkeypatch, 3)
     assert main(argv + ["--defense", "sign"]) == 130
     monkeypatch.undo()
     capsys.readouterr()
