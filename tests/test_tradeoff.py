@@ -199,6 +199,25 @@ def test_a_defence_stops_a_lead_only_if_neither_variant_keeps_it():
     assert "| gaussian:2 | -20.0 [" in table
 
 
+def test_a_prediction_defence_that_stops_the_lead_is_named_with_its_cost_to_the_answers():
+    finished = [
+        *_finished("dfme", "none", DFME),
+        *_finished("megex-all", "none", _shifted(0.20)),
+        *_finished("dfme", "round:1", _shifted(-0.30)),
+        *_finished("megex-all", "round:1", _shifted(-0.30)),
+    ]
+    config = {**_grid_config(["megex-all"]), "defenses": [[], ["round:1"]]}
+    utility = {
+        "none": {0: {"cosine": 1.0, "probability_l1": 0.0, "label_kept": 1.0}},
+        "round:1": {0: {"cosine": 1.0, "probability_l1": 0.057, "label_kept": 0.98}},
+    }
+    summary = tradeoff.summarise(finished, utility, config, 1.0)
+    assert summary["effective"] == ["round:1"]
+    table = tradeoff.markdown(summary)
+    assert "`round:1` (on the predictions: maps untouched, probabilities moved by L1 0.057" in table
+    assert "top-1 label kept on 98.0% of images)" in table
+
+
 def test_without_an_undefended_lead_no_defence_is_named():
     finished = [
         *_finished("dfme", "none", DFME),

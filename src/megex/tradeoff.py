@@ -571,7 +571,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"- Defences that leave no explanation attacker that led (neither naive nor adaptive) "
             f"measurably ahead of {summary['baseline']} while keeping the maps' cosine to "
             f"the undefended ones at {threshold:g} or more: "
-            + ", ".join(f"`{d}`" for d in summary["effective"])
+            + ", ".join(_named_defence(summary, d) for d in summary["effective"])
             + "."
         )
     else:
@@ -580,6 +580,21 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{summary['baseline']} and kept the maps' cosine at {threshold:g} or more."
         )
     return "\n".join(lines) + "\n"
+
+
+def _named_defence(summary: dict[str, Any], name: str) -> str:
+    """A defence the report names, with what it costs the answers' probabilities when it
+    works on them: such a defence keeps the maps, and so passes the maps' utility bar, while
+    its cost falls on the predictions."""
+    row = next(r for r in summary["rows"] if r["defense"] == name)
+    utility = row["utility"]
+    moved = utility.get("probability_l1", 0.0)
+    if not moved:
+        return f"`{name}`"
+    return (
+        f"`{name}` (on the predictions: maps untouched, probabilities moved by L1 {moved:.3f} "
+        f"on average, top-1 label kept on {utility.get('label_kept', math.nan):.1%} of images)"
+    )
 
 
 def write_outputs(summary: dict[str, Any], out: Path, stem: str, plot: bool = True) -> list[Path]:
