@@ -147,7 +147,6 @@ def interrupt_clone_steps_after(monkeypatch, steps: int) -> None:
 def test_interrupted_attack_says_so_on_stderr_and_resumes(
     tmp_path, victim_file, monkeypatch, capsys
 ):
-
     out = tmp_path / "run"
     argv = attack_argv(victim_file, out, "--budget", "2560", "--batch-size", "64", "--json")
     argv += ["--eval-every", "256"]
@@ -166,7 +165,6 @@ def test_interrupted_attack_says_so_on_stderr_and_resumes(
 
 
 def test_a_run_behind_a_defence_resumes_only_behind_it(tmp_path, victim_file, monkeypatch, capsys):
-
     argv = attack_argv(victim_file, tmp_path / "run", "--budget", "2560", "--batch-size", "64")
     argv += ["--eval-every", "256", "--json"]
     interrupt_clone_steps_after(monkeypatch, 3)

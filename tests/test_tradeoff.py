@@ -214,7 +214,7 @@ def test_a_prediction_defence_that_stops_the_lead_is_named_with_its_cost_to_the_
     summary = tradeoff.summarise(finished, utility, config, 1.0)
     assert summary["effective"] == ["round:1"]
     table = tradeoff.markdown(summary)
-    assert "`round:1` (on the predictions: maps untouched, probabilities moved by L1 0.057" in table
+    assert "`round:1` (on the predictions: probabilities moved by L1 0.057" in table
     assert "top-1 label kept on 98.0% of images)" in table
 
 

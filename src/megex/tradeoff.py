@@ -584,15 +584,14 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def _named_defence(summary: dict[str, Any], name: str) -> str:
     """A defence the report names, with what it costs the answers' probabilities when it
-    works on them: such a defence keeps the maps, and so passes the maps' utility bar, while
-    its cost falls on the predictions."""
+    works on them: the utility bar reads the maps only, so that cost is said beside it."""
     row = next(r for r in summary["rows"] if r["defense"] == name)
     utility = row["utility"]
     moved = utility.get("probability_l1", 0.0)
     if not moved:
         return f"`{name}`"
     return (
-        f"`{name}` (on the predictions: maps untouched, probabilities moved by L1 {moved:.3f} "
+        f"`{name}` (on the predictions: probabilities moved by L1 {moved:.3f} "
         f"on average, top-1 label kept on {utility.get('label_kept', math.nan):.1%} of images)"
     )
 
