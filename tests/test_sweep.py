@@ -29,7 +29,14 @@ torch.set_num_threads(1)
 def ray_instance():
     """One local Ray instance for the module (its start-up is most of these tests' time).
     The sweep finds it connected, uses it and leaves it open."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    # Ray lowers its workers' priority (nice 15); beside the other test worker they would
+    # wait for CPU most of the time, so here they keep the tests' own priority.
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 2**20,
+        _system_config={"worker_niceness": 0},
+    )
     # The test module's own job functions travel by value (workers cannot import tests/).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
