@@ -320,7 +320,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     panels = [t for t in targets if any(by_target[t].values())]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4))
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
-    ds = [r["d"] for r in rows] + [PAPER_D]
+    measured_ds = sorted({r["d"] for r in rows})
+    ds = measured_ds + [PAPER_D]
     for ax, target in zip(axes, panels):
         for i, method in enumerate(methods):
             points = by_target[target][method]
@@ -345,7 +346,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.set_xlim(min(ds) / 1.5, max(ds) * 1.5)
         # Ticks at the measured sizes (the paper's is the labelled line: at 3,072 its tick
         # would overprint 56x56's 3,136), and at powers of 2 of the ratio.
-        ax.set_xticks(sorted({r["d"] for r in rows}))
+        ax.set_xticks(measured_ds)
         shown = [v for pts in by_target[target].values() for pt in pts for v in pt[3:]]
         bottom, top = min(shown + [1.0]) / 1.3, max(shown + [1.0]) * 1.3
         ax.set_yticks([2.0**k for k in range(-8, 9) if bottom <= 2.0**k <= top])
