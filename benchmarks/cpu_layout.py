@@ -28,7 +28,7 @@ import torch
 
 import megex
 import megex.attacks.base as attack_base
-import megex.oracle as oracle_mod
+import megex.oracle.responder as oracle_mod
 from megex import Explanation, LocalOracle, Victim, explain
 from megex.attacks import DFME, MEGEX
 from megex.models import build_classifier, build_generator

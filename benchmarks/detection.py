@@ -1,5 +1,5 @@
 """Detection benchmark: do the query monitors flag the attacks, and how often benign keys?
-See megex.detection_bench; the options are `megex detection`'s.
+The same as `megex detection`, with the same options.
 
 python benchmarks/detection.py --quick   # one victim, two seeds, 2,000-query streams: minutes
 python benchmarks/detection.py           # 3 victims x 5 seeds, 5,000-query streams
@@ -16,7 +16,7 @@ from pathlib import Path
 # Run from a checkout without installing: the package lives in src/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from megex.detection_bench import main  # noqa: E402
+from megex.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["detection", *sys.argv[1:]]))

@@ -48,8 +48,9 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 from megex import Explanation, LocalOracle  # noqa: E402
 from megex.attacks import DFME, MEGEX  # noqa: E402
 from megex.attacks.presets import DFME_PAPER  # noqa: E402
-from megex.bench import build_attack, prepare_torch  # noqa: E402
 from megex.engine import run  # noqa: E402
+from megex.experiments.methods import build_attack  # noqa: E402
+from megex.experiments.runner import prepare_torch  # noqa: E402
 from megex.models import build_classifier  # noqa: E402
 from megex.runs import write_json_atomic  # noqa: E402
 from megex.victim import Victim  # noqa: E402
@@ -233,8 +234,9 @@ def free_memory(device: str) -> None:
 def paper_run_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(benchmark config, tuned settings, dataset) for the paper run; raises if the settings
     file lacks a method or the dataset's files are missing."""
-    from megex.bench import DEFAULTS, check_methods, load_tuned, require_tuned
     from megex.data import load
+    from megex.experiments.methods import check_methods, load_tuned, require_tuned
+    from megex.experiments.query_efficiency import DEFAULTS
 
     check_methods(args.paper_methods)
     settings_file = None if args.settings_file == "none" else args.settings_file
@@ -252,8 +254,8 @@ def paper_run(
     fair comparison's settings (the benchmark's shared ones and the search's per method) at
     paper scale (ResNet-18-8x clone, the generator at DFME's width 64) and the speed
     settings of the fastest throughput row."""
-    from megex.bench import method_settings
     from megex.evaluate import Evaluator
+    from megex.experiments.methods import method_settings
     from megex.victim import train_victim
 
     start = time.time()

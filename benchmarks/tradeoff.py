@@ -1,4 +1,4 @@
-"""Defences: explanation utility against the clone accuracy they leave; see megex.tradeoff.
+"""Defences: explanation utility against the clone accuracy they leave; same as `megex tradeoff`.
 
 python benchmarks/tradeoff.py --quick --jobs 2   # one victim and seed, three defences
 python benchmarks/tradeoff.py --jobs 2           # the full grid (resumes where it stops)

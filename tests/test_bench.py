@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from megex import bench, stats
+from megex import stats
+from megex.cli import main as megex_main
+from megex.cli.bench import add_tune_arguments
+from megex.experiments import methods
+from megex.experiments import query_efficiency as bench
 from megex.models import build_classifier
 from megex.victim import Victim
 
@@ -50,7 +54,7 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
         "--config", config, "--quick", "--out", str(tmp_path / "out"), "--victim-seeds", "0",
         "1", "--seeds", "0", "1", "--methods", "megex-all", "dfme", "--no-progress",
     ]  # fmt: skip
-    assert bench.main(argv) == 0
+    assert megex_main(["bench", *argv]) == 0
     summary = json.loads((tmp_path / "out" / "query_efficiency_quick.json").read_text())
     cell = summary["stats"]["megex-all"]["600"]
     assert cell["runs"] == 4
@@ -78,12 +82,12 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     assert "| megex-all |" in table
     # A second call finds the finished runs and skips them.
     capsys.readouterr()
-    assert bench.main(argv + ["--no-plot"]) == 0
+    assert megex_main(["bench", *argv + ["--no-plot"]]) == 0
     assert "already done" in capsys.readouterr().err
     # A benchmark stopped part-way: --finished-only runs nothing and tables the (seed,
     # victim) pairs that every method finished, so that the table stays paired.
     (tmp_path / "out" / "runs-quick" / "dfme-v1-s1" / "result.json").unlink()
-    assert bench.main(argv + ["--no-plot", "--finished-only"]) == 0
+    assert megex_main(["bench", *argv + ["--no-plot", "--finished-only"]]) == 0
     assert "already done" in capsys.readouterr().err
     assert not (tmp_path / "out" / "runs-quick" / "dfme-v1-s1" / "result.json").exists()
     partial = json.loads((tmp_path / "out" / "query_efficiency_quick_partial.json").read_text())
@@ -99,11 +103,11 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     for run in (tmp_path / "out" / "runs-quick").iterdir():
         if run.is_dir():
             (run / "result.json").unlink(missing_ok=True)
-    assert bench.main(argv + ["--no-plot", "--finished-only"]) == 2
+    assert megex_main(["bench", *argv + ["--no-plot", "--finished-only"]]) == 2
     assert "no (seed, victim) pair has every method finished" in capsys.readouterr().err
     # Other settings in the same output folder: refused, not silently reported as done.
     config = _config(tmp_path, settings={**SMALL, "clone_updates_per_1k_queries": 60.0})
-    assert bench.main(argv + ["--no-plot"]) == 2
+    assert megex_main(["bench", *argv + ["--no-plot"]]) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "clone_updates_per_1k_queries: 80.0 then, 60.0 now" in err
 
@@ -112,13 +116,13 @@ def test_settings_come_from_the_search_and_variants_take_their_methods(tmp_path)
     tuned = tmp_path / "tuned.json"
     tuned.write_text(json.dumps({"methods": {"megex-all": {"clone_lr": 0.05}}}))
     config = bench.load_config(_config(tmp_path, tuned_settings=str(tuned)))
-    found = bench.load_tuned(config)
-    _, settings = bench.method_settings(config, "megex-all", found)
+    found = methods.load_tuned(config)
+    _, settings = methods.method_settings(config, "megex-all", found)
     assert settings["clone_lr"] == 0.05 and settings["explanation"] == "gradient-all"
-    _, prior = bench.method_settings(config, "megex-all+prior", found)
-    assert prior["clone_lr"] == 0.05 and prior["query_gamma"] == bench.PRIOR
+    _, prior = methods.method_settings(config, "megex-all+prior", found)
+    assert prior["clone_lr"] == 0.05 and prior["query_gamma"] == methods.PRIOR
     # The data-free methods carry no prior.
-    assert "query_gamma" not in bench.method_settings(config, "dfme", found)[1]
+    assert "query_gamma" not in methods.method_settings(config, "dfme", found)[1]
     # A method the search has not finished is refused, not run with untuned settings.
     import argparse
 
@@ -130,7 +134,7 @@ def test_settings_come_from_the_search_and_variants_take_their_methods(tmp_path)
         bench.plan(config, args, tmp_path, {0: tmp_path / "v.safetensors"})
     config["tuned_settings"] = str(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="run benchmarks/tune.py"):
-        bench.load_tuned(config)
+        methods.load_tuned(config)
 
 
 def test_a_benchmark_stopped_part_way_holds_every_method_on_the_same_runs(tmp_path):
@@ -170,10 +174,10 @@ def test_the_leakage_config_names_the_strongest_attacker_with_every_kind_of_map(
     assert config["targets"] == [0.5, 0.7, 0.8, 0.9] and min(config["eval_at"]) == 1000
     kinds = set()
     for method in config["methods"]:
-        attack, settings = bench.method_settings(config, method)
+        attack, settings = methods.method_settings(config, method)
         if method.startswith("megex-jacobian"):
             assert settings["replay_maps"] and settings["explain_clone_queries"]
-            kinds.add(bench.EXPLANATIONS[settings["explanation"]]["method"])
+            kinds.add(methods.EXPLANATIONS[settings["explanation"]]["method"])
     assert kinds == {"gradient", "smoothgrad", "integrated_gradients", "input_x_gradient"}
     # MEGEX as published runs beside it wherever both were searched, and DFME is the baseline.
     assert {"megex-all", "megex-predicted", "megex-smoothgrad"} <= set(config["methods"])
@@ -188,15 +192,15 @@ def test_the_paper_configs_load_without_the_fashion_mnist_prior():
         config = bench.load_config(configs / name)
         assert config["device"] == "cuda" and config["settings"]["clone"] == "resnet18_8x"
         for method in config["methods"]:
-            assert "query_gamma" not in bench.method_settings(config, method)[1]
+            assert "query_gamma" not in methods.method_settings(config, method)[1]
 
 
 def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
     pytest.importorskip("optuna")
-    from megex import tune
+    from megex.experiments import tuning as tune
 
     config = _config(tmp_path)
-    parser = tune.add_arguments(__import__("argparse").ArgumentParser())
+    parser = add_tune_arguments(__import__("argparse").ArgumentParser())
     out = tmp_path / "tuning"
     argv = ["--config", config, "--out", str(out), "--trials", "1", "--budget", "300"]
     doc = tune.run_search(parser.parse_args(argv + ["--methods", "dfme"]))
@@ -207,7 +211,7 @@ def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
         parser.parse_args(argv[:-3] + ["2", "--budget", "300", "--methods", "dfme"])
     )
     assert doc["trials"]["dfme"] == 2
-    _, settings = bench.method_settings(
+    _, settings = methods.method_settings(
         bench.load_config(_config(tmp_path, tuned_settings=str(out / "tuned.json"))),
         "dfme",
         json.loads((out / "tuned.json").read_text()),
@@ -216,7 +220,7 @@ def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
 
 
 def test_a_method_with_a_prior_is_compared_with_the_baseline_under_the_same_prior():
-    from megex.bench_report import baseline_for
+    from megex.experiments.query_efficiency.summary import baseline_for
 
     methods = {"dfme", "dfme+prior", "megex-all", "megex-all+prior", "megex-predicted+prior"}
     assert baseline_for("megex-all", "dfme", methods) == "dfme"
@@ -307,7 +311,7 @@ def test_censored_queries_to_reach_give_a_one_sided_ratio():
     every censored pair bounds from the same side, and the two methods have the same runs."""
     import math
 
-    from megex.bench_report import _queries_saved, saved_cell
+    from megex.experiments.query_efficiency.summary import _queries_saved, saved_cell
 
     runs = [
         {"victim_seed": v, "seed": s, "budgets": [50_000, 100_000]} for v in (0, 1) for s in (0, 1)

@@ -51,7 +51,7 @@ def victim():
 # --- the registry and specs ---------------------------------------------------------------
 
 
-def test_the_registry_describes_every_defence():
+def test_the_registry_describes_every_defense():
     described = describe_defenses()
     assert json.loads(json.dumps(described)) == described
     names = [d["name"] for d in described]
@@ -76,7 +76,7 @@ def test_the_registry_describes_every_defence():
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.name)
-def test_a_spec_builds_the_defence_again(cls):
+def test_a_spec_builds_the_defense_again(cls):
     defense = cls()
     again = build_defense(defense.spec())
     assert type(again) is cls and again.values() == defense.values()
@@ -111,7 +111,7 @@ def test_the_spec_forms():
     "spec, message",
     [
         ("blur", "defense: unknown 'blur'; expected one of round,"),
-        ("noise:lots", "defense 'gaussian': parameter 'scale': 'lots' is not a number"),
+        ("noise:lots", "defense 'gaussian': parameter 'scale': expected a number >= 0, got 'lots'"),
         ("quantize:bits=1", "defense 'quantize': parameter 'bits': expected a whole number"),
         ("quantize:bits=2.5", "parameter 'bits': expected a whole number in 2..16, got '2.5'"),
         ("laplace:scale=-1", "defense 'laplace': parameter 'scale': expected a number >= 0"),
@@ -127,7 +127,7 @@ def test_the_spec_forms():
         ("gaussian:inf", "expected a number >= 0, got 'inf'"),
     ],
 )  # fmt: skip
-def test_bad_specs_name_the_defence_and_parameter(spec, message):
+def test_bad_specs_name_the_defense_and_parameter(spec, message):
     with pytest.raises(ValueError) as info:
         build_defense(spec)
     assert message in str(info.value)
@@ -138,6 +138,14 @@ def test_constructors_check_their_parameters():
         Quantize(bits=40)
     with pytest.raises(ValueError, match="unknown parameter 'scale'"):
         Defense(scale=1)
+    with pytest.raises(
+        ValueError, match="defense 'quantize': unknown parameter 'scale'; expected bits"
+    ):
+        Quantize(scale=1)
+    # Values are typed by their declaration, from Python values or text.
+    assert Quantize(bits=3.0).bits == 3 and isinstance(Quantize(bits=3.0).bits, int)
+    assert GaussianNoise(scale="0.25").scale == 0.25 and GaussianNoise(1).scale == 1.0
+    assert ReverseSigmoid(keep_label="off").keep_label is False
 
 
 # --- every explanation defence: shapes, dtypes, randomness --------------------------------
@@ -145,7 +153,7 @@ def test_constructors_check_their_parameters():
 
 @pytest.mark.parametrize("cls", EXPLANATION_SIDE, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_explanation_defences_keep_shapes_and_dtypes(cls, dtype):
+def test_explanation_defenses_keep_shapes_and_dtypes(cls, dtype):
     labels = torch.tensor([3, 0, 9])
     for maps, target in (
         (torch.randn(3, 1, 8, 8, dtype=dtype), "predicted"),
@@ -271,7 +279,7 @@ PREDICTION_VARIANTS = [
 ]
 
 
-def test_every_prediction_defence_is_exercised():
+def test_every_prediction_defense_is_exercised():
     assert {type(d) for d in PREDICTION_VARIANTS} == set(PREDICTION_SIDE)
 
 
@@ -283,7 +291,7 @@ def test_every_prediction_defence_is_exercised():
     scale=st.floats(0.0, 60.0),
     ties=st.booleans(),
 )
-def test_prediction_defences_keep_the_predicted_label(n, k, seed, scale, ties):
+def test_prediction_defenses_keep_the_predicted_label(n, k, seed, scale, ties):
     logits = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * scale
     if ties:
         logits = logits.round()
@@ -338,7 +346,7 @@ def test_top_classes_and_label_only():
 # --- through the oracle -------------------------------------------------------------------
 
 
-def test_the_oracle_applies_defences_in_order(victim):
+def test_the_oracle_applies_defenses_in_order(victim):
     x = images(5, seed=1)
     specs = ["quantize:bits=3", "gaussian:0.2", "withhold:0.4", "reverse-sigmoid"]
     answer = LocalOracle(victim, defenses=build_defenses(specs), seed=7).query(x, True)
@@ -360,7 +368,7 @@ def test_the_oracle_applies_defences_in_order(victim):
     assert torch.equal(again.explanation, answer.explanation)
 
 
-def test_prediction_defences_are_refused_with_logits_or_labels(victim):
+def test_prediction_defenses_are_refused_with_logits_or_labels(victim):
     for spec in ("round:2", "top-classes:2", "label-only", "reverse-sigmoid"):
         for mode in ("logits", "label"):
             with pytest.raises(ValueError, match=f"does not apply to prediction='{mode}'"):
@@ -418,7 +426,7 @@ def test_megex_defenses_lists_them(capsys):
     assert "gaussian (also noise):" in text and "bits=4  bits per value" in text
 
 
-def test_megex_attack_applies_its_defences_in_process(tmp_path, victim):
+def test_megex_attack_applies_its_defenses_in_process(tmp_path, victim):
     from megex.cli.attack import _oracle
 
     path = str(victim.save(tmp_path / "v.safetensors"))
@@ -433,7 +441,7 @@ def test_megex_attack_applies_its_defences_in_process(tmp_path, victim):
     assert not answer.explanation.any()
 
 
-def test_megex_attack_records_its_defences(tmp_path, victim, capsys):
+def test_megex_attack_records_its_defenses(tmp_path, victim, capsys):
     path = str(victim.save(tmp_path / "v.safetensors"))
     out = tmp_path / "run"
     argv = ["attack", "--victim", path, "--out", str(out), "--quiet", "--budget", "500"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import math
@@ -12,6 +13,7 @@ import torch
 
 from megex import LocalOracle
 from megex.detection import (
+    MONITORS,
     Calibration,
     Measurement,
     MonitoredOracle,
@@ -261,6 +263,29 @@ def test_monitored_and_recording_oracles_watch_an_attack_run(digits_victim):
     np.testing.assert_allclose([m.statistic for m in again], [m.statistic for m in seen])
     with pytest.raises(ValueError, match="each kind once"):
         MonitoredOracle(inner, [OODMonitor(0.1), OODMonitor(0.2)])
+
+
+def test_monitor_settings_are_read_from_their_declarations():
+    for cls in MONITORS.values():
+        signature = inspect.signature(cls).parameters
+        # The threshold comes first and may be positional; the settings are keywords.
+        assert list(signature)[0] == "threshold" and "threshold" not in cls.PARAMS
+        assert all(signature[n].kind is inspect.Parameter.KEYWORD_ONLY for n in cls.PARAMS)
+        assert list(cls.PARAMS)[-1] == "rearm"  # the settings every monitor has come last
+        assert cls().params() == {n: signature[n].default for n in cls.PARAMS}
+    ood = OODMonitor("0.5", window="7", rearm=3.0, score=" entropy ")
+    assert ood.describe() == {
+        "monitor": "ood", "threshold": 0.5, "score": "entropy", "window": 7, "rearm": 3
+    }  # fmt: skip
+    assert isinstance(ood.window, int) and isinstance(ood.rearm, int)
+    for make, message in [
+        (lambda: OODMonitor(window=0), "monitor 'ood': window: expected a whole number >= 1"),
+        (lambda: OODMonitor(rearm=True), "monitor 'ood': rearm: expected a whole number >= 0"),
+        (lambda: PradaMonitor(outlier_std=0), "outlier_std: expected a number > 0, got 0"),
+        (lambda: PradaMonitor(max_distances=100), "max_distances: expected a whole number >= 101"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make()
 
 
 def test_measurements_and_bad_batches():

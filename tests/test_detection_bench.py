@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from megex import detection_bench
+from megex.cli import main as megex_main
 from megex.detection import build_monitor
+from megex.experiments import detection as detection_bench
 
 pytest.importorskip("scipy")
 
@@ -43,7 +44,7 @@ def test_quick_detection_benchmark_reports_rates_and_writes_calibrations(
     digits_victim.save(victims / "digits-small_cnn-seed0-val300.safetensors")
     out = tmp_path / "out"
     argv = ["--config", _config(tmp_path), "--quick", "--out", str(out), "--victims", str(victims)]
-    assert detection_bench.main(argv) == 0
+    assert megex_main(["detection", *argv]) == 0
     err = capsys.readouterr().err
     assert "warning: the attacks run untuned" in err and "detection_quick.md" in err
     summary = json.loads((out / "detection_quick.json").read_text())
@@ -85,15 +86,15 @@ def test_detection_benchmark_refuses_bad_settings_before_training(tmp_path, caps
         (["--quick", "--threads", "0"], 2, "threads: expected >= 1, got 0"),
         (["--quick", "--settings-file", str(tmp_path / "none.json")], 1, "no file at"),
     ]:
-        assert detection_bench.main(["--config", config, *out, *argv]) == status, argv
+        assert megex_main(["detection", "--config", config, *out, *argv]) == status, argv
         assert message in capsys.readouterr().err
     tuned = tmp_path / "tuned.json"
     tuned.write_text(json.dumps({"methods": {"dfme": {}}}))
     argv = ["--config", config, *out, "--quick", "--settings-file", str(tuned)]
-    assert detection_bench.main(argv) == 2
+    assert megex_main(["detection", *argv]) == 2
     assert "has no settings for 'megex-all'" in capsys.readouterr().err
     bad = _config(tmp_path, monitors={"prada": {"window": 3}})
-    assert detection_bench.main(["--config", bad, *out, "--quick"]) == 2
+    assert megex_main(["detection", "--config", bad, *out, "--quick"]) == 2
     assert "prada has no setting 'window'" in capsys.readouterr().err
     assert not (tmp_path / "victims").exists()  # refused before any victim was trained
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from megex import bench, dimension
+from megex.cli import main as megex_main
+from megex.experiments import input_size as dimension
+from megex.experiments import methods
+from megex.experiments import query_efficiency as bench
 from megex.models import build_classifier
 from megex.victim import Victim
 
@@ -32,11 +35,11 @@ def test_every_size_has_a_config_with_the_sweeps_methods_and_the_tuned_settings(
     # m is pinned whatever the search chose for DFME; the rest is DFME's searched settings.
     tuned = {"methods": {"dfme": {"directions": 5, "epsilon": 0.02}}}
     for method, m in (("dfme", 1), ("dfme-m10", 10)):
-        attack, settings = bench.method_settings(config, method, tuned)
+        attack, settings = methods.method_settings(config, method, tuned)
         assert attack == "dfme" and settings["directions"] == m
         assert settings["epsilon"] == 0.02 and settings["clone"] == "lenet5"
         assert settings["lr_schedule"] == "constant"
-    assert bench.METHODS["dfme-m10"]["tuned_as"] == "dfme"
+    assert methods.METHODS["dfme-m10"]["tuned_as"] == "dfme"
 
 
 def _toy_configs(folder: Path, sizes: list[str], searched_at: tuple[str, ...] = ()) -> Path:
@@ -88,7 +91,7 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
     # Every method at 14x14, after that size's own search; at 3x56x56 (each run evaluates
     # on 10,000 test images of 9,408 values) the two that differ most, with a tuned file
     # given, the way a sweep is continued one size at a time.
-    assert dimension.main(["--sizes", "14", *common, "--no-plot"]) == 0
+    assert megex_main(["input-size", "--sizes", "14", *common, "--no-plot"]) == 0
     err = capsys.readouterr().err
     assert "megex tune --config" in err and "--trials 1 --budget 300" in err
     assert "--confirm-trials 3 --confirm-seeds 102" in err
@@ -98,12 +101,12 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
     for row in found["confirmation"].values():
         assert [list(r["seed_scores"]) for r in row["rows"]] == [["102"]]
     methods = ["--methods", "megex-all", "dfme-m10"]
-    assert dimension.main(["--sizes", "colour-56", *common, *methods, "--no-plot"]) == 0
+    assert megex_main(["input-size", "--sizes", "colour-56", *common, *methods, "--no-plot"]) == 0
     capsys.readouterr()
     # One size run alone keeps the sizes finished before it in the table across sizes.
     alone = json.loads((out / "dimension_quick.json").read_text())
     assert [r["size"] for r in alone["sizes"]] == ["14", "colour-56"]
-    assert dimension.main(["--sizes", *sizes, *common, "--summary-only"]) == 0
+    assert megex_main(["input-size", "--sizes", *sizes, *common, "--summary-only"]) == 0
     assert "megex bench" not in capsys.readouterr().err
     summary = json.loads((out / "dimension_quick.json").read_text())
     assert [(r["size"], r["d"]) for r in summary["sizes"]] == [("14", 196), ("colour-56", 9408)]
@@ -136,12 +139,12 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
 def test_the_sweep_checks_every_sizes_options_before_running_any(tmp_path, capsys):
     argv = ["--configs", str(CONFIGS), "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as info:
-        dimension.main([*argv, "--jobz", "2"])
+        megex_main(["input-size", *argv, "--jobz", "2"])
     assert info.value.code == 2 and "--jobz" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
-    assert dimension.main(["--configs", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert megex_main(["input-size", "--configs", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "no dim-14.json" in capsys.readouterr().err
-    assert dimension.main([*argv, "--summary-only"]) == 1
+    assert megex_main(["input-size", *argv, "--summary-only"]) == 1
 
 
 @pytest.mark.parametrize(
@@ -160,7 +163,10 @@ def test_a_bad_search_block_is_refused_before_anything_runs(tmp_path, capsys, se
     doc["search"] = search
     (configs / "dim-14.json").write_text(json.dumps(doc))
     out = tmp_path / "dims"
-    assert dimension.main(["--sizes", "14", "--configs", str(configs), "--out", str(out)]) == 2
+    assert (
+        megex_main(["input-size", "--sizes", "14", "--configs", str(configs), "--out", str(out)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "dim-14.json" in err and expected in err and "Traceback" not in err
     assert not out.exists()

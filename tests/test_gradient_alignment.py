@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from megex import gradient_alignment
 from megex.attacks import DFME, dfme
-from megex.dimension import SIZES
+from megex.cli import main as megex_main
+from megex.experiments import gradient_alignment
+from megex.experiments.input_size import SIZES
 from megex.models import build_classifier
 from megex.oracle import LocalOracle
 from megex.victim import Victim
@@ -66,7 +67,7 @@ def test_the_command_measures_each_size_before_and_after_training(tmp_path, fash
     ]  # fmt: skip
     out = tmp_path / "out"
     argv = ["--sizes", "14", *common, "--train-queries", "1200", "--out", str(out)]
-    assert gradient_alignment.main(argv) == 0
+    assert megex_main(["gradient-alignment", *argv]) == 0
     summary = json.loads((out / "gradient_alignment.json").read_text())
     (row,) = summary["sizes"]
     assert row["d"] == 196 and set(row["phases"]) == {"initial", "trained"}
@@ -78,7 +79,7 @@ def test_the_command_measures_each_size_before_and_after_training(tmp_path, fash
     assert (out / "gradient_alignment.png").stat().st_size > 1000
     # Colour: 9,408 values per image, through a channels-last generator.
     argv = ["--sizes", "colour-56", *common, "--train-queries", "0", "--out", str(out)]
-    assert gradient_alignment.main([*argv, "--no-plot"]) == 0
+    assert megex_main(["gradient-alignment", *argv, "--no-plot"]) == 0
     (row,) = json.loads((out / "gradient_alignment.json").read_text())["sizes"]
     assert row["d"] == 9408 and set(row["phases"]) == {"initial"}
     assert 0 < row["phases"]["initial"]["m"]["10"]["mean"] < 0.2
@@ -86,8 +87,8 @@ def test_the_command_measures_each_size_before_and_after_training(tmp_path, fash
 
 def test_the_commands_arguments_are_checked(capsys):
     with pytest.raises(SystemExit) as info:
-        gradient_alignment.main(["--directions", "0"])
+        megex_main(["gradient-alignment", "--directions", "0"])
     assert info.value.code == 2 and "expected a whole number >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        gradient_alignment.main(["--epsilon", "-1"])
+        megex_main(["gradient-alignment", "--epsilon", "-1"])
     assert "expected a number > 0" in capsys.readouterr().err

@@ -686,7 +686,7 @@ def test_import_megex_does_not_import_fastapi():
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
     # Nor do the benchmark, the search and the local sweep runner: Ray only with --ray.
     code = (
-        "import sys; from megex import bench, sweep, tune; "
+        "import sys; from megex.experiments import query_efficiency, sweep, tuning; "
         "assert sweep.run_jobs([{}, {}], 1, id, len) == []; "
         "assert not [m for m in ('ray', 'optuna') if m in sys.modules]"
     )

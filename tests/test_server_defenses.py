@@ -28,7 +28,7 @@ KEY = "defended-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def test_megex_serve_applies_its_defences(tmp_path):
+def test_megex_serve_applies_its_defenses(tmp_path):
     path = save_tiny_victim(tmp_path)
     specs = ["reverse-sigmoid:beta=0.5,gamma=0.2", "quantize:bits=3", "noise:0.3", "withhold:0.5"]
     argv = ["serve", "--victim", str(path), "--port", "0", "--key", KEY, "--seed", "4"]
@@ -80,7 +80,7 @@ def infer(url: str, n: int, parameters: dict) -> httpx.Response:
     return httpx.post(f"{url}/v2/models/model/infer", json=body, headers=AUTH, timeout=30)
 
 
-def test_a_smoothing_defence_is_computed_counted_and_limited():
+def test_a_smoothing_defense_is_computed_counted_and_limited():
     victim = tiny_victim()
     app = create_app(
         victim,

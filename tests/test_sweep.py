@@ -14,7 +14,11 @@ import pytest
 import torch
 from test_bench import _config  # the benchmark's small digits config
 
-from megex import bench, sweep, tune
+from megex.cli.bench import add_bench_arguments, add_tune_arguments
+from megex.experiments import query_efficiency as bench
+from megex.experiments import runner, sweep
+from megex.experiments import tuning as tune
+from megex.experiments.tuning import trials
 from megex.models import build_classifier
 from megex.runs import read_metrics
 from megex.victim import Victim
@@ -59,7 +63,7 @@ def _args(tmp_path: Path, out: str, *extra: str) -> argparse.Namespace:
         "--config", _config(tmp_path), "--quick", "--out", str(tmp_path / out),
         "--victim-seeds", "0", "--no-progress", "--no-plot", *extra,
     ]  # fmt: skip
-    return bench.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return add_bench_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 def _jobs(tmp_path: Path, out: str, *extra: str) -> list[dict]:
@@ -102,7 +106,7 @@ def test_a_sweep_on_ray_gives_the_local_runners_results(tmp_path, ray_instance, 
 
 
 def _killed_after_first_checkpoint(job: dict) -> dict:
-    """bench.run_one, but the first attempt's worker process is killed (SIGKILL) as soon as
+    """runner.run_one, but the first attempt's worker process is killed (SIGKILL) as soon as
     the run's first checkpoint is on disk; each attempt notes its pid and what it found."""
     folder = Path(job["run_dir"])
     log = folder.with_name(folder.name + ".attempts")
@@ -118,12 +122,12 @@ def _killed_after_first_checkpoint(job: dict) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Thread(target=kill_at_checkpoint, daemon=True).start()
-    return bench.run_one(job)
+    return runner.run_one(job)
 
 
 def test_a_worker_killed_mid_run_is_retried_and_resumed(tmp_path, ray_instance):
     [job] = _jobs(tmp_path, "out", "--seeds", "0", "--methods", "dfme")
-    reference = bench.run_one({**job, "run_dir": str(tmp_path / "reference")})
+    reference = runner.run_one({**job, "run_dir": str(tmp_path / "reference")})
     results: list[dict] = []
     failures = sweep.run_jobs(
         [job], None, results.append, _killed_after_first_checkpoint, ray="local", retries=2
@@ -144,12 +148,12 @@ def test_an_interrupted_sweep_redoes_no_finished_run(tmp_path, ray_instance):
         raise KeyboardInterrupt  # Ctrl-C as the first run finishes
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_jobs(jobs, None, interrupt, bench.run_one, ray="local")
+        sweep.run_jobs(jobs, None, interrupt, runner.run_one, ray="local")
     finished = {j["run_dir"]: Path(j["run_dir"], "result.json").stat().st_mtime_ns
                 for j in jobs if Path(j["run_dir"], "result.json").is_file()}  # fmt: skip
     assert 1 <= len(finished) < len(jobs)
     results: list[dict] = []
-    assert sweep.run_jobs(jobs, None, results.append, bench.run_one, ray="local") == []
+    assert sweep.run_jobs(jobs, None, results.append, runner.run_one, ray="local") == []
     assert len(results) == len(jobs)
     for res in results:
         assert res["skipped"] == (res["run_dir"] in finished)
@@ -170,7 +174,7 @@ def test_a_run_with_bad_settings_is_reported_once_and_the_others_finish(
         runner, (None, "local")
     )
     results: list[dict] = []
-    failures = sweep.run_jobs(jobs, workers, results.append, bench.run_one, ray=on)
+    failures = sweep.run_jobs(jobs, workers, results.append, runner.run_one, ray=on)
     assert [r["method"] for r in results] == ["megex-all"]
     [failure] = failures
     assert failure.job["name"] == "dfme victim 0 seed 0" and failure.kind == "SettingError"
@@ -189,7 +193,7 @@ def test_the_search_on_ray_shares_one_study_per_method(tmp_path, ray_instance):
         "--config", _config(tmp_path), "--out", str(tmp_path / "tuning"), "--trials", "3",
         "--budget", "300", "--methods", "dfme", "--parallel-trials", "2", "--ray",
     ]  # fmt: skip
-    doc = tune.run_search(tune.add_arguments(argparse.ArgumentParser()).parse_args(argv))
+    doc = tune.run_search(add_tune_arguments(argparse.ArgumentParser()).parse_args(argv))
     assert doc["trials"]["dfme"] == 3
     study = optuna.load_study(study_name="dfme", storage=doc["study"])
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -202,9 +206,11 @@ def test_the_settings_file_names_its_study_without_machine_paths_or_passwords(
 ):
     monkeypatch.chdir(tmp_path)
     inside = f"sqlite:///{tmp_path / 'tuning' / 'studies.db'}"
-    assert tune._portable(inside) == "sqlite:///tuning/studies.db"
-    assert tune._portable("sqlite:////elsewhere/studies.db") == "sqlite:////elsewhere/studies.db"
-    assert tune._portable("postgresql://user:secret@db/optuna") == "postgresql://db/optuna"
+    assert trials.portable_url(inside) == "sqlite:///tuning/studies.db"
+    assert (
+        trials.portable_url("sqlite:////elsewhere/studies.db") == "sqlite:////elsewhere/studies.db"
+    )
+    assert trials.portable_url("postgresql://user:secret@db/optuna") == "postgresql://db/optuna"
 
 
 def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
@@ -216,7 +222,7 @@ def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
     for line in ("bench --jobs 0", "bench --retries -1", "tune --parallel-trials two"):
         with pytest.raises(SystemExit):  # argparse's one-line message, exit status 2
             build_parser().parse_args(line.split())
-    from megex.sweep_ray import ClusterError, _reachable
+    from megex.experiments.sweep.ray_tasks import ClusterError, _reachable
 
     with pytest.raises(ClusterError, match="--ray 127.0.0.1:1: nothing answers there"):
         _reachable("127.0.0.1:1")
@@ -226,4 +232,4 @@ def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
     with pytest.raises(ValueError, match="--jobs: 0 runs at once"):
         sweep.run_jobs([{}], 0, print, len)
     with pytest.raises(ValueError, match="--storage: 'studies.db' is not a database URL"):
-        tune.storage_url(argparse.Namespace(storage="studies.db", out="x"))
+        trials.storage_url(argparse.Namespace(storage="studies.db", out="x"))

@@ -17,7 +17,7 @@ DRIVER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
 
-    from megex import sweep
+    from megex.experiments import sweep
 
     OUT = Path(sys.argv[1])
 

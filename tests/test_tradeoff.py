@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from megex import tradeoff
 from megex.cli import main
+from megex.cli.studies import add_tradeoff_arguments
+from megex.experiments import tradeoff
+from megex.experiments.tradeoff import report as tradeoff_report
+from megex.experiments.tradeoff import summary as tradeoff_summary
 from megex.models import build_classifier
 from megex.victim import Victim
 
@@ -80,7 +83,7 @@ def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys
         expected = bool(row["stops_explanation_attackers"]) and row["keeps_utility"]
         assert (row["defense"] in summary["effective"]) == expected
     # The plot draws the variant the table counts.
-    points = dict(tradeoff.plotted_points(summary, "megex-all")["sign"])
+    points = dict(tradeoff_report.plotted_points(summary, "megex-all")["sign"])
     assert points[rows["sign"]["utility"]["cosine"]] == 100 * sign[stronger]["accuracy"]["estimate"]
     table = (out / "tradeoff.md").read_text()
     assert "| sign |" in table and "Without a defence, megex-all" in table
@@ -104,7 +107,7 @@ def test_bad_settings_are_refused_before_any_training(tmp_path, capsys):
 
 
 def test_a_defence_row_given_twice_is_run_once(tmp_path):
-    args = tradeoff.add_arguments(argparse.ArgumentParser()).parse_args(
+    args = add_tradeoff_arguments(argparse.ArgumentParser()).parse_args(
         [
             "--defense",
             "sign",
@@ -182,7 +185,7 @@ def test_a_defence_stops_a_lead_only_if_neither_variant_keeps_it():
         *_finished("megex-all", "gaussian:2", _shifted(0.0)),
         *_finished("megex-all+adaptive", "gaussian:2", _shifted(-0.02)),
     ]
-    summary = tradeoff.summarise(finished, UTILITY, _grid_config(["megex-all"]), 1.0)
+    summary = tradeoff_summary.summarise(finished, UTILITY, _grid_config(["megex-all"]), 1.0)
     rows = {r["defense"]: r for r in summary["rows"]}
     assert summary["undefended_lead"] == {"megex-all": "a ahead"}
     assert summary["leading_attackers"] == ["megex-all"]
@@ -194,7 +197,7 @@ def test_a_defence_stops_a_lead_only_if_neither_variant_keeps_it():
     # What the defence took: about 20 points from the naive attacker under gaussian:2.
     taken = rows["gaussian:2"]["methods"]["megex-all"]["minus_undefended"]
     assert abs(taken["mean"] + 0.20) < 1e-9 and taken["verdict"] == "b ahead"
-    table = tradeoff.markdown(summary)
+    table = tradeoff_report.markdown(summary)
     assert "What each defence took from each attacker" in table
     assert "| gaussian:2 | -20.0 [" in table
 
@@ -211,9 +214,9 @@ def test_a_prediction_defence_that_stops_the_lead_is_named_with_its_cost_to_the_
         "none": {0: {"cosine": 1.0, "probability_l1": 0.0, "label_kept": 1.0}},
         "round:1": {0: {"cosine": 1.0, "probability_l1": 0.057, "label_kept": 0.98}},
     }
-    summary = tradeoff.summarise(finished, utility, config, 1.0)
+    summary = tradeoff_summary.summarise(finished, utility, config, 1.0)
     assert summary["effective"] == ["round:1"]
-    table = tradeoff.markdown(summary)
+    table = tradeoff_report.markdown(summary)
     assert "`round:1` (on the predictions: probabilities moved by L1 0.057" in table
     assert "top-1 label kept on 98.0% of images)" in table
 
@@ -226,15 +229,15 @@ def test_without_an_undefended_lead_no_defence_is_named():
         *_finished("megex-all+adaptive", "sign", _shifted(-0.12)),
         *_finished("megex-all", "gaussian:2", _shifted(-0.05)),
     ]
-    summary = tradeoff.summarise(finished, UTILITY, _grid_config(["megex-all"]), 1.0)
+    summary = tradeoff_summary.summarise(finished, UTILITY, _grid_config(["megex-all"]), 1.0)
     assert summary["leading_attackers"] == []
     assert [r["stops_explanation_attackers"] for r in summary["rows"]] == [False, None, None]
     assert summary["effective"] == []
-    table = tradeoff.markdown(summary)
+    table = tradeoff_report.markdown(summary)
     assert "no defence had a lead to stop" in table and "stopped)" not in table
 
 
 def test_quick_runs_are_kept_apart_from_the_full_grid():
-    parser = tradeoff.add_arguments(argparse.ArgumentParser())
+    parser = add_tradeoff_arguments(argparse.ArgumentParser())
     assert tradeoff.runs_folder_name(parser.parse_args(["--quick"])) == "runs-quick"
     assert tradeoff.runs_folder_name(parser.parse_args([])) == "runs"

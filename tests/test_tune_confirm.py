@@ -8,11 +8,14 @@ import json
 import pytest
 from test_bench import _config
 
-from megex import tune, tune_confirm
+from megex.cli.bench import add_tune_arguments
+from megex.experiments import tuning as tune
+from megex.experiments.tuning import confirm as tune_confirm
+from megex.experiments.tuning import trials
 
 
 def _parser():
-    return tune.add_arguments(argparse.ArgumentParser())
+    return add_tune_arguments(argparse.ArgumentParser())
 
 
 def test_confirmation_chooses_by_the_mean_over_all_seeds_and_resumes(tmp_path, monkeypatch):
@@ -22,7 +25,7 @@ def test_confirmation_chooses_by_the_mean_over_all_seeds_and_resumes(tmp_path, m
             "300", "--methods", "dfme", "--confirm-trials", "2",
             "--confirm-seeds", "7", "8"]  # fmt: skip
     calls = []
-    real_score = tune.score
+    real_score = trials.score
 
     def counted(method, settings, attack, victim, evaluator, search, device):
         calls.append(list(search["seeds"]))
@@ -30,7 +33,7 @@ def test_confirmation_chooses_by_the_mean_over_all_seeds_and_resumes(tmp_path, m
             raise KeyboardInterrupt
         return real_score(method, settings, attack, victim, evaluator, search, device)
 
-    monkeypatch.setattr(tune, "score", counted)
+    monkeypatch.setattr(trials, "score", counted)
     with pytest.raises(KeyboardInterrupt):
         tune.run_search(_parser().parse_args(argv))
     assert calls[:3] == [[100, 101]] * 3 and calls[3:] == [[7], [8]]

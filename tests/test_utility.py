@@ -12,8 +12,7 @@ from torch import nn
 
 from megex import Explanation
 from megex.cli import main
-from megex.stats import mean_interval
-from megex.utility import (
+from megex.experiments.utility import (
     METRICS,
     cosine_similarity,
     curve_area,
@@ -25,6 +24,7 @@ from megex.utility import (
     top_k_overlap,
     utility_table,
 )
+from megex.stats import mean_interval
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .variants import VARIANTS
+from .variants import VARIANTS, variant_images
 
 __all__ = [
     "Dataset",
@@ -143,9 +143,10 @@ def load(name: str, root: str | os.PathLike | None = None) -> Dataset:
     if name not in DATASETS:
         raise ValueError(f"dataset: unknown name {name!r}; expected one of {', '.join(DATASETS)}")
     if name in VARIANTS:
-        from .variants import load_variant
-
-        return load_variant(name, root)
+        source = load(VARIANTS[name].source, root)
+        x_train, x_test = variant_images(name, source)
+        y_train, y_test = source.y_train.copy(), source.y_test.copy()
+        return Dataset(name, x_train, y_train, x_test, y_test, source.num_classes)
     if name == "digits":
         return _load_digits()
     folder = Path(root) if root is not None else default_root(name)

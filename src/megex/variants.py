@@ -31,14 +31,10 @@ training converts one batch at a time (:func:`megex.victim.train_victim`).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .data import Dataset
 
 __all__ = [
     "VARIANTS",
@@ -46,7 +42,7 @@ __all__ = [
     "CHROMA",
     "LUMA",
     "hue_tints",
-    "load_variant",
+    "variant_images",
     "resize",
     "tint",
 ]
@@ -125,20 +121,16 @@ def tint(images: np.ndarray, tints: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_variant(name: str, root: str | os.PathLike | None = None) -> Dataset:
-    """A variant by name, computed from its source dataset (read from `root` or its default)."""
-    from .data import Dataset, load
-
+def variant_images(name: str, source: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) images of the variant `name`, computed from its source dataset (a
+    megex.data.Dataset of VARIANTS[name].source; labels and classes stay the source's)."""
     if name not in VARIANTS:
         raise ValueError(f"dataset: {name!r} is not a variant; expected one of {list(VARIANTS)}")
     variant = VARIANTS[name]
-    source = load(variant.source, root)
     x_train = resize(source.x_train, variant.size)
     x_test = resize(source.x_test, variant.size)
     if variant.colour:
         k = source.num_classes
         x_train = tint(x_train, hue_tints(source.y_train, k, _HUE_SEEDS["train"]))
         x_test = tint(x_test, hue_tints(source.y_test, k, _HUE_SEEDS["test"]))
-    return Dataset(
-        name, x_train, source.y_train.copy(), x_test, source.y_test.copy(), source.num_classes
-    )
+    return x_train, x_test

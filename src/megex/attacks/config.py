@@ -4,21 +4,46 @@ One place describes a setting; the validator, `megex attack --set`, its help and
 benchmark's JSON configs all read it from here. Settings stay flat (one unique name each) so
 that a name means the same thing on the command line, in a config file and in a run
 folder's config.json; the group is metadata, used to lay out help. A config is changed with
-`dataclasses.replace`, never in place.
+`dataclasses.replace`, never in place. The field helpers (:func:`setting`, :class:`Number`,
+:class:`Choice`, ...) live in :mod:`megex.settings`, shared with defences and monitors, and
+are importable from here as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..explain import Explanation
+from ..settings import (
+    AT_LEAST_0,
+    COUNT,
+    COUNT_0,
+    FLAG,
+    POSITIVE,
+    Anything,
+    Choice,
+    Fractions,
+    Number,
+    Pair,
+    SettingError,
+    default_of,
+    describe_settings,
+    setting,
+    validate,
+)
 
 __all__ = [
+    "AT_LEAST_0",
+    "COUNT",
+    "COUNT_0",
+    "FLAG",
+    "POSITIVE",
+    "Anything",
     "AttackConfig",
     "Choice",
+    "Fractions",
     "Number",
     "Pair",
     "SettingError",
@@ -27,112 +52,6 @@ __all__ = [
     "setting",
     "validate",
 ]
-
-
-class SettingError(ValueError):
-    """An attack setting is unknown or out of its range (names the setting and the rule)."""
-
-
-@dataclass(frozen=True)
-class Number:
-    """A number within [low, high] (open at either end when asked); whole numbers if `whole`."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    whole: bool = False
-    low_open: bool = False
-    high_open: bool = False
-
-    def check(self, name: str, value: Any) -> None:
-        kind = "a whole number" if self.whole else "a number"
-        ok_type = isinstance(value, int) if self.whole else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-            raise SettingError(f"{name}: expected {kind}{self.rule()}, got {value!r}")
-        below = value <= self.low if self.low_open else value < self.low
-        above = value >= self.high if self.high_open else value > self.high
-        if below or above:
-            raise SettingError(f"{name}: expected {kind}{self.rule()}, got {value!r}")
-
-    def rule(self) -> str:
-        parts = []
-        if self.low > -math.inf:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-        if self.high < math.inf:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        return (" " + " and ".join(parts)) if parts else ""
-
-
-@dataclass(frozen=True)
-class Choice:
-    options: tuple[Any, ...]
-
-    def check(self, name: str, value: Any) -> None:
-        if value not in self.options or isinstance(value, bool) != isinstance(
-            self.options[0], bool
-        ):
-            shown = ", ".join(repr(o) for o in self.options)
-            raise SettingError(f"{name}: expected one of {shown}, got {value!r}")
-
-    def rule(self) -> str:
-        return " (" + " | ".join(str(o) for o in self.options) + ")"
-
-
-@dataclass(frozen=True)
-class Pair:
-    """Two numbers (low, high) with bound < low <= high."""
-
-    bound: float = 0.0
-
-    def check(self, name: str, value: Any) -> None:
-        try:
-            lo, hi = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise SettingError(f"{name}: expected two numbers LOW,HIGH, got {value!r}") from None
-        if not (self.bound < lo <= hi and math.isfinite(hi)):
-            raise SettingError(f"{name}: expected {self.bound:g} < low <= high, got {value!r}")
-
-    def rule(self) -> str:
-        return f" (LOW,HIGH with {self.bound:g} < LOW <= HIGH)"
-
-
-@dataclass(frozen=True)
-class Fractions:
-    """A tuple of fractions, each in (0, 1)."""
-
-    def check(self, name: str, value: Any) -> None:
-        try:
-            ok = all(0 < float(m) < 1 for m in value)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise SettingError(f"{name}: expected fractions in (0, 1), got {value!r}")
-
-    def rule(self) -> str:
-        return " (fractions in (0, 1))"
-
-
-@dataclass(frozen=True)
-class Anything:
-    def check(self, name: str, value: Any) -> None:
-        pass
-
-    def rule(self) -> str:
-        return ""
-
-
-def setting(default: Any, help: str, check: Any = None, group: str = "loop") -> Any:
-    """A dataclass field that carries its constraint, group and help text."""
-    meta = {"help": help, "check": check or Anything(), "group": group}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: default, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-POSITIVE = Number(0, high=math.inf, low_open=True)
-AT_LEAST_0 = Number(0)
-COUNT = Number(1, whole=True)
-COUNT_0 = Number(0, whole=True)
-FLAG = Choice((True, False))
 
 
 @dataclass(frozen=True)
@@ -293,48 +212,13 @@ class AttackConfig:
             )
 
 
-def validate(config: Any) -> None:
-    """Check every field against its constraint; SettingError names the first one broken."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        check = f.metadata.get("check")
-        if check is not None and not (value is None and f.default is None):
-            check.check(f.name, value)
-    check_combination = getattr(config, "check_combination", None)
-    if check_combination is not None:
-        check_combination()
-
-
-def describe_settings(config_class: type) -> list[dict[str, Any]]:
-    """Name, group, default, rule and help of every setting (for --set and its help)."""
-    out = []
-    for f in dataclasses.fields(config_class):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(
-            {
-                "name": f.name,
-                "group": f.metadata.get("group", "loop"),
-                "default": default,
-                "rule": _shown_rule(f.metadata["check"].rule() if "check" in f.metadata else ""),
-                "help": f.metadata.get("help", ""),
-            }
-        )
-    return out
-
-
-def _shown_rule(rule: str) -> str:
-    """A rule as help shows it, in parentheses after the text."""
-    rule = rule.strip()
-    return "" if not rule else f" {rule}" if rule.startswith("(") else f" ({rule})"
-
-
 def parse_setting(config_class: type, name: str, text: str) -> Any:
     """A setting's value from text, typed by its default (the shape `--set NAME=VALUE` takes)."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     if name not in fields:
         raise SettingError(f"unknown setting {name!r}; settable: {', '.join(sorted(fields))}")
     f = fields[name]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = default_of(f)
     text = text.strip()
     if name == "explanation" or isinstance(default, Explanation):
         raise SettingError(f"{name}: set it with --explanation-method/-target/-output")

@@ -3,7 +3,7 @@
 Forward differences in the generator's pre-tanh space along m random unit directions:
 grad ~ (d / (m eps)) sum_j [L(x + eps u_j) - L(x)] u_j, costing m + 1 queries per image.
 The estimator is three functions that the attack and measurements of it share
-(:mod:`megex.gradient_alignment`): `random_directions`, `probe_points` and
+(:mod:`megex.experiments.gradient_alignment`): `random_directions`, `probe_points` and
 `forward_difference_gradient`.
 """
 

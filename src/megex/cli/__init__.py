@@ -1,5 +1,7 @@
-"""The `megex` command: train-victim, attack, eval, report, demo, serve, flags, bench,
-tune, tradeoff, detection, defenses and utility.
+"""The `megex` command: train-victim, attack, eval, report, demo, serve, flags, settings,
+defenses, utility, and the experiments (bench, tune, tradeoff, detection, input-size,
+gradient-alignment), which live in :mod:`megex.experiments`; only this package parses
+arguments.
 
 One `main`, one user-error type and one map of exit statuses (:mod:`megex.cli.errors`):
 0 done, 1 refused or failed, 2 a mistake on the command line, 130 interrupted.
@@ -9,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
-from . import settings
+from .. import __version__
+from . import attack, bench, defenses, demo, evaluate, serve, settings, sizes, studies, victim
 from .common import HelpFormatter
-from .errors import INTERRUPTED, UsageError, exit_status, user_input
+from .errors import INTERRUPTED, UsageError, exit_status
 
 __all__ = ["UsageError", "build_parser", "main", "version"]
 
@@ -26,14 +28,11 @@ def version() -> str:
     try:
         return installed("megex")
     except PackageNotFoundError:
-        from .. import __version__
-
         return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import attack, defenses, demo, evaluate, serve, victim
-
+    """The `megex` command line and every subcommand."""
     parser = argparse.ArgumentParser(
         prog="megex",
         description="Measure how much a model gives away when it returns explanations: "
@@ -58,71 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     defenses.add_parsers(sub, **fmt)
     serve.add_flags_parser(sub, **fmt)
     settings.add_settings_parser(sub, **fmt)
-    _add_bench(sub, **fmt)
-    _add_tune(sub, **fmt)
-    _add_tradeoff(sub, **fmt)
-    _add_detection(sub, **fmt)
+    bench.add_parsers(sub, **fmt)
+    studies.add_parsers(sub, **fmt)
+    steps = sizes.Steps(check=lambda argv: build_parser().parse_args(argv), run=main)
+    sizes.add_parsers(sub, steps, **fmt)
     return parser
-
-
-def _add_tradeoff(sub: Any, **kwargs: Any) -> None:
-    from .. import tradeoff
-
-    p = sub.add_parser(
-        "tradeoff",
-        help="defences: explanation utility against the clone accuracy they leave",
-        **kwargs,
-    )
-    tradeoff.add_arguments(p)
-    p.set_defaults(func=lambda args: _run_tool(tradeoff.run_tradeoff, args))
-
-
-def _add_detection(sub: Any, **kwargs: Any) -> None:
-    from .. import detection_bench
-
-    p = sub.add_parser(
-        "detection",
-        help="detection benchmark: do query monitors flag the attacks, and benign keys?",
-        description="Record the query streams of attacks and of benign clients against a "
-        "victim, calibrate each query monitor's threshold on validation streams for a target "
-        "false-positive rate, and report detection rates, queries until detection and false "
-        "positives on test streams (JSON and markdown), with a calibration file per monitor "
-        "for megex serve --monitor NAME:calibration=FILE.",
-        **kwargs,
-    )
-    detection_bench.add_arguments(p)
-    p.set_defaults(func=lambda args: _run_tool(detection_bench.run_detection, args))
-
-
-def _add_tune(sub: Any, **kwargs: Any) -> None:
-    from .. import tune
-
-    p = sub.add_parser(
-        "tune", help="the tuning search behind the benchmark's settings (Optuna)", **kwargs
-    )
-    tune.add_arguments(p)
-    p.set_defaults(func=lambda args: _run_tool(tune.run_search, args))
-
-
-def _add_bench(sub: Any, **kwargs: Any) -> None:
-    from .. import bench
-
-    p = sub.add_parser("bench", help="query-efficiency benchmark: MEGEX vs DFME", **kwargs)
-    bench.add_arguments(p)
-    p.set_defaults(func=lambda args: _run_tool(bench.run_benchmark, args))
-
-
-def _run_tool(function: Any, args: argparse.Namespace) -> int:
-    # The benchmark's and the search's ValueErrors are about their settings (the --config
-    # file, a run folder holding other settings), which they check as they plan their runs.
-    with user_input():
-        function(args)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command not in sizes.FORWARDS_UNKNOWN_OPTIONS:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.forwarded = unknown
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

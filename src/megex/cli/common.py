@@ -6,14 +6,17 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from .. import data as data_mod
+from ..engine import run
 from ..evaluate import Evaluator
-from ..explain import OUTPUTS
+from ..explain import OUTPUTS, parse_target
 from ..runs import RunFolder
+from ..settings import COUNT, POSITIVE, Number, SettingError
+from ..victim import Victim
 from .errors import UsageError, user_input
 
 __all__ = [
@@ -23,9 +26,11 @@ __all__ = [
     "cache_dir",
     "clear_run_folder",
     "evaluator_for",
+    "fraction",
     "is_url",
     "load_victim",
     "messages",
+    "number_type",
     "port",
     "positive_float",
     "positive_int",
@@ -33,6 +38,7 @@ __all__ = [
     "run_attack",
     "shows_default",
     "target",
+    "whole_number",
 ]
 
 
@@ -53,24 +59,29 @@ def shows_default(action: argparse.Action) -> bool:
     return action.nargs != 0 and not unset
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1 or value != float(text):
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+def number_type(check: Number) -> Callable[[str], int | float]:
+    """An argparse type that reads a number as a declared setting's rule does
+    (:class:`megex.settings.Number`): the one way the commands type a number."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return check.parse(text)
+        except SettingError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = "number"  # what argparse names in "invalid number value"
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+# A whole number >= 1, a number > 0, a fraction in (0, 1].
+positive_int = number_type(COUNT)
+positive_float = number_type(POSITIVE)
+fraction = number_type(Number(0, 1, low_open=True))
+
+
+def whole_number(minimum: int = 0) -> Callable[[str], int | float]:
+    """An argparse type: a whole number, at least `minimum`."""
+    return number_type(Number(minimum, whole=True))
 
 
 def port(text: str) -> int:
@@ -81,8 +92,6 @@ def port(text: str) -> int:
 
 def target(text: str) -> str | int:
     """An explanation target: 'predicted', 'all' or a class index (explain.parse_target)."""
-    from ..explain import parse_target
-
     try:
         return parse_target(text)
     except ValueError as err:
@@ -139,8 +148,6 @@ def is_url(text: str) -> bool:
 
 def load_victim(path: str) -> Any:
     """A victim file the user named: a missing file fails (1), a wrong kind is a mistake (2)."""
-    from ..victim import Victim
-
     with user_input():
         return Victim.load(path)
 
@@ -180,6 +187,4 @@ def clear_run_folder(folder: RunFolder) -> None:
 
 def run_attack(attack: Any, oracle: Any, budget: int | None = None, **options: Any) -> Any:
     """Run `attack` against `oracle` (the one place the commands start an attack's loop)."""
-    from ..engine import run
-
     return run(attack, oracle, budget, **options)

@@ -11,7 +11,9 @@ import torch
 
 from .. import data as data_mod
 from ..defenses import SIDES, build_defense, describe_defenses
+from ..experiments.utility import explanation_utility, utility_table
 from ..explain import METHODS, Explanation
+from ..settings import Number, SettingError
 from .common import (
     add_explanation_options,
     add_json_option,
@@ -31,6 +33,7 @@ DEFENSE_HELP = (
 
 
 def add_parsers(sub: Any, **kwargs: Any) -> None:
+    """The `defenses` and `utility` subcommands."""
     p = sub.add_parser(
         "defenses",
         help="list the defences a service can apply, with their parameters",
@@ -41,7 +44,10 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
     )
     add_json_option(p)
     p.set_defaults(func=cmd_defenses)
+    _add_utility_parser(sub, **kwargs)
 
+
+def _add_utility_parser(sub: Any, **kwargs: Any) -> None:
     p = sub.add_parser(
         "utility",
         help="what defences cost in explanation quality, on the victim's test images",
@@ -72,7 +78,13 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
     p.add_argument("--data-root", help="folder holding the dataset's files")
     ex = p.add_argument_group("the explanation the service returns")
     add_explanation_options(ex, METHODS, "predicted", "explanation method")
-    ms = p.add_argument_group("the measures")
+    _add_measure_options(p.add_argument_group("the measures"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the images drawn and of the noise")
+    add_json_option(p)
+    p.set_defaults(func=cmd_utility)
+
+
+def _add_measure_options(ms: Any) -> None:
     ms.add_argument(
         "--steps",
         type=positive_int,
@@ -99,19 +111,16 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
         help="who computes the deletion curve: megex, or Quantus's pixel flipping "
         "(pip install 'megex[utility]')",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the images drawn and of the noise")
-    add_json_option(p)
-    p.set_defaults(func=cmd_utility)
+
+
+_FRACTION = Number(0, 1, low_open=True)
 
 
 def _fraction(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+        return _FRACTION.parse(text)
+    except SettingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_defenses(args: argparse.Namespace) -> int:
@@ -154,8 +163,6 @@ def parse_row(text: str) -> list[Any]:
 
 
 def cmd_utility(args: argparse.Namespace) -> int:
-    from ..utility import explanation_utility, utility_table
-
     victim = load_victim(args.victim)
     with user_input("--defense"):
         rows = [parse_row(text) for text in args.defense]

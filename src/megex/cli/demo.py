@@ -11,7 +11,10 @@ from .. import data as data_mod
 from ..attacks import ATTACKS
 from ..evaluate import Evaluator
 from ..explain import Explanation
+from ..oracle import LocalOracle
+from ..report import write_report
 from ..runs import RunFolder
+from ..victim import cached_victim as load_or_train
 from .common import (
     add_json_option,
     cache_dir,
@@ -55,8 +58,6 @@ def cached_victim(
     dataset: str, data_root: str | None, seed: int, quiet: bool, out: IO[str] | None = None
 ) -> Any:
     """The demo's victim for `dataset`: loaded from the cache, or trained and cached."""
-    from ..victim import cached_victim as load_or_train
-
     victim, _ = load_or_train(
         cache_dir() / "victims",
         dataset,
@@ -69,9 +70,6 @@ def cached_victim(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..oracle import LocalOracle
-    from ..report import write_report
-
     out_text = messages(args)
     start = time.time()
     settings = DEMO_SETTINGS[args.dataset]

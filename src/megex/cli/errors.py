@@ -17,8 +17,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ..experiments.sweep import SweepFailed
 from ..oracle import BudgetExceeded, ExplanationNotOffered, InvalidQuery
-from ..sweep import SweepFailed
 
 __all__ = ["OK", "FAILURE", "USAGE", "INTERRUPTED", "UsageError", "exit_status", "user_input"]
 
@@ -41,7 +41,7 @@ _FAILURES: tuple[type[BaseException], ...] = (
 _OPTIONAL_FAILURES = (
     ("megex.client", "ServiceError"),
     ("megex.sqlite_ledger", "LedgerInUse"),
-    ("megex.sweep_ray", "ClusterError"),
+    ("megex.experiments.sweep.ray_tasks", "ClusterError"),
 )
 
 

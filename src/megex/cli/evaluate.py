@@ -9,6 +9,8 @@ from typing import Any
 
 from .. import data as data_mod
 from ..evaluate import accuracy, predict
+from ..models import build_classifier
+from ..report import write_report
 from ..runs import read_weights_description
 from .common import add_json_option, load_victim, messages, print_json
 from .errors import UsageError, user_input
@@ -34,8 +36,6 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
 
 def _load_clone(clone_path: Path) -> Any:
     from safetensors.torch import load_file
-
-    from ..models import build_classifier
 
     info_path = clone_path.with_suffix(".json")
     if not clone_path.is_file():
@@ -87,8 +87,6 @@ def report_document(md: Path, png: Path | None) -> dict[str, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import write_report
-
     md, png, table = write_report(args.runs, args.out)
     if args.json:
         print_json(report_document(md, png))

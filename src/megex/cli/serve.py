@@ -1,9 +1,10 @@
-"""`megex serve`: run a saved victim as an HTTP service (KServe V1 and V2 / Triton); and
-`megex flags`: the keys its query monitors flagged, from its ledger.
+"""`megex serve`: run a saved victim as an HTTP service (KServe V1 and V2 / Triton).
 
-Once it listens `serve` prints one line of JSON on stdout, e.g.
+Once it listens it prints one line of JSON on stdout, e.g.
 ``{"event": "ready", "address": "http://127.0.0.1:8765", "model": "model", ...}``;
-everything else (its description, uvicorn's logs) goes to stderr.
+everything else (its description, uvicorn's logs) goes to stderr. The options that set the
+service's settings are made from their declarations (:mod:`.service_options`); `megex flags`
+(:mod:`.flags`) reads the flags its query monitors raised.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import argparse
 import copy
 import socket
 import sys
-import time
 from typing import Any
 
-from ..explain import METHODS
-from .common import add_explanation_options, add_json_option, load_victim, port, print_json
+from ..defenses import build_defense
+from ..detection import build_monitor
+from ..explain import METHODS, Explanation
+from ..ledger_file import LedgerInUse
+from ..serving.settings import ServiceSettings, read_keys_file
+from . import service_options
+from .common import add_explanation_options, load_victim, port, print_json
 from .defenses import DEFENSE_HELP
 from .errors import FAILURE, UsageError, user_input
+from .flags import DEFAULT_DB, add_flags_parser, run_flags
 
 __all__ = [
     "DEFAULT_DB",
@@ -29,9 +35,8 @@ __all__ = [
     "ready_line",
     "run_flags",
     "run_serve",
+    "service_settings",
 ]
-
-DEFAULT_DB = "megex-ledger.sqlite"
 
 
 def add_parser(sub: Any, **kwargs: Any) -> None:
@@ -46,74 +51,12 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     p.add_argument("--victim", required=True, metavar="PATH", help="victim .safetensors file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=port, default=8080, help="port (0: any free port)")
-    p.add_argument(
-        "--name", help="model name in URLs (default: 'model', which says nothing about the victim)"
-    )
-    auth = p.add_argument_group("keys and quotas")
-    auth.add_argument(
-        "--keys",
-        metavar="FILE",
-        help="API keys, one per line: KEY or KEY,BUDGET ('#' comments). "
-        "Without --keys or --key the server runs open, without auth",
-    )
-    auth.add_argument(
-        "--key", action="append", default=[], metavar="KEY", help="an API key (repeatable)"
-    )
-    auth.add_argument(
-        "--budget", type=int, help="queries per key (one image = one query; default: unlimited)"
-    )
-    auth.add_argument(
-        "--db",
-        default=DEFAULT_DB,
-        metavar="PATH",
-        help="SQLite ledger of keys, counts and the audit log",
-    )
-    auth.add_argument(
-        "--rate-limit",
-        type=float,
-        metavar="R",
-        help="requests per second per key (default: no limit)",
-    )
-    auth.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MB")
-    auth.add_argument(
-        "--audit-images", action="store_true", help="store every queried image in the audit log"
-    )
-    _add_limit_arguments(p)
-    ex = p.add_argument_group("what the service returns")
-    ex.add_argument(
-        "--prediction",
-        choices=("probabilities", "logits", "top-k", "label"),
-        default="probabilities",
-        help="what predictions show",
-    )
-    ex.add_argument("--top-k", type=int, help="classes shown with --prediction top-k")
-    add_explanation_options(
-        ex,
-        (*METHODS, "none"),
-        "predicted",
-        "explanation returned on request; 'none' offers no explanations",
-    )
-    choice = ex.add_mutually_exclusive_group()
-    choice.add_argument(
-        "--allow-explanation-choice",
-        dest="allow_explanation_choice",
-        action="store_true",
-        default=True,
-        help="requests may choose method, target, output and settings (default)",
-    )
-    choice.add_argument(
-        "--fixed-explanation",
-        dest="allow_explanation_choice",
-        action="store_false",
-        help="requests get only the configured explanation",
-    )
-    ex.add_argument(
-        "--defense",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help=f"{DEFENSE_HELP} (repeatable: applied in order; `megex defenses` lists them)",
-    )
+    groups = {
+        key: p.add_argument_group(title) for key, title in service_options.GROUP_TITLES.items()
+    }
+    _add_key_options(groups["keys"])
+    service_options.add_setting_options(p, groups)
+    _add_answer_options(groups["answers"])
     watch = p.add_argument_group("watching for extraction traffic")
     watch.add_argument(
         "--monitor",
@@ -127,7 +70,6 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         "takes a threshold and settings from a file written by megex detection (repeatable, "
         "one per kind)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad and defence noise")
     p.add_argument(
         "--log-level",
         default="info",
@@ -137,80 +79,58 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    from ..oracle import DEFAULT_CHUNK_PASSES
-    from ..serving.limits import (
-        DEFAULT_BODY_TIMEOUT_S,
-        DEFAULT_FAILED_KEY_BURST,
-        DEFAULT_FAILED_KEY_RATE,
-        DEFAULT_MAX_JSON_VALUES,
-        DEFAULT_MAX_PASSES_PER_REQUEST,
+def _add_key_options(keys: Any) -> None:
+    keys.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="API keys, one per line: KEY or KEY,BUDGET ('#' comments). "
+        "Without --keys or --key the server runs open, without auth",
     )
-    from ..stored_responses import (
-        DEFAULT_IDEMPOTENCY_TTL_S,
-        DEFAULT_STORED_RESPONSE_BYTES,
-        DEFAULT_STORED_RESPONSE_BYTES_PER_KEY,
+    keys.add_argument(
+        "--key", action="append", default=[], metavar="KEY", help="an API key (repeatable)"
+    )
+    # A server started from the command line keeps its counts in a file (the setting's
+    # default, ':memory:', forgets them on exit).
+    keys.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help="SQLite ledger of keys, counts and the audit log",
     )
 
-    mib = 1024 * 1024
-    lim = p.add_argument_group("limits against costly or hostile clients")
-    lim.add_argument(
-        "--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
-        help="seconds to receive a request body (default: %(default)s)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--max-json-values", type=int, default=DEFAULT_MAX_JSON_VALUES, metavar="N",
-        help="values in a JSON body; binary tensor data has no such limit (default: %(default)s)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--max-passes-per-request", type=int, default=DEFAULT_MAX_PASSES_PER_REQUEST,
-        metavar="N", help="model passes one request may cost (default: %(default)s)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--compute-rate", type=float, metavar="P",
-        help="model passes per second per key (default: no limit)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--chunk-passes", type=int, default=DEFAULT_CHUNK_PASSES, metavar="N",
-        help="model passes computed per turn before another key's request gets its turn "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--failed-key-rate", type=float, default=DEFAULT_FAILED_KEY_RATE, metavar="R",
-        help="wrong or missing API keys per second per client address (default: %(default)s)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--failed-key-burst", type=float, default=DEFAULT_FAILED_KEY_BURST, metavar="B",
-        help="wrong or missing API keys per client address before throttling "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--idempotency-ttl", type=float, default=DEFAULT_IDEMPOTENCY_TTL_S, metavar="S",
-        help="seconds a response to an idempotent request is kept (default: %(default)s)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--stored-responses-mb-per-key", type=float, metavar="MB",
-        default=DEFAULT_STORED_RESPONSE_BYTES_PER_KEY / mib,
-        help="stored responses kept per key (default: %(default)g MB)",
-    )  # fmt: skip
-    lim.add_argument(
-        "--stored-responses-mb", type=float, default=DEFAULT_STORED_RESPONSE_BYTES / mib,
-        metavar="MB", help="stored responses kept over all keys (default: %(default)g MB)",
-    )  # fmt: skip
-    show = p.add_argument_group("what a caller with a key may read about the service")
-    show.add_argument(
-        "--openapi", action="store_true", help="serve the OpenAPI document at /openapi.json"
+
+def _add_answer_options(answers: Any) -> None:
+    add_explanation_options(
+        answers,
+        (*METHODS, "none"),
+        "predicted",
+        "explanation returned on request; 'none' offers no explanations",
     )
-    show.add_argument(
-        "--expose-architecture", action="store_true",
-        help="name the victim's architecture and dataset in the V2 model metadata",
-    )  # fmt: skip
+    choice = answers.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--allow-explanation-choice",
+        dest="allow_explanation_choice",
+        action="store_true",
+        default=service_options.setting_default("allow_explanation_choice"),
+        help="requests may choose method, target, output and settings (default)",
+    )
+    choice.add_argument(
+        "--fixed-explanation",
+        dest="allow_explanation_choice",
+        action="store_false",
+        help="requests get only the configured explanation",
+    )
+    answers.add_argument(
+        "--defense",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help=f"{DEFENSE_HELP} (repeatable: applied in order; `megex defenses` lists them)",
+    )
 
 
 def build_monitors(specs: list[str], input_shape: tuple[int, ...]) -> list[Any]:
     """The monitors of --monitor SPEC options, each with a threshold."""
-    from ..detection import build_monitor
-
     monitors = []
     for spec in specs:
         with user_input(f"--monitor {spec}"):
@@ -233,22 +153,10 @@ def build_monitors(specs: list[str], input_shape: tuple[int, ...]) -> list[Any]:
     return monitors
 
 
-def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
-    """The FastAPI app and its API keys, from parsed arguments."""
-    try:
-        from ..serving import create_app, read_keys_file
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            f"the server needs the 'server' extra (pip install 'megex[server]'): {err}",
-            name=err.name,
-        ) from None
-    from ..defenses import build_defense
-    from ..explain import Explanation
-    from ..sqlite_ledger import LedgerInUse
-
-    victim = load_victim(args.victim)
+def service_settings(args: argparse.Namespace, input_shape: tuple[int, ...]) -> ServiceSettings:
+    """The service's settings from parsed arguments (a victim taking `input_shape`)."""
     with user_input("--defense"):
-        defenses = [build_defense(spec) for spec in args.defense]
+        defenses = tuple(build_defense(spec) for spec in args.defense)
     explanation = None
     if args.explanation_method != "none":
         with user_input("--explanation-*"):
@@ -257,7 +165,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
                 target=args.explanation_target,
                 output=args.explanation_output,
             )
-    monitors = build_monitors(args.monitor, victim.input_shape)
+    monitors = tuple(build_monitors(args.monitor, input_shape))
     keys: dict[str, int | None] = {}
     if args.keys:
         with user_input("--keys"):
@@ -265,57 +173,36 @@ def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
         if not keys:
             raise UsageError(f"--keys: {args.keys} holds no keys")
     keys.update(dict.fromkeys(k for k in args.key if k not in keys))
-    for flag, value, low in (
-        ("--budget", args.budget, 0),
-        ("--rate-limit", args.rate_limit, 1e-9),
-        ("--max-body-mb", args.max_body_mb, 1e-6),
-        ("--body-timeout", args.body_timeout, 1e-3),
-        ("--max-json-values", args.max_json_values, 1),
-        ("--max-passes-per-request", args.max_passes_per_request, 1),
-        ("--compute-rate", args.compute_rate, 1e-9),
-        ("--chunk-passes", args.chunk_passes, 1),
-        ("--failed-key-rate", args.failed_key_rate, 1e-9),
-        ("--failed-key-burst", args.failed_key_burst, 1),
-        ("--idempotency-ttl", args.idempotency_ttl, 1e-3),
-        ("--stored-responses-mb-per-key", args.stored_responses_mb_per_key, 0),
-        ("--stored-responses-mb", args.stored_responses_mb, 0),
-    ):
-        if value is not None and value < low:
-            raise UsageError(f"{flag}: expected >= {low:g}, got {value}")
+    values = service_options.read(args)
+    with user_input():
+        return ServiceSettings(
+            **values,
+            keys=keys or None,
+            db_path=args.db,
+            explanation=explanation,
+            allow_explanation_choice=args.allow_explanation_choice,
+            defenses=defenses,
+            monitors=monitors,
+        )
+
+
+def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
+    """The FastAPI app and its API keys, from parsed arguments."""
+    try:
+        from ..serving import create_app  # the 'server' extra: fastapi
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"the server needs the 'server' extra (pip install 'megex[server]'): {err}",
+            name=err.name,
+        ) from None
+    victim = load_victim(args.victim)
+    settings = service_settings(args, victim.input_shape)
     try:
         with user_input():
-            app = create_app(
-                victim,
-                name=args.name,
-                keys=keys or None,
-                db_path=args.db,
-                budget=args.budget,
-                rate_limit=args.rate_limit,
-                max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                prediction=args.prediction,
-                top_k=args.top_k,
-                explanation=explanation,
-                allow_explanation_choice=args.allow_explanation_choice,
-                defenses=defenses,
-                audit_images=args.audit_images,
-                seed=args.seed,
-                body_timeout_s=args.body_timeout,
-                max_json_values=args.max_json_values,
-                max_passes_per_request=args.max_passes_per_request,
-                compute_rate=args.compute_rate,
-                chunk_passes=args.chunk_passes,
-                failed_key_rate=args.failed_key_rate,
-                failed_key_burst=args.failed_key_burst,
-                idempotency_ttl_s=args.idempotency_ttl,
-                stored_response_bytes_per_key=int(args.stored_responses_mb_per_key * 1024 * 1024),
-                stored_response_bytes=int(args.stored_responses_mb * 1024 * 1024),
-                openapi=args.openapi,
-                expose_architecture=args.expose_architecture,
-                monitors=monitors,
-            )
+            app = create_app(victim, settings)
     except LedgerInUse as err:
         raise LedgerInUse(f"--db: {err}") from None
-    return app, keys
+    return app, dict(settings.keys or {})
 
 
 def _check_address(host: str, port: int) -> None:
@@ -398,61 +285,3 @@ def run_serve(args: argparse.Namespace) -> int:
     server = Server(config)
     server.run()
     return 0 if server.started else FAILURE
-
-
-# --- megex flags --------------------------------------------------------------------------
-
-
-def add_flags_parser(sub: Any, **kwargs: Any) -> None:
-    p = sub.add_parser(
-        "flags",
-        help="the keys that a service's query monitors flagged (from its ledger)",
-        description="List the keys that the query monitors of `megex serve --monitor ...` "
-        "flagged, with each key's first flag (when, which monitor, its statistic and "
-        "threshold, after how many of the key's queries) and its number of flags. Reads the "
-        "ledger without locking it, so it works while the server runs. Keys are shown by "
-        "their ledger label (key- and the start of the key's salted hash).",
-        **kwargs,
-    )
-    p.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help="the service's SQLite ledger")
-    add_json_option(p)
-    p.set_defaults(func=run_flags)
-
-
-def run_flags(args: argparse.Namespace) -> int:
-    """Handler of ``flags``: the flagged keys, as a table or one JSON document."""
-    from ..sqlite_ledger import flag_report
-
-    with user_input("--db"):
-        report = flag_report(args.db)
-    if args.json:
-        print_json(report)
-        return 0
-    flagged = report["flagged"]
-    print(f"ledger {report['ledger']}: {len(flagged)} of {report['accounts']} key(s) flagged")
-    if not flagged:
-        return 0
-    header = (
-        "key", "flags", "first flag (UTC)", "monitor", "statistic", "threshold",
-        "after queries", "queries used", "flags by monitor",
-    )  # fmt: skip
-    rows = [header]
-    for entry in flagged:
-        first = entry["first"]
-        rows.append(
-            (
-                entry["label"] + ("" if entry["active"] else " (inactive)"),
-                str(entry["flags"]),
-                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(first["time"])),
-                first["monitor"],
-                f"{first['statistic']:.4f}",
-                f"{first['threshold']:.4f}",
-                str(first["queries_seen"]),
-                str(entry["queries_used"]),
-                ", ".join(f"{k} {v}" for k, v in sorted(entry["by_monitor"].items())),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0

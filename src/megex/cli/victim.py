@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from .. import data as data_mod
-from ..models import CLASSIFIERS
-from ..victim import sidecar_path
+from ..models import CLASSIFIERS, build_classifier
+from ..victim import sidecar_path, train_victim
 from .common import add_json_option, messages, positive_float, positive_int, print_json
 from .errors import user_input
 
@@ -33,9 +33,6 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
 
 
 def cmd_train_victim(args: argparse.Namespace) -> int:
-    from ..models import build_classifier
-    from ..victim import train_victim
-
     ds = data_mod.load(args.dataset, args.data_root)
     if args.arch is not None:
         c, h, _ = ds.input_shape

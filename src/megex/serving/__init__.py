@@ -17,9 +17,10 @@ Every query is charged to an API key (``Authorization: Bearer KEY`` or ``x-api-k
 SQLite ledger before it is computed (:mod:`megex.sqlite_ledger`); authenticated responses
 carry ``X-Queries-Used``, ``X-Query-Budget`` and ``X-Queries-Remaining``. Compute is limited
 apart, in model passes (:mod:`megex.compute`, :mod:`.limits`). Mistakes get a 4xx with
-``{"error": "...", "code": "..."}``. Nothing about the model is served without a key. The
-app (:func:`create_app`) needs the ``server`` extra (fastapi, uvicorn); :mod:`.codec` needs
-only numpy.
+``{"error": "...", "code": "..."}``. Nothing about the model is served without a key.
+Everything the service is set with is one dataclass of declared settings
+(:class:`ServiceSettings`, :mod:`.settings`). The app (:func:`create_app`) needs the
+``server`` extra (fastapi, uvicorn); :mod:`.codec` and :mod:`.settings` need none.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "HTTPError",
     "Limits",
+    "ServiceSettings",
     "create_app",
     "explanation_from_parameters",
     "read_keys_file",
@@ -37,10 +39,11 @@ __all__ = [
 
 _FROM = {
     "create_app": "app",
-    "read_keys_file": "app",
+    "read_keys_file": "settings",
     "HTTPError": "errors",
     "Limits": "limits",
-    "DEFAULT_MODEL_NAME": "service",
+    "ServiceSettings": "settings",
+    "DEFAULT_MODEL_NAME": "settings",
     "explanation_from_parameters": "parsing",
 }
 

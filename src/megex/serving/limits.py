@@ -1,7 +1,7 @@
-"""The service's limits, with their defaults, and the token buckets that enforce rates.
+"""The service's limits, declared as settings with their defaults, and the token buckets
+that enforce rates.
 
-Every limit is stated, with its default, in the README's service section; the command line
-(``megex serve``) sets each one.
+The command line (``megex serve``) takes its flags from these declarations.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ..oracle import DEFAULT_CHUNK_PASSES
+from ..settings import COUNT, POSITIVE, OrNone, setting, validate
 from ..stored_responses import (
     DEFAULT_IDEMPOTENCY_TTL_S,
     DEFAULT_STORED_RESPONSE_BYTES,
@@ -53,43 +54,69 @@ DEFAULT_FAILED_KEY_RATE = 1.0
 DEFAULT_FAILED_KEY_BURST = 20.0
 # Responses stored for idempotent retries (how long, how much): see megex.stored_responses.
 
+# The group of the limits among the service's settings.
+_G = "limits"
+
 
 @dataclass(frozen=True)
 class Limits:
     """What one request, one key and one client address may cost the service.
 
-    max_body_bytes: largest request body, after decompression. body_timeout_s: time allowed
-    to receive a body. max_json_values: values in a JSON body (binary tensor data has no such
-    limit). max_passes_per_request: model passes one request may cost (None: no limit).
-    compute_rate: model passes per second per key (None: no limit), in bursts of
-    compute_burst (default: the larger of compute_rate and max_passes_per_request, so that
-    every request allowed alone can run). rate_limit: requests per second per key (None: no
-    limit), bursts of rate_burst (default max(1, rate)). failed_key_rate: wrong or missing
-    API keys per second per client address, bursts of failed_key_burst.
+    Each limit is a declared setting (:mod:`megex.settings`: default, rule, help), checked
+    when a Limits is made; sizes are in bytes, times in seconds, and a limit of None is no
+    limit. The service's other settings extend it
+    (:class:`megex.serving.settings.ServiceSettings`).
     """
 
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
-    max_json_values: int = DEFAULT_MAX_JSON_VALUES
-    max_passes_per_request: int | None = DEFAULT_MAX_PASSES_PER_REQUEST
-    compute_rate: float | None = None
-    compute_burst: float | None = None
-    rate_limit: float | None = None
-    rate_burst: float | None = None
-    failed_key_rate: float = DEFAULT_FAILED_KEY_RATE
-    failed_key_burst: float = DEFAULT_FAILED_KEY_BURST
+    max_body_bytes: int = setting(
+        DEFAULT_MAX_BODY_BYTES, "largest request body, after decompression", COUNT, _G
+    )
+    body_timeout_s: float = setting(
+        DEFAULT_BODY_TIMEOUT_S, "seconds to receive a request body", POSITIVE, _G
+    )
+    max_json_values: int = setting(
+        DEFAULT_MAX_JSON_VALUES,
+        "values in a JSON body; binary tensor data has no such limit",
+        COUNT,
+        _G,
+    )
+    max_passes_per_request: int | None = setting(
+        DEFAULT_MAX_PASSES_PER_REQUEST,
+        "model passes one request may cost",
+        OrNone(COUNT),
+        _G,
+    )
+    compute_rate: float | None = setting(
+        None, "model passes per second per key (default: no limit)", OrNone(POSITIVE), _G
+    )
+    compute_burst: float | None = setting(
+        None,
+        "model passes a key may spend at once (default: the larger of compute_rate and "
+        "max_passes_per_request, so that every request allowed alone can run)",
+        OrNone(POSITIVE),
+        _G,
+    )
+    rate_limit: float | None = setting(
+        None, "requests per second per key (default: no limit)", OrNone(POSITIVE), _G
+    )
+    rate_burst: float | None = setting(
+        None, "requests a key may send at once (default: max(1, rate_limit))", OrNone(POSITIVE), _G
+    )
+    failed_key_rate: float = setting(
+        DEFAULT_FAILED_KEY_RATE,
+        "wrong or missing API keys per second per client address",
+        POSITIVE,
+        _G,
+    )
+    failed_key_burst: float = setting(
+        DEFAULT_FAILED_KEY_BURST,
+        "wrong or missing API keys per client address before throttling",
+        POSITIVE,
+        _G,
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_json_values", "max_passes_per_request"):
-            value = getattr(self, name)
-            if value is not None and int(value) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {value}")
-        if not self.body_timeout_s > 0:
-            raise ValueError(f"body_timeout_s: expected > 0 seconds, got {self.body_timeout_s}")
-        # Rates and bursts are checked by building their buckets once.
-        self.request_limiter()
-        self.compute_limiter()
-        self.failed_key_limiter()
+        validate(self)
 
     def compute_limiter(self) -> RateLimiter | None:
         if self.compute_rate is None:

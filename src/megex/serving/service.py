@@ -23,11 +23,13 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..ledger import BudgetExceeded, Usage
+from ..explain import Explanation
+from ..ledger import BudgetExceeded, Charge, Usage
 from ..oracle import Answer, ExplanationNotOffered, Responder
 from ..sqlite_ledger import (
     Account,
@@ -42,13 +44,12 @@ from .errors import HTTPError, bad_request
 from .limits import PARSE_SLOTS, Limits
 from .monitoring import MonitorHub
 from .parsing import Afford, Parsed
+from .settings import DEFAULT_MODEL_NAME
 
 __all__ = ["DEFAULT_MODEL_NAME", "HTTPError", "Parser", "Renderer", "Service"]
 
 log = logging.getLogger("megex.server")
 
-# The name in URLs unless the operator gives one: it says nothing about the model.
-DEFAULT_MODEL_NAME = "model"
 
 Parser = Callable[[bytes, Afford], Parsed]
 Renderer = Callable[[Answer, Parsed], tuple[bytes, str, dict[str, str]]]
@@ -186,12 +187,33 @@ class Service:
         body_hash = ""
         if idem_key is not None:
             body_hash = _request_hash(endpoint, headers, body)
-            try:
-                stored = self.ledger.stored_response(account.id, idem_key, body_hash)
-            except IdempotencyConflict as err:
-                raise HTTPError(err.status, str(err), "idempotency_conflict") from None
+            stored = self._stored(account, idem_key, body_hash)
             if stored is not None:
                 return self._replay(account, stored)
+        parsed = self._parse(account, body, parse)
+        spec = self._explanation(parsed)
+        n = int(parsed.images.shape[0])
+        passes = n * self.responder.passes_per_image(spec)
+        self._check_compute(account, n, passes)
+        charge = self._charge(account, endpoint, parsed, passes, idem_key, body_hash)
+        if isinstance(charge, StoredResponse):  # the same request was answered meanwhile
+            self._give_back_passes(account, passes)
+            return self._replay(account, charge)
+        content, content_type, extra, honest = self._answer(account, parsed, spec, charge, render)
+        if honest is not None:
+            self._show_monitors(account, parsed, honest)
+        headers_out = {**extra, **charge.usage.headers(), "X-Model-Passes": str(passes)}
+        return Response(content, 200, headers_out, content_type)
+
+    def _stored(self, account: Account, idem_key: str, body_hash: str) -> StoredResponse | None:
+        """The stored response of a repeated idempotent request (None: a new one), or 409/422."""
+        try:
+            return self.ledger.stored_response(account.id, idem_key, body_hash)
+        except IdempotencyConflict as err:
+            raise HTTPError(err.status, str(err), "idempotency_conflict") from None
+
+    def _parse(self, account: Account, body: bytes, parse: Parser) -> Parsed:
+        """The request parsed, refused (429) as soon as it asks for more than the key has."""
         usage = self.ledger.usage(account.id)
 
         def afford(count: int) -> None:
@@ -200,29 +222,52 @@ class Service:
 
         with self._parse_slots:
             try:
-                parsed = parse(body, afford)
+                return parse(body, afford)
             except WireError as err:
                 raise bad_request(str(err), err.code) from None
+
+    def _explanation(self, parsed: Parsed) -> Explanation | None:
         try:
-            spec = self.responder.resolve_explanation(parsed.explanation)
+            return self.responder.resolve_explanation(parsed.explanation)
         except ExplanationNotOffered as err:
             raise HTTPError(403, str(err), "explanation_not_offered") from None
-        n = int(parsed.images.shape[0])
-        passes = n * self.responder.passes_per_image(spec)
-        self._check_compute(account, n, passes)
+
+    def _charge(
+        self,
+        account: Account,
+        endpoint: str,
+        parsed: Parsed,
+        passes: int,
+        idem_key: str | None,
+        body_hash: str,
+    ) -> Charge | StoredResponse:
+        """Charge the request's images to the key (the passes go back if it is refused)."""
         images = parsed.images.numpy().astype("<f4").tobytes() if self.audit_images else None
         try:
-            charge = self.ledger.charge(
-                account.id, n, endpoint, idem_key=idem_key, body_hash=body_hash, images=images
+            return self.ledger.charge(
+                account.id,
+                int(parsed.images.shape[0]),
+                endpoint,
+                idem_key=idem_key,
+                body_hash=body_hash,
+                images=images,
             )
         except (BudgetExceeded, IdempotencyConflict) as err:
             self._give_back_passes(account, passes)
             if isinstance(err, BudgetExceeded):
                 raise _budget_error(err) from None
             raise HTTPError(err.status, str(err), "idempotency_conflict") from None
-        if isinstance(charge, StoredResponse):  # the same request was answered meanwhile
-            self._give_back_passes(account, passes)
-            return self._replay(account, charge)
+
+    def _answer(
+        self,
+        account: Account,
+        parsed: Parsed,
+        spec: Explanation | None,
+        charge: Charge,
+        render: Renderer,
+    ) -> tuple[bytes, str, dict[str, str], torch.Tensor | None]:
+        """The rendered answer (content, type, headers) and, for the monitors, the victim's
+        honest probabilities; the charge is refunded if any of it fails."""
         try:
             honest = None
             if self.monitors is None:
@@ -239,13 +284,13 @@ class Service:
         except BaseException:
             self.ledger.refund(charge)
             raise
-        if honest is not None:
-            try:
-                self.monitors.submit(account.id, parsed.images, honest)
-            except Exception:  # the answer stands whatever happens to the monitors
-                log.exception("queueing a request of account %s for the monitors", account.id)
-        headers_out = {**extra, **charge.usage.headers(), "X-Model-Passes": str(passes)}
-        return Response(content, 200, headers_out, content_type)
+        return content, content_type, extra, honest
+
+    def _show_monitors(self, account: Account, parsed: Parsed, honest: torch.Tensor) -> None:
+        try:
+            self.monitors.submit(account.id, parsed.images, honest)
+        except Exception:  # the answer stands whatever happens to the monitors
+            log.exception("queueing a request of account %s for the monitors", account.id)
 
     def _check_compute(self, account: Account, n: int, passes: int) -> None:
         limit = self.limits.max_passes_per_request

@@ -62,29 +62,7 @@ def parse_v2(
     header, binary = split_message(body, header_length)
     what = "inference header" if header_length is not None else "body"
     doc = load_json(header, what, max_values)
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise WireError(f"inputs: expected exactly one tensor named {INPUT_NAME!r}")
-    tensor = inputs[0]
-    name = tensor.get("name")
-    if name != INPUT_NAME:
-        raise WireError(
-            f"inputs: unknown tensor {str(name)[:80]!r}; this model takes {INPUT_NAME!r}"
-        )
-    if tensor.get("datatype") != "FP32":
-        raise WireError(
-            f"inputs.{INPUT_NAME}: datatype {str(tensor.get('datatype'))[:20]!r}, expected "
-            "'FP32' (float32 images in [0, 1])",
-            "invalid_dtype",
-        )
-    shape = declared_shape(tensor, f"inputs.{INPUT_NAME}")
-    expected = [-1, *input_shape]
-    if len(shape) != 4 or shape[1:] != list(input_shape) or shape[0] < 1:
-        raise WireError(
-            f"inputs.{INPUT_NAME}.shape: {shape} does not match {expected} (N >= 1 images)",
-            "invalid_images",
-        )
-
+    tensor, shape = _v2_input(doc.get("inputs"), input_shape)
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise WireError("parameters: expected a JSON object")
@@ -107,6 +85,32 @@ def parse_v2(
         raise WireError(f"binary data: {len(binary) - used} bytes after the tensors are not used")
     images = validated_images(arr, input_shape, INPUT_NAME)
     return Parsed(images, requested if wants_explanation else None, outputs, request_id)
+
+
+def _v2_input(inputs: Any, input_shape: Sequence[int]) -> tuple[dict[str, Any], list[int]]:
+    """The request's one input tensor (checked: name, datatype, shape) and its shape."""
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise WireError(f"inputs: expected exactly one tensor named {INPUT_NAME!r}")
+    tensor = inputs[0]
+    name = tensor.get("name")
+    if name != INPUT_NAME:
+        raise WireError(
+            f"inputs: unknown tensor {str(name)[:80]!r}; this model takes {INPUT_NAME!r}"
+        )
+    if tensor.get("datatype") != "FP32":
+        raise WireError(
+            f"inputs.{INPUT_NAME}: datatype {str(tensor.get('datatype'))[:20]!r}, expected "
+            "'FP32' (float32 images in [0, 1])",
+            "invalid_dtype",
+        )
+    shape = declared_shape(tensor, f"inputs.{INPUT_NAME}")
+    expected = [-1, *input_shape]
+    if len(shape) != 4 or shape[1:] != list(input_shape) or shape[0] < 1:
+        raise WireError(
+            f"inputs.{INPUT_NAME}.shape: {shape} does not match {expected} (N >= 1 images)",
+            "invalid_images",
+        )
+    return tensor, shape
 
 
 def _v2_outputs(
@@ -186,8 +190,9 @@ def metadata_document(service: Service) -> dict[str, Any]:
         "allow_explanation_choice": responder.allow_explanation_choice,
     }
     if service.expose_architecture:
-        parameters["arch"] = responder.victim.arch or ""
-        parameters["dataset"] = responder.victim.dataset or ""
+        # A Victim states both; another module given to a Responder may state neither.
+        parameters["arch"] = getattr(responder.victim, "arch", None) or ""
+        parameters["dataset"] = getattr(responder.victim, "dataset", None) or ""
     if responder.top_k is not None:
         parameters["top_k"] = responder.top_k
     if spec is not None:

@@ -1,0 +1,92 @@
+"""The kit every experiment shares: config files, logging, budgets in words, markdown tables,
+and writing the outputs (JSON, markdown, PNG) atomically.
+
+An experiment is plan -> sweep -> summarise -> write: it plans jobs from its config (a JSON
+file over its DEFAULTS, read by :func:`merged_config`), runs them with
+:func:`megex.experiments.sweep.run_jobs`, summarises the finished runs into one JSON-able
+dict, and writes that dict with :func:`write_outputs` (the markdown and plots are rebuilt from
+the summary alone, so a table can always be rewritten from its JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..runs import write_json_atomic, write_text_atomic
+
+__all__ = [
+    "fmt_budget",
+    "log",
+    "markdown_table",
+    "merged_config",
+    "write_outputs",
+]
+
+
+def log(message: str) -> None:
+    """Progress and findings go to stderr (stdout stays free for machine-read output)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def fmt_budget(queries: int) -> str:
+    """A query budget in words: 1000 -> '1k', 2_500_000 -> '2.5M'."""
+    if queries >= 1_000_000 and queries % 100_000 == 0:
+        return f"{queries / 1_000_000:g}M"
+    return f"{queries / 1000:g}k" if queries >= 1000 else str(queries)
+
+
+def merged_config(
+    defaults: dict[str, Any],
+    path: str | os.PathLike | None,
+    merged: tuple[str, ...] = ("settings", "method_settings"),
+) -> dict[str, Any]:
+    """A copy of `defaults` updated by a JSON file's keys (if given); the keys in `merged`
+    hold dicts that the file's dicts update rather than replace. Unknown keys are refused."""
+    config = json.loads(json.dumps(defaults))
+    if path is not None:
+        user = json.loads(Path(path).read_text())
+        unknown = set(user) - set(config) - {"description"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(config)}")
+        for key, value in user.items():
+            if key in merged and isinstance(value, dict):
+                config[key].update(value)
+            else:
+                config[key] = value
+    return config
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a markdown table: a header row, its rule, then one line per row."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |"]
+    lines.append("|" + "|".join(" --- " for _ in header) + "|")
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write_outputs(
+    summary: dict[str, Any],
+    out: Path,
+    stem: str,
+    markdown: Callable[[dict[str, Any]], str],
+    plots: Sequence[tuple[str, Callable[[dict[str, Any], Path], Path]]] = (),
+) -> list[Path]:
+    """<out>/<stem>.json and .md, then each plot (suffix, function) as <out>/<stem><suffix>.png;
+    a plot is skipped, with a note, when matplotlib is not installed."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    write_json_atomic(json_path, summary)
+    write_text_atomic(md_path, markdown(summary))
+    paths = [json_path, md_path]
+    for suffix, plot in plots:
+        try:
+            paths.append(plot(summary, out / f"{stem}{suffix}.png"))
+        except ImportError:
+            log("plot: matplotlib is not installed (pip install 'megex[plots]'); PNG skipped")
+            break
+    return paths

@@ -1,0 +1,276 @@
+"""Detection benchmark: do the query monitors see the attacks coming, and how often do they
+flag clients that are not attacking?
+
+For each victim (the benchmark's recipe; the last `validation_images` training images held
+out of its training split):
+
+1. attack streams: every method (e.g. megex-all, dfme, megex-jacobian) and seed attacks an
+   in-process oracle up to `queries`, its queries recorded in order
+   (:class:`~megex.detection.RecordingOracle`); the attacks' settings are the query-
+   efficiency benchmark's (:mod:`megex.experiments.query_efficiency`: shared settings,
+   then the tuned ones when a settings file is given);
+2. benign streams of the same length, each drawing distinct images in random order:
+   "clean" (as they are), "noise" (Gaussian noise added), "augment" (random shifts, flips
+   and brightness). Calibration streams come from the validation images, test streams from
+   the test split, which nothing is chosen on;
+3. each monitor's threshold is chosen on the calibration streams for the target
+   false-positive rate (:func:`~megex.detection.calibrate`; a calibration file per monitor
+   and victim, which ``megex serve --monitor NAME:calibration=FILE`` takes), and every
+   stream is replayed through every monitor.
+
+Reported: per monitor and method, the detection rate over victims and seeds and the queries
+until detection (median and range, over the runs detected); per monitor and benign kind, the
+false-positive rate on the test streams; and the same for "any monitor". Writes
+<out>/<stem>.json and <stem>.md. Everything runs in one process and takes minutes, so there
+is nothing to resume.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ... import data as data_mod
+from ...detection import MONITORS, calibrate
+from ...victim import cached_victim
+from ..common import log, merged_config
+from ..methods import (
+    METHODS,
+    apply_settings_file,
+    check_methods,
+    load_tuned,
+    method_settings,
+    require_tuned,
+)
+from ..runner import prepare_torch
+from .report import summarise, write_outputs
+from .streams import attack_stream, benign_stream, score_stream
+
+__all__ = [
+    "BENIGN_KINDS",
+    "DEFAULTS",
+    "attack_stream",
+    "benign_stream",
+    "load_config",
+    "run_detection",
+]
+
+BENIGN_KINDS = ("clean", "noise", "augment")
+
+DEFAULTS: dict[str, Any] = {
+    "dataset": "fashion-mnist",
+    "victim_arch": None,  # None: the dataset's recipe
+    "victim_seeds": [0, 1, 2],
+    # Held out of every victim's training split (as in the query-efficiency benchmark):
+    # the calibration streams draw from these, never from the test split.
+    "validation_images": 5000,
+    "methods": ["megex-all", "megex-predicted", "megex-jacobian", "dfme"],
+    "seeds": [0, 1, 2, 3, 4],
+    # Queries per stream, attack and benign alike: the horizon of detection and of the
+    # false-positive rate. A benign stream draws distinct images, so at most the pool.
+    "queries": 5000,
+    "benign_kinds": list(BENIGN_KINDS),
+    "calibration_streams": 20,  # per kind and victim
+    "test_streams": 20,  # per kind and victim
+    "target_fpr": 0.05,
+    "noise_std": 0.1,
+    "augment": {"shift": 2, "flip": True, "brightness": [0.7, 1.3]},
+    # Monitor name -> settings (the threshold is calibrated).
+    "monitors": {"prada": {}, "ood": {"score": "msp", "window": 100}},
+    # The attacks: the query-efficiency benchmark's shared settings; tuned ones only from a
+    # settings file (null: the package defaults, with a warning).
+    "settings": {
+        "ngf": 8,
+        "lr_schedule": "constant",
+        "clone_ema": 0.999,
+        "clone_updates_per_1k_queries": 25.0,
+    },
+    "method_settings": {},
+    "tuned_settings": None,
+    "device": "cpu",
+    "quick_queries": 2000,
+    "quick_seeds": [0, 1],
+    "quick_victim_seeds": [0],
+    "quick_streams": 6,  # calibration and test streams per kind and victim
+}
+
+
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The benchmark's settings: DEFAULTS updated by a JSON file's keys (if given)."""
+    config = merged_config(DEFAULTS, path, ("settings", "method_settings", "augment"))
+    check_methods(config["methods"])
+    for name in config["monitors"]:
+        if name not in MONITORS:
+            raise ValueError(f"monitor: unknown {name!r}; expected one of {', '.join(MONITORS)}")
+    for kind in config["benign_kinds"]:
+        if kind not in BENIGN_KINDS:
+            raise ValueError(
+                f"benign kind: unknown {kind!r}; expected one of {', '.join(BENIGN_KINDS)}"
+            )
+    if not 0 <= float(config["target_fpr"]) < 1:
+        raise ValueError(f"target_fpr: expected in [0, 1), got {config['target_fpr']}")
+    return config
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+def _plan(config: dict[str, Any], args: Any) -> dict[str, Any]:
+    """What to run, with every setting checked before any victim is trained."""
+    apply_settings_file(config, args.settings_file)
+
+    def pick(given: Any, key: str, quick_key: str) -> Any:
+        return given if given is not None else config[quick_key if args.quick else key]
+
+    plan = {
+        "queries": pick(args.queries, "queries", "quick_queries"),
+        "seeds": pick(args.seeds, "seeds", "quick_seeds"),
+        "victim_seeds": pick(args.victim_seeds, "victim_seeds", "quick_victim_seeds"),
+        "methods": args.methods or config["methods"],
+        "target_fpr": config["target_fpr"] if args.target_fpr is None else args.target_fpr,
+        "calibration_streams": pick(args.streams, "calibration_streams", "quick_streams"),
+        "test_streams": pick(args.streams, "test_streams", "quick_streams"),
+    }
+    for name in plan["methods"]:
+        if name not in METHODS:
+            raise ValueError(f"--methods: unknown {name!r}; expected one of {', '.join(METHODS)}")
+    if not 0 <= float(plan["target_fpr"]) < 1:
+        raise ValueError(f"--target-fpr: expected in [0, 1), got {plan['target_fpr']}")
+    for key, value in [
+        *((k, plan[k]) for k in ("queries", "calibration_streams", "test_streams")),
+        ("threads", args.threads),
+    ]:
+        if int(value) < 1:
+            raise ValueError(f"{key}: expected >= 1, got {value}")
+    tuned = load_tuned(config)
+    if not tuned:
+        log(
+            "detection: warning: the attacks run untuned (the package defaults and the "
+            "shared settings): pass --settings-file with megex tune's tuned.json for tuned "
+            "attackers"
+        )
+    attacks = {}
+    for method in plan["methods"]:
+        require_tuned(config, method, tuned)
+        attacks[method] = method_settings(config, method, tuned)
+    plan["attacks"] = attacks
+    plan["monitors"] = {}
+    for name, params in config["monitors"].items():
+        cls = MONITORS[name]
+        unknown = sorted(set(params) - set(cls.PARAMS))
+        if unknown:
+            raise ValueError(
+                f"monitors: {name} has no setting {unknown[0]!r}; expected {', '.join(cls.PARAMS)}"
+            )
+        plan["monitors"][name] = cls(threshold=None, **params)
+    return plan
+
+
+def run_detection(args: Any) -> dict[str, Any]:
+    """Run the benchmark described by `args`; write JSON and markdown; return the summary."""
+    config = load_config(args.config)
+    if args.device:
+        config["device"] = args.device
+    plan = _plan(config, args)
+    queries = int(plan["queries"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_torch(args.threads, config["device"])
+    t0, load_before = time.time(), _load()
+    ds = data_mod.load(config["dataset"], args.data_root)
+    x_val, _ = ds.validation_tensors(int(config["validation_images"]))
+    x_test, _ = ds.test_tensors()
+    for name, pool in (("validation images", x_val), ("test images", x_test)):
+        if queries > len(pool):
+            raise ValueError(
+                f"queries: {queries} is more than the {len(pool)} {name}; a benign stream draws "
+                "distinct images: lower --queries (or raise validation_images)"
+            )
+    monitors = plan["monitors"]
+    kinds = config["benign_kinds"]
+    victims, calibrations, attack_runs, benign_runs = {}, {}, [], []
+    for victim_seed in plan["victim_seeds"]:
+        victim, path = cached_victim(
+            args.victims,
+            config["dataset"],
+            config["victim_arch"],
+            seed=victim_seed,
+            validation_images=int(config["validation_images"]),
+            data_root=args.data_root,
+            device=config["device"],
+            log=log,
+        )
+        victim = victim.eval()
+        victims[victim_seed] = {"path": str(path), "arch": victim.arch, "accuracy": victim.accuracy}
+        about = {
+            "dataset": config["dataset"],
+            "victim": Path(path).name,
+            "victim_arch": victim.arch,
+            "victim_seed": victim_seed,
+            "input_shape": list(victim.input_shape),
+            "validation_images": int(config["validation_images"]),
+            "kinds": kinds,
+        }
+        # Calibration: validation streams only. Seeds apart from the test streams'.
+        streams = [
+            benign_stream(x_val, victim, kind, queries, 1_000_000 + 1000 * victim_seed + i, config)
+            for kind in kinds
+            for i in range(int(plan["calibration_streams"]))
+        ]  # fmt: skip
+        for name, monitor in monitors.items():
+            calibration = calibrate(monitor, streams, float(plan["target_fpr"]), about=about)
+            stem = f"{name}-{config['dataset']}-{victim.arch}-seed{victim_seed}"
+            calibration.save(out / "calibration" / f"{stem}.json")
+            calibrations[(name, victim_seed)] = calibration
+            log(
+                f"detection: victim {victim_seed}: {name} threshold {calibration.threshold:.4f} "
+                f"({calibration.calibration_fpr:.2f} of {calibration.streams} validation streams "
+                "flagged)"
+            )
+        del streams
+        for kind in kinds:
+            for i in range(int(plan["test_streams"])):
+                stream = benign_stream(
+                    x_test, victim, kind, queries, 1000 * victim_seed + i, config
+                )
+                benign_runs.append(
+                    {"victim_seed": victim_seed, "kind": kind, "stream": i,
+                     **score_stream(stream, monitors, calibrations, victim_seed)}
+                )  # fmt: skip
+        for method, (attack_name, settings) in plan["attacks"].items():
+            for seed in plan["seeds"]:
+                started = time.time()
+                stream = attack_stream(
+                    method, attack_name, settings, seed, victim, queries, config["device"]
+                )
+                scored = score_stream(stream, monitors, calibrations, victim_seed)
+                attack_runs.append(
+                    {"method": method, "victim_seed": victim_seed, "seed": seed,
+                     "queries": len(stream), "wall_s": round(time.time() - started, 1), **scored}
+                )  # fmt: skip
+                shown = ", ".join(
+                    f"{name} at {r['detected_at']}" if r["detected_at"] else f"{name} no"
+                    for name, r in scored["monitors"].items()
+                )
+                log(f"detection: {method} victim {victim_seed} seed {seed}: {shown}")
+    summary = summarise(config, plan, victims, calibrations, attack_runs, benign_runs)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    summary["machine"] = {
+        "cpus": os.cpu_count(),
+        "torch_threads": args.threads,
+        "load_average_before": load_before,
+        "load_average_after": _load(),
+    }
+    stem = "detection_quick" if args.quick else "detection"
+    paths = write_outputs(summary, out, stem)
+    log(f"detection: {summary['wall_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+    return summary
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - platforms without it
+        return None

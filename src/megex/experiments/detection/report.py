@@ -1,0 +1,174 @@
+"""The detection benchmark's summary and markdown table."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ...stats import wilson_interval
+from .. import common
+
+__all__ = ["markdown", "summarise", "write_outputs"]
+
+
+def summarise(config, plan, victims, calibrations, attack_runs, benign_runs) -> dict[str, Any]:
+    names = [*config["monitors"], "any"]
+
+    def detected_at(run: dict[str, Any], name: str) -> int | None:
+        return run["any_detected_at"] if name == "any" else run["monitors"][name]["detected_at"]
+
+    detection = {}
+    for name in names:
+        for method in plan["methods"]:
+            runs = [r for r in attack_runs if r["method"] == method]
+            hits = [detected_at(r, name) for r in runs if detected_at(r, name) is not None]
+            detection.setdefault(name, {})[method] = {
+                "runs": len(runs),
+                "detected": len(hits),
+                "rate": len(hits) / len(runs) if runs else None,
+                "median_queries": statistics.median(hits) if hits else None,
+                "min_queries": min(hits) if hits else None,
+                "max_queries": max(hits) if hits else None,
+            }
+    false_positives = {}
+    for name in names:
+        for kind in config["benign_kinds"]:
+            runs = [r for r in benign_runs if r["kind"] == kind]
+            flagged = sum(detected_at(r, name) is not None for r in runs)
+            false_positives.setdefault(name, {})[kind] = {
+                "streams": len(runs),
+                "flagged": flagged,
+                "rate": flagged / len(runs) if runs else None,
+            }
+    return {
+        "benchmark": "detection",
+        "dataset": config["dataset"],
+        "queries": int(plan["queries"]),
+        "target_fpr": float(plan["target_fpr"]),
+        "seeds": plan["seeds"],
+        "victims": {str(k): v for k, v in victims.items()},
+        "methods": plan["methods"],
+        "attack_settings": {m: {"attack": a, **s} for m, (a, s) in plan["attacks"].items()},
+        "tuned_settings": config["tuned_settings"],
+        "monitors": config["monitors"],
+        "benign": {
+            "kinds": config["benign_kinds"],
+            "calibration_streams_per_kind": int(plan["calibration_streams"]),
+            "test_streams_per_kind": int(plan["test_streams"]),
+            "noise_std": config["noise_std"],
+            "augment": config["augment"],
+        },
+        "thresholds": [
+            {
+                "monitor": name,
+                "victim_seed": seed,
+                "threshold": c.threshold,
+                "flags_when": "below" if name == "prada" else "above",
+                "calibration_fpr": c.calibration_fpr,
+                "streams": c.streams,
+            }
+            for (name, seed), c in calibrations.items()
+        ],
+        "detection": detection,
+        "false_positives": false_positives,
+        "attack_runs": attack_runs,
+        "benign_runs": benign_runs,
+    }
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as markdown tables."""
+    q = summary["queries"]
+    victims = ", ".join(
+        f"seed {seed} ({v['arch']}, test accuracy {v['accuracy']:.4f})"
+        for seed, v in summary["victims"].items()
+    )
+    benign = summary["benign"]
+    lines = [
+        f"# Detection of extraction traffic ({summary['dataset']})",
+        "",
+        f"Victims: {victims}. Streams of {q} queries per key. Thresholds for a target "
+        f"false-positive rate of {summary['target_fpr']:.0%} per benign key within {q} "
+        f"queries, chosen per victim on {benign['calibration_streams_per_kind']} validation "
+        f"streams per kind ({', '.join(benign['kinds'])}; images held out of the victim's "
+        "training split); false positives counted on "
+        f"{benign['test_streams_per_kind']} test-split streams per kind and victim. Attack "
+        "settings: "
+        + (
+            f"tuned ({summary['tuned_settings']})."
+            if summary["tuned_settings"]
+            else "untuned (package defaults and the benchmark's shared settings)."
+        ),
+        "",
+        f"## Attacks detected within {q} queries",
+        "",
+        '"any": flagged by any monitor, each at its own threshold (so its false-positive '
+        "rate can reach the sum of theirs). Queries until detection: over the runs detected.",
+        "",
+        "| monitor | method | detected | rate [95% interval] | queries until detection: "
+        "median | range |",
+        "| --- | --- | --- | --- | ---: | --- |",
+    ]
+    for name, methods in summary["detection"].items():
+        for method, d in methods.items():
+            median = "-" if d["median_queries"] is None else f"{d['median_queries']:g}"
+            span = "-" if d["min_queries"] is None else f"{d['min_queries']}-{d['max_queries']}"
+            lines.append(
+                f"| {name} | {method} | {d['detected']}/{d['runs']} | "
+                f"{_rate(d['detected'], d['runs'])} | {median} | {span} |"
+            )
+    lines += [
+        "",
+        "## Benign test streams flagged (false positives)",
+        "",
+        '95% Wilson intervals; "all" pools the kinds.',
+        "",
+        "| monitor | kind | flagged | rate [95% interval] |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, kinds in summary["false_positives"].items():
+        for kind, f in kinds.items():
+            lines.append(
+                f"| {name} | {kind} | {f['flagged']}/{f['streams']} | "
+                f"{_rate(f['flagged'], f['streams'])} |"
+            )
+        flagged = sum(f["flagged"] for f in kinds.values())
+        streams = sum(f["streams"] for f in kinds.values())
+        if len(kinds) > 1 and streams:
+            lines.append(f"| {name} | all | {flagged}/{streams} | {_rate(flagged, streams)} |")
+    lines += [
+        "",
+        "## Thresholds",
+        "",
+        "| monitor | victim | flags when the statistic is | threshold | validation streams "
+        "flagged |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for t in summary["thresholds"]:
+        lines.append(
+            f"| {t['monitor']} | {t['victim_seed']} | {t['flags_when']} | {t['threshold']:.4f} "
+            f"| {t['calibration_fpr']:.2f} of {t['streams']} |"
+        )
+    machine = summary.get("machine", {})
+    lines += [
+        "",
+        f"Wall time {summary.get('wall_s', 0):.0f} s on {machine.get('cpus')} CPUs "
+        f"(load average {machine.get('load_average_before')} before, "
+        f"{machine.get('load_average_after')} after).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _rate(count: int, total: int) -> str:
+    """A proportion with its 95% Wilson interval, or '-' when there is nothing to count."""
+    if not total:
+        return "-"
+    low, high = wilson_interval(count, total)
+    return f"{count / total:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def write_outputs(summary: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """<stem>.json and .md (the calibration files are written as the monitors are calibrated)."""
+    return [*common.write_outputs(summary, out, stem, markdown), out / "calibration"]

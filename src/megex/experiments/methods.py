@@ -1,0 +1,168 @@
+"""The methods the experiments compare: an attack, its fixed settings, and which method's
+searched settings it takes; how a method's settings are put together (shared, searched, fixed,
+configured), and the tuned-settings file (megex tune's output) they are searched into.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..attacks import ATTACKS
+from ..explain import Explanation
+
+__all__ = [
+    "ASSUMPTIONS",
+    "EXPLANATIONS",
+    "METHODS",
+    "apply_settings_file",
+    "build_attack",
+    "check_methods",
+    "load_tuned",
+    "method_settings",
+    "require_tuned",
+]
+
+# Explanations by name, so configs stay plain JSON.
+EXPLANATIONS: dict[str, dict[str, Any]] = {
+    "gradient-all": {"method": "gradient", "target": "all"},
+    "gradient-predicted": {"method": "gradient", "target": "predicted"},
+    "smoothgrad-predicted": {"method": "smoothgrad", "target": "predicted"},
+    "smoothgrad-all": {"method": "smoothgrad", "target": "all"},
+    "integrated_gradients-all": {"method": "integrated_gradients", "target": "all", "steps": 16},
+    "input_x_gradient-all": {"method": "input_x_gradient", "target": "all"},
+}
+
+PRIOR = [0.5, 4.5]
+# name -> attack, its fixed settings, and (for variants) the method whose tuned settings it takes.
+METHODS: dict[str, dict[str, Any]] = {
+    "megex-all": {"attack": "megex", "explanation": "gradient-all"},
+    "megex-predicted": {"attack": "megex", "explanation": "gradient-predicted"},
+    "megex-smoothgrad": {"attack": "megex", "explanation": "smoothgrad-predicted"},
+    "dfme": {"attack": "dfme"},
+    # DFME with 10 directions per image (11 queries per generator image), as MAZE uses.
+    "dfme-m10": {"attack": "dfme", "directions": 10, "tuned_as": "dfme"},
+    # The strongest use of the maps: every answered map, fresh or replayed, also trains the
+    # clone's input gradients (Jacobian matching); clone queries ask for maps too.
+    "megex-jacobian": {
+        "attack": "megex",
+        "explanation": "gradient-all",
+        "explain_clone_queries": True,
+        "replay_maps": True,
+    },
+    "megex-jacobian-predicted": {
+        "attack": "megex",
+        "explanation": "gradient-predicted",
+        "explain_clone_queries": True,
+        "replay_maps": True,
+    },
+    # The same attacker given the other kinds of maps services return (each undone to a
+    # gradient where it can be), with the settings searched for megex-jacobian.
+    **{
+        f"megex-jacobian-{name.split('-')[0]}": {
+            "attack": "megex",
+            "explanation": name,
+            "explain_clone_queries": True,
+            "replay_maps": True,
+            "tuned_as": "megex-jacobian",
+        }
+        for name in ("smoothgrad-all", "integrated_gradients-all", "input_x_gradient-all")
+    },
+    # With a brightness prior: an assumption about the domain (dark or light backgrounds).
+    "megex-all+prior": {
+        "attack": "megex",
+        "explanation": "gradient-all",
+        "query_gamma": PRIOR,
+        "tuned_as": "megex-all",
+    },
+    "dfme+prior": {"attack": "dfme", "query_gamma": PRIOR, "tuned_as": "dfme"},
+}
+# Attackers that try to stay under an out-of-distribution query monitor (megex.detection):
+# their generator also raises the victim's confidence, they send the images their clone is
+# most confident on, and 6 confident padding images after each (6/7 of the budget: on the
+# Fashion-MNIST victim, what keeps the first window under the calibrated threshold);
+# otherwise the settings searched for the method they evade with.
+METHODS.update(
+    {
+        f"{method}+evasive": {
+            **METHODS[method],
+            "attack": f"{METHODS[method]['attack']}-evasive",
+            "victim_confidence": 1.0,
+            "padding_per_query": 6,
+            "tuned_as": method,
+        }
+        for method in ("megex-all", "megex-jacobian", "dfme")
+    }
+)
+ASSUMPTIONS = {
+    "+prior": f"queries raised to a power in {PRIOR} (query_gamma): assumes the domain's "
+    "images have dark or light backgrounds"
+}
+
+
+def check_methods(names: list[str]) -> None:
+    """Refuse a method name that METHODS does not have."""
+    for name in names:
+        if name not in METHODS:
+            raise ValueError(f"method: unknown {name!r}; expected one of {', '.join(METHODS)}")
+
+
+def load_tuned(config: dict[str, Any]) -> dict[str, Any]:
+    """{"methods": {name: settings}, ...} from the search's output file, or {} when none."""
+    path = config.get("tuned_settings")
+    if not path:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tuned_settings: no file at {path}; run benchmarks/tune.py to make it, or set "
+            '"tuned_settings": null in the config for the untuned package defaults'
+        )
+    return json.loads(path.read_text())
+
+
+def apply_settings_file(config: dict[str, Any], settings_file: str | None) -> None:
+    """--settings-file: the tuned settings file to read instead of the config's; 'none' for
+    the package defaults, untuned; None leaves the config's."""
+    if settings_file:
+        none = settings_file.strip().lower() == "none"
+        config["tuned_settings"] = None if none else settings_file
+
+
+def method_settings(
+    config: dict[str, Any], method: str, tuned: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(attack name, settings): shared, then the method's fixed, tuned and configured ones."""
+    spec = dict(METHODS[method])
+    attack = spec.pop("attack")
+    tuned_as = spec.pop("tuned_as", method)
+    searched = ((tuned or {}).get("methods") or {}).get(tuned_as, {})
+    settings = {
+        **config["settings"],
+        **searched,
+        **spec,
+        **config["method_settings"].get(method, {}),
+    }
+    return attack, settings
+
+
+def require_tuned(config: dict[str, Any], method: str, tuned: dict[str, Any] | None) -> None:
+    """With a search's output `tuned`, refuse a method whose settings it does not hold (the
+    search has not finished it) rather than run it untuned."""
+    source = METHODS[method].get("tuned_as", method)
+    if tuned and source not in (tuned.get("methods") or {}):
+        raise ValueError(
+            f"tuned_settings: {config['tuned_settings']} has no settings for {source!r} "
+            f"(the search has not finished it); run megex tune --methods {source}, or run "
+            "untuned, without a settings file"
+        )
+
+
+def build_attack(attack: str, settings: dict[str, Any], seed: int, device: str):
+    settings = {k: v for k, v in settings.items() if not k.startswith("_")}
+    if "explanation" in settings:
+        name = settings["explanation"]
+        spec = EXPLANATIONS[name] if isinstance(name, str) else name
+        settings["explanation"] = Explanation.from_dict(spec)
+    return ATTACKS[attack](seed=seed, device=device, **settings)

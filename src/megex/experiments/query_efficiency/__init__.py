@@ -1,0 +1,250 @@
+"""Query-efficiency benchmark: explanation attacks against DFME, under a fair protocol.
+
+- Equal compute per query: every method gets the same clone updates per 1,000 queries
+  (`clone_updates_per_1k_queries`); clone updates, generator updates and wall seconds are
+  recorded at every evaluation and reported.
+- Settings come from the tuning search (`megex tune`, :mod:`megex.experiments.tuning`):
+  the same number of
+  trials for every method, on validation images held out of the victims' training split and
+  on a victim and seeds that this table never uses. The test split is read only here.
+- Several victims (the recipe with different seeds) x several attack seeds; hierarchical
+  bootstrap intervals; paired differences against the predictions-only baseline.
+- Methods that assume something about the domain (a prior on image brightness) are reported
+  in a table of their own.
+
+For every run one attack goes to the largest budget; the smaller budgets are read off it
+(exact: the schedule is constant). Runs are run folders: an interrupted benchmark resumes
+where it stopped and reuses finished runs. Writes <out>/<stem>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ...runs import RunFolder
+from .. import sweep
+from ..common import fmt_budget, log, merged_config
+from ..methods import (
+    METHODS,
+    apply_settings_file,
+    check_methods,
+    load_tuned,
+    method_settings,
+    require_tuned,
+)
+from ..runner import cells_of, get_victim, run_one
+from .report import write_outputs
+from .summary import summarise
+
+__all__ = ["DEFAULTS", "METHODS", "load_config", "plan", "run_benchmark"]
+
+
+DEFAULTS: dict[str, Any] = {
+    "dataset": "fashion-mnist",
+    "victim_arch": None,  # None: the dataset's recipe (lenet5 for Fashion-MNIST)
+    "victim_seeds": [0, 1, 2],
+    "seeds": [0, 1, 2],
+    # The last 5,000 training images: held out of every victim's training, and what the
+    # tuning search measures on. The test split is read by this table alone.
+    "validation_images": 5000,
+    # Up to 250k: 8 methods x 9 runs fit about a working day on 2 cores (500k would double it).
+    "budgets": [50_000, 100_000, 250_000],
+    # Evaluations besides the budgets, for the queries needed to reach a target.
+    # (From 1k: the leakage curve, benchmarks/configs/leakage.json, can read these runs too.)
+    "eval_at": [
+        1_000,
+        2_000,
+        3_000,
+        5_000,
+        7_500,
+        10_000,
+        15_000,
+        20_000,
+        30_000,
+        75_000,
+        150_000,
+        200_000,
+    ],
+    "methods": [
+        "megex-all",
+        "megex-predicted",
+        "megex-smoothgrad",
+        "megex-jacobian",
+        "megex-jacobian-predicted",
+        "dfme",
+    ],
+    "assumption_methods": ["megex-all+prior", "dfme+prior"],
+    "baseline": "dfme",
+    "targets": [0.8, 0.9],
+    # 6 methods x 1 run to 75k: 6 minutes on 2 idle cores with the searched settings.
+    "quick_budgets": [25_000, 75_000],
+    "quick_seeds": [0],
+    "quick_victim_seeds": [0],
+    # Shared by every method and not searched: a small generator keeps the CPU runs short,
+    # the constant schedule lets one run report every budget, the weight average removes
+    # the swings of a constant learning rate, and the compute per query is the same for all.
+    "settings": {
+        "ngf": 8,
+        "lr_schedule": "constant",
+        "clone_ema": 0.999,
+        "clone_updates_per_1k_queries": 25.0,
+    },
+    # The search's output (`megex tune`); null: the package defaults, untuned.
+    "tuned_settings": "benchmarks/results/tuning/tuned.json",
+    # A search of this config's own ({"methods": [...], "trials": N, "budget": B}), which
+    # the input-size sweep (`megex input-size`) runs before the benchmark; null: none.
+    "search": None,
+    "method_settings": {},
+    "device": "cpu",
+}
+
+
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The benchmark's settings: DEFAULTS updated by a JSON file's keys (if given)."""
+    config = merged_config(DEFAULTS, path)
+    check_methods([*config["methods"], *config["assumption_methods"], config["baseline"]])
+    return config
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+def plan_dir(out: Path, args: argparse.Namespace) -> Path:
+    """The folder of the benchmark's run folders."""
+    return out.resolve() / ("runs-quick" if args.quick else "runs")
+
+
+def finished_blocks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs of the (seed, victim) pairs on which every planned method has finished."""
+    blocks: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for job in jobs:
+        blocks.setdefault((job["seed"], job["victim_seed"]), []).append(job)
+    return [
+        job
+        for block in blocks.values()
+        if all(RunFolder(j["run_dir"]).is_finished() for j in block)
+        for job in block
+    ]
+
+
+def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: dict) -> list:
+    tuned = load_tuned(config)
+    budgets = sorted(set(args.budgets or (config["quick_budgets"] if args.quick else [])))
+    budgets = budgets or sorted(set(config["budgets"]))
+    seeds = args.seeds or (config["quick_seeds"] if args.quick else config["seeds"])
+    methods = args.methods or (
+        config["methods"] if args.quick else config["methods"] + config["assumption_methods"]
+    )
+    device = args.device or config["device"]
+    out, data_root = out.resolve(), args.data_root and str(Path(args.data_root).resolve())
+    progress = not args.no_progress and (args.jobs or 1) == 1 and not getattr(args, "ray", None)
+    chosen = {}
+    for method in methods:
+        require_tuned(config, method, tuned)
+        chosen[method] = method_settings(config, method, tuned)
+        if chosen[method][1].get("lr_schedule") != "constant":
+            raise ValueError(
+                f"{method}: the benchmark reads every budget off one run, which needs "
+                "lr_schedule 'constant'"
+            )
+    runs_dir = plan_dir(out, args)
+    jobs = []
+    # Seed, then victim, then method: a benchmark stopped part-way has every method on the
+    # same victims and seeds, a smaller but paired and balanced table.
+    for seed in seeds:
+        for victim_seed, victim in victims.items():
+            for method, (attack, settings) in chosen.items():
+                jobs.append(
+                    {
+                        "method": method,
+                        "attack": attack,
+                        "settings": settings,
+                        "victim_seed": victim_seed,
+                        "seed": seed,
+                        "budget": max(budgets),
+                        "budgets": budgets,
+                        "eval_at": [b for b in config["eval_at"] if b < max(budgets)],
+                        "name": f"{method} victim {victim_seed} seed {seed}",
+                        # Absolute: workers (processes, Ray tasks) may start elsewhere.
+                        "run_dir": str(runs_dir / f"{method}-v{victim_seed}-s{seed}"),
+                        "victim": str(Path(victim).resolve()),
+                        "dataset": config["dataset"],
+                        "data_root": data_root,
+                        "device": device,
+                        "threads": args.threads,
+                        "fresh": args.fresh,
+                        "progress": progress,
+                    }
+                )
+    return jobs
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) the benchmark described by `args`; write JSON, markdown and PNG."""
+    config = load_config(args.config)
+    if args.device:
+        config["device"] = args.device
+    apply_settings_file(config, getattr(args, "settings_file", None))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    victim_seeds = args.victim_seeds or (
+        config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
+    )
+    # The settings are checked before any victim is trained (minutes on a CPU).
+    plan(config, args, out, {s: out / "victims" / f"seed{s}" for s in victim_seeds})
+    victims = {s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds}
+    jobs = plan(config, args, out, victims)
+    planned = len(jobs)
+    if getattr(args, "finished_only", False):
+        if args.fresh:
+            raise ValueError("--finished-only reads finished runs; --fresh would discard them")
+        jobs = finished_blocks(jobs)
+        if not jobs:
+            raise ValueError(
+                f"--finished-only: no (seed, victim) pair has every method finished under "
+                f"{plan_dir(out, args)}; run the benchmark first"
+            )
+        # Finished runs are only read: no worker processes, no Ray instance.
+        args.jobs, args.ray = None, None
+    if args.fresh:
+        # Started over here, once, so that a run retried after its worker died resumes from
+        # its new checkpoint instead of starting over again.
+        for job in jobs:
+            shutil.rmtree(job["run_dir"], ignore_errors=True)
+            job["fresh"] = False
+    log(
+        f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under "
+        f"{plan_dir(out, args)}"
+    )
+    finished: list[dict[str, Any]] = []
+
+    def done(res: dict[str, Any]) -> None:
+        finished.append(res)
+        cells = cells_of(res)
+        shown = ", ".join(f"{fmt_budget(b)}: {c['clone_accuracy']:.4f}" for b, c in cells.items())
+        how = "already done" if res["skipped"] else f"{res['wall_s']} s"
+        log(
+            f"[{len(finished)}/{len(jobs)}] {res['method']} victim {res['victim_seed']} "
+            f"seed {res['seed']} ({how}): {shown}"
+        )
+
+    options = sweep.options(args, config["device"])
+    failures = sweep.run_jobs(jobs, args.jobs, done, run_one, shared=out, **options)
+    if failures:
+        # A table with runs missing would compare unequal sets: none is written.
+        raise sweep.SweepFailed(failures, len(jobs))
+    wall = time.time() - t0
+    summary = summarise(finished, config, wall, args)
+    stem = "query_efficiency_quick" if args.quick else "query_efficiency"
+    if len(jobs) < planned:
+        summary["partial"] = {"runs": len(jobs), "planned": planned}
+        stem += "_partial"
+    paths = write_outputs(summary, out, stem, plot=not args.no_plot)
+    log(f"benchmark: {wall:.0f} s wall time; wrote {', '.join(str(p) for p in paths)}")
+    return summary

@@ -1,0 +1,202 @@
+"""One trial of the tuning search: the search space, how a trial's run is scored on
+validation images, and the Optuna storage every worker shares (used by the search and by its
+confirmation step)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ... import data as data_mod
+from ...engine import run
+from ...evaluate import Evaluator
+from ...oracle import LocalOracle
+from ...victim import Victim
+from ..methods import build_attack, method_settings
+from ..runner import cells_of, prepare_torch
+
+__all__ = [
+    "SEARCH",
+    "curve_score",
+    "judged_trials",
+    "method_setup",
+    "open_storage",
+    "score",
+    "search_space",
+    "storage_url",
+]
+
+SEARCH: dict[str, Any] = {
+    "victim_seed": 100,
+    "seeds": [100, 101],
+    "budget": 100_000,
+    "marks": [25_000, 50_000, 100_000],
+    "trials": 20,
+    "startup_trials": 8,
+    # The confirmation step (:mod:`.confirm`): off here; the input-size sweep's searches
+    # use it.
+    "confirm_trials": 0,
+    "confirm_seeds": [102, 103, 104],
+    "methods": [
+        "megex-all",
+        "megex-predicted",
+        "megex-smoothgrad",
+        "dfme",
+        "megex-jacobian",
+        "megex-jacobian-predicted",
+    ],
+}
+
+
+def search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
+    """The knobs searched for an attack: the loop's shared ones, then the attack's own,
+    less those the method pins (e.g. a method defined by asking for maps on every query)."""
+    params = {
+        "generator_lr": trial.suggest_float("generator_lr", 1e-4, 5e-2, log=True),
+        "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
+        "clone_steps": trial.suggest_int("clone_steps", 1, 3),
+        "train_on_generator_queries": trial.suggest_categorical(
+            "train_on_generator_queries", [True, False]
+        ),
+        "replay_policy": trial.suggest_categorical("replay_policy", ["reservoir", "ring"]),
+        "generator_restart_every": trial.suggest_categorical(
+            "generator_restart_every", [0, 20_000, 50_000]
+        ),
+        "victim_confidence": trial.suggest_float("victim_confidence", 0.0, 3.0),
+        "disagreement_until": trial.suggest_categorical("disagreement_until", [0, 20_000, 50_000]),
+    }
+    if attack == "dfme":
+        params["directions"] = trial.suggest_categorical("directions", [1, 2, 5, 10])
+        params["epsilon"] = trial.suggest_float("epsilon", 1e-4, 1e-1, log=True)
+    else:
+        params["explanation_loss"] = trial.suggest_float("explanation_loss", 0.0, 3.0)
+        if "explain_clone_queries" not in pinned:
+            params["explain_clone_queries"] = trial.suggest_categorical(
+                "explain_clone_queries", [True, False]
+            )
+    return params
+
+
+def score(
+    method: str,
+    settings: dict[str, Any],
+    attack_name: str,
+    victim: Any,
+    evaluator: Any,
+    search: dict[str, Any],
+    device: str,
+) -> tuple[float, dict[str, Any]]:
+    """Mean validation accuracy over the marks and tuning seeds, and the per-seed curves."""
+    values, curves = [], {}
+    for seed in search["seeds"]:
+        attack = build_attack(attack_name, settings, seed, device)
+        oracle = LocalOracle(
+            victim,
+            budget=search["budget"],
+            explanation=getattr(attack.config, "explanation", None),
+            seed=seed,
+            device=device,
+        )
+        result = run(
+            attack,
+            oracle,
+            search["budget"],
+            evaluator=evaluator,
+            eval_every=search["budget"],
+            eval_at=search["marks"],
+            progress=False,
+        )
+        if not result.finished:
+            # Ctrl-C inside the run: a trial scored on part of its budget would be wrong.
+            raise KeyboardInterrupt
+        curve = [[r["queries"], r["clone_accuracy"]] for r in result.metrics]
+        values.append(curve_score(curve, search["marks"]))
+        curves[str(seed)] = curve
+    return statistics.fmean(values), curves
+
+
+def curve_score(curve: list[list[float]], marks: list[int]) -> float:
+    """One seed's score: the mean validation accuracy at the marks, each read as the
+    benchmark reads a budget (the last evaluation within it; 0 where there is none).
+    `curve` is the [queries, clone accuracy] pairs that a trial keeps in its "curves"."""
+    rows = [{"queries": q, "clone_accuracy": acc} for q, acc in curve]
+    cells = cells_of({"budgets": marks, "metrics": rows})
+    return statistics.fmean(cells.get(m, {}).get("clone_accuracy", 0.0) for m in marks)
+
+
+def storage_url(args: Any) -> str:
+    """The Optuna storage: --storage, or the SQLite file <out>/studies.db."""
+    if args.storage:
+        if "://" not in args.storage:
+            raise ValueError(
+                f"--storage: {args.storage!r} is not a database URL (sqlite:///PATH, "
+                "postgresql://USER@HOST/DB, mysql://USER@HOST/DB)"
+            )
+        return args.storage
+    return f"sqlite:///{Path(args.out).resolve() / 'studies.db'}"
+
+
+def public_url(url: str) -> str:
+    """The storage URL without its password (for logs and the output file)."""
+    return re.sub(r"//[^@/]*@", "//", url)
+
+
+def portable_url(url: str) -> str:
+    """The storage URL as the output file records it: a SQLite file under the working
+    folder by its relative path, so that the record holds in any checkout."""
+    url = public_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if path.is_relative_to(Path.cwd()):
+            return f"sqlite:///{path.relative_to(Path.cwd())}"
+    return url
+
+
+def open_storage(url: str):
+    import warnings
+
+    import optuna
+    from optuna import storages
+
+    # Heartbeats (what lets a killed trial be retried) are marked experimental.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
+        retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(2)}
+    else:
+        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
+    return storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **retry)
+
+
+def method_setup(job: dict[str, Any]) -> tuple[Any, Any, str, dict[str, Any]]:
+    """(tuning victim, validation evaluator, attack name, the method's fixed settings) for a
+    worker of one method's search."""
+    prepare_torch(job["threads"], job["device"])
+    config = job["config"]
+    if job["storage"].startswith("sqlite:") and socket.gethostname() != job["host"]:
+        raise ValueError(
+            f"--storage: the SQLite file {job['storage']} serves one machine, and this worker "
+            f"runs on {socket.gethostname()}, not {job['host']}; pass a database URL that "
+            "every machine reaches (postgresql://..., mysql://...)"
+        )
+    victim = Victim.load(job["victim"])
+    ds = data_mod.load(config["dataset"], job["data_root"])
+    x_val, y_val = ds.validation_tensors(config["validation_images"])
+    evaluator = Evaluator.from_victim(victim, x_val, y_val)
+    attack_name, fixed = method_settings(config, job["method"])
+    return victim, evaluator, attack_name, fixed
+
+
+def judged_trials(study: Any, trials: int) -> list[Any]:
+    """The trials a method is judged on, the same number for every method: its first
+    `trials` finished ones by number (parallel workers may finish a few more)."""
+    import optuna
+
+    complete = optuna.trial.TrialState.COMPLETE
+    finished = study.get_trials(deepcopy=False, states=(complete,))
+    return sorted(finished, key=lambda t: t.number)[:trials]
