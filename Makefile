@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install lint format bench clean
+.PHONY: demo test test-fast docs install lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,12 @@ demo: $(STAMP)
 	$(BIN)/megex demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff format --check src tests benchmarks docs
 	# The layers of DESIGN.md, as the contract in pyproject.toml states them.
 	$(BIN)/lint-imports
+	# The docs: a broken link, a page left out of the nav or a missing plot fails the build.
+	$(BIN)/mkdocs build --strict
 	# Two workers: the suite is mostly one process's CPU time; a file's tests share one worker.
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
@@ -31,14 +33,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests/unit
 
+# The site (MkDocs) into build/site/.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks docs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/query_efficiency.py --quick
 
 clean:
-	rm -rf $(VENV) megex-demo megex-report .pytest_cache
+	rm -rf $(VENV) megex-demo megex-report .pytest_cache build/site

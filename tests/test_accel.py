@@ -182,7 +182,7 @@ def test_device_images_are_checked_with_clear_errors():
             validate_images(bad, (1, 8, 8), keep_device=True)
 
 
-def test_answers_on_the_device_refuse_defences(digits_victim):
+def test_answers_on_the_device_refuse_defenses(digits_victim):
     from megex.defenses import build_defense
 
     with pytest.raises(ValueError, match="answer_on_device"):

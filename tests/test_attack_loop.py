@@ -258,7 +258,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, digits_victim):
         )  # fmt: skip
 
 
-def test_a_run_behind_a_defence_is_not_resumed_without_it(tmp_path, digits_victim):
+def test_a_run_behind_a_defense_is_not_resumed_without_it(tmp_path, digits_victim):
     from megex.defenses import build_defense
 
     defended = LocalOracle(digits_victim, budget=5000, defenses=[build_defense("sign")])

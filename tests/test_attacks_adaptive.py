@@ -168,9 +168,9 @@ def test_adaptive_run_against_sign_maps_counts_exactly(digits_victim, digits_tes
         ),
     ],
 )
-def test_adapt_to_declared_defences(defenses, expected):
+def test_adapt_to_declared_defenses(defenses, expected):
     assert adapt_to(defenses) == expected
 
 
-def test_adapt_to_reads_defence_objects():
+def test_adapt_to_reads_defense_objects():
     assert adapt_to([ExplanationNoise(0.5)]) == {"map_repeats": 4}

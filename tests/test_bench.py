@@ -61,7 +61,15 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     interval = cell["interval"]
     assert interval["low"] <= interval["estimate"] <= interval["high"]
     assert cell["vs_baseline"]["pairs"] == 4
-    assert cell["vs_baseline"]["verdict"] in ("a ahead", "b ahead", "no difference measured")
+    # The verdict follows from the two intervals reported beside it.
+    diff = cell["vs_baseline"]
+    assert diff["low"] <= diff["mean"] <= diff["high"]
+    if diff["low"] > 0 and diff["t_low"] > 0:
+        assert diff["verdict"] == "a ahead"
+    elif diff["high"] < 0 and diff["t_high"] < 0:
+        assert diff["verdict"] == "b ahead"
+    else:
+        assert diff["verdict"] == "no difference measured"
     assert summary["seeds"] == [0, 1]
     # Compute is recorded per budget: the same clone updates per query for both methods.
     from megex.runs import read_metrics

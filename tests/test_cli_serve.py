@@ -109,3 +109,31 @@ def test_serve_module_reports_a_missing_victim():
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and "no file" in done.stderr
+
+
+def test_the_options_are_the_service_settings(tmp_path):
+    from megex.cli import UsageError
+    from megex.cli.serve import service_settings
+    from megex.cli.service_options import SETTING_OPTIONS, read
+    from megex.serving import ServiceSettings
+
+    argv = ["serve", "--victim", "v.safetensors"]
+    # Unset, every option gives its setting's default (written once, on the dataclass).
+    defaults, args = ServiceSettings(), build_parser().parse_args(argv)
+    for option in SETTING_OPTIONS:
+        assert option.read(args) == getattr(defaults, option.setting), option.flag
+    args = build_parser().parse_args(
+        [*argv, "--max-body-mb", "2", "--rate-limit", "3", "--top-k", "4", "--openapi"]
+    )
+    settings = service_settings(args, (1, 8, 8))
+    assert settings.max_body_bytes == 2 * 1024 * 1024 and settings.rate_limit == 3.0
+    assert settings.top_k == 4 and settings.openapi and settings.db_path == "megex-ledger.sqlite"
+    # A refusal names the option and states the rule in the option's own unit.
+    for extra, message in [
+        (["--max-body-mb", "0"], "--max-body-mb: expected >= 9.53674e-07, got 0.0"),
+        (["--failed-key-rate", "0"], "--failed-key-rate: expected > 0, got 0.0"),
+        (["--name", "a:b"], "--name: 'a:b' cannot appear in a URL path segment"),
+    ]:
+        with pytest.raises(UsageError) as info:
+            read(build_parser().parse_args([*argv, *extra]))
+        assert str(info.value) == message

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ import megex
 from megex import BudgetExceeded, Explanation, LocalOracle
 from megex.attacks import DFME, MEGEX, MEGEXConfig, describe_settings, parse_setting
 from megex.attacks.base import victim_targets
-from megex.attacks.config import SettingError
-from megex.engine import Metered
+from megex.attacks.config import AttackConfig, SettingError
+from megex.engine import Attack, LoopSettings, Metered
+from megex.engine.resume import SETTINGS_ADDED_SINCE
 
 SMALL = {"batch_size": 16, "nz": 16, "ngf": 8}
 LARGE = {**SMALL, "batch_size": 128}
@@ -117,6 +120,37 @@ def test_metered_oracle_counts_with_the_oracle_and_refuses_past_the_run_budget(v
     with pytest.raises(BudgetExceeded):
         metered.query(torch.rand(21, 1, 8, 8))
     assert oracle.queries_used == 130  # refused whole, before the oracle
+
+
+def _members(protocol: type) -> set[str]:
+    own = set(vars(protocol)) | set(getattr(protocol, "__annotations__", {}))
+    return {n for n in own if not n.startswith("_")}
+
+
+def test_the_engine_needs_only_its_attack_protocol(victim):
+    # The attacks depend on the engine's protocol, not the reverse.
+    code = (
+        "import sys, megex.engine; "
+        "assert not [m for m in sys.modules if m.startswith('megex.attacks')]"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert {"step", "replay", "setup", "config", "clone_updates"} <= _members(Attack)
+    for attack in (DFME(**SMALL), MEGEX(**SMALL)):
+        attack.setup(LocalOracle(victim), 2)  # clone_arch is known after setup
+        missing = [n for n in _members(Attack) if not hasattr(attack, n)]
+        missing += [n for n in _members(LoopSettings) if not hasattr(attack.config, n)]
+        assert not missing, f"{attack.name}: {missing}"
+
+
+def test_runs_from_before_the_speed_settings_are_taken_to_have_their_defaults():
+    # The values old runs had, written down; a new speed setting or a changed default must
+    # decide here whether runs recorded before it still resume.
+    speed = {
+        f.name: f.default
+        for f in dataclasses.fields(AttackConfig)
+        if f.metadata["group"] == "speed"
+    }
+    assert SETTINGS_ADDED_SINCE == speed
 
 
 def test_settings_are_frozen_validated_and_described():

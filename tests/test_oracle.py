@@ -122,7 +122,7 @@ def test_explanation_policy(user_victim):
         LocalOracle(user_victim).query(x, explanation=Explanation(target=12))
 
 
-def test_defences_change_what_is_returned(user_victim):
+def test_defenses_change_what_is_returned(user_victim):
     x = torch.rand(4, 1, 8, 8)
     plain = LocalOracle(user_victim).query(x, explanation=True)
     rounded = LocalOracle(user_victim, defenses=[build_defense("round:1")]).query(x)
@@ -133,7 +133,7 @@ def test_defences_change_what_is_returned(user_victim):
     assert ((sparse.explanation != 0).flatten(1).sum(1) <= 16).all()
     with pytest.raises(ValueError, match="unknown 'blur'"):
         build_defense("blur")
-    with pytest.raises(ValueError, match="not a number"):
+    with pytest.raises(ValueError, match="expected a number"):
         build_defense("noise:lots")
 
 
@@ -141,7 +141,7 @@ def test_local_oracle_is_an_oracle(user_victim):
     assert isinstance(LocalOracle(user_victim), megex.Oracle)
 
 
-def test_probability_defences_cannot_be_bypassed_by_logits(user_victim):
+def test_probability_defenses_cannot_be_bypassed_by_logits(user_victim):
     with pytest.raises(ValueError, match="does not apply to prediction='logits'"):
         LocalOracle(user_victim, prediction="logits", defenses=[build_defense("round:2")])
     # Explanation defences are fine with any prediction mode.

@@ -710,3 +710,39 @@ def test_ledger_refunds_requests_interrupted_by_a_restart(tmp_path):
     )
     assert ledger.usage(account.id).used == 4
     ledger.close()
+
+
+def test_the_service_settings_are_declared_checked_and_taken_by_create_app(tmp_path, victim):
+    from megex.serving import ServiceSettings
+    from megex.settings import describe_settings
+
+    described = {d["name"]: d for d in describe_settings(ServiceSettings)}
+    assert {"budget", "rate_limit", "max_body_bytes", "explanation", "monitors"} <= set(described)
+    assert all(d["help"] and d["group"] for d in described.values())
+    db = tmp_path / "refused.sqlite"
+    for changes, message in [
+        ({"rate_limit": 0.0}, "rate_limit: expected a number > 0"),
+        ({"budget": -1}, "budget: expected a whole number >= 0"),
+        ({"max_passes_per_request": 0}, "max_passes_per_request: expected a whole number >= 1"),
+        ({"chunk_passes": 2.5}, "chunk_passes: expected a whole number >= 1"),
+        ({"prediction": "scores"}, "prediction: expected one of"),
+        ({"name": "a/b"}, "cannot appear in a URL path segment"),
+        ({"stored_response_bytes_per_key": 9, "stored_response_bytes": 8}, "per key <= bytes"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ServiceSettings(**changes)
+        # Refused before the ledger is opened: its file is not even made.
+        with pytest.raises(ValueError, match=message):
+            create_app(victim, db_path=db, **changes)
+        assert not db.exists()
+    with pytest.raises(TypeError, match="unknown service setting 'budgte'"):
+        create_app(victim, budgte=3)
+    settings = ServiceSettings(budget=7, rate_limit=2.0, name="clone-me")
+    app = create_app(victim, settings, keys=["k"])
+    try:
+        assert app.state.settings == settings.replace(keys=["k"])
+        service, ledger = app.state.service, app.state.ledger
+        assert service.name == "clone-me" and service.request_limiter.rate == 2.0
+        assert ledger.usage(ledger.authenticate("k").id).budget == 7
+    finally:
+        app.state.ledger.close()

@@ -188,20 +188,21 @@ def test_a_crash_leaves_charged_only_the_requests_sent_without_an_idempotency_ke
         ledger.close()
 
 
-def test_readme_states_the_service_limits_and_the_crash_semantics():
+def test_the_service_page_states_the_limits_and_the_crash_semantics():
     import argparse
 
     from megex.cli.serve import add_parser
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### The victim as a service", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    section = page.split("## Limits", 1)[1]
     commands = argparse.ArgumentParser().add_subparsers()
     add_parser(commands)
     title = "limits against costly or hostile clients"
     groups = [g for g in commands.choices["serve"]._action_groups if g.title == title]
     flags = [a.option_strings[0] for g in groups for a in g._group_actions]
     assert len(flags) >= 10
-    flags += ["--max-body-mb", "--rate-limit", "--openapi", "--expose-architecture"]
-    for flag in flags:
+    for flag in [*flags, "--budget"]:
         assert f"`{flag}" in section, flag
+    for flag in ("--openapi", "--expose-architecture", "--db", "--keys"):
+        assert f"`{flag}" in page, flag
     assert "kill -9" in section and "Idempotency-Key" in section

@@ -16,8 +16,9 @@ from test_bench import _config  # the benchmark's small digits config
 
 from megex.cli.bench import add_bench_arguments, add_tune_arguments
 from megex.experiments import query_efficiency as bench
-from megex.experiments import runner, sweep
+from megex.experiments import sweep
 from megex.experiments import tuning as tune
+from megex.experiments.runner import run_one
 from megex.experiments.tuning import trials
 from megex.models import build_classifier
 from megex.runs import read_metrics
@@ -106,7 +107,7 @@ def test_a_sweep_on_ray_gives_the_local_runners_results(tmp_path, ray_instance, 
 
 
 def _killed_after_first_checkpoint(job: dict) -> dict:
-    """runner.run_one, but the first attempt's worker process is killed (SIGKILL) as soon as
+    """run_one, but the first attempt's worker process is killed (SIGKILL) as soon as
     the run's first checkpoint is on disk; each attempt notes its pid and what it found."""
     folder = Path(job["run_dir"])
     log = folder.with_name(folder.name + ".attempts")
@@ -122,12 +123,12 @@ def _killed_after_first_checkpoint(job: dict) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Thread(target=kill_at_checkpoint, daemon=True).start()
-    return runner.run_one(job)
+    return run_one(job)
 
 
 def test_a_worker_killed_mid_run_is_retried_and_resumed(tmp_path, ray_instance):
     [job] = _jobs(tmp_path, "out", "--seeds", "0", "--methods", "dfme")
-    reference = runner.run_one({**job, "run_dir": str(tmp_path / "reference")})
+    reference = run_one({**job, "run_dir": str(tmp_path / "reference")})
     results: list[dict] = []
     failures = sweep.run_jobs(
         [job], None, results.append, _killed_after_first_checkpoint, ray="local", retries=2
@@ -148,12 +149,12 @@ def test_an_interrupted_sweep_redoes_no_finished_run(tmp_path, ray_instance):
         raise KeyboardInterrupt  # Ctrl-C as the first run finishes
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_jobs(jobs, None, interrupt, runner.run_one, ray="local")
+        sweep.run_jobs(jobs, None, interrupt, run_one, ray="local")
     finished = {j["run_dir"]: Path(j["run_dir"], "result.json").stat().st_mtime_ns
                 for j in jobs if Path(j["run_dir"], "result.json").is_file()}  # fmt: skip
     assert 1 <= len(finished) < len(jobs)
     results: list[dict] = []
-    assert sweep.run_jobs(jobs, None, results.append, runner.run_one, ray="local") == []
+    assert sweep.run_jobs(jobs, None, results.append, run_one, ray="local") == []
     assert len(results) == len(jobs)
     for res in results:
         assert res["skipped"] == (res["run_dir"] in finished)
@@ -174,7 +175,7 @@ def test_a_run_with_bad_settings_is_reported_once_and_the_others_finish(
         runner, (None, "local")
     )
     results: list[dict] = []
-    failures = sweep.run_jobs(jobs, workers, results.append, runner.run_one, ray=on)
+    failures = sweep.run_jobs(jobs, workers, results.append, run_one, ray=on)
     assert [r["method"] for r in results] == ["megex-all"]
     [failure] = failures
     assert failure.job["name"] == "dfme victim 0 seed 0" and failure.kind == "SettingError"
@@ -216,9 +217,13 @@ def test_the_settings_file_names_its_study_without_machine_paths_or_passwords(
 def test_ray_stays_optional_and_bad_options_are_one_line(monkeypatch):
     from megex.cli import build_parser
 
-    for line in ("bench --quick --ray", "bench --ray auto --jobs 4", "tune --ray --jobs 2"):
+    for line, address in (
+        ("bench --quick --ray", "local"),
+        ("bench --ray auto --jobs 4", "auto"),
+        ("tune --ray --jobs 2", "local"),
+    ):
         args = build_parser().parse_args(line.split())
-        assert args.ray in ("local", "auto")
+        assert args.ray == address, line
     for line in ("bench --jobs 0", "bench --retries -1", "tune --parallel-trials two"):
         with pytest.raises(SystemExit):  # argparse's one-line message, exit status 2
             build_parser().parse_args(line.split())

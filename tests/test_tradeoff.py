@@ -106,7 +106,7 @@ def test_bad_settings_are_refused_before_any_training(tmp_path, capsys):
     assert "utility_threshold" in capsys.readouterr().err
 
 
-def test_a_defence_row_given_twice_is_run_once(tmp_path):
+def test_a_defense_row_given_twice_is_run_once(tmp_path):
     args = add_tradeoff_arguments(argparse.ArgumentParser()).parse_args(
         [
             "--defense",
@@ -173,7 +173,7 @@ def _shifted(by):
     return [[v + by + 0.002 * (i + j) for j, v in enumerate(s)] for i, s in enumerate(DFME)]
 
 
-def test_a_defence_stops_a_lead_only_if_neither_variant_keeps_it():
+def test_a_defense_stops_a_lead_only_if_neither_variant_keeps_it():
     finished = [
         *_finished("dfme", "none", DFME),
         *_finished("megex-all", "none", _shifted(0.20)),  # well ahead without a defence
@@ -202,7 +202,7 @@ def test_a_defence_stops_a_lead_only_if_neither_variant_keeps_it():
     assert "| gaussian:2 | -20.0 [" in table
 
 
-def test_a_prediction_defence_that_stops_the_lead_is_named_with_its_cost_to_the_answers():
+def test_a_prediction_defense_that_stops_the_lead_is_named_with_its_cost_to_the_answers():
     finished = [
         *_finished("dfme", "none", DFME),
         *_finished("megex-all", "none", _shifted(0.20)),
@@ -221,7 +221,7 @@ def test_a_prediction_defence_that_stops_the_lead_is_named_with_its_cost_to_the_
     assert "top-1 label kept on 98.0% of images)" in table
 
 
-def test_without_an_undefended_lead_no_defence_is_named():
+def test_without_an_undefended_lead_no_defense_is_named():
     finished = [
         *_finished("dfme", "none", DFME),
         *_finished("megex-all", "none", _shifted(0.0)),

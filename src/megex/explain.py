@@ -242,19 +242,7 @@ def explain(
         raise ValueError(
             f"logits: expected {x.shape[0]} rows (one per image), got {logits.shape[0]}"
         )
-    num_classes = logits.shape[1]
-    target = explanation.target
-    if target == "all":
-        classes = None
-    elif target == "predicted":
-        classes = logits.argmax(dim=1)
-    else:
-        if target >= num_classes:
-            raise ValueError(
-                f"explanation target: class {target} does not exist (model has {num_classes})"
-            )
-        classes = torch.full((x.shape[0],), int(target), dtype=torch.long, device=x.device)
-
+    classes = _explained_classes(logits, explanation.target, x)
     method, params, output = explanation.method, explanation.params, explanation.output
     if method == "gradient":
         return _gradients(forward, x, output, classes)
@@ -262,15 +250,51 @@ def explain(
         grad = _gradients(forward, x, output, classes)
         return grad * (x if classes is not None else x.unsqueeze(1))
     if method == "smoothgrad":
+        return _smoothgrad(forward, x, output, classes, params, generator)
+    return _integrated_gradients(forward, x, output, classes, params)
 
-        def noisy(_: int) -> torch.Tensor:
-            # Drawn on the CPU so that a CPU generator seeds it wherever the model runs.
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            return x + params["sigma"] * noise
 
-        total = _summed_gradients(forward, noisy, params["samples"], x, output, classes)
-        return total / params["samples"]
-    # integrated gradients: midpoint Riemann sum along the straight path baseline -> x
+def _explained_classes(logits: torch.Tensor, target: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The class explained for each image (None: every class), from the target and logits."""
+    num_classes = logits.shape[1]
+    if target == "all":
+        return None
+    if target == "predicted":
+        return logits.argmax(dim=1)
+    if target >= num_classes:
+        raise ValueError(
+            f"explanation target: class {target} does not exist (model has {num_classes})"
+        )
+    return torch.full((x.shape[0],), int(target), dtype=torch.long, device=x.device)
+
+
+def _smoothgrad(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    output: str,
+    classes: torch.Tensor | None,
+    params: dict[str, Any],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """SmoothGrad: the mean gradient over noisy copies of the images."""
+
+    def noisy(_: int) -> torch.Tensor:
+        # Drawn on the CPU so that a CPU generator seeds it wherever the model runs.
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return x + params["sigma"] * noise
+
+    total = _summed_gradients(forward, noisy, params["samples"], x, output, classes)
+    return total / params["samples"]
+
+
+def _integrated_gradients(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    output: str,
+    classes: torch.Tensor | None,
+    params: dict[str, Any],
+) -> torch.Tensor:
+    """Integrated gradients: midpoint Riemann sum along the straight path baseline -> x."""
     baseline = torch.full_like(x, params["baseline"])
     steps = params["steps"]
     delta = x - baseline

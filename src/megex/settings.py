@@ -29,11 +29,14 @@ __all__ = [
     "POSITIVE",
     "Anything",
     "Choice",
+    "Each",
     "Fractions",
+    "Mapping",
     "Number",
     "OrNone",
     "Pair",
     "SettingError",
+    "Text",
     "declared",
     "default_of",
     "describe_settings",
@@ -309,3 +312,65 @@ def _shown_rule(rule: str) -> str:
     """A rule as help shows it, in parentheses after the text."""
     rule = rule.strip()
     return "" if not rule else f" {rule}" if rule.startswith("(") else f" ({rule})"
+
+
+@dataclass(frozen=True)
+class Each:
+    """A list whose every item passes `item` (a Number, Choice, ...)."""
+
+    item: Any
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, list | tuple):
+            raise SettingError(f"{name}: expected a list{self.rule()}, got {value!r}")
+        for i, v in enumerate(value):
+            self.item.check(f"{name}[{i}]", v)
+
+    def rule(self) -> str:
+        inner = self.item.rule().strip()
+        return f" (a list, each {inner.strip('()')})" if inner else " (a list)"
+
+    def expected(self) -> str:
+        return f"a list{self.rule()}"
+
+    def parse(self, value: Any, where: str = "") -> Any:
+        self.check(where, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A JSON object (a dict with text keys)."""
+
+    def check(self, name: str, value: Any) -> None:
+        if not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+            raise SettingError(f"{name}: expected an object of named values, got {value!r}")
+
+    def rule(self) -> str:
+        return " (an object)"
+
+    def expected(self) -> str:
+        return "an object of named values"
+
+    def parse(self, value: Any, where: str = "") -> Any:
+        self.check(where, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Text:
+    """Non-empty text (a name, a path)."""
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, str) or not value:
+            raise SettingError(f"{name}: expected text, got {value!r}")
+
+    def rule(self) -> str:
+        return ""
+
+    def expected(self) -> str:
+        return "text"
+
+    def parse(self, value: Any, where: str = "") -> Any:
+        self.check(where, value)
+        return value

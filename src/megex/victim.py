@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -236,16 +236,7 @@ def train_victim(
     """
     ds = dataset if isinstance(dataset, data_mod.Dataset) else data_mod.load(dataset, data_root)
     ds = ds.without_validation(validation_images)
-    recipe = RECIPES.get(ds.name, Recipe(arch or "lenet5", epochs=10, lr=0.05))
-    arch = arch or recipe.arch
-    epochs = recipe.epochs if epochs is None else epochs
-    lr = recipe.lr if lr is None else lr
-    batch_size = recipe.batch_size if batch_size is None else batch_size
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if int(value) < 1:
-            raise ValueError(f"{name}: expected >= 1, got {value}")
-    if not lr > 0:
-        raise ValueError(f"lr: expected > 0, got {lr}")
+    recipe = _resolved_recipe(ds.name, arch, epochs, lr, batch_size)
 
     torch.manual_seed(seed)
     # The training images stay uint8 and each batch is converted on its own (the same values
@@ -255,21 +246,66 @@ def train_victim(
     x_test, y_test = ds.test_tensors()
     mean, std = _channel_statistics(ds.x_train)
     c, h, _ = ds.input_shape
+    arch = recipe.arch
     model = build_classifier(arch, ds.num_classes, c, h)
     victim = Victim(model, ds.input_shape, ds.num_classes, mean, std, arch=arch, dataset=ds.name)
     victim.to(device)
+    start = time.time()
+    bar = _progress(recipe.epochs, progress, f"train {arch} on {ds.name}")
+    _fit(victim, x_train, y_train, recipe, seed, h > 8, device, bar)
+    victim.eval()
+    victim.accuracy = accuracy(victim, x_test, y_test)
+    victim.metadata.update(
+        {
+            "epochs": recipe.epochs,
+            "lr": recipe.lr,
+            "seed": seed,
+            "validation_images": validation_images,
+            "train_seconds": round(time.time() - start, 1),
+        }
+    )
+    return victim.cpu()
+
+
+def _resolved_recipe(
+    name: str, arch: str | None, epochs: int | None, lr: float | None, batch_size: int | None
+) -> Recipe:
+    """The dataset's recipe with the settings given in place of its own; checked."""
+    recipe = RECIPES.get(name, Recipe(arch or "lenet5", epochs=10, lr=0.05))
+    arch = arch or recipe.arch
+    epochs = recipe.epochs if epochs is None else epochs
+    lr = recipe.lr if lr is None else lr
+    batch_size = recipe.batch_size if batch_size is None else batch_size
+    for setting, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"{setting}: expected >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected > 0, got {lr}")
+    return replace(recipe, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size)
+
+
+def _fit(
+    victim: Victim,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    recipe: Recipe,
+    seed: int,
+    shift: bool,
+    device: str,
+    bar: Any,
+) -> None:
+    """The recipe's epochs of SGD (Nesterov momentum, one-cycle learning rate) over uint8
+    images in a random order, each batch shifted at random if `shift`."""
+    lr, batch_size = recipe.lr, recipe.batch_size
     opt = torch.optim.SGD(
         victim.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay
     )
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+        opt, max_lr=lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.15
     )
     gen = torch.Generator().manual_seed(seed)
-    shift = h > 8
-    start = time.time()
-    bar = _progress(epochs, progress, f"train {arch} on {ds.name}")
-    for _ in range(epochs):
+    for _ in range(recipe.epochs):
         victim.train()
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(order), batch_size):
@@ -287,18 +323,6 @@ def train_victim(
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()
-    victim.eval()
-    victim.accuracy = accuracy(victim, x_test, y_test)
-    victim.metadata.update(
-        {
-            "epochs": epochs,
-            "lr": lr,
-            "seed": seed,
-            "validation_images": validation_images,
-            "train_seconds": round(time.time() - start, 1),
-        }
-    )
-    return victim.cpu()
 
 
 def _channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:

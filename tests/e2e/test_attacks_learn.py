@@ -9,7 +9,7 @@ clone that never trains) leaves the clone near chance (10%) and fails here.
 
 Thresholds: chance + half the gap between chance and the lowest accuracy measured over
 attack seeds 0, 1 and 2 (same victim, same budget, one torch thread, 2-core CPU). The
-measured accuracies are in MEASURED; each test takes 5-12 s on one thread.
+measured accuracies are in MEASURED; each test takes 5-12 s on one idle thread.
 """
 
 from dataclasses import dataclass, field

@@ -11,7 +11,6 @@ checkpoints and progress. A subclass provides `queries_per_generator_step` and
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from typing import Any
@@ -25,10 +24,17 @@ from ..models import build_classifier, build_generator, fast_layout
 from ..oracle import Answer, Oracle
 from .config import AttackConfig
 from .replay import ReplayBuffer
+from .training import (
+    LOG_EPS,
+    disagreement,
+    new_weight_average,
+    optimisers,
+    step_schedules,
+    update_weight_average,
+    victim_targets,
+)
 
 __all__ = ["Attack", "AttackConfig", "default_clone_arch", "victim_targets"]
-
-LOG_EPS = 1e-8
 
 
 def default_clone_arch(input_shape: tuple[int, int, int]) -> str:
@@ -39,23 +45,6 @@ def default_clone_arch(input_shape: tuple[int, int, int]) -> str:
     if size <= 28:
         return "lenet5"
     return "resnet18_8x"
-
-
-def victim_targets(probabilities: torch.Tensor) -> torch.Tensor:
-    """DFME's "mean" logit recovery: log p - mean_k log p (defined up to a constant anyway)."""
-    logp = probabilities.clamp_min(LOG_EPS).log()
-    return logp - logp.mean(dim=1, keepdim=True)
-
-
-def disagreement(
-    clone_logits: torch.Tensor, probabilities: torch.Tensor, loss: str
-) -> torch.Tensor:
-    """Per-image distance between clone and victim: 'l1' on recovered logits, or 'kl'."""
-    if loss == "l1":
-        return (clone_logits - victim_targets(probabilities)).abs().mean(dim=1)
-    p = probabilities.clamp_min(LOG_EPS)
-    p = p / p.sum(dim=1, keepdim=True)
-    return (p * (p.log() - F.log_softmax(clone_logits, dim=1))).sum(dim=1)
 
 
 class Attack:
@@ -126,22 +115,9 @@ class Attack:
         self.generator_shape = (size, channels)
         self.generator = fast_layout(self.new_generator(), c.device, layout)
         self._passes: dict[str, tuple[Any, Any]] = {}
-        clone_lr, generator_lr = accel.scaled_learning_rates(c)
-        self.clone_opt = torch.optim.SGD(
-            self.clone.parameters(),
-            lr=clone_lr,
-            momentum=c.clone_momentum,
-            weight_decay=c.clone_weight_decay,
-        )
-        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
-        milestones = sorted({max(1, int(m * iterations)) for m in c.lr_milestones})
-        if c.lr_schedule == "constant":
-            milestones = []
-        self.clone_sched = torch.optim.lr_scheduler.MultiStepLR(
-            self.clone_opt, milestones, c.lr_gamma
-        )
-        self.generator_sched = torch.optim.lr_scheduler.MultiStepLR(
-            self.generator_opt, milestones, c.lr_gamma
+        self.clone_opt, self.generator_opt = optimisers(c, self.clone, self.generator)
+        self.clone_sched, self.generator_sched = step_schedules(
+            c, iterations, self.clone_opt, self.generator_opt
         )
         self.replay_buffer = (
             ReplayBuffer(
@@ -155,12 +131,7 @@ class Attack:
             if c.replay_size > 0
             else None
         )
-        # The weight average is hand-written rather than torch.optim.swa_utils.AveragedModel:
-        # it starts from the clone's initial weights with a warm-up of the decay, and copies
-        # batch-norm statistics instead of averaging them.
-        self.clone_ema_model = None
-        if c.clone_ema > 0:
-            self.clone_ema_model = copy.deepcopy(self.clone).requires_grad_(False)
+        self.clone_ema_model = new_weight_average(self.clone) if c.clone_ema > 0 else None
         self.ema_updates = 0
         self.generator_restarts = 0
         self.clone_updates = 0
@@ -344,11 +315,7 @@ class Attack:
             self.ema_updates += 1
             # Warm-up so that the average does not drag the random initial weights along.
             decay = min(self.config.clone_ema, (1 + self.ema_updates) / (10 + self.ema_updates))
-            with torch.no_grad():
-                for avg, cur in zip(self.clone_ema_model.parameters(), self.clone.parameters()):
-                    avg.lerp_(cur, 1 - decay)
-                for avg, cur in zip(self.clone_ema_model.buffers(), self.clone.buffers()):
-                    avg.copy_(cur)
+            update_weight_average(self.clone_ema_model, self.clone, decay)
         return accel.logged(loss, self.config)
 
     def observe(self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None) -> None:

@@ -31,8 +31,16 @@ from torch import nn
 from .. import accel
 from ..explain import Explanation, output_values
 from ..oracle import Answer, Oracle
-from .base import LOG_EPS, Attack, disagreement, victim_targets
+from .base import Attack
 from .config import AT_LEAST_0, FLAG, AttackConfig, SettingError, setting
+from .maps import (
+    INTEGRATED_GRADIENTS_MIN_PROBABILITY,  # noqa: F401 (still importable from here)
+    class_combination,
+    disagreement_gradient,
+    explained_class,
+    log_probability_gradients,
+)
+from .training import LOG_EPS, disagreement
 
 __all__ = ["MEGEX", "MEGEXConfig", "log_probability_gradients"]
 
@@ -82,63 +90,6 @@ class MEGEXConfig(AttackConfig):
         super().__post_init__()
 
 
-# Integrated gradients average dp_k/dx along the path from the baseline. Divided by p_k at the
-# image, a class that the image makes unlikely gets a map that is far too large and points
-# elsewhere: on Fashion-MNIST (LeNet-5, 16 steps) below p_k = 1e-3 the undone map's norm was a
-# median 20-20,000x that of the true d log p_k, with cosine < 0.2, and such maps drove the
-# generator to overflow. Those classes are left out, as classes the service hides are.
-INTEGRATED_GRADIENTS_MIN_PROBABILITY = 1e-3
-
-
-def _undo_attribution(maps: torch.Tensor, x: torch.Tensor, spec: Explanation) -> torch.Tensor:
-    """Turn input-times-gradient style maps back into (average) gradients where possible."""
-    if spec.method not in ("input_x_gradient", "integrated_gradients"):
-        return maps
-    baseline = spec.params.get("baseline", 0.0) if spec.method == "integrated_gradients" else 0.0
-    delta = x - baseline
-    if maps.dim() == 5:
-        delta = delta.unsqueeze(1)
-    safe = delta.abs() > 1e-3
-    return torch.where(safe, maps / torch.where(safe, delta, torch.ones_like(delta)), 0.0)
-
-
-def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
-    """d log p / dx from an explanation: (N, K, C, H, W) for 'all', else (N, C, H, W).
-
-    A map that cannot be turned into d log p (its class shown as 0, or too unlikely for an
-    integrated-gradients map to stand for it) comes back as zeros: unknown, not zero. A
-    non-finite value in a map is unknown too."""
-    spec = answer.explanation_spec
-    maps = _undo_attribution(answer.explanation.to(x.device), x, spec)
-    finite = torch.isfinite(maps)
-    if maps.dim() == 5:
-        # A pixel unknown in one class's map is unknown in all: the conversions and the
-        # projection over classes mix the classes at each pixel.
-        finite = finite.all(dim=1, keepdim=True)
-    maps = torch.where(finite, maps, 0.0)
-    shown = answer.probabilities.to(x.device)
-    p = shown.clamp_min(LOG_EPS)
-    if spec.output == "log_probability":
-        return maps
-    floor = INTEGRATED_GRADIENTS_MIN_PROBABILITY if spec.method == "integrated_gradients" else 0
-    if maps.dim() == 5:
-        if spec.output == "probability":
-            # A class shown as exactly 0 (rounded, top-k, label only) hides its true p:
-            # dividing its map by the floor would blow it up, so it is left out instead.
-            # (One multiply by per-class weights: the maps are the largest tensor here.)
-            scale = torch.where((shown > 0) & (shown >= floor), 1.0 / p, 0.0)
-            return maps * scale.view(*p.shape, 1, 1, 1)
-        # logits: d log p_k = d z_k - sum_j p_j d z_j
-        return maps - class_combination(p, maps).unsqueeze(1)
-    cls = _explained_class(answer).to(x.device)
-    if spec.output == "probability":
-        p_c = shown.gather(1, cls.view(-1, 1)).view(-1, 1, 1, 1)
-        usable = (p_c > 0) & (p_c >= floor)
-        return torch.where(usable, maps / p_c.clamp_min(LOG_EPS), 0.0)
-    # One logit's gradient alone cannot give d log p_c; (1 - p_c) d z_c is its main term.
-    return maps * (1 - p.gather(1, cls.view(-1, 1))).view(-1, 1, 1, 1)
-
-
 @contextlib.contextmanager
 def frozen_batch_norm(model: nn.Module) -> Iterator[None]:
     """Batch normalisation layers of `model` in eval mode for the block (restored after):
@@ -152,23 +103,6 @@ def frozen_batch_norm(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(norms, modes):
             m.train(mode)
-
-
-def class_combination(weights: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[n, k] * maps[n, k] for (N, K) weights and (N, K, C, H, W) maps.
-
-    A batched matrix product: faster than broadcasting the weights over the maps and summing.
-    """
-    n, k = weights.shape
-    flat = maps.reshape(n, k, -1)
-    return torch.bmm(weights.to(flat.dtype).unsqueeze(1), flat).view(n, *maps.shape[2:])
-
-
-def _explained_class(answer: Answer) -> torch.Tensor:
-    target = answer.explanation_spec.target
-    if target == "predicted":
-        return answer.labels
-    return torch.full_like(answer.labels, int(target))
 
 
 class MEGEX(Attack):
@@ -188,6 +122,32 @@ class MEGEX(Attack):
         c = self.config
         z = self.sample_latent(c.batch_size)
         _, x = self.generate(z)
+        answer, dlogp = self._ask_for_maps(oracle, x)
+        probs = answer.probabilities.to(x.device)
+        clone_logits = self.clone_forward(x)
+        victim_grad, clone_term, loss_value = disagreement_gradient(
+            answer, dlogp, probs, clone_logits, c.loss
+        )
+        victim_grad = self.scale_victim_gradient(victim_grad, clone_term, x)
+        # The weight of the disagreement objective itself (the paper's: 1).
+        weight = self.disagreement_now()
+        victim_grad = weight * victim_grad
+        clone_term = weight * clone_term
+        if c.victim_confidence > 0:
+            victim_grad, clone_term = self._add_victim_confidence(
+                z, answer, dlogp, probs, clone_logits, victim_grad, clone_term
+            )
+        objective = self._generator_objective(
+            x, dlogp, probs, clone_logits, victim_grad, clone_term
+        )
+        info = {"generator_loss": accel.logged(loss_value, c)}
+        info = self.finish_generator_step(objective, x.detach(), probs, answer, info)
+        self._dlogp_of = None
+        return info
+
+    def _ask_for_maps(self, oracle: Oracle, x: torch.Tensor) -> tuple[Answer, torch.Tensor]:
+        """Query the generator's images with explanations; (answer, its d log p / dx)."""
+        c = self.config
         request = c.explanation if c.explanation is not None else True
         answer = self.ask(oracle, x, request)
         if answer.explanation is None or answer.explanation_spec is None:
@@ -196,71 +156,56 @@ class MEGEX(Attack):
         dlogp = self.map_gradients(answer, x.detach())
         # The clone step on these answers (train_on_generator_queries) needs them again.
         self._dlogp_of = (answer, dlogp)
-        probs = answer.probabilities.to(x.device)
-        clone_logits = self.clone_forward(x)
+        return answer, dlogp
+
+    def _add_victim_confidence(
+        self,
+        z: torch.Tensor,
+        answer: Answer,
+        dlogp: torch.Tensor,
+        probs: torch.Tensor,
+        clone_logits: torch.Tensor,
+        victim_grad: torch.Tensor,
+        clone_term: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both parts plus the victim's log-probability of the class each latent picks."""
+        weight = self.config.victim_confidence
         n, k = probs.shape
-        if dlogp.dim() == 5 and c.loss == "kl":
-            # KL(pV || pS): d/dx = sum_k pV_k (log pV_k - log pS_k) d log pV_k
-            #                      - sum_k pV_k d log pS_k   (as sum_k d pV_k = 0).
-            p = probs.clamp_min(LOG_EPS)
-            p = p / p.sum(dim=1, keepdim=True)
-            log_ps = F.log_softmax(clone_logits, dim=1)
-            victim_grad = class_combination(p * (p.log() - log_ps.detach()), dlogp)
-            # Enters below as minus the clone's part of the loss, as in the 'l1' branch.
-            clone_term = (p * log_ps).sum()
-            loss_value = disagreement(clone_logits.detach(), probs, "kl").mean()
-        elif dlogp.dim() == 5:
-            lv = victim_targets(probs)
-            s = torch.sign(lv - clone_logits.detach())
-            victim_grad = class_combination(s - s.mean(dim=1, keepdim=True), dlogp) / k
-            clone_term = (s * clone_logits).sum() / k
-            loss_value = (lv - clone_logits.detach()).abs().mean()
-        elif c.loss == "kl":
-            raise ValueError(
-                "loss: 'kl' needs explanations of every class (target 'all'); with one "
-                "class's map use 'l1'"
-            )
-        else:
-            cls = _explained_class(answer).to(x.device).view(-1, 1)
-            lpv = probs.clamp_min(LOG_EPS).log().gather(1, cls)
-            lps = F.log_softmax(clone_logits, dim=1).gather(1, cls)
-            s = torch.sign(lpv - lps.detach())
-            victim_grad = s.view(-1, 1, 1, 1) * dlogp
-            clone_term = (s * lps).sum()
-            loss_value = (lpv - lps.detach()).abs().mean()
-        victim_grad = self.scale_victim_gradient(victim_grad, clone_term, x)
-        # The weight of the disagreement objective itself (the paper's: 1).
-        weight = self.disagreement_now()
-        victim_grad = weight * victim_grad
-        clone_term = weight * clone_term
-        if c.victim_confidence > 0:
-            # The latent picks the class (argmax of its first K values: uniform, so the
-            # queries are class-balanced).
-            targets = self.latent_classes(z, k).to(x.device)
-            if dlogp.dim() == 5:
-                # Its gradient is read off the all-class maps.
-                confidence = dlogp[torch.arange(n, device=x.device), targets]
-                victim_grad = victim_grad + c.victim_confidence * confidence
-            else:
-                # Only the predicted class's map: where it is the latent's class, the victim's
-                # gradient raises it; elsewhere the clone stands in for the victim (its own
-                # log-probability of the latent's class, by autograd, no queries).
-                hit = (targets == _explained_class(answer).to(x.device)).float()
-                victim_grad = victim_grad + c.victim_confidence * hit.view(-1, 1, 1, 1) * dlogp
-                lps_t = F.log_softmax(clone_logits, dim=1).gather(1, targets.view(-1, 1))
-                lps_t = lps_t.view(-1)
-                clone_term = clone_term - c.victim_confidence * ((1 - hit) * lps_t).sum()
+        # The latent picks the class (argmax of its first K values: uniform, so the
+        # queries are class-balanced).
+        targets = self.latent_classes(z, k).to(probs.device)
+        if dlogp.dim() == 5:
+            # Its gradient is read off the all-class maps.
+            confidence = dlogp[torch.arange(n, device=probs.device), targets]
+            return victim_grad + weight * confidence, clone_term
+        # Only the predicted class's map: where it is the latent's class, the victim's
+        # gradient raises it; elsewhere the clone stands in for the victim (its own
+        # log-probability of the latent's class, by autograd, no queries).
+        hit = (targets == explained_class(answer).to(probs.device)).float()
+        victim_grad = victim_grad + weight * hit.view(-1, 1, 1, 1) * dlogp
+        lps_t = F.log_softmax(clone_logits, dim=1).gather(1, targets.view(-1, 1))
+        lps_t = lps_t.view(-1)
+        return victim_grad, clone_term - weight * ((1 - hit) * lps_t).sum()
+
+    def _generator_objective(
+        self,
+        x: torch.Tensor,
+        dlogp: torch.Tensor,
+        probs: torch.Tensor,
+        clone_logits: torch.Tensor,
+        victim_grad: torch.Tensor,
+        clone_term: torch.Tensor,
+    ) -> torch.Tensor:
+        """What the generator descends on: minus the disagreement, minus the class balance."""
+        n = probs.shape[0]
         # Ascend L: the victim term enters through the image with its gradient held fixed.
         objective = -((x * victim_grad.detach()).sum() - clone_term) / n
-        balance = c.class_balance
+        balance = self.config.class_balance
         if balance is None:
             balance = 0.0 if dlogp.dim() == 5 else 1.0
         if balance > 0:
             objective = objective - balance * self.balance_term(clone_logits)
-        info = {"generator_loss": accel.logged(loss_value, c)}
-        info = self.finish_generator_step(objective, x.detach(), probs, answer, info)
-        self._dlogp_of = None
-        return info
+        return objective
 
     def clone_query_explanation(self) -> Any:
         c = self.config
@@ -287,7 +232,7 @@ class MEGEX(Attack):
             # E_v[(v.(Js - Jv))^2] = ||Js - Jv||^2 for v ~ N(0, I): one backward, unbiased.
             v = self.draw_normal(n, k).to(x.device) * known
             return class_combination(v, dlogp), v
-        cls = _explained_class(answer).to(x.device)
+        cls = explained_class(answer).to(x.device)
         return dlogp, F.one_hot(cls, k).to(dlogp.dtype) * known.view(-1, 1)
 
     def observe(self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None) -> None:

@@ -13,7 +13,19 @@ import argparse
 import sys
 
 from .. import __version__
-from . import attack, bench, defenses, demo, evaluate, serve, settings, sizes, studies, victim
+from . import (
+    attack,
+    bench,
+    defenses,
+    demo,
+    evaluate,
+    records,
+    serve,
+    settings,
+    sizes,
+    studies,
+    victim,
+)
 from .common import HelpFormatter
 from .errors import INTERRUPTED, UsageError, exit_status
 
@@ -59,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_settings_parser(sub, **fmt)
     bench.add_parsers(sub, **fmt)
     studies.add_parsers(sub, **fmt)
+    records.add_parsers(sub, **fmt)
     steps = sizes.Steps(check=lambda argv: build_parser().parse_args(argv), run=main)
     sizes.add_parsers(sub, steps, **fmt)
     return parser

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from .. import data as data_mod
+from ..accel import exact_fp32
 from ..attacks import ATTACKS
 from ..defenses import build_defense
 from ..engine import changed_settings, describe_run
 from ..explain import METHODS, Explanation
-from ..oracle import PREDICTION_MODES
+from ..oracle import PREDICTION_MODES, LocalOracle
 from ..runs import RunFolder
 from .common import (
     add_explanation_options,
@@ -59,7 +60,15 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         type=positive_int,
         help="queries between evaluations (default: a tenth of the budget)",
     )
-    ex = p.add_argument_group("the explanation MEGEX asks for")
+    _add_explanation_options(p.add_argument_group("the explanation MEGEX asks for"))
+    _add_attack_settings(p.add_argument_group("attack settings"))
+    _add_local_victim_options(p.add_argument_group("what a local victim returns"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json_option(p)
+    p.set_defaults(func=cmd_attack)
+
+
+def _add_explanation_options(ex: Any) -> None:
     add_explanation_options(ex, METHODS, "all", "explanation method")
     ex.add_argument("--smoothgrad-sigma", type=float, default=0.1, help="SmoothGrad: noise level")
     ex.add_argument(
@@ -69,7 +78,9 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         help="SmoothGrad: noisy samples per image",
     )
     ex.add_argument("--ig-steps", type=positive_int, default=16, help="integrated gradients: steps")
-    st = p.add_argument_group("attack settings")
+
+
+def _add_attack_settings(st: Any) -> None:
     st.add_argument(
         "--directions",
         type=positive_int,
@@ -99,7 +110,9 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         help="any other attack setting, e.g. replay_policy=ring or disagreement_until=150000 "
         "(repeatable; `megex settings` lists them with their defaults, rules and help)",
     )
-    lv = p.add_argument_group("what a local victim returns")
+
+
+def _add_local_victim_options(lv: Any) -> None:
     lv.add_argument(
         "--prediction", choices=PREDICTION_MODES, default="probabilities", help="predictions shown"
     )
@@ -111,9 +124,6 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         metavar="SPEC",
         help=f"{DEFENSE_HELP} (repeatable: applied in order; `megex defenses` lists them)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_json_option(p)
-    p.set_defaults(func=cmd_attack)
 
 
 def _default(name: str) -> str:
@@ -199,7 +209,7 @@ def _oracle(
     victim runs on the attack's device, and answers there for an attack with on_device."""
     if is_url(args.victim):
         try:
-            from ..client import RemoteOracle
+            from ..client import RemoteOracle  # the 'server' extra: httpx
         except ModuleNotFoundError as err:
             raise ModuleNotFoundError(
                 f"a victim URL needs the 'server' extra (pip install 'megex[server]'): {err}",
@@ -209,11 +219,7 @@ def _oracle(
             oracle = RemoteOracle(args.victim, api_key=args.api_key)
         reference = load_victim(args.reference_victim) if args.reference_victim else None
         return oracle, None, evaluator_for(args.dataset, args.data_root, reference), None
-    from ..accel import exact_fp32
-    from ..oracle import LocalOracle
-
     settings = settings or {}
-
     victim = load_victim(args.victim)
     exact_fp32(settings.get("device", "cpu"))
     with user_input("--defense"):
@@ -238,19 +244,9 @@ def _oracle(
 
 def cmd_attack(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    out = messages(args)
     folder = RunFolder(args.out)
     if _prepare_out_folder(args, folder):
-        result = folder.read_result()
-        if args.json:
-            print_json({"run": str(folder.path), **result})
-        else:
-            print(
-                f"{folder.path} is already finished ({result.get('queries_used')} queries); "
-                "nothing to resume",
-                file=out,
-            )
-        return 0
+        return _report_finished(args, folder)
     checkpoint = folder.load_checkpoint() if (args.resume and folder.has_checkpoint()) else None
     explanation = explanation_from_args(args) if _uses_explanations(args.method) else None
     settings = attack_settings(args)
@@ -259,20 +255,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         settings["explanation"] = explanation
     with user_input():
         attack = ATTACKS[args.method](**settings)
-    cost = attack.iteration_cost()
-    if args.budget < cost:
-        raise UsageError(
-            f"--budget: {args.budget} queries is less than one iteration of {args.method} "
-            f"({cost} queries); raise --budget or lower --batch-size"
-        )
+    _check_budget(args, attack)
     if checkpoint is not None:
-        changed = changed_settings(folder, describe_run(attack, oracle, args.budget))
-        if changed:
-            raise UsageError(
-                f"--resume: the run in {folder.path} was started with other settings "
-                f"({'; '.join(changed)}); resume it with the same options, or pass --force "
-                "to start it over"
-            )
+        _check_same_settings(folder, describe_run(attack, oracle, args.budget))
     folder.create()
     folder.write_config(
         {
@@ -295,6 +280,44 @@ def cmd_attack(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         service_state=service_state,
     )
+    return _report(args, result, folder)
+
+
+def _report_finished(args: argparse.Namespace, folder: RunFolder) -> int:
+    """--resume of a finished run: say so (or print its result with --json)."""
+    result = folder.read_result()
+    if args.json:
+        print_json({"run": str(folder.path), **result})
+    else:
+        print(
+            f"{folder.path} is already finished ({result.get('queries_used')} queries); "
+            "nothing to resume",
+            file=messages(args),
+        )
+    return 0
+
+
+def _check_budget(args: argparse.Namespace, attack: Any) -> None:
+    cost = attack.iteration_cost()
+    if args.budget < cost:
+        raise UsageError(
+            f"--budget: {args.budget} queries is less than one iteration of {args.method} "
+            f"({cost} queries); raise --budget or lower --batch-size"
+        )
+
+
+def _check_same_settings(folder: RunFolder, described: dict[str, Any]) -> None:
+    changed = changed_settings(folder, described)
+    if changed:
+        raise UsageError(
+            f"--resume: the run in {folder.path} was started with other settings "
+            f"({'; '.join(changed)}); resume it with the same options, or pass --force "
+            "to start it over"
+        )
+
+
+def _report(args: argparse.Namespace, result: Any, folder: RunFolder) -> int:
+    """The run's outcome: interrupted (stderr), its result as JSON, or one line."""
     if not result.finished:
         print(
             f"megex attack: interrupted after {result.queries_used} queries; the last "
@@ -309,7 +332,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     print(
         f"{args.method}: {result.queries_used} queries, clone accuracy {acc}, "
         f"{result.elapsed_s:.1f} s; run folder {folder.path}",
-        file=out,
+        file=messages(args),
     )
     return 0
 

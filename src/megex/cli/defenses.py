@@ -13,10 +13,10 @@ from .. import data as data_mod
 from ..defenses import SIDES, build_defense, describe_defenses
 from ..experiments.utility import explanation_utility, utility_table
 from ..explain import METHODS, Explanation
-from ..settings import Number, SettingError
 from .common import (
     add_explanation_options,
     add_json_option,
+    fraction,
     load_victim,
     messages,
     positive_int,
@@ -94,7 +94,7 @@ def _add_measure_options(ms: Any) -> None:
     )
     ms.add_argument(
         "--top-fraction",
-        type=_fraction,
+        type=fraction,
         default=0.1,
         help="top-k overlap: k as a fraction of the values of a map",
     )
@@ -111,16 +111,6 @@ def _add_measure_options(ms: Any) -> None:
         help="who computes the deletion curve: megex, or Quantus's pixel flipping "
         "(pip install 'megex[utility]')",
     )
-
-
-_FRACTION = Number(0, 1, low_open=True)
-
-
-def _fraction(text: str) -> float:
-    try:
-        return _FRACTION.parse(text)
-    except SettingError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_defenses(args: argparse.Namespace) -> int:

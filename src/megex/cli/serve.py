@@ -189,7 +189,7 @@ def service_settings(args: argparse.Namespace, input_shape: tuple[int, ...]) -> 
 def build_app(args: argparse.Namespace) -> tuple[Any, dict[str, int | None]]:
     """The FastAPI app and its API keys, from parsed arguments."""
     try:
-        from ..serving import create_app  # the 'server' extra: fastapi
+        from ..serving.app import create_app  # the 'server' extra: fastapi
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
             f"the server needs the 'server' extra (pip install 'megex[server]'): {err}",

@@ -63,11 +63,11 @@ class SettingOption:
         if isinstance(check, Choice):
             group.add_argument(self.flag, choices=check.options, default=default, help=text)
             return
-        if self.scale != 1:
-            text = f"{text}, in {self.metavar}"
-            default = None if default is None else default / self.scale
         number = _number(check)
         kind = number.kind if number is not None else str
+        if self.scale != 1:  # a fraction of the unit is still a whole number of bytes
+            text, kind = f"{text}, in {self.metavar}", float
+            default = None if default is None else default / self.scale
         group.add_argument(self.flag, type=kind, default=default, metavar=self.metavar, help=text)
 
     def read(self, args: argparse.Namespace) -> Any:

@@ -40,6 +40,12 @@ FORWARDS_UNKNOWN_OPTIONS = ("input-size",)
 def add_parsers(sub: Any, steps: Steps, **kwargs: Any) -> None:
     """The `input-size` and `gradient-alignment` subcommands; `steps` checks and runs the
     megex command lines that input-size runs for each size (megex tune, megex bench)."""
+    _add_input_size(sub, steps, **kwargs)
+    _add_gradient_alignment(sub, **kwargs)
+
+
+def _add_input_size(sub: Any, steps: Steps, **kwargs: Any) -> None:
+    """The `input-size` subcommand: its options (the rest go to megex bench)."""
     p = sub.add_parser(
         "input-size",
         help="the query-efficiency benchmark at every input size, then one table across sizes",
@@ -78,6 +84,10 @@ def add_parsers(sub: Any, steps: Steps, **kwargs: Any) -> None:
         "(the table always covers every size finished under --out)",
     )
     p.set_defaults(func=lambda args: run_input_size(args, steps), forwarded=[])
+
+
+def _add_gradient_alignment(sub: Any, **kwargs: Any) -> None:
+    """The `gradient-alignment` subcommand and its options."""
     p = sub.add_parser(
         "gradient-alignment",
         help="how well DFME's zeroth-order gradient aligns with the exact one, at each size",
@@ -85,7 +95,13 @@ def add_parsers(sub: Any, steps: Steps, **kwargs: Any) -> None:
         "input size (megex.experiments.gradient_alignment).",
         **kwargs,
     )
-    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=list(SIZES),
+        default=list(SIZES),
+        help="sizes to measure, in this order (default: all)",
+    )
     p.add_argument(
         "--directions", nargs="+", type=positive_int, default=list(DIRECTIONS), help="values of m"
     )
@@ -100,7 +116,12 @@ def add_parsers(sub: Any, steps: Steps, **kwargs: Any) -> None:
         default=20_000,
         help="queries of DFME before the second measurement (0: none; default 20000)",
     )
-    p.add_argument("--seed", type=whole_number(0), default=0)
+    p.add_argument(
+        "--seed",
+        type=whole_number(0),
+        default=0,
+        help="seed of DFME's models, its training run and the random directions",
+    )
     p.add_argument(
         "--victims-root",
         default="benchmarks/results/dims",

@@ -79,7 +79,8 @@ class Metered(OracleView):
 
 @dataclass
 class RunSteps:
-    """One run's state between steps, and the named steps of the loop in :func:`megex.engine.run`."""
+    """One run's state between steps, and the named steps of the loop in
+    :func:`megex.engine.run`."""
 
     attack: Attack
     oracle: Oracle

@@ -142,81 +142,17 @@ def run_sizes(
     # The benchmark's shared settings (small generator, constant schedule, weight average,
     # compute per query) with the sweep's LeNet-5 clone; DFME's own settings at defaults.
     settings = {**DEFAULTS["settings"], "clone": "lenet5"}
-    results = []
-    for size in sizes:
-        dataset, d = SIZES[size]
-        victim, path = cached_victim(
-            Path(victims_root) / size / "victims",
-            dataset,
-            "lenet5",
-            seed=0,
-            validation_images=5000,
-            data_root=data_root,
-            log=log,
-        )
-        phases = {}
-        oracle = LocalOracle(victim, budget=max(train_queries, 1), seed=seed)
-        attack = DFME(seed=seed, **settings)
-        attack.setup(oracle, iterations=1)
-        attack.generator.train()
-        t0 = time.time()
-        phases["initial"] = measure_alignment(
-            attack,
-            victim,
-            directions=directions,
-            batches=batches,
-            batch_size=batch_size,
-            epsilon=epsilon,
-            seed=seed,
-        )
-        phases["initial"]["seconds"] = round(time.time() - t0, 1)
-        if train_queries > 0:
-            x_test, y_test = load(dataset, data_root).test_tensors()
-            attack = DFME(seed=seed, **settings)
-            t0 = time.time()
-            result = run(
-                attack,
-                oracle,
-                train_queries,
-                evaluator=Evaluator.from_victim(victim, x_test, y_test),
-                eval_every=train_queries,
-                progress=False,
-            )
-            if not result.finished:
-                raise KeyboardInterrupt  # not the trained state the phase claims
-            del x_test, y_test
-            attack.generator.train()
-            phases["trained"] = measure_alignment(
-                attack,
-                victim,
-                directions=directions,
-                batches=batches,
-                batch_size=batch_size,
-                epsilon=epsilon,
-                seed=seed,
-            )
-            phases["trained"].update(
-                {
-                    "queries": result.queries_used,
-                    "clone_accuracy": result.clone_accuracy,
-                    "seconds": round(time.time() - t0, 1),
-                }
-            )
-        for phase, found in phases.items():
-            log(
-                f"alignment: {size} (d = {d}) {phase}: "
-                + ", ".join(f"m={m} {v['mean']:.4f}" for m, v in found["m"].items())
-            )
-        results.append(
-            {
-                "size": size,
-                "dataset": dataset,
-                "d": d,
-                "victim": str(path),
-                "victim_accuracy": victim.accuracy,
-                "phases": phases,
-            }
-        )
+    measure = {
+        "directions": directions,
+        "batches": batches,
+        "batch_size": batch_size,
+        "epsilon": epsilon,
+        "seed": seed,
+    }
+    results = [
+        _measure_size(size, settings, measure, victims_root, train_queries, data_root, log)
+        for size in sizes
+    ]
     return {
         "directions": list(directions),
         "batches": batches,
@@ -227,6 +163,90 @@ def run_sizes(
         "attack_settings": settings,
         "sizes": results,
     }
+
+
+def _measure_size(
+    size: str,
+    settings: dict[str, Any],
+    measure: dict[str, Any],
+    victims_root: str | Path,
+    train_queries: int,
+    data_root: str | None,
+    log: Any,
+) -> dict[str, Any]:
+    """One size: its victim, and the alignment as DFME sets up and after it trained."""
+    dataset, d = SIZES[size]
+    victim, path = cached_victim(
+        Path(victims_root) / size / "victims",
+        dataset,
+        "lenet5",
+        seed=0,
+        validation_images=5000,
+        data_root=data_root,
+        log=log,
+    )
+    phases = {}
+    seed = measure["seed"]
+    oracle = LocalOracle(victim, budget=max(train_queries, 1), seed=seed)
+    attack = DFME(seed=seed, **settings)
+    attack.setup(oracle, iterations=1)
+    attack.generator.train()
+    t0 = time.time()
+    phases["initial"] = measure_alignment(attack, victim, **measure)
+    phases["initial"]["seconds"] = round(time.time() - t0, 1)
+    if train_queries > 0:
+        phases["trained"] = _trained_phase(
+            oracle, victim, dataset, settings, measure, train_queries, data_root
+        )
+    for phase, found in phases.items():
+        log(
+            f"alignment: {size} (d = {d}) {phase}: "
+            + ", ".join(f"m={m} {v['mean']:.4f}" for m, v in found["m"].items())
+        )
+    return {
+        "size": size,
+        "dataset": dataset,
+        "d": d,
+        "victim": str(path),
+        "victim_accuracy": victim.accuracy,
+        "phases": phases,
+    }
+
+
+def _trained_phase(
+    oracle: LocalOracle,
+    victim: torch.nn.Module,
+    dataset: str,
+    settings: dict[str, Any],
+    measure: dict[str, Any],
+    train_queries: int,
+    data_root: str | None,
+) -> dict[str, Any]:
+    """The alignment after a fresh DFME has spent `train_queries` queries on `oracle`."""
+    x_test, y_test = load(dataset, data_root).test_tensors()
+    attack = DFME(seed=measure["seed"], **settings)
+    t0 = time.time()
+    result = run(
+        attack,
+        oracle,
+        train_queries,
+        evaluator=Evaluator.from_victim(victim, x_test, y_test),
+        eval_every=train_queries,
+        progress=False,
+    )
+    if not result.finished:
+        raise KeyboardInterrupt  # not the trained state the phase claims
+    del x_test, y_test
+    attack.generator.train()
+    found = measure_alignment(attack, victim, **measure)
+    found.update(
+        {
+            "queries": result.queries_used,
+            "clone_accuracy": result.clone_accuracy,
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
+    return found
 
 
 def markdown(summary: dict[str, Any]) -> str:

@@ -1,18 +1,14 @@
 """Run records: the finished runs of an experiment folder, kept in one compressed file.
 
-A run folder (:class:`megex.runs.RunFolder`) holds config.json, metrics.jsonl and result.json
-beside the clone's weights and the run's checkpoint. An experiment folder is the folder that
-holds the folders of run folders (``runs/``, ``runs-quick/``, ...) with the tables made from
-them. Its records file, ``<experiment>/runs.jsonl.gz``, holds one JSON line per finished run,
-sorted by the run folder's path relative to the experiment folder ("name"), with the
-contents of those three files ("config", "metrics" as a list of rows, "result"); never
-weights, checkpoints or victims. The file is byte-stable (gzip with a fixed time and no file
-name), so packing the same runs again changes nothing, and unpacking writes the three files
-back byte for byte as the run wrote them: an experiment then reuses the unpacked runs as its
-own, as it reuses any finished run folder whose settings match.
-
-:func:`compare_output` tells how a table rebuilt from the records differs from the committed
-one (``megex records rebuild``).
+An experiment folder holds folders of run folders (``runs/``, ``runs-quick/``, ...) and the
+tables made from them. Its records file, ``<experiment>/runs.jsonl.gz``, holds one JSON line
+per finished run folder (:class:`megex.runs.RunFolder`), sorted by its path relative to the
+experiment folder ("name"), with the contents of its config.json, metrics.jsonl (a list of
+rows) and result.json; never weights, checkpoints or victims. The file is byte-stable (gzip
+with no time and no file name), and unpacking writes the three files back byte for byte as
+the run wrote them, so an experiment reuses the unpacked runs as it reuses any finished run
+folder whose settings match. :func:`compare_output` tells how a table rebuilt from the
+records differs from the committed one (``megex records rebuild``).
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,20 +29,16 @@ from ..victim import RECIPES
 from .common import log
 
 __all__ = [
+    "KEPT",
     "RECORDS",
     "RecordsConflict",
     "check",
     "compare_output",
     "copy_without_runs",
-    "decode",
-    "encode",
     "experiment_folders",
-    "files_of",
     "finished_runs",
-    "is_run_folder",
     "pack",
     "read_records",
-    "record_of",
     "unpack",
     "unready_jobs",
     "victim_file",
@@ -64,7 +57,7 @@ class RecordsConflict(FileExistsError):
 # --- finding run folders ----------------------------------------------------------------
 
 
-def is_run_folder(path: Path) -> bool:
+def _is_run_folder(path: Path) -> bool:
     """A run folder, finished or not: its config.json and one file that a run writes."""
     return (path / "config.json").is_file() and any(
         (path / name).is_file() for name in ("metrics.jsonl", "result.json", "checkpoint.pt")
@@ -73,7 +66,8 @@ def is_run_folder(path: Path) -> bool:
 
 def finished_runs(experiment: Path) -> list[Path]:
     """The finished run folders of an experiment folder (``<experiment>/<runs>/<run>``)."""
-    return sorted(p for p in Path(experiment).glob("*/*") if RunFolder(p).is_finished())
+    found = Path(experiment).glob("*/*")
+    return sorted(p for p in found if _is_run_folder(p) and RunFolder(p).is_finished())
 
 
 def experiment_folders(root: str | os.PathLike) -> list[Path]:
@@ -82,22 +76,20 @@ def experiment_folders(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
+    if _is_run_folder(root):
+        raise ValueError(f"{root}: a run folder; pass its experiment folder, {root.parent.parent}")
     found = set()
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         if RECORDS in filenames:
             found.add(here)
-        if here != root and is_run_folder(here):
+        if here != root and _is_run_folder(here):
             dirnames[:] = []  # a run folder holds no other runs
-            experiment = here.parent.parent
-            if here.parent == root or experiment not in (root, *root.parents) and (
-                root not in experiment.parents
-            ):
+            if here.parent == root:
                 raise ValueError(
-                    f"{root}: holds the run folder {here}, whose experiment folder "
-                    f"({experiment}) is outside it; pass {experiment}"
+                    f"{root}: a folder of run folders; pass its experiment folder, {root.parent}"
                 )
-            found.add(experiment)
+            found.add(here.parent.parent)
     return sorted(found)
 
 
@@ -114,7 +106,7 @@ def _metrics_text(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
-def files_of(record: dict[str, Any]) -> dict[str, str]:
+def _files_of(record: dict[str, Any]) -> dict[str, str]:
     """The text of each file a record writes back, by file name."""
     files = {"config.json": _json_text(record["config"])}
     if record["metrics"] is not None:
@@ -127,7 +119,7 @@ def _texts_on_disk(run: Path) -> dict[str, str]:
     return {name: (run / name).read_text() for name in KEPT if (run / name).is_file()}
 
 
-def record_of(run: Path, experiment: Path) -> dict[str, Any]:
+def _record_of(run: Path, experiment: Path) -> dict[str, Any]:
     """The record of a finished run folder; refused (ValueError) if its files would not
     unpack to the same bytes (a file not written as a run writes it)."""
     folder = RunFolder(run)
@@ -138,7 +130,7 @@ def record_of(run: Path, experiment: Path) -> dict[str, Any]:
         "result": folder.read_result(),
     }
     on_disk = _texts_on_disk(run)
-    for name, text in files_of(record).items():
+    for name, text in _files_of(record).items():
         if on_disk.get(name) != text:
             raise ValueError(
                 f"{run / name}: not in the form a run writes it, so its record would not "
@@ -150,7 +142,7 @@ def record_of(run: Path, experiment: Path) -> dict[str, Any]:
 # --- the records file -------------------------------------------------------------------
 
 
-def encode(records: Iterable[dict[str, Any]]) -> bytes:
+def _encode(records: Iterable[dict[str, Any]]) -> bytes:
     """The records file's bytes: JSON lines sorted by name, gzip with a fixed header."""
     lines = sorted(json.dumps(r, sort_keys=True, separators=(",", ":")) for r in records)
     buffer = io.BytesIO()
@@ -179,15 +171,16 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
-def decode(data: bytes, source: str = "records") -> list[dict[str, Any]]:
-    """The records in a records file's bytes (ValueError, naming `source`, if it is not one)."""
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records in a records file (ValueError, naming the file, if it is not one)."""
+    data = Path(path).read_bytes()
     try:
         text = gzip.decompress(data).decode()
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise ValueError(f"{source}: not a gzip file of JSON lines ({err})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a gzip file of JSON lines ({err})") from None
     records, names = [], set()
     for number, line in enumerate(text.splitlines(), 1):
-        where = f"{source}: line {number}"
+        where = f"{path}: line {number}"
         try:
             record = _check_record(json.loads(line), where)
         except json.JSONDecodeError as err:
@@ -199,10 +192,6 @@ def decode(data: bytes, source: str = "records") -> list[dict[str, Any]]:
     return records
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    return decode(Path(path).read_bytes(), str(path))
-
-
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -212,7 +201,7 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
 def pack(
     experiment: str | os.PathLike,
     out: str | os.PathLike | None = None,
-    log: Callable[[str], None] = log,
+    note: Callable[[str], None] = log,
 ) -> tuple[Path, int]:
     """Write the records of an experiment folder's finished runs to `out` (default
     ``<experiment>/runs.jsonl.gz``); (path, number of runs). Refused (RecordsConflict) where
@@ -220,10 +209,10 @@ def pack(
     experiment = Path(experiment)
     path = Path(out) if out is not None else experiment / RECORDS
     runs = finished_runs(experiment)
-    unfinished = [p for p in experiment.glob("*/*") if is_run_folder(p) and p not in runs]
+    unfinished = [p for p in experiment.glob("*/*") if _is_run_folder(p) and p not in runs]
     if not runs:
         raise ValueError(f"{experiment}: no finished run folder (<runs>/<run>/result.json)")
-    records = [record_of(run, experiment) for run in runs]
+    records = [_record_of(run, experiment) for run in runs]
     if path.is_file():
         before = {r["name"]: r for r in read_records(path)}
         dropped = sorted(set(before) - {r["name"] for r in records})
@@ -235,11 +224,13 @@ def pack(
             )
         changed = [r["name"] for r in records if r["name"] in before and r != before[r["name"]]]
         if changed:
-            log(f"records: {len(changed)} run(s) changed since {path} was written: {changed[0]} ...")
+            note(
+                f"records: {len(changed)} run(s) changed since {path} was written: {changed[0]} ..."
+            )
     for p in sorted(unfinished):
-        log(f"records: {p} is not finished: left out")
+        note(f"records: {p} is not finished: left out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes_atomic(path, encode(records))
+    _write_bytes_atomic(path, _encode(records))
     return path, len(records)
 
 
@@ -255,7 +246,7 @@ def unpack(
     conflicts, todo, present = [], [], []
     for record in records:
         target = into / record["name"]
-        files = files_of(record)
+        files = _files_of(record)
         if target.exists() and not target.is_dir():
             conflicts.append(f"{target}: not a folder")
             continue
@@ -292,10 +283,11 @@ def check(experiment: str | os.PathLike) -> list[str]:
     records = {r["name"]: r for r in read_records(path)}
     problems = [f"{name}: in {path}, not unpacked" for name in sorted(set(records) - set(on_disk))]
     problems += [
-        f"{name}: finished, not in {path} (pack again)" for name in sorted(set(on_disk) - set(records))
+        f"{name}: finished, not in {path} (pack again)"
+        for name in sorted(set(on_disk) - set(records))
     ]
     for name in sorted(set(records) & set(on_disk)):
-        texts, files = _texts_on_disk(on_disk[name]), files_of(records[name])
+        texts, files = _texts_on_disk(on_disk[name]), _files_of(records[name])
         differ = sorted(n for n in set(texts) | set(files) if texts.get(n) != files.get(n))
         if differ:
             problems.append(f"{name}: {', '.join(differ)} differ(s) from {path}")
@@ -312,7 +304,7 @@ def copy_without_runs(source: Path, target: Path) -> None:
         return [
             n
             for n in names
-            if n == RECORDS or n.endswith(".tmp") or is_run_folder(Path(folder) / n)
+            if n == RECORDS or n.endswith(".tmp") or _is_run_folder(Path(folder) / n)
         ]
 
     shutil.copytree(source, target, ignore=ignored, dirs_exist_ok=True)
@@ -354,7 +346,9 @@ def _json_differences(a: Any, b: Any, at: str = "") -> list[str]:
             )
         ]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _json_differences(x, y, f"{at}[{i}]")]
+        return [
+            d for i, (x, y) in enumerate(zip(a, b)) for d in _json_differences(x, y, f"{at}[{i}]")
+        ]
     return [] if _same(a, b) else [at or "(whole file)"]
 
 

@@ -6,6 +6,11 @@ would take the ledger past its budget is refused whole (:class:`BudgetExceeded`)
 nothing. Attacks only ever see the Oracle protocol, so the same attack runs in-process or
 over HTTP (:class:`megex.client.RemoteOracle`); the HTTP service answers with the same
 Responder and charges a SQLite ledger (:mod:`megex.serving`).
+
+- :mod:`.protocol`: the Oracle protocol, the Answer, the check of the images, the
+  refusals, :class:`OracleView`, and :class:`VictimModel` (what an oracle needs of a victim).
+- :mod:`.responder`: :class:`Responder`, the answering engine, which counts nothing.
+- :mod:`.local`: :class:`LocalOracle`, a Responder with a ledger.
 """
 
 from ..ledger import BudgetExceeded

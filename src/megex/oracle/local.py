@@ -19,8 +19,8 @@ __all__ = ["LocalOracle"]
 
 
 def _responder_setting(name: str) -> property:
-    # LocalOracle's settings are its Responder's: read and changed there (bench.py sets
-    # `explanation` on a live oracle).
+    # LocalOracle's settings are its Responder's: read and changed there (an experiment
+    # may set `explanation` on a live oracle).
     def get(oracle: LocalOracle) -> Any:
         return getattr(oracle.responder, name)
 

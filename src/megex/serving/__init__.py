@@ -25,6 +25,7 @@ Everything the service is set with is one dataclass of declared settings
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 __all__ = [
@@ -52,6 +53,4 @@ def __getattr__(name: str) -> Any:
     # Imported on first use, so that the client can use the codec without fastapi.
     if name not in _FROM:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
     return getattr(import_module(f".{_FROM[name]}", __name__), name)

@@ -174,22 +174,11 @@ def run_detection(args: Any) -> dict[str, Any]:
     if args.device:
         config["device"] = args.device
     plan = _plan(config, args)
-    queries = int(plan["queries"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prepare_torch(args.threads, config["device"])
     t0, load_before = time.time(), _load()
-    ds = data_mod.load(config["dataset"], args.data_root)
-    x_val, _ = ds.validation_tensors(int(config["validation_images"]))
-    x_test, _ = ds.test_tensors()
-    for name, pool in (("validation images", x_val), ("test images", x_test)):
-        if queries > len(pool):
-            raise ValueError(
-                f"queries: {queries} is more than the {len(pool)} {name}; a benign stream draws "
-                "distinct images: lower --queries (or raise validation_images)"
-            )
-    monitors = plan["monitors"]
-    kinds = config["benign_kinds"]
+    x_val, x_test = _image_pools(config, args.data_root, int(plan["queries"]))
     victims, calibrations, attack_runs, benign_runs = {}, {}, [], []
     for victim_seed in plan["victim_seeds"]:
         victim, path = cached_victim(
@@ -204,57 +193,9 @@ def run_detection(args: Any) -> dict[str, Any]:
         )
         victim = victim.eval()
         victims[victim_seed] = {"path": str(path), "arch": victim.arch, "accuracy": victim.accuracy}
-        about = {
-            "dataset": config["dataset"],
-            "victim": Path(path).name,
-            "victim_arch": victim.arch,
-            "victim_seed": victim_seed,
-            "input_shape": list(victim.input_shape),
-            "validation_images": int(config["validation_images"]),
-            "kinds": kinds,
-        }
-        # Calibration: validation streams only. Seeds apart from the test streams'.
-        streams = [
-            benign_stream(x_val, victim, kind, queries, 1_000_000 + 1000 * victim_seed + i, config)
-            for kind in kinds
-            for i in range(int(plan["calibration_streams"]))
-        ]  # fmt: skip
-        for name, monitor in monitors.items():
-            calibration = calibrate(monitor, streams, float(plan["target_fpr"]), about=about)
-            stem = f"{name}-{config['dataset']}-{victim.arch}-seed{victim_seed}"
-            calibration.save(out / "calibration" / f"{stem}.json")
-            calibrations[(name, victim_seed)] = calibration
-            log(
-                f"detection: victim {victim_seed}: {name} threshold {calibration.threshold:.4f} "
-                f"({calibration.calibration_fpr:.2f} of {calibration.streams} validation streams "
-                "flagged)"
-            )
-        del streams
-        for kind in kinds:
-            for i in range(int(plan["test_streams"])):
-                stream = benign_stream(
-                    x_test, victim, kind, queries, 1000 * victim_seed + i, config
-                )
-                benign_runs.append(
-                    {"victim_seed": victim_seed, "kind": kind, "stream": i,
-                     **score_stream(stream, monitors, calibrations, victim_seed)}
-                )  # fmt: skip
-        for method, (attack_name, settings) in plan["attacks"].items():
-            for seed in plan["seeds"]:
-                started = time.time()
-                stream = attack_stream(
-                    method, attack_name, settings, seed, victim, queries, config["device"]
-                )
-                scored = score_stream(stream, monitors, calibrations, victim_seed)
-                attack_runs.append(
-                    {"method": method, "victim_seed": victim_seed, "seed": seed,
-                     "queries": len(stream), "wall_s": round(time.time() - started, 1), **scored}
-                )  # fmt: skip
-                shown = ", ".join(
-                    f"{name} at {r['detected_at']}" if r["detected_at"] else f"{name} no"
-                    for name, r in scored["monitors"].items()
-                )
-                log(f"detection: {method} victim {victim_seed} seed {seed}: {shown}")
+        calibrations.update(_calibrate(config, plan, victim, path, victim_seed, x_val, out))
+        benign_runs += _benign_runs(config, plan, victim, victim_seed, x_test, calibrations)
+        attack_runs += _attack_runs(config, plan, victim, victim_seed, calibrations)
     summary = summarise(config, plan, victims, calibrations, attack_runs, benign_runs)
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["machine"] = {
@@ -267,6 +208,111 @@ def run_detection(args: Any) -> dict[str, Any]:
     paths = write_outputs(summary, out, stem)
     log(f"detection: {summary['wall_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
     return summary
+
+
+def _image_pools(config: dict[str, Any], data_root: Any, queries: int) -> tuple[Any, Any]:
+    """The validation and test images the benign streams draw from, each large enough."""
+    ds = data_mod.load(config["dataset"], data_root)
+    x_val, _ = ds.validation_tensors(int(config["validation_images"]))
+    x_test, _ = ds.test_tensors()
+    for name, pool in (("validation images", x_val), ("test images", x_test)):
+        if queries > len(pool):
+            raise ValueError(
+                f"queries: {queries} is more than the {len(pool)} {name}; a benign stream draws "
+                "distinct images: lower --queries (or raise validation_images)"
+            )
+    return x_val, x_test
+
+
+def _calibrate(
+    config: dict[str, Any],
+    plan: dict[str, Any],
+    victim: Any,
+    path: Any,
+    victim_seed: int,
+    x_val: Any,
+    out: Path,
+) -> dict[tuple[str, int], Any]:
+    """Each monitor's threshold for one victim, from validation streams; saved under
+    <out>/calibration."""
+    queries, kinds = int(plan["queries"]), config["benign_kinds"]
+    about = {
+        "dataset": config["dataset"],
+        "victim": Path(path).name,
+        "victim_arch": victim.arch,
+        "victim_seed": victim_seed,
+        "input_shape": list(victim.input_shape),
+        "validation_images": int(config["validation_images"]),
+        "kinds": kinds,
+    }
+    # Calibration: validation streams only. Seeds apart from the test streams'.
+    streams = [
+        benign_stream(x_val, victim, kind, queries, 1_000_000 + 1000 * victim_seed + i, config)
+        for kind in kinds
+        for i in range(int(plan["calibration_streams"]))
+    ]  # fmt: skip
+    calibrations = {}
+    for name, monitor in plan["monitors"].items():
+        calibration = calibrate(monitor, streams, float(plan["target_fpr"]), about=about)
+        stem = f"{name}-{config['dataset']}-{victim.arch}-seed{victim_seed}"
+        calibration.save(out / "calibration" / f"{stem}.json")
+        calibrations[(name, victim_seed)] = calibration
+        log(
+            f"detection: victim {victim_seed}: {name} threshold {calibration.threshold:.4f} "
+            f"({calibration.calibration_fpr:.2f} of {calibration.streams} validation streams "
+            "flagged)"
+        )
+    return calibrations
+
+
+def _benign_runs(
+    config: dict[str, Any],
+    plan: dict[str, Any],
+    victim: Any,
+    victim_seed: int,
+    x_test: Any,
+    calibrations: dict[tuple[str, int], Any],
+) -> list[dict[str, Any]]:
+    """The test-split benign streams of one victim, scored by every monitor."""
+    runs = []
+    for kind in config["benign_kinds"]:
+        for i in range(int(plan["test_streams"])):
+            stream = benign_stream(
+                x_test, victim, kind, int(plan["queries"]), 1000 * victim_seed + i, config
+            )
+            runs.append(
+                {"victim_seed": victim_seed, "kind": kind, "stream": i,
+                 **score_stream(stream, plan["monitors"], calibrations, victim_seed)}
+            )  # fmt: skip
+    return runs
+
+
+def _attack_runs(
+    config: dict[str, Any],
+    plan: dict[str, Any],
+    victim: Any,
+    victim_seed: int,
+    calibrations: dict[tuple[str, int], Any],
+) -> list[dict[str, Any]]:
+    """Every method's and seed's attack stream on one victim, scored by every monitor."""
+    runs = []
+    for method, (attack_name, settings) in plan["attacks"].items():
+        for seed in plan["seeds"]:
+            started = time.time()
+            stream = attack_stream(
+                method, attack_name, settings, seed, victim, int(plan["queries"]), config["device"]
+            )
+            scored = score_stream(stream, plan["monitors"], calibrations, victim_seed)
+            runs.append(
+                {"method": method, "victim_seed": victim_seed, "seed": seed,
+                 "queries": len(stream), "wall_s": round(time.time() - started, 1), **scored}
+            )  # fmt: skip
+            shown = ", ".join(
+                f"{name} at {r['detected_at']}" if r["detected_at"] else f"{name} no"
+                for name, r in scored["monitors"].items()
+            )
+            log(f"detection: {method} victim {victim_seed} seed {seed}: {shown}")
+    return runs
 
 
 def _load() -> list[float] | None:

@@ -14,33 +14,6 @@ __all__ = ["markdown", "summarise", "write_outputs"]
 
 def summarise(config, plan, victims, calibrations, attack_runs, benign_runs) -> dict[str, Any]:
     names = [*config["monitors"], "any"]
-
-    def detected_at(run: dict[str, Any], name: str) -> int | None:
-        return run["any_detected_at"] if name == "any" else run["monitors"][name]["detected_at"]
-
-    detection = {}
-    for name in names:
-        for method in plan["methods"]:
-            runs = [r for r in attack_runs if r["method"] == method]
-            hits = [detected_at(r, name) for r in runs if detected_at(r, name) is not None]
-            detection.setdefault(name, {})[method] = {
-                "runs": len(runs),
-                "detected": len(hits),
-                "rate": len(hits) / len(runs) if runs else None,
-                "median_queries": statistics.median(hits) if hits else None,
-                "min_queries": min(hits) if hits else None,
-                "max_queries": max(hits) if hits else None,
-            }
-    false_positives = {}
-    for name in names:
-        for kind in config["benign_kinds"]:
-            runs = [r for r in benign_runs if r["kind"] == kind]
-            flagged = sum(detected_at(r, name) is not None for r in runs)
-            false_positives.setdefault(name, {})[kind] = {
-                "streams": len(runs),
-                "flagged": flagged,
-                "rate": flagged / len(runs) if runs else None,
-            }
     return {
         "benchmark": "detection",
         "dataset": config["dataset"],
@@ -59,33 +32,99 @@ def summarise(config, plan, victims, calibrations, attack_runs, benign_runs) -> 
             "noise_std": config["noise_std"],
             "augment": config["augment"],
         },
-        "thresholds": [
-            {
-                "monitor": name,
-                "victim_seed": seed,
-                "threshold": c.threshold,
-                "flags_when": "below" if name == "prada" else "above",
-                "calibration_fpr": c.calibration_fpr,
-                "streams": c.streams,
-            }
-            for (name, seed), c in calibrations.items()
-        ],
-        "detection": detection,
-        "false_positives": false_positives,
+        "thresholds": _thresholds(calibrations),
+        "detection": _detection(names, plan["methods"], attack_runs),
+        "false_positives": _false_positives(names, config["benign_kinds"], benign_runs),
         "attack_runs": attack_runs,
         "benign_runs": benign_runs,
     }
 
 
+def _detected_at(run: dict[str, Any], name: str) -> int | None:
+    """Queries until monitor `name` ("any": the first of them) flagged the run, or None."""
+    return run["any_detected_at"] if name == "any" else run["monitors"][name]["detected_at"]
+
+
+def _detection(
+    names: list[str], methods: list[str], attack_runs: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per monitor and method: the attack runs detected and the queries it took."""
+    detection: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for method in methods:
+            runs = [r for r in attack_runs if r["method"] == method]
+            hits = [_detected_at(r, name) for r in runs if _detected_at(r, name) is not None]
+            detection.setdefault(name, {})[method] = {
+                "runs": len(runs),
+                "detected": len(hits),
+                "rate": len(hits) / len(runs) if runs else None,
+                "median_queries": statistics.median(hits) if hits else None,
+                "min_queries": min(hits) if hits else None,
+                "max_queries": max(hits) if hits else None,
+            }
+    return detection
+
+
+def _false_positives(
+    names: list[str], kinds: list[str], benign_runs: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per monitor and benign kind: the test streams flagged."""
+    false_positives: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for kind in kinds:
+            runs = [r for r in benign_runs if r["kind"] == kind]
+            flagged = sum(_detected_at(r, name) is not None for r in runs)
+            false_positives.setdefault(name, {})[kind] = {
+                "streams": len(runs),
+                "flagged": flagged,
+                "rate": flagged / len(runs) if runs else None,
+            }
+    return false_positives
+
+
+def _thresholds(calibrations: dict[tuple[str, Any], Any]) -> list[dict[str, Any]]:
+    """Each monitor's calibrated threshold per victim."""
+    return [
+        {
+            "monitor": name,
+            "victim_seed": seed,
+            "threshold": c.threshold,
+            "flags_when": "below" if name == "prada" else "above",
+            "calibration_fpr": c.calibration_fpr,
+            "streams": c.streams,
+        }
+        for (name, seed), c in calibrations.items()
+    ]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as markdown tables."""
+    lines = [
+        *_introduction(summary),
+        *_detection_table(summary),
+        *_false_positive_table(summary),
+        *_threshold_table(summary),
+    ]
+    machine = summary.get("machine", {})
+    lines += [
+        "",
+        f"Wall time {summary.get('wall_s', 0):.0f} s on {machine.get('cpus')} CPUs "
+        f"(load average {machine.get('load_average_before')} before, "
+        f"{machine.get('load_average_after')} after).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _introduction(summary: dict[str, Any]) -> list[str]:
+    """The title and the protocol: victims, streams, thresholds, attack settings."""
     q = summary["queries"]
     victims = ", ".join(
         f"seed {seed} ({v['arch']}, test accuracy {v['accuracy']:.4f})"
         for seed, v in summary["victims"].items()
     )
     benign = summary["benign"]
-    lines = [
+    return [
         f"# Detection of extraction traffic ({summary['dataset']})",
         "",
         f"Victims: {victims}. Streams of {q} queries per key. Thresholds for a target "
@@ -100,8 +139,14 @@ def markdown(summary: dict[str, Any]) -> str:
             if summary["tuned_settings"]
             else "untuned (package defaults and the benchmark's shared settings)."
         ),
+    ]
+
+
+def _detection_table(summary: dict[str, Any]) -> list[str]:
+    """The attacks detected per monitor and method, and the queries it took."""
+    lines = [
         "",
-        f"## Attacks detected within {q} queries",
+        f"## Attacks detected within {summary['queries']} queries",
         "",
         '"any": flagged by any monitor, each at its own threshold (so its false-positive '
         "rate can reach the sum of theirs). Queries until detection: over the runs detected.",
@@ -118,7 +163,12 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"| {name} | {method} | {d['detected']}/{d['runs']} | "
                 f"{_rate(d['detected'], d['runs'])} | {median} | {span} |"
             )
-    lines += [
+    return lines
+
+
+def _false_positive_table(summary: dict[str, Any]) -> list[str]:
+    """The benign test streams flagged per monitor and kind (and all kinds pooled)."""
+    lines = [
         "",
         "## Benign test streams flagged (false positives)",
         "",
@@ -137,7 +187,12 @@ def markdown(summary: dict[str, Any]) -> str:
         streams = sum(f["streams"] for f in kinds.values())
         if len(kinds) > 1 and streams:
             lines.append(f"| {name} | all | {flagged}/{streams} | {_rate(flagged, streams)} |")
-    lines += [
+    return lines
+
+
+def _threshold_table(summary: dict[str, Any]) -> list[str]:
+    """Each monitor's threshold per victim and the validation streams it flagged."""
+    lines = [
         "",
         "## Thresholds",
         "",
@@ -150,15 +205,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {t['monitor']} | {t['victim_seed']} | {t['flags_when']} | {t['threshold']:.4f} "
             f"| {t['calibration_fpr']:.2f} of {t['streams']} |"
         )
-    machine = summary.get("machine", {})
-    lines += [
-        "",
-        f"Wall time {summary.get('wall_s', 0):.0f} s on {machine.get('cpus')} CPUs "
-        f"(load average {machine.get('load_average_before')} before, "
-        f"{machine.get('load_average_after')} after).",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _rate(count: int, total: int) -> str:

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ...runs import RunFolder
+from .. import config as config_files
 from .. import sweep
-from ..common import fmt_budget, log, merged_config
+from ..common import fmt_budget, log
 from ..methods import (
     METHODS,
     apply_settings_file,
@@ -38,75 +39,16 @@ from ..methods import (
     require_tuned,
 )
 from ..runner import cells_of, get_victim, run_one
+from .config import DEFAULTS, QueryEfficiencyConfig
 from .report import write_outputs
 from .summary import summarise
 
-__all__ = ["DEFAULTS", "METHODS", "load_config", "plan", "run_benchmark"]
-
-
-DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion-mnist",
-    "victim_arch": None,  # None: the dataset's recipe (lenet5 for Fashion-MNIST)
-    "victim_seeds": [0, 1, 2],
-    "seeds": [0, 1, 2],
-    # The last 5,000 training images: held out of every victim's training, and what the
-    # tuning search measures on. The test split is read by this table alone.
-    "validation_images": 5000,
-    # Up to 250k: 8 methods x 9 runs fit about a working day on 2 cores (500k would double it).
-    "budgets": [50_000, 100_000, 250_000],
-    # Evaluations besides the budgets, for the queries needed to reach a target.
-    # (From 1k: the leakage curve, benchmarks/configs/leakage.json, can read these runs too.)
-    "eval_at": [
-        1_000,
-        2_000,
-        3_000,
-        5_000,
-        7_500,
-        10_000,
-        15_000,
-        20_000,
-        30_000,
-        75_000,
-        150_000,
-        200_000,
-    ],
-    "methods": [
-        "megex-all",
-        "megex-predicted",
-        "megex-smoothgrad",
-        "megex-jacobian",
-        "megex-jacobian-predicted",
-        "dfme",
-    ],
-    "assumption_methods": ["megex-all+prior", "dfme+prior"],
-    "baseline": "dfme",
-    "targets": [0.8, 0.9],
-    # 6 methods x 1 run to 75k: 6 minutes on 2 idle cores with the searched settings.
-    "quick_budgets": [25_000, 75_000],
-    "quick_seeds": [0],
-    "quick_victim_seeds": [0],
-    # Shared by every method and not searched: a small generator keeps the CPU runs short,
-    # the constant schedule lets one run report every budget, the weight average removes
-    # the swings of a constant learning rate, and the compute per query is the same for all.
-    "settings": {
-        "ngf": 8,
-        "lr_schedule": "constant",
-        "clone_ema": 0.999,
-        "clone_updates_per_1k_queries": 25.0,
-    },
-    # The search's output (`megex tune`); null: the package defaults, untuned.
-    "tuned_settings": "benchmarks/results/tuning/tuned.json",
-    # A search of this config's own ({"methods": [...], "trials": N, "budget": B}), which
-    # the input-size sweep (`megex input-size`) runs before the benchmark; null: none.
-    "search": None,
-    "method_settings": {},
-    "device": "cpu",
-}
+__all__ = ["DEFAULTS", "METHODS", "QueryEfficiencyConfig", "load_config", "plan", "run_benchmark"]
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     """The benchmark's settings: DEFAULTS updated by a JSON file's keys (if given)."""
-    config = merged_config(DEFAULTS, path)
+    config = config_files.load(QueryEfficiencyConfig, path)
     check_methods([*config["methods"], *config["assumption_methods"], config["baseline"]])
     return config
 

@@ -46,8 +46,9 @@ from ...attacks import adapt_to
 from ...defenses import build_defense
 from ...explain import Explanation
 from ...victim import Victim
+from .. import config as config_files
 from .. import sweep
-from ..common import log, merged_config
+from ..common import log
 from ..methods import (
     apply_settings_file,
     check_methods,
@@ -57,85 +58,24 @@ from ..methods import (
 )
 from ..runner import get_victim, run_one
 from ..utility import explanation_utility
+from .config import DEFAULTS, TradeoffConfig
 from .report import write_outputs
 from .rows import ADAPTIVE, row_name, slug
 from .summary import summarise
 
-__all__ = ["ADAPTIVE", "DEFAULTS", "load_config", "plan", "run_tradeoff"]
-DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion-mnist",
-    "victim_arch": None,
-    "victim_seeds": [0, 1],
-    "seeds": [0, 1],
-    "validation_images": 5000,
-    "budgets": [20_000, 50_000],
-    "eval_at": [5_000, 10_000],
-    # MEGEX with maps of every class, and the strongest explanation attacker of the full
-    # benchmark (megex-predicted: the largest, if not significant, lead over DFME).
-    "attackers": ["megex-all", "megex-predicted"],
-    "baseline": "dfme",
-    # Each entry: the defence specs a service applies, in order ([] : none).
-    "defenses": [
-        [],
-        ["gaussian:0.5"],
-        ["gaussian:2"],
-        ["laplace:1"],
-        ["quantize:bits=2"],
-        ["quantize:bits=4"],
-        ["sign"],
-        ["topk:0.1"],
-        ["topk:0.01"],
-        ["coarsen:4"],
-        ["smooth"],
-        ["predicted-only"],
-        ["withhold:0.5"],
-        ["withhold:0.9"],
-        ["round:1"],
-        ["label-only"],
-        ["reverse-sigmoid"],
-    ],
-    # Utility is measured on the predicted class's map, what a user of the service reads.
-    "utility_images": 500,
-    "utility_threshold": 0.5,
-    "quick": {
-        "victim_seeds": [0],
-        "seeds": [0],
-        "budgets": [10_000],
-        "eval_at": [5_000],
-        "attackers": ["megex-all"],
-        "defenses": [[], ["gaussian:2"], ["sign"]],
-        "utility_images": 100,
-    },
-    "settings": {
-        "ngf": 8,
-        "lr_schedule": "constant",
-        "clone_ema": 0.999,
-        "clone_updates_per_1k_queries": 25.0,
-    },
-    "tuned_settings": "benchmarks/results/tuning/tuned.json",
-    "method_settings": {},
-    "device": "cpu",
-}
+__all__ = ["ADAPTIVE", "DEFAULTS", "TradeoffConfig", "load_config", "plan", "run_tradeoff"]
 
 
 def load_config(path: str | os.PathLike | None, quick: bool = False) -> dict[str, Any]:
     """DEFAULTS updated by a JSON file's keys, then by its "quick" keys under --quick."""
-    config = merged_config(DEFAULTS, path, ("settings", "method_settings", "quick"))
+    merged = ("settings", "method_settings", "quick")
+    config = config_files.load(TradeoffConfig, path, merged)
     if quick:
+        config_files.check_values(TradeoffConfig, config["quick"], f"{path or 'defaults'}: quick")
         config.update(config["quick"])
     check_methods([*config["attackers"], config["baseline"]])
     if not config["budgets"] or not config["defenses"]:
         raise ValueError("budgets and defenses: expected at least one of each")
-    for entry in config["defenses"]:
-        if not isinstance(entry, list) or not all(isinstance(s, str) for s in entry):
-            raise ValueError(
-                f'defenses: each entry is a list of defence specs (e.g. ["noise:0.5"]), '
-                f"got {entry!r}"
-            )
-    if not 0 <= float(config["utility_threshold"]) <= 1:
-        raise ValueError(
-            f"utility_threshold: expected a cosine in [0, 1], got {config['utility_threshold']}"
-        )
     return config
 
 
