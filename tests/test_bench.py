@@ -141,7 +141,7 @@ def test_settings_come_from_the_search_and_variants_take_their_methods(tmp_path)
     with pytest.raises(ValueError, match="no settings for 'dfme'"):
         bench.plan(config, args, tmp_path, {0: tmp_path / "v.safetensors"})
     config["tuned_settings"] = str(tmp_path / "missing.json")
-    with pytest.raises(FileNotFoundError, match="run benchmarks/tune.py"):
+    with pytest.raises(FileNotFoundError, match="run megex tune"):
         methods.load_tuned(config)
 
 

@@ -277,11 +277,13 @@ def test_rebuild_remakes_the_tables_from_the_records_alone(made, tmp_path, capsy
     assert f"{STEM}.json: identical" in out or f"{STEM}.json: wall time only" in out
     assert f"{STEM}.md: identical" in out or f"{STEM}.md: wall time only" in out
     assert (tmp_path / "work" / "benchmarks" / "results" / "runs-quick" / "dfme-v0-s0").is_dir()
-    # A table changed by hand is found out.
+    # A table changed by hand is found out, and written again with --write.
     table = root / f"{STEM}.md"
-    table.write_text(table.read_text().replace("megex-all", "megex-any"))
-    assert megex_main(["records", *argv]) == 1
+    made_first = table.read_text()
+    table.write_text(made_first.replace("megex-all", "megex-any"))
+    assert megex_main(["records", *argv, "--write"]) == 1
     assert f"{STEM}.md: differs" in capsys.readouterr().out
+    assert "megex-any" not in table.read_text() and "megex-all" in table.read_text()
 
 
 def test_rebuild_refuses_a_step_that_would_run_an_attack(made, tmp_path, capsys):

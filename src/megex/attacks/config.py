@@ -57,7 +57,7 @@ __all__ = [
 @dataclass(frozen=True)
 class AttackConfig:
     """Settings every attack shares. Architecture and clone optimiser are DFME's; the loop's
-    options are measured in benchmarks/RESULTS.md, and `presets.DFME_PAPER` holds DFME's
+    options are measured in docs/results/, and `presets.DFME_PAPER` holds DFME's
     published values."""
 
     # --- models ---

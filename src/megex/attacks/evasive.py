@@ -19,7 +19,7 @@ confident, both settings here:
   clone (replay), as every paid answer does.
 
 What evasion costs is measured as clone accuracy against the same attack without it, and
-what it buys as the monitors' detection rate (benchmarks/RESULTS.md).
+what it buys as the monitors' detection rate (docs/results/).
 """
 
 from __future__ import annotations

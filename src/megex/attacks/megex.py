@@ -10,7 +10,7 @@ The clone term comes from autograd; the victim term from an explanation of every
 ("exact"). When the service explains one class c only, the loss is |log pV_c - log pS_c|,
 whose gradient needs only that class ("single-class"). Either way a generator query costs 1.
 
-Beyond the paper, each a named option measured in benchmarks/RESULTS.md:
+Beyond the paper, each a named option measured in docs/results/:
 the generator also raises the victim's log-probability of a class its latent picks, read off
 the maps (`victim_confidence`); the clone also learns the maps themselves by matching its own
 input gradients to them (`explanation_loss`); plus the shared loop's options (replay, clone

@@ -29,7 +29,7 @@ from .evaluate import report_document
 __all__ = ["DEMO_SETTINGS", "add_parser", "cached_victim", "cmd_demo"]
 
 # Budget per attack, and attack settings sized for 2 CPU cores: a narrow generator (ngf 8)
-# costs 20x less than DFME's ngf 64 at 28x28 and measured no worse (benchmarks/RESULTS.md).
+# costs 20x less than DFME's ngf 64 at 28x28 and measured no worse (docs/results/).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "digits": {"budget": 100_000, "attack": {"batch_size": 128}},
     "fashion-mnist": {"budget": 60_000, "attack": {"batch_size": 128, "ngf": 8}},

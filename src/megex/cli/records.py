@@ -44,7 +44,10 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
     p = sub.add_parser(
         "records",
         help="finished runs as one records file per experiment; tables rebuilt from them",
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        description="Keep the finished runs of each experiment folder in one records file "
+        f"(<experiment>/{records.RECORDS}: config, metrics and result of each run, no "
+        "weights), write them back as run folders byte for byte, and rebuild every committed "
+        "table from them.",
         **kwargs,
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -81,7 +84,8 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
     a.add_argument(
         "--write",
         action="store_true",
-        help="copy each rebuilt output that differs (beyond the wall time) over the committed one",
+        help="copy the outputs of each step whose tables differ (beyond the wall time) over "
+        "the committed ones",
     )
     a.set_defaults(func=cmd_rebuild)
 
@@ -251,21 +255,30 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             for output in step["outputs"]:
                 (work / output).unlink(missing_ok=True)
             why = _run_step(step, work)
-            for output in step["outputs"]:
-                verdict = ("not rebuilt", why) if why else records.compare_output(
-                    root / output, work / output
-                )  # fmt: skip
-                verdicts.append((output, *verdict))
+            made = [
+                (output, "not rebuilt", why)
+                if why
+                else (output, *records.compare_output(root / output, work / output))
+                for output in step["outputs"]
+            ]
+            verdicts += made
+            if args.write and any(v in ("differs", "not committed") for _, v, _ in made):
+                _write_back(step["outputs"], work, root)
         _report(verdicts, manifest.get("not_rebuilt", []))
-        if args.write:
-            for output, verdict, _ in verdicts:
-                if verdict in ("differs", "not committed"):
-                    shutil.copyfile(work / output, root / output)
-                    print(f"rebuild: wrote {root / output}", file=sys.stderr)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if all(v in SAME for _, v, _ in verdicts) else FAILURE
+
+
+def _write_back(outputs: list[str], work: Path, root: Path) -> None:
+    # All of a step's outputs together, so that its JSON, markdown and plots stay one table.
+    for output in outputs:
+        if (work / output).is_file():
+            tmp = root / (output + ".tmp")
+            shutil.copyfile(work / output, tmp)
+            os.replace(tmp, root / output)
+            print(f"rebuild: wrote {root / output}", file=sys.stderr)
 
 
 def _report(verdicts: list[tuple[str, str, str]], not_rebuilt: list[dict[str, Any]]) -> None:

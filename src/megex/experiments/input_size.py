@@ -180,7 +180,6 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     rows = summary["sizes"]
     baseline = rows[0]["baseline"] if rows else "dfme"
@@ -191,47 +190,59 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4))
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
     measured_ds = sorted({r["d"] for r in rows})
-    ds = measured_ds + [PAPER_D]
     for ax, target in zip(axes, panels):
         for i, method in enumerate(methods):
             points = by_target[target][method]
-            if not points:
-                continue
-            color = f"C{i}"
-            ax.plot([p[0] for p in points], [p[2] for p in points], color=color, lw=1)
-            for kind, sign in SAVED_KINDS:
-                chosen = [p for p in points if p[1] == kind]
-                if not chosen:
-                    continue
-                est = [p[2] for p in chosen]
-                err = [[e - p[3] for e, p in zip(est, chosen)],
-                       [p[4] - e for e, p in zip(est, chosen)]]  # fmt: skip
-                note = f" ({sign.strip()})" if sign else ""
-                ax.errorbar([p[0] for p in chosen], est, yerr=err, marker=_MARKERS[sign],
-                            ls="none", capsize=3, color=color, label=f"{method}{note}")  # fmt: skip
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.axvline(PAPER_D, color="grey", ls="--", lw=1, label="paper's inputs, d = 3,072")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(min(ds) / 1.5, max(ds) * 1.5)
-        # Ticks at the measured sizes (the paper's is the labelled line: at 3,072 its tick
-        # would overprint 56x56's 3,136), and at powers of 2 of the ratio.
-        ax.set_xticks(measured_ds)
+            if points:
+                _draw_ratios(ax, points, method, f"C{i}")
         shown = [v for pts in by_target[target].values() for pt in pts for v in pt[3:]]
-        bottom, top = min(shown + [1.0]) / 1.3, max(shown + [1.0]) * 1.3
-        ax.set_yticks([2.0**k for k in range(-8, 9) if bottom <= 2.0**k <= top])
-        ax.set_ylim(bottom, top)
-        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(plain)
-            axis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel("input dimension d = C x H x W")
-        ax.set_ylabel(f"{baseline}'s queries / method's, to {target}x the victim")
-        ax.set_title(f"queries saved to {target}x (95% interval)", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        _format_panel(ax, target, baseline, measured_ds, shown)
     if not panels:
         axes[0].text(0.5, 0.5, "no target reached by both a method and the baseline",
                      ha="center", transform=axes[0].transAxes)  # fmt: skip
     fig.tight_layout()
     return save_figure_atomic(fig, path, dpi=120)
+
+
+def _draw_ratios(ax: Any, points: list[tuple], method: str, color: str) -> None:
+    """One method's ratios against d: a line, and each kind's estimates with intervals."""
+    ax.plot([p[0] for p in points], [p[2] for p in points], color=color, lw=1)
+    for kind, sign in SAVED_KINDS:
+        chosen = [p for p in points if p[1] == kind]
+        if not chosen:
+            continue
+        est = [p[2] for p in chosen]
+        err = [[e - p[3] for e, p in zip(est, chosen)],
+               [p[4] - e for e, p in zip(est, chosen)]]  # fmt: skip
+        note = f" ({sign.strip()})" if sign else ""
+        ax.errorbar([p[0] for p in chosen], est, yerr=err, marker=_MARKERS[sign],
+                    ls="none", capsize=3, color=color, label=f"{method}{note}")  # fmt: skip
+
+
+def _format_panel(
+    ax: Any, target: str, baseline: str, measured_ds: list[int], shown: list[float]
+) -> None:
+    """A target's panel: log axes, the paper's d marked, ticks, labels and legend."""
+    from matplotlib import ticker
+
+    ds = measured_ds + [PAPER_D]
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axvline(PAPER_D, color="grey", ls="--", lw=1, label="paper's inputs, d = 3,072")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(min(ds) / 1.5, max(ds) * 1.5)
+    # Ticks at the measured sizes (the paper's is the labelled line: at 3,072 its tick
+    # would overprint 56x56's 3,136), and at powers of 2 of the ratio.
+    ax.set_xticks(measured_ds)
+    bottom, top = min(shown + [1.0]) / 1.3, max(shown + [1.0]) * 1.3
+    ax.set_yticks([2.0**k for k in range(-8, 9) if bottom <= 2.0**k <= top])
+    ax.set_ylim(bottom, top)
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("input dimension d = C x H x W")
+    ax.set_ylabel(f"{baseline}'s queries / method's, to {target}x the victim")
+    ax.set_title(f"queries saved to {target}x (95% interval)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)

@@ -116,7 +116,7 @@ def load_tuned(config: dict[str, Any]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"tuned_settings: no file at {path}; run benchmarks/tune.py to make it, or set "
+            f"tuned_settings: no file at {path}; run megex tune to make it, or set "
             '"tuned_settings": null in the config for the untuned package defaults'
         )
     return json.loads(path.read_text())

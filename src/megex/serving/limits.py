@@ -40,7 +40,7 @@ MiB = 1024 * 1024
 # Request bodies: the size read (after decompression), the time to send it, and the values a
 # JSON body may hold (a parsed JSON number costs about 50 bytes, so 2**20 values take about
 # 60 MB as Python objects, and the whole request about 130 MB at its peak, as measured in
-# benchmarks/RESULTS.md; binary tensor data has no such cost and no such limit).
+# docs/results/; binary tensor data has no such cost and no such limit).
 DEFAULT_MAX_BODY_BYTES = 32 * MiB
 DEFAULT_BODY_TIMEOUT_S = 30.0
 DEFAULT_MAX_JSON_VALUES = 2**20

@@ -97,60 +97,11 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
     baseline = config["baseline"]
     tuned = load_tuned(config)
     against_of = {m: baseline_for(m, baseline, by_method) for m in by_method}
-    stats: dict[str, Any] = {}
-    for method, runs in by_method.items():
-        stats[method] = {}
-        for b in budgets:
-            accs = _nested(runs, lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy"))
-            if not accs:
-                continue
-            ratios = _nested(
-                runs,
-                lambda r, b=b: (
-                    cells_of(r).get(b, {}).get("clone_accuracy", math.nan) / r["victim_accuracy"]
-                ),
-            )
-            cell_rows = [cells_of(r).get(b) for r in runs if cells_of(r).get(b)]
-            flat = [v for s in accs.values() for v in s.values()]
-            entry = {
-                "runs": len(flat),
-                "mean": statistics.fmean(flat),
-                "std": statistics.stdev(flat) if len(flat) > 1 else 0.0,
-                "interval": _interval(accs),
-                "ratio": statistics.fmean(v for s in ratios.values() for v in s.values()),
-                "spread": variance_components(accs),
-                "clone_updates": statistics.fmean(c.get("clone_updates", 0) for c in cell_rows),
-                "generator_updates": statistics.fmean(
-                    c.get("generator_updates", 0) for c in cell_rows
-                ),
-                "elapsed_s": statistics.fmean(c["elapsed_s"] for c in cell_rows),
-            }
-            against = against_of[method]
-            if against:
-                base = _nested(
-                    by_method[against],
-                    lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy"),
-                )
-                entry["vs_baseline"] = {"baseline": against, **paired_difference(accs, base)}
-            stats[method][b] = entry
-    reach: dict[str, Any] = {}
-    for fraction in config["targets"]:
-        reach[str(fraction)] = {}
-        for method, runs in by_method.items():
-            hits = _nested(runs, lambda r, f=fraction: _reach(r, f))
-            flat = [v for s in hits.values() for v in s.values()]
-            row: dict[str, Any] = {
-                "reached": len(flat),
-                "runs": len(runs),
-                "per_run": {f"v{r['victim_seed']}-s{r['seed']}": _reach(r, fraction) for r in runs},
-            }
-            if len(flat) == len(runs) and flat:
-                row["median"] = _interval(hits, statistics.median)
-            against = against_of[method]
-            if against:
-                base = _nested(by_method[against], lambda r, f=fraction: _reach(r, f))
-                row.update(_queries_saved(hits, base, runs, by_method[against]))
-            reach[str(fraction)][method] = row
+    stats = {
+        method: _budget_stats(runs, budgets, by_method, against_of[method])
+        for method, runs in by_method.items()
+    }
+    reach = _reach_table(config["targets"], by_method, against_of)
     curves = {
         f"{r['method']}-v{r['victim_seed']}-s{r['seed']}": [
             [m["queries"], m["clone_accuracy"]] for m in r["metrics"]
@@ -179,6 +130,76 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
         "queries_to_reach": reach,
         "curves": curves,
     }
+
+
+def _budget_stats(
+    runs: list[dict[str, Any]],
+    budgets: list[int],
+    by_method: dict[str, list[dict[str, Any]]],
+    against: str | None,
+) -> dict[int, dict[str, Any]]:
+    """One method's clone accuracy at each budget its runs reached: mean, interval, spread,
+    compute, and the paired difference with its baseline (`against`, if any)."""
+    stats: dict[int, dict[str, Any]] = {}
+    for b in budgets:
+        accs = _nested(runs, lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy"))
+        if not accs:
+            continue
+        ratios = _nested(
+            runs,
+            lambda r, b=b: (
+                cells_of(r).get(b, {}).get("clone_accuracy", math.nan) / r["victim_accuracy"]
+            ),
+        )
+        cell_rows = [cells_of(r).get(b) for r in runs if cells_of(r).get(b)]
+        flat = [v for s in accs.values() for v in s.values()]
+        entry = {
+            "runs": len(flat),
+            "mean": statistics.fmean(flat),
+            "std": statistics.stdev(flat) if len(flat) > 1 else 0.0,
+            "interval": _interval(accs),
+            "ratio": statistics.fmean(v for s in ratios.values() for v in s.values()),
+            "spread": variance_components(accs),
+            "clone_updates": statistics.fmean(c.get("clone_updates", 0) for c in cell_rows),
+            "generator_updates": statistics.fmean(c.get("generator_updates", 0) for c in cell_rows),
+            "elapsed_s": statistics.fmean(c["elapsed_s"] for c in cell_rows),
+        }
+        if against:
+            base = _nested(
+                by_method[against],
+                lambda r, b=b: cells_of(r).get(b, {}).get("clone_accuracy"),
+            )
+            entry["vs_baseline"] = {"baseline": against, **paired_difference(accs, base)}
+        stats[b] = entry
+    return stats
+
+
+def _reach_table(
+    targets: list[float],
+    by_method: dict[str, list[dict[str, Any]]],
+    against_of: dict[str, str | None],
+) -> dict[str, Any]:
+    """Per target fraction of the victim's accuracy and method: the runs that reached it,
+    their median queries, and the queries saved against the method's baseline."""
+    reach: dict[str, Any] = {}
+    for fraction in targets:
+        reach[str(fraction)] = {}
+        for method, runs in by_method.items():
+            hits = _nested(runs, lambda r, f=fraction: _reach(r, f))
+            flat = [v for s in hits.values() for v in s.values()]
+            row: dict[str, Any] = {
+                "reached": len(flat),
+                "runs": len(runs),
+                "per_run": {f"v{r['victim_seed']}-s{r['seed']}": _reach(r, fraction) for r in runs},
+            }
+            if len(flat) == len(runs) and flat:
+                row["median"] = _interval(hits, statistics.median)
+            against = against_of[method]
+            if against:
+                base = _nested(by_method[against], lambda r, f=fraction: _reach(r, f))
+                row.update(_queries_saved(hits, base, runs, by_method[against]))
+            reach[str(fraction)][method] = row
+    return reach
 
 
 def ci(i: dict[str, float], scale: float = 100, digits: int = 1) -> str:

@@ -76,42 +76,69 @@ def run(
             "retry_exceptions": False,
             "runtime_env": runtime_env(),
         }
-        queue = list(range(len(jobs)))[::-1]
-        limit = workers or len(jobs)
-        while queue or pending:
-            while queue and len(pending) < limit:
-                i = queue.pop()
-                ref = task.options(name=job_name(jobs[i]), **options).remote(function, jobs[i])
-                pending[ref] = i
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ref)
-            try:
-                outcome = ray.get(ref)
-            except ray.exceptions.RayError as err:
-                kind = type(err).__name__
-                died = any(name in kind for name in _DEATHS)
-                message = str(err).strip().splitlines()[0] if str(err).strip() else kind
-                if died:
-                    message = f"its worker died {retries + 1} time(s); last: {message}"
-                fail(Failure(jobs[i], "WorkerDied" if died else kind, message, str(err)))
-                continue
-            deliver(jobs[i], outcome, done, fail)
+        _run_tasks(ray, task, options, jobs, workers, function, done, fail, pending)
     except BaseException:
         # Ctrl-C or a failing `done`: the runs not started are dropped, and the workers of
         # those going are ended (an interrupt inside a worker could leave it with half-
         # imported modules for its next task). Each run resumes from its last checkpoint
         # next time: the engine saves none on an interrupt either.
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if pending:
-            # Until they have stopped: a sweep started again must not meet a run that is
-            # still writing its folder. (A lost connection here must not hide the cause.)
-            with contextlib.suppress(Exception):
-                ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        _cancel(ray, pending)
         raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _run_tasks(
+    ray: Any,
+    task: Any,
+    options: dict[str, Any],
+    jobs: list[Job],
+    workers: int | None,
+    function: Callable[[Job], Any],
+    done: Callable[[Any], None],
+    fail: Callable[[Failure], None],
+    pending: dict[Any, int],
+) -> None:
+    """Keep at most `workers` tasks going (in `pending`: Ray reference -> job index) until
+    every job has finished or failed, handing each outcome on as it comes."""
+    queue = list(range(len(jobs)))[::-1]
+    limit = workers or len(jobs)
+    while queue or pending:
+        while queue and len(pending) < limit:
+            i = queue.pop()
+            ref = task.options(name=job_name(jobs[i]), **options).remote(function, jobs[i])
+            pending[ref] = i
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ref)
+        try:
+            outcome = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            fail(_failure(jobs[i], err, options["max_retries"]))
+            continue
+        deliver(jobs[i], outcome, done, fail)
+
+
+def _failure(job: Job, err: Exception, retries: int) -> Failure:
+    """The failure a Ray error stands for: a worker that died (after its retries) or the
+    error itself."""
+    kind = type(err).__name__
+    died = any(name in kind for name in _DEATHS)
+    message = str(err).strip().splitlines()[0] if str(err).strip() else kind
+    if died:
+        message = f"its worker died {retries + 1} time(s); last: {message}"
+    return Failure(job, "WorkerDied" if died else kind, message, str(err))
+
+
+def _cancel(ray: Any, pending: dict[Any, int]) -> None:
+    """End the tasks still going, and wait (a while) until they have stopped."""
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    if pending:
+        # Until they have stopped: a sweep started again must not meet a run that is
+        # still writing its folder. (A lost connection here must not hide the cause.)
+        with contextlib.suppress(Exception):
+            ray.wait(list(pending), num_returns=len(pending), timeout=60)
 
 
 def _connect(ray: Any, address: str, workers: int | None, cpus: float) -> bool:

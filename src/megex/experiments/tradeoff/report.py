@@ -36,6 +36,19 @@ def _points(d: dict[str, Any]) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    """The trade-off as markdown: the protocol, the clone accuracy per defence and attacker,
+    what each defence took from each attacker, and what the tables say."""
+    lines = [
+        *_introduction(summary),
+        *_accuracy_table(summary),
+        *_taken_table(summary),
+        *_verdicts(summary),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _introduction(summary: dict[str, Any]) -> list[str]:
+    """The title, the victims and runs, what utility means, and the attack settings."""
     b = fmt_budget(summary["budget"])
     victims = ", ".join(f"{100 * a:.2f}%" for a in summary["victims"].values())
     lines = [
@@ -57,10 +70,15 @@ def markdown(summary: dict[str, Any]) -> str:
         ]
     else:
         lines += [f"Attack settings: the search's, from {summary['tuned_settings']}.", ""]
+    return lines
+
+
+def _accuracy_table(summary: dict[str, Any]) -> list[str]:
+    """Per defence: its utility, and each attacker's clone accuracy (naive and adaptive)."""
     attackers = summary["attackers"]
     labels = [m for a in attackers for m in (a, a + ADAPTIVE)]
     head = ["defence", "cosine", "spearman", "l1", "labels", *labels, summary["baseline"]]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary["rows"]:
         u = row["utility"]
         cells = [
@@ -82,7 +100,13 @@ def markdown(summary: dict[str, Any]) -> str:
             cells.append(_pct(m["accuracy"]) + mark)
         cells.append(_pct(row["methods"].get(summary["baseline"], {}).get("accuracy", {})))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _taken_table(summary: dict[str, Any]) -> list[str]:
+    """Per defence and attacker: the counted variant's accuracy minus the undefended runs'."""
+    attackers = summary["attackers"]
+    lines = [
         "",
         "What each defence took from each attacker: the counted variant's clone accuracy "
         "minus the same attacker's undefended runs (same victim, same seed), points, "
@@ -99,7 +123,12 @@ def markdown(summary: dict[str, Any]) -> str:
             counted = counted_variant(row, attacker) or {}
             cells.append(_points(counted.get("minus_undefended", {})))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## What the table says", ""]
+    return lines
+
+
+def _verdicts(summary: dict[str, Any]) -> list[str]:
+    """The verdicts: each attacker's lead without a defence, then the effective defences."""
+    lines = ["", "## What the table says", ""]
     lead = summary["undefended_lead"]
     for attacker, verdict in lead.items():
         if verdict == "too few runs":
@@ -135,7 +164,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"- No defence both left the explanation attackers without a measured lead over "
             f"{summary['baseline']} and kept the maps' cosine at {threshold:g} or more."
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _named_defense(summary: dict[str, Any], name: str) -> str:

@@ -49,54 +49,19 @@ def confirm_method(job: dict[str, Any]) -> dict[str, Any]:
     import optuna
 
     search, method = job["search"], job["method"]
-    victim, evaluator, attack_name, fixed = method_setup(job)
+    setup = method_setup(job)
     study = optuna.load_study(study_name=method, storage=open_storage(job["storage"]))
     judged = judged_trials(study, search["trials"])
     if not judged:
         raise ValueError(f"tune {method}: no finished trial to confirm")
     best_first = sorted(judged, key=lambda t: (-t.value, t.number))
-    searched = len(search["seeds"])
     scored = []  # (trial, its row)
     for trial in best_first[: search["confirm_trials"]]:
-        seed_scores = {}
-        for seed in search["confirm_seeds"]:
-            key = confirm_key(trial.number, seed)
-            stored = study.user_attrs.get(key)
-            if stored is None:
-                t0 = time.time()
-                value, curves = trials.score(
-                    method,
-                    {**fixed, **trial.params},
-                    attack_name,
-                    victim,
-                    evaluator,
-                    {**search, "seeds": [seed]},
-                    job["device"],
-                )
-                stored = {"value": value, "curves": curves, "seconds": round(time.time() - t0, 1)}
-                study.set_user_attr(key, stored)
-                log(
-                    f"tune {method}: trial {trial.number} confirmed on seed {seed} -> "
-                    f"{value:.4f} ({stored['seconds']:.0f} s)"
-                )
-            seed_scores[str(seed)] = stored["value"]
-        # The search's score is the mean over its own seeds: weighted by their number, the
-        # result is the mean over every seed the trial ran with.
-        total = trial.value * searched + sum(seed_scores.values())
-        # The worst seed of all: the search's seeds' scores come back from their curves.
-        search_scores = {
-            seed: curve_score(curve, search["marks"])
-            for seed, curve in trial.user_attrs.get("curves", {}).items()
+        seed_scores = {
+            str(seed): _confirmed_score(job, setup, study, trial, seed)
+            for seed in search["confirm_seeds"]
         }
-        row = {
-            "trial": trial.number,
-            "search_score": trial.value,
-            "search_seed_scores": search_scores,
-            "seed_scores": seed_scores,
-            "worst_seed": min([*search_scores.values(), *seed_scores.values()]),
-            "mean": total / (searched + len(seed_scores)),
-        }
-        scored.append((trial, row))
+        scored.append((trial, _row(search, trial, seed_scores)))
     # Ties go to the trial the search ranked first.
     best, chosen = max(scored, key=lambda pair: pair[1]["mean"])
     return {
@@ -110,4 +75,57 @@ def confirm_method(job: dict[str, Any]) -> dict[str, Any]:
             "seeds": list(search["confirm_seeds"]),
             "rows": [row for _, row in scored],
         },
+    }
+
+
+def _confirmed_score(
+    job: dict[str, Any],
+    setup: tuple[Any, Any, str, dict[str, Any]],
+    study: Any,
+    trial: Any,
+    seed: int,
+) -> float:
+    """A trial's score on one confirmation seed: kept in the study, or scored and kept."""
+    search, method = job["search"], job["method"]
+    victim, evaluator, attack_name, fixed = setup
+    key = confirm_key(trial.number, seed)
+    stored = study.user_attrs.get(key)
+    if stored is None:
+        t0 = time.time()
+        value, curves = trials.score(
+            method,
+            {**fixed, **trial.params},
+            attack_name,
+            victim,
+            evaluator,
+            {**search, "seeds": [seed]},
+            job["device"],
+        )
+        stored = {"value": value, "curves": curves, "seconds": round(time.time() - t0, 1)}
+        study.set_user_attr(key, stored)
+        log(
+            f"tune {method}: trial {trial.number} confirmed on seed {seed} -> "
+            f"{value:.4f} ({stored['seconds']:.0f} s)"
+        )
+    return stored["value"]
+
+
+def _row(search: dict[str, Any], trial: Any, seed_scores: dict[str, float]) -> dict[str, Any]:
+    """A confirmed trial's row: its scores on every seed, the worst, and the mean."""
+    searched = len(search["seeds"])
+    # The search's score is the mean over its own seeds: weighted by their number, the
+    # result is the mean over every seed the trial ran with.
+    total = trial.value * searched + sum(seed_scores.values())
+    # The worst seed of all: the search's seeds' scores come back from their curves.
+    search_scores = {
+        seed: curve_score(curve, search["marks"])
+        for seed, curve in trial.user_attrs.get("curves", {}).items()
+    }
+    return {
+        "trial": trial.number,
+        "search_score": trial.value,
+        "search_seed_scores": search_scores,
+        "seed_scores": seed_scores,
+        "worst_seed": min([*search_scores.values(), *seed_scores.values()]),
+        "mean": total / (searched + len(seed_scores)),
     }

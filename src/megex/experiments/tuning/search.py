@@ -113,63 +113,18 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_search(args: Any) -> dict[str, Any]:
+    """Search every method's settings (then confirm the best, if asked); write tuned.json
+    and return what it holds."""
     config = load_config(args.config)
     config["tuned_settings"] = None  # the search starts from the untuned settings
-    search = dict(SEARCH)
-    if args.trials:
-        search["trials"] = args.trials
-    if args.budget:
-        search["budget"] = args.budget
-        search["marks"] = [m for m in search["marks"] if m < args.budget] + [args.budget]
-    if args.confirm_trials is not None:
-        search["confirm_trials"] = args.confirm_trials
-    if args.confirm_seeds:
-        search["confirm_seeds"] = args.confirm_seeds
-    confirm.validate(search)
+    search = _search_settings(args)
     methods = args.methods or search["methods"]
-    for method in methods:
-        if method not in METHODS or "tuned_as" in METHODS[method]:
-            raise ValueError(
-                f"--methods: {method!r} is not a searched method; expected one of "
-                f"{', '.join(m for m in METHODS if 'tuned_as' not in METHODS[m])}"
-            )
+    _check_methods(methods)
     device = args.device or config["device"]
     out, url = Path(args.out).resolve(), storage_url(args)
     _, vpath = get_victim(config, out / "victims", args.data_root, search["victim_seed"])
-    jobs = [
-        {
-            "name": f"tune {m} worker {k}",
-            "method": m,
-            "config": config,
-            "search": search,
-            "victim": str(vpath),
-            "data_root": args.data_root and str(Path(args.data_root).resolve()),
-            "storage": url,
-            "host": socket.gethostname(),
-            "device": device,
-            "threads": args.threads,
-            "parallel": args.parallel_trials,
-            # One worker per method keeps the seeds of a search run without parallel trials.
-            "sampler_seed": i + 1000 * k,
-            "worker": k,
-        }
-        for i, m in enumerate(methods)
-        for k in range(args.parallel_trials)
-    ]
-    # The database and its studies are made here, once: two workers creating the same
-    # schema at once collide.
-    try:
-        import optuna
-    except ModuleNotFoundError:
-        message = "the search needs Optuna: pip install 'megex[tune]'"
-        raise ModuleNotFoundError(message, name="optuna") from None
-
-    storage = open_storage(url)
-    for method in methods:
-        optuna.create_study(
-            study_name=method, storage=storage, direction="maximize", load_if_exists=True
-        )
-    del storage
+    jobs = _worker_jobs(args, methods, config, search, str(vpath), url, device)
+    _create_studies(url, methods)
     t0 = time.time()
     tuned_path = out / "tuned.json"
     doc: dict[str, Any] = {}
@@ -203,6 +158,80 @@ def run_search(args: Any) -> dict[str, Any]:
             raise sweep.SweepFailed(failures, len(checks), "confirmation jobs")
     log(f"tune: {time.time() - t0:.0f} s; best settings in {tuned_path}")
     return doc
+
+
+def _search_settings(args: Any) -> dict[str, Any]:
+    """SEARCH with the command line's trials, budget (and marks) and confirmation; checked."""
+    search = dict(SEARCH)
+    if args.trials:
+        search["trials"] = args.trials
+    if args.budget:
+        search["budget"] = args.budget
+        search["marks"] = [m for m in search["marks"] if m < args.budget] + [args.budget]
+    if args.confirm_trials is not None:
+        search["confirm_trials"] = args.confirm_trials
+    if args.confirm_seeds:
+        search["confirm_seeds"] = args.confirm_seeds
+    confirm.validate(search)
+    return search
+
+
+def _check_methods(methods: list[str]) -> None:
+    """Refuse a method that is not searched (unknown, or tuned as another)."""
+    for method in methods:
+        if method not in METHODS or "tuned_as" in METHODS[method]:
+            raise ValueError(
+                f"--methods: {method!r} is not a searched method; expected one of "
+                f"{', '.join(m for m in METHODS if 'tuned_as' not in METHODS[m])}"
+            )
+
+
+def _worker_jobs(
+    args: Any,
+    methods: list[str],
+    config: dict[str, Any],
+    search: dict[str, Any],
+    victim: str,
+    url: str,
+    device: str,
+) -> list[dict[str, Any]]:
+    """One job per method and parallel trial worker, each with its own sampler seed."""
+    return [
+        {
+            "name": f"tune {m} worker {k}",
+            "method": m,
+            "config": config,
+            "search": search,
+            "victim": victim,
+            "data_root": args.data_root and str(Path(args.data_root).resolve()),
+            "storage": url,
+            "host": socket.gethostname(),
+            "device": device,
+            "threads": args.threads,
+            "parallel": args.parallel_trials,
+            # One worker per method keeps the seeds of a search run without parallel trials.
+            "sampler_seed": i + 1000 * k,
+            "worker": k,
+        }
+        for i, m in enumerate(methods)
+        for k in range(args.parallel_trials)
+    ]
+
+
+def _create_studies(url: str, methods: list[str]) -> None:
+    """The database and one study per method, made here, once: two workers creating the
+    same schema at once collide."""
+    try:
+        import optuna
+    except ModuleNotFoundError:
+        message = "the search needs Optuna: pip install 'megex[tune]'"
+        raise ModuleNotFoundError(message, name="optuna") from None
+
+    storage = open_storage(url)
+    for method in methods:
+        optuna.create_study(
+            study_name=method, storage=storage, direction="maximize", load_if_exists=True
+        )
 
 
 def _record(

@@ -36,7 +36,7 @@ import torch
 
 from ...defenses import Defense, build_defense
 from ...explain import Explanation
-from ...oracle import Responder, validate_images
+from ...oracle import Answer, Responder, validate_images
 from ...stats import mean_interval
 from ...victim import Victim
 from .maps import (
@@ -137,6 +137,95 @@ def explanation_utility(
     Returns {"explanation", "images", "steps", "top_fraction", "top_k", "baseline", "seed",
     "faithfulness", "level", "rows": [{"defense": label, "specs": [...], metric: {...}}]}.
     """
+    _check_settings(images, steps, top_fraction, baseline, faithfulness)
+    images = validate_images(images, victim.input_shape, "images")
+    rows = [[]] + [_row(r) for r in defenses]
+    reference, classes = _undefended(victim, images, explanation, seed, batch_size)
+    settings = {
+        "steps": steps,
+        "top_fraction": top_fraction,
+        "baseline": baseline,
+        "seed": seed,
+        "faithfulness": faithfulness,
+        "level": level,
+        "batch_size": batch_size,
+    }
+    out_rows = [
+        _measure_row(victim, images, explanation, reference, classes, row, **settings)
+        for row in rows
+    ]
+    return {
+        "explanation": explanation.to_dict(),
+        "images": images.shape[0],
+        "steps": steps,
+        "top_fraction": top_fraction,
+        "top_k": top_k_count(math.prod(images.shape[1:]), top_fraction),  # of a map's values
+        "baseline": baseline,
+        "seed": seed,
+        "faithfulness": faithfulness,
+        "level": level,
+        "rows": out_rows,
+    }
+
+
+def _undefended(
+    victim: Victim, images: torch.Tensor, explanation: Explanation, seed: int, batch_size: int
+) -> tuple[Answer, torch.Tensor]:
+    """The undefended service's answer, and the class each image's map explains."""
+    honest = Responder(victim, explanation=explanation, seed=seed, batch_size=batch_size)
+    reference = honest.answer(images, explanation)
+    labels = reference.labels
+    classes = labels if not isinstance(explanation.target, int) else None
+    if classes is None:
+        classes = torch.full_like(labels, int(explanation.target))
+    return reference, classes
+
+
+def _measure_row(
+    victim: Victim,
+    images: torch.Tensor,
+    explanation: Explanation,
+    reference: Answer,
+    classes: torch.Tensor,
+    row: list[Defense],
+    *,
+    steps: int,
+    top_fraction: float,
+    baseline: float,
+    seed: int,
+    faithfulness: str,
+    level: float,
+    batch_size: int,
+) -> dict[str, Any]:
+    """One row of defences: its answers, then each measure's mean and interval over images."""
+    answer = (
+        reference
+        if not row
+        else Responder(
+            victim, explanation=explanation, defenses=row, seed=seed, batch_size=batch_size
+        ).answer(images, explanation)
+    )
+    ties = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    values = _similarity(reference.explanation, answer.explanation, n, top_fraction, ties)
+    explained = _explained_maps(answer.explanation, classes)
+    values["deletion_auc"], values["insertion_auc"] = _faithfulness(
+        victim, images, explained, classes, steps, baseline, seed, faithfulness, batch_size
+    )
+    values.update(
+        _prediction_change(reference.probabilities, answer.probabilities, reference.labels)
+    )
+    entry: dict[str, Any] = {"defense": _label(row), "specs": [d.spec() for d in row]}
+    for name in METRICS:
+        mean, low, high = mean_interval(values[name].tolist(), level=level, seed=seed)
+        entry[name] = {"mean": mean, "low": low, "high": high}
+    return entry
+
+
+def _check_settings(
+    images: torch.Tensor, steps: int, top_fraction: float, baseline: float, faithfulness: str
+) -> None:
+    """Refuse settings the measures cannot use, before any map is computed."""
     if faithfulness not in FAITHFULNESS_BACKENDS:
         raise ValueError(
             f"faithfulness: expected one of {', '.join(FAITHFULNESS_BACKENDS)}, "
@@ -147,59 +236,33 @@ def explanation_utility(
     if not math.isfinite(baseline):
         raise ValueError(f"baseline: expected a finite number, got {baseline}")
     pixels_per_step(images.shape[-1] * images.shape[-2], steps)
-    images = validate_images(images, victim.input_shape, "images")
-    rows = [[]] + [_row(r) for r in defenses]
-    n = images.shape[0]
-    honest = Responder(victim, explanation=explanation, seed=seed, batch_size=batch_size)
-    reference = honest.answer(images, explanation)
-    labels = reference.labels
-    classes = labels if not isinstance(explanation.target, int) else None
-    if classes is None:
-        classes = torch.full_like(labels, int(explanation.target))
-    size = math.prod(images.shape[1:])  # values per map
-    out_rows = []
-    for row in rows:
-        answer = (
-            reference
-            if not row
-            else Responder(
-                victim, explanation=explanation, defenses=row, seed=seed, batch_size=batch_size
-            ).answer(images, explanation)
-        )
-        maps = answer.explanation
-        per_map_ref = _flat_maps(reference.explanation)
-        per_map = _flat_maps(maps)
-        ties = torch.Generator().manual_seed(seed)
-        values: dict[str, torch.Tensor] = {
-            "cosine": _per_image(cosine_similarity(per_map_ref, per_map), n),
-            "spearman": _per_image(spearman_correlation(per_map_ref, per_map), n),
-            "top_k_overlap": _per_image(top_k_overlap(per_map_ref, per_map, top_fraction, ties), n),
-        }
-        explained = _explained_maps(maps, classes)
-        values["deletion_auc"], values["insertion_auc"] = _faithfulness(
-            victim, images, explained, classes, steps, baseline, seed, faithfulness, batch_size
-        )
-        probs = answer.probabilities
-        values["probability_l1"] = (probs - reference.probabilities).abs().sum(dim=1)
-        values["label_kept"] = (
-            probs.gather(1, labels.view(-1, 1)).squeeze(1) >= probs.amax(1)
-        ).float()
-        entry: dict[str, Any] = {"defense": _label(row), "specs": [d.spec() for d in row]}
-        for name in METRICS:
-            mean, low, high = mean_interval(values[name].tolist(), level=level, seed=seed)
-            entry[name] = {"mean": mean, "low": low, "high": high}
-        out_rows.append(entry)
+
+
+def _similarity(
+    reference: torch.Tensor,
+    maps: torch.Tensor,
+    n: int,
+    top_fraction: float,
+    ties: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Per image: cosine, Spearman and top-k overlap of the maps with the undefended ones."""
+    per_map_ref = _flat_maps(reference)
+    per_map = _flat_maps(maps)
     return {
-        "explanation": explanation.to_dict(),
-        "images": n,
-        "steps": steps,
-        "top_fraction": top_fraction,
-        "top_k": top_k_count(size, top_fraction),
-        "baseline": baseline,
-        "seed": seed,
-        "faithfulness": faithfulness,
-        "level": level,
-        "rows": out_rows,
+        "cosine": _per_image(cosine_similarity(per_map_ref, per_map), n),
+        "spearman": _per_image(spearman_correlation(per_map_ref, per_map), n),
+        "top_k_overlap": _per_image(top_k_overlap(per_map_ref, per_map, top_fraction, ties), n),
+    }
+
+
+def _prediction_change(
+    honest: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per image: the L1 distance of the returned probabilities to the honest ones, and
+    whether the victim's predicted class keeps the largest."""
+    return {
+        "probability_l1": (probs - honest).abs().sum(dim=1),
+        "label_kept": (probs.gather(1, labels.view(-1, 1)).squeeze(1) >= probs.amax(1)).float(),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,22 +168,42 @@ def perturbation_curve(
             for start in range(0, n, per_batch):
                 x = images[start : start + per_batch].cpu().float()
                 m = x.shape[0]
-                # mask[i, j, p]: pixel p of image i is changed after j steps.
-                mask = rank[start : start + m, None, :] < changed[None, :, None]
-                mask = mask.view(m, points, 1, h, w)
-                full = x[:, None].expand(m, points, c, h, w)
-                filled = torch.full_like(full, float(baseline))
-                if mode == "deletion":
-                    batch = torch.where(mask, filled, full)
-                else:
-                    batch = torch.where(mask, full, filled)
-                logits = model(batch.reshape(m * points, c, h, w).to(device)).float().cpu()
-                probs = F.softmax(logits, dim=1).view(m, points, -1)
-                picked = classes[start : start + m].cpu().view(m, 1, 1).expand(m, points, 1)
-                out[start : start + m] = probs.gather(2, picked).squeeze(2)
+                out[start : start + m] = _curve_points(
+                    model, x, rank[start : start + m], changed, classes[start : start + m],
+                    mode, baseline, device,
+                )  # fmt: skip
     finally:
         model.train(was_training)
     return fractions.float(), out
+
+
+def _curve_points(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    rank: torch.Tensor,
+    changed: torch.Tensor,
+    classes: torch.Tensor,
+    mode: str,
+    baseline: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """(m, S+1): the probability of `classes` on images `x` after each step's pixels changed
+    (every step of every image in one pass of the model)."""
+    m, c, h, w = x.shape
+    points = len(changed)
+    # mask[i, j, p]: pixel p of image i is changed after j steps.
+    mask = rank[:, None, :] < changed[None, :, None]
+    mask = mask.view(m, points, 1, h, w)
+    full = x[:, None].expand(m, points, c, h, w)
+    filled = torch.full_like(full, float(baseline))
+    if mode == "deletion":
+        batch = torch.where(mask, filled, full)
+    else:
+        batch = torch.where(mask, full, filled)
+    logits = model(batch.reshape(m * points, c, h, w).to(device)).float().cpu()
+    probs = F.softmax(logits, dim=1).view(m, points, -1)
+    picked = classes.cpu().view(m, 1, 1).expand(m, points, 1)
+    return probs.gather(2, picked).squeeze(2)
 
 
 def curve_area(fractions: torch.Tensor, curves: torch.Tensor) -> torch.Tensor:
@@ -212,13 +233,7 @@ def quantus_deletion_curve(
     :func:`perturbation_curve` where magnitudes differ between pixels. Quantus refuses a
     batch whose maps are all zero or all equal.
     """
-    try:
-        import quantus
-    except ImportError as err:  # not installed, or a library it loads is missing
-        raise ModuleNotFoundError(
-            f"Quantus metrics need the 'utility' extra (pip install 'megex[utility]'): {err}",
-            name=getattr(err, "name", None) or "quantus",
-        ) from None
+    quantus = _import_quantus()
     n, c, h, w = images.shape
     per_step = pixels_per_step(h * w, steps)
     if (h * w) % (c * per_step):
@@ -227,15 +242,7 @@ def quantus_deletion_curve(
             f"{h * w} pixels; choose steps so that it does (e.g. a divisor of {h * w // c})"
         )
     magnitude = maps.detach().abs().sum(dim=1, keepdim=True).expand(n, c, h, w)
-    metric = quantus.PixelFlipping(
-        features_in_step=c * per_step,
-        abs=True,
-        normalise=False,
-        perturb_baseline=float(baseline),
-        return_auc_per_sample=False,
-        disable_warnings=True,
-        display_progressbar=False,
-    )
+    metric = _pixel_flipping(quantus, c * per_step, baseline)
     was_training = model.training
     model.eval()
     try:
@@ -259,3 +266,29 @@ def quantus_deletion_curve(
     finally:
         model.train(was_training)
     return torch.cat([first, torch.tensor(np.asarray(flipped), dtype=torch.float32)], dim=1)
+
+
+def _import_quantus() -> Any:
+    """The quantus module, or an error that names the extra that installs it."""
+    try:
+        import quantus
+    except ImportError as err:  # not installed, or a library it loads is missing
+        raise ModuleNotFoundError(
+            f"Quantus metrics need the 'utility' extra (pip install 'megex[utility]'): {err}",
+            name=getattr(err, "name", None) or "quantus",
+        ) from None
+    return quantus
+
+
+def _pixel_flipping(quantus: Any, values_per_step: int, baseline: float) -> Any:
+    """Quantus's pixel-flipping metric: the raw curve, `values_per_step` values a step set to
+    `baseline` by attribution magnitude, quietly."""
+    return quantus.PixelFlipping(
+        features_in_step=values_per_step,
+        abs=True,
+        normalise=False,
+        perturb_baseline=float(baseline),
+        return_auc_per_sample=False,
+        disable_warnings=True,
+        display_progressbar=False,
+    )
