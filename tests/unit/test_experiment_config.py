@@ -73,3 +73,16 @@ def test_the_tradeoff_config_checks_its_rows_and_quick_keys(tmp_path):
     load_tradeoff(bad_quick)  # the quick keys are read only under --quick
     with pytest.raises(ValueError, match=r"quick: unknown keys \['budget'\]"):
         load_tradeoff(bad_quick, quick=True)
+
+
+def test_the_detection_config_names_its_mistakes(tmp_path):
+    from megex.experiments.detection import DEFAULTS as DETECTION
+    from megex.experiments.detection import load_config as load_detection
+
+    assert load_detection(None) == DETECTION
+    with pytest.raises(ValueError, match=r"benign_kinds\[1\]: expected one of"):
+        load_detection(_write(tmp_path, {"benign_kinds": ["clean", "shouting"]}))
+    with pytest.raises(ValueError, match="target_fpr: expected a number"):
+        load_detection(_write(tmp_path, {"target_fpr": 1}))
+    with pytest.raises(ValueError, match="monitor: unknown 'lasso'"):
+        load_detection(_write(tmp_path, {"monitors": {"lasso": {}}}))

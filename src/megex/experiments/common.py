@@ -1,8 +1,8 @@
-"""The kit every experiment shares: config files, logging, budgets in words, markdown tables,
+"""The kit every experiment shares: logging, budgets in words, markdown tables,
 and writing the outputs (JSON, markdown, PNG) atomically.
 
 An experiment is plan -> sweep -> summarise -> write: it plans jobs from its config (a JSON
-file over its DEFAULTS, read by :func:`merged_config`), runs them with
+file over its declared keys, read by :func:`megex.experiments.config.load`), runs them with
 :func:`megex.experiments.sweep.run_jobs`, summarises the finished runs into one JSON-able
 dict, and writes that dict with :func:`write_outputs` (the markdown and plots are rebuilt from
 the summary alone, so a table can always be rewritten from its JSON).
@@ -10,8 +10,6 @@ the summary alone, so a table can always be rewritten from its JSON).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,7 +21,6 @@ __all__ = [
     "fmt_budget",
     "log",
     "markdown_table",
-    "merged_config",
     "write_outputs",
 ]
 
@@ -38,27 +35,6 @@ def fmt_budget(queries: int) -> str:
     if queries >= 1_000_000 and queries % 100_000 == 0:
         return f"{queries / 1_000_000:g}M"
     return f"{queries / 1000:g}k" if queries >= 1000 else str(queries)
-
-
-def merged_config(
-    defaults: dict[str, Any],
-    path: str | os.PathLike | None,
-    merged: tuple[str, ...] = ("settings", "method_settings"),
-) -> dict[str, Any]:
-    """A copy of `defaults` updated by a JSON file's keys (if given); the keys in `merged`
-    hold dicts that the file's dicts update rather than replace. Unknown keys are refused."""
-    config = json.loads(json.dumps(defaults))
-    if path is not None:
-        user = json.loads(Path(path).read_text())
-        unknown = set(user) - set(config) - {"description"}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(config)}")
-        for key, value in user.items():
-            if key in merged and isinstance(value, dict):
-                config[key].update(value)
-            else:
-                config[key] = value
-    return config
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:

@@ -50,8 +50,6 @@ def load(
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(config)}")
     check_values(config_class, {k: v for k, v in user.items() if k != "description"}, path)
     for key, value in user.items():
-        if key == "description":
-            continue
         if key in merged and isinstance(value, dict):
             config[key].update(value)
         else:

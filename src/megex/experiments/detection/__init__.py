@@ -35,7 +35,8 @@ from typing import Any
 from ... import data as data_mod
 from ...detection import MONITORS, calibrate
 from ...victim import cached_victim
-from ..common import log, merged_config
+from .. import config as config_files
+from ..common import log
 from ..methods import (
     METHODS,
     apply_settings_file,
@@ -45,72 +46,29 @@ from ..methods import (
     require_tuned,
 )
 from ..runner import prepare_torch
+from .config import BENIGN_KINDS, DEFAULTS, DetectionConfig
 from .report import summarise, write_outputs
 from .streams import attack_stream, benign_stream, score_stream
 
 __all__ = [
     "BENIGN_KINDS",
     "DEFAULTS",
+    "DetectionConfig",
     "attack_stream",
     "benign_stream",
     "load_config",
     "run_detection",
 ]
 
-BENIGN_KINDS = ("clean", "noise", "augment")
-
-DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion-mnist",
-    "victim_arch": None,  # None: the dataset's recipe
-    "victim_seeds": [0, 1, 2],
-    # Held out of every victim's training split (as in the query-efficiency benchmark):
-    # the calibration streams draw from these, never from the test split.
-    "validation_images": 5000,
-    "methods": ["megex-all", "megex-predicted", "megex-jacobian", "dfme"],
-    "seeds": [0, 1, 2, 3, 4],
-    # Queries per stream, attack and benign alike: the horizon of detection and of the
-    # false-positive rate. A benign stream draws distinct images, so at most the pool.
-    "queries": 5000,
-    "benign_kinds": list(BENIGN_KINDS),
-    "calibration_streams": 20,  # per kind and victim
-    "test_streams": 20,  # per kind and victim
-    "target_fpr": 0.05,
-    "noise_std": 0.1,
-    "augment": {"shift": 2, "flip": True, "brightness": [0.7, 1.3]},
-    # Monitor name -> settings (the threshold is calibrated).
-    "monitors": {"prada": {}, "ood": {"score": "msp", "window": 100}},
-    # The attacks: the query-efficiency benchmark's shared settings; tuned ones only from a
-    # settings file (null: the package defaults, with a warning).
-    "settings": {
-        "ngf": 8,
-        "lr_schedule": "constant",
-        "clone_ema": 0.999,
-        "clone_updates_per_1k_queries": 25.0,
-    },
-    "method_settings": {},
-    "tuned_settings": None,
-    "device": "cpu",
-    "quick_queries": 2000,
-    "quick_seeds": [0, 1],
-    "quick_victim_seeds": [0],
-    "quick_streams": 6,  # calibration and test streams per kind and victim
-}
-
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     """The benchmark's settings: DEFAULTS updated by a JSON file's keys (if given)."""
-    config = merged_config(DEFAULTS, path, ("settings", "method_settings", "augment"))
+    merged = ("settings", "method_settings", "augment")
+    config = config_files.load(DetectionConfig, path, merged)
     check_methods(config["methods"])
     for name in config["monitors"]:
         if name not in MONITORS:
             raise ValueError(f"monitor: unknown {name!r}; expected one of {', '.join(MONITORS)}")
-    for kind in config["benign_kinds"]:
-        if kind not in BENIGN_KINDS:
-            raise ValueError(
-                f"benign kind: unknown {kind!r}; expected one of {', '.join(BENIGN_KINDS)}"
-            )
-    if not 0 <= float(config["target_fpr"]) < 1:
-        raise ValueError(f"target_fpr: expected in [0, 1), got {config['target_fpr']}")
     return config
 
 

@@ -81,8 +81,7 @@ class QueryEfficiencyConfig:
     search: dict | None = setting(
         None,
         'a search of this config\'s own ({"methods": [...], "trials": N, "budget": B}), which '
-        "megex input-size runs before the benchmark; null: none",
-        OrNone(Mapping()),
+        "megex input-size runs before the benchmark (which checks it); null: none",
     )
     method_settings: dict = setting(
         {}, "per method, settings over the shared and searched ones", Mapping()
