@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import tables
 from .runs import RunFolder, save_figure_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["load_run", "markdown_table", "plot_accuracy", "summary", "write_report"]
@@ -72,15 +73,17 @@ def summary(
     return rows
 
 
+_COLUMNS = (
+    "run", "method", "explanation", "clone accuracy", "x victim", "fidelity", "queries", "seconds",
+)  # fmt: skip
+
+
 def markdown_table(runs: list[dict[str, Any]], victim_accuracy: float | None = None) -> str:
     """One row per run: clone accuracy, ratio to the victim, fidelity, queries, seconds."""
     lines = []
     if victim_accuracy is not None:
         lines += [f"Victim accuracy: {100 * victim_accuracy:.1f}%", ""]
-    lines += [
-        "| run | method | explanation | clone accuracy | x victim | fidelity | queries | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for row in summary(runs, victim_accuracy):
         explanation = (row["details"] or {}).get("explanation")
         expl = (
@@ -89,11 +92,19 @@ def markdown_table(runs: list[dict[str, Any]], victim_accuracy: float | None = N
             else ("none (zeroth-order)" if row["method"] == "dfme" else "-")
         )
         status = "" if row["finished"] else " (unfinished)"
-        lines.append(
-            f"| {row['label']}{status} | {_fmt(row['method'])} | {expl} "
-            f"| {_fmt(row['clone_accuracy'], True)} | {_fmt(row['ratio'])} "
-            f"| {_fmt(row['fidelity'], True)} | {_fmt(row['queries'])} | {_fmt(row['elapsed_s'])} |"
+        rows.append(
+            [
+                f"{row['label']}{status}",
+                _fmt(row["method"]),
+                expl,
+                _fmt(row["clone_accuracy"], True),
+                _fmt(row["ratio"]),
+                _fmt(row["fidelity"], True),
+                _fmt(row["queries"]),
+                _fmt(row["elapsed_s"]),
+            ]
         )
+    lines += tables.markdown_table(_COLUMNS, rows)
     return "\n".join(lines) + "\n"
 
 

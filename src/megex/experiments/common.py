@@ -1,5 +1,5 @@
-"""The kit every experiment shares: logging, budgets in words, markdown tables,
-and writing the outputs (JSON, markdown, PNG) atomically.
+"""The kit every experiment shares: logging, budgets in words, and writing the outputs
+(JSON, markdown, PNG) atomically (markdown tables: :func:`megex.tables.markdown_table`).
 
 An experiment is plan -> sweep -> summarise -> write: it plans jobs from its config (a JSON
 file over its declared keys, read by :func:`megex.experiments.config.load`), runs them with
@@ -11,7 +11,7 @@ the summary alone, so a table can always be rewritten from its JSON).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from ..runs import write_json_atomic, write_text_atomic
 __all__ = [
     "fmt_budget",
     "log",
-    "markdown_table",
     "write_outputs",
 ]
 
@@ -35,14 +34,6 @@ def fmt_budget(queries: int) -> str:
     if queries >= 1_000_000 and queries % 100_000 == 0:
         return f"{queries / 1_000_000:g}M"
     return f"{queries / 1000:g}k" if queries >= 1000 else str(queries)
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """The lines of a markdown table: a header row, its rule, then one line per row."""
-    lines = ["| " + " | ".join(str(h) for h in header) + " |"]
-    lines.append("|" + "|".join(" --- " for _ in header) + "|")
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
 
 
 def write_outputs(

@@ -43,6 +43,7 @@ from ..evaluate import Evaluator
 from ..oracle import LocalOracle
 from ..runs import save_figure_atomic
 from ..stats import bootstrap_interval
+from ..tables import markdown_table
 from ..victim import cached_victim
 from . import common
 from .input_size import SIZES
@@ -258,9 +259,9 @@ def markdown(summary: dict[str, Any]) -> str:
         "interval over batches]; ideal: the same directions with exact directional "
         "derivatives.",
         "",
-        "| size | d | phase | m | cosine | ideal | sqrt(m/d) | cosine / sqrt(m/d) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    header = ["size", "d", "phase", "m", "cosine", "ideal", "sqrt(m/d)", "cosine / sqrt(m/d)"]
+    rows = []
     for row in summary["sizes"]:
         for phase, found in row["phases"].items():
             label = phase
@@ -270,11 +271,20 @@ def markdown(summary: dict[str, Any]) -> str:
                     f"{100 * found['clone_accuracy']:.1f}%)"
                 )
             for m, v in found["m"].items():
-                lines.append(
-                    f"| {row['size']} | {row['d']} | {label} | {m} | {v['mean']:.4f} "
-                    f"[{v['low']:.4f}, {v['high']:.4f}] | {v['ideal']:.4f} | "
-                    f"{v['sqrt_m_over_d']:.4f} | {v['mean'] / v['sqrt_m_over_d']:.2f} |"
+                cosine = f"{v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+                rows.append(
+                    [
+                        row["size"],
+                        row["d"],
+                        label,
+                        m,
+                        cosine,
+                        f"{v['ideal']:.4f}",
+                        f"{v['sqrt_m_over_d']:.4f}",
+                        f"{v['mean'] / v['sqrt_m_over_d']:.2f}",
+                    ]
                 )
+    lines += markdown_table(header, rows)
     victims = ", ".join(f"{r['size']} {100 * r['victim_accuracy']:.1f}%" for r in summary["sizes"])
     lines += ["", f"Victims (LeNet-5, recipe seed 0, test accuracy): {victims}."]
     return "\n".join(lines) + "\n"

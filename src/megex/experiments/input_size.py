@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import save_figure_atomic
+from ..tables import markdown_table
 from . import common
 from .query_efficiency.summary import SAVED_KINDS, interval_ends, saved_cell
 
@@ -118,11 +119,10 @@ def markdown(summary: dict[str, Any]) -> str:
         "over the method's; '>= k x' or '<= k x' where runs that never reached the fraction "
         "count as the largest budget, which makes k a bound).",
         "",
-        "| size | d | victim | method | accuracy at budget | "
-        + " | ".join(f"queries to {t}x" for t in targets)
-        + " |",
-        "|" + " --- |" * (5 + len(targets)),
     ]
+    header = ["size", "d", "victim", "method", "accuracy at budget"]
+    header += [f"queries to {t}x" for t in targets]
+    table = []
     for r in rows:
         for method, m in r["methods"].items():
             acc = _interval(m["accuracy"], 100, 1)
@@ -139,10 +139,9 @@ def markdown(summary: dict[str, Any]) -> str:
                 else:
                     cell = "-"
                 cells.append(cell)
-            lines.append(
-                f"| {r['size']} | {r['d']} | {100 * r['victim_accuracy']:.1f}% | {method} | "
-                f"{acc} | " + " | ".join(cells) + " |"
-            )
+            victim = f"{100 * r['victim_accuracy']:.1f}%"
+            table.append([r["size"], r["d"], victim, method, acc, *cells])
+    lines += markdown_table(header, table)
     sources = ", ".join(r["source"] for r in rows)
     lines += ["", f"From {sources}."]
     return "\n".join(lines) + "\n"

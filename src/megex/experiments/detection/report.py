@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...stats import wilson_interval
+from ...tables import markdown_table
 from .. import common
 
 __all__ = ["markdown", "summarise", "write_outputs"]
@@ -151,19 +152,19 @@ def _detection_table(summary: dict[str, Any]) -> list[str]:
         '"any": flagged by any monitor, each at its own threshold (so its false-positive '
         "rate can reach the sum of theirs). Queries until detection: over the runs detected.",
         "",
-        "| monitor | method | detected | rate [95% interval] | queries until detection: "
-        "median | range |",
-        "| --- | --- | --- | --- | ---: | --- |",
     ]
+    header = [
+        "monitor", "method", "detected", "rate [95% interval]", "queries until detection: median",
+        "range",
+    ]  # fmt: skip
+    rows = []
     for name, methods in summary["detection"].items():
         for method, d in methods.items():
             median = "-" if d["median_queries"] is None else f"{d['median_queries']:g}"
             span = "-" if d["min_queries"] is None else f"{d['min_queries']}-{d['max_queries']}"
-            lines.append(
-                f"| {name} | {method} | {d['detected']}/{d['runs']} | "
-                f"{_rate(d['detected'], d['runs'])} | {median} | {span} |"
-            )
-    return lines
+            detected = f"{d['detected']}/{d['runs']}"
+            rows.append([name, method, detected, _rate(d["detected"], d["runs"]), median, span])
+    return [*lines, *markdown_table(header, rows, align=["", "", "", "", "right"])]
 
 
 def _false_positive_table(summary: dict[str, Any]) -> list[str]:
@@ -174,20 +175,18 @@ def _false_positive_table(summary: dict[str, Any]) -> list[str]:
         "",
         '95% Wilson intervals; "all" pools the kinds.',
         "",
-        "| monitor | kind | flagged | rate [95% interval] |",
-        "| --- | --- | --- | --- |",
     ]
+    rows = []
     for name, kinds in summary["false_positives"].items():
         for kind, f in kinds.items():
-            lines.append(
-                f"| {name} | {kind} | {f['flagged']}/{f['streams']} | "
-                f"{_rate(f['flagged'], f['streams'])} |"
+            rows.append(
+                [name, kind, f"{f['flagged']}/{f['streams']}", _rate(f["flagged"], f["streams"])]
             )
         flagged = sum(f["flagged"] for f in kinds.values())
         streams = sum(f["streams"] for f in kinds.values())
         if len(kinds) > 1 and streams:
-            lines.append(f"| {name} | all | {flagged}/{streams} | {_rate(flagged, streams)} |")
-    return lines
+            rows.append([name, "all", f"{flagged}/{streams}", _rate(flagged, streams)])
+    return [*lines, *markdown_table(["monitor", "kind", "flagged", "rate [95% interval]"], rows)]
 
 
 def _threshold_table(summary: dict[str, Any]) -> list[str]:
@@ -196,16 +195,22 @@ def _threshold_table(summary: dict[str, Any]) -> list[str]:
         "",
         "## Thresholds",
         "",
-        "| monitor | victim | flags when the statistic is | threshold | validation streams "
-        "flagged |",
-        "| --- | --- | --- | ---: | ---: |",
     ]
-    for t in summary["thresholds"]:
-        lines.append(
-            f"| {t['monitor']} | {t['victim_seed']} | {t['flags_when']} | {t['threshold']:.4f} "
-            f"| {t['calibration_fpr']:.2f} of {t['streams']} |"
-        )
-    return lines
+    header = [
+        "monitor", "victim", "flags when the statistic is", "threshold",
+        "validation streams flagged",
+    ]  # fmt: skip
+    rows = [
+        [
+            t["monitor"],
+            t["victim_seed"],
+            t["flags_when"],
+            f"{t['threshold']:.4f}",
+            f"{t['calibration_fpr']:.2f} of {t['streams']}",
+        ]
+        for t in summary["thresholds"]
+    ]
+    return [*lines, *markdown_table(header, rows, align=["", "", "", "right", "right"])]
 
 
 def _rate(count: int, total: int) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...runs import save_figure_atomic
+from ...tables import markdown_table
 from .. import common
 from ..common import fmt_budget
 from .summary import ci, interval_ends, is_assumption, saved_cell
@@ -21,7 +22,7 @@ def markdown(summary: dict[str, Any]) -> str:
     free = [m for m in stats if not is_assumption(m)]
     assumed = [m for m in stats if is_assumption(m)]
     lines = _preamble(summary)
-    lines += _accuracy_rows(summary, free)
+    lines += _table(summary, _accuracy_rows(summary, free))
     lines += _differences(summary, free)
     lines += _queries_to_reach(summary, free)
     lines += _compute(summary)
@@ -37,11 +38,9 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _head(summary: dict[str, Any]) -> list[str]:
-    """A table's header and rule: one column per budget."""
-    budgets = summary["budgets"]
-    head = "| method | " + " | ".join(fmt_budget(b) for b in budgets) + " |"
-    return [head, "|" + " --- |" * (len(budgets) + 1)]
+def _table(summary: dict[str, Any], rows: list[list[str]]) -> list[str]:
+    """A table with one row per method and one column per budget."""
+    return markdown_table(["method", *(fmt_budget(b) for b in summary["budgets"])], rows)
 
 
 def _preamble(summary: dict[str, Any]) -> list[str]:
@@ -62,18 +61,17 @@ def _preamble(summary: dict[str, Any]) -> list[str]:
         + ", ".join(f"{100 * a:.1f}%" for a in summary["victims"].values())
         + "). Data-free: no prior on the images.",
         "",
-        *_head(summary),
     ]
 
 
-def _accuracy_rows(summary: dict[str, Any], methods: list[str]) -> list[str]:
+def _accuracy_rows(summary: dict[str, Any], methods: list[str]) -> list[list[str]]:
     stats, rows = summary["stats"], []
     for method in methods:
-        cells = []
+        cells = [method]
         for b in summary["budgets"]:
             s = stats[method].get(b)
             cells.append("-" if s is None else f"{ci(s['interval'])} ({s['ratio']:.2f}x)")
-        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+        rows.append(cells)
     return rows
 
 
@@ -91,7 +89,7 @@ def _difference_cell(d: dict[str, Any] | None) -> str:
     return f"{cell} {verdict}"
 
 
-def _difference_rows(summary: dict[str, Any], methods: list[str]) -> list[str]:
+def _difference_rows(summary: dict[str, Any], methods: list[str]) -> list[list[str]]:
     rows = []
     for method in methods:
         by_budget = summary["stats"][method]
@@ -99,7 +97,7 @@ def _difference_rows(summary: dict[str, Any], methods: list[str]) -> list[str]:
             _difference_cell(by_budget.get(b, {}).get("vs_baseline")) for b in summary["budgets"]
         ]
         if any(c != "-" for c in cells):
-            rows.append(f"| {method} | " + " | ".join(cells) + " |")
+            rows.append([method, *cells])
     return rows
 
 
@@ -111,8 +109,7 @@ def _differences(summary: dict[str, Any], methods: list[str]) -> list[str]:
         "[95% hierarchical bootstrap interval] (t: 95% Student t interval over the victims' "
         "mean differences); 'ahead' or 'behind' only where both intervals exclude 0:",
         "",
-        *_head(summary),
-        *_difference_rows(summary, methods),
+        *_table(summary, _difference_rows(summary, methods)),
     ]
 
 
@@ -134,19 +131,18 @@ def _queries_to_reach(summary: dict[str, Any], methods: list[str]) -> list[str]:
         f"{base}'s runs (or the method's) never reached the fraction within the largest "
         "budget and count as that budget, which makes k a lower (upper) bound:",
     ]
-    lines += ["", "| method | " + " | ".join(f"{f}x" for f in reach) + " |"]
-    lines.append("|" + " --- |" * (len(reach) + 1))
-    for method in methods:
-        cells = [_reach_cell(rows.get(method), base) for rows in reach.values()]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+    rows = [
+        [method, *(_reach_cell(by_method.get(method), base) for by_method in reach.values())]
+        for method in methods
+    ]
+    return [*lines, "", *markdown_table(["method", *(f"{f}x" for f in reach)], rows)]
 
 
 def _compute(summary: dict[str, Any]) -> list[str]:
     lines = ["", "Compute at each budget (mean per run): clone updates / generator updates / s:"]
-    lines += ["", *_head(summary)]
+    rows = []
     for method, by_budget in summary["stats"].items():
-        cells = []
+        cells = [method]
         for b in summary["budgets"]:
             s = by_budget.get(b)
             cells.append(
@@ -155,27 +151,27 @@ def _compute(summary: dict[str, Any]) -> list[str]:
                 else f"{s['clone_updates']:.0f} / {s['generator_updates']:.0f} / "
                 f"{s['elapsed_s']:.0f}"
             )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return [*lines, "", *_table(summary, rows)]
 
 
 def _spread(summary: dict[str, Any]) -> list[str]:
     lines = ["", "Where the spread comes from (share of the variance due to the victim):", ""]
-    lines += _head(summary)
+    rows = []
     for method, by_budget in summary["stats"].items():
-        cells = []
+        cells = [method]
         for b in summary["budgets"]:
             share = by_budget.get(b, {}).get("spread", {}).get("victim_share")
             # Not estimable from one victim, or without a repeated seed on some victim.
             cells.append("-" if share is None else f"{100 * share:.0f}%")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return [*lines, *_table(summary, rows)]
 
 
 def _with_assumptions(summary: dict[str, Any], assumed: list[str]) -> list[str]:
     lines = ["", "With an assumption about the domain (not data-free):", ""]
     lines += [f"- {tag}: {text}" for tag, text in summary["assumptions"].items()]
-    lines += ["", *_head(summary), *_accuracy_rows(summary, assumed)]
+    lines += ["", *_table(summary, _accuracy_rows(summary, assumed))]
     compared = _difference_rows(summary, assumed)
     if compared:
         lines += [
@@ -183,8 +179,7 @@ def _with_assumptions(summary: dict[str, Any], assumed: list[str]) -> list[str]:
             "Paired difference under the same assumption (megex-all+prior - dfme+prior, "
             "and so on), points, as above:",
             "",
-            *_head(summary),
-            *compared,
+            *_table(summary, compared),
         ]
     return lines
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...runs import save_figure_atomic
+from ...tables import markdown_table
 from .. import common
 from ..common import fmt_budget
 from .rows import ADAPTIVE
@@ -78,7 +79,7 @@ def _accuracy_table(summary: dict[str, Any]) -> list[str]:
     attackers = summary["attackers"]
     labels = [m for a in attackers for m in (a, a + ADAPTIVE)]
     head = ["defence", "cosine", "spearman", "l1", "labels", *labels, summary["baseline"]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for row in summary["rows"]:
         u = row["utility"]
         cells = [
@@ -99,8 +100,8 @@ def _accuracy_table(summary: dict[str, Any]) -> list[str]:
                 mark = " (counted, stopped)" if leads and m.get("stopped") else " (counted)"
             cells.append(_pct(m["accuracy"]) + mark)
         cells.append(_pct(row["methods"].get(summary["baseline"], {}).get("accuracy", {})))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        table.append(cells)
+    return markdown_table(head, table, tight_rule=True)
 
 
 def _taken_table(summary: dict[str, Any]) -> list[str]:
@@ -112,9 +113,8 @@ def _taken_table(summary: dict[str, Any]) -> list[str]:
         "minus the same attacker's undefended runs (same victim, same seed), points, "
         "mean [95% bootstrap interval] (t: Student t interval over the victims):",
         "",
-        "| defence | " + " | ".join(attackers) + " |",
-        "|" + "---|" * (len(attackers) + 1),
     ]
+    table = []
     for row in summary["rows"]:
         if not row["specs"]:
             continue
@@ -122,8 +122,8 @@ def _taken_table(summary: dict[str, Any]) -> list[str]:
         for attacker in attackers:
             counted = counted_variant(row, attacker) or {}
             cells.append(_points(counted.get("minus_undefended", {})))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        table.append(cells)
+    return [*lines, *markdown_table(["defence", *attackers], table, tight_rule=True)]
 
 
 def _verdicts(summary: dict[str, Any]) -> list[str]:

@@ -38,6 +38,7 @@ from ...defenses import Defense, build_defense
 from ...explain import Explanation
 from ...oracle import Answer, Responder, validate_images
 from ...stats import mean_interval
+from ...tables import markdown_table
 from ...victim import Victim
 from .maps import (
     cosine_similarity,
@@ -324,10 +325,6 @@ def utility_table(result: dict[str, Any]) -> str:
     cell the mean and its interval."""
     names = list(METRICS)
     arrows = {name: "↑" if METRICS[name][1] else "↓" for name in names}
-    lines = [
-        "| defence | " + " | ".join(f"{name} {arrows[name]}" for name in names) + " |",
-        "| --- |" + " --- |" * len(names),
-    ]
-    for row in result["rows"]:
-        lines.append(f"| {row['defense']} | " + " | ".join(_cell(row[n]) for n in names) + " |")
-    return "\n".join(lines)
+    header = ["defence", *(f"{name} {arrows[name]}" for name in names)]
+    rows = [[row["defense"], *(_cell(row[n]) for n in names)] for row in result["rows"]]
+    return "\n".join(markdown_table(header, rows))

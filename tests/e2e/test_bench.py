@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
+from bench_support import SMALL
+from bench_support import bench_config as _config
 
 from megex import stats
 from megex.cli import main as megex_main
@@ -15,23 +17,6 @@ from megex.experiments import methods
 from megex.experiments import query_efficiency as bench
 from megex.models import build_classifier
 from megex.victim import Victim
-
-SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
-
-
-def _config(tmp_path, **extra) -> str:
-    doc = {
-        "dataset": "digits",
-        "validation_images": 200,
-        "settings": {**SMALL, "lr_schedule": "constant", "clone_updates_per_1k_queries": 80.0},
-        "quick_budgets": [300, 600],
-        "eval_at": [100, 200],
-        "tuned_settings": None,
-        **extra,
-    }
-    path = tmp_path / "digits.json"
-    path.write_text(json.dumps(doc))
-    return str(path)
 
 
 def _untrained_victims(tmp_path, config_path, seeds) -> None:
@@ -177,7 +162,7 @@ def test_the_leakage_config_names_the_strongest_attacker_with_every_kind_of_map(
     from pathlib import Path
 
     config = bench.load_config(
-        Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "leakage.json"
+        Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "leakage.json"
     )
     assert config["targets"] == [0.5, 0.7, 0.8, 0.9] and min(config["eval_at"]) == 1000
     kinds = set()
@@ -195,7 +180,7 @@ def test_the_leakage_config_names_the_strongest_attacker_with_every_kind_of_map(
 def test_the_paper_configs_load_without_the_fashion_mnist_prior():
     from pathlib import Path
 
-    configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+    configs = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
     for name in ("svhn.json", "cifar10.json"):
         config = bench.load_config(configs / name)
         assert config["device"] == "cuda" and config["settings"]["clone"] == "resnet18_8x"

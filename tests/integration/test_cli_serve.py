@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 import httpx  # noqa: E402
-from test_server_support import images, save_tiny_victim  # noqa: E402
+from server_support import images, save_tiny_victim  # noqa: E402
 
 from megex import Explanation  # noqa: E402
 from megex.cli import build_parser, main  # noqa: E402

@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import httpx  # noqa: E402
-from test_server_support import ServerThread, images, save_tiny_victim, tiny_victim  # noqa: E402
+from server_support import ServerThread, images, save_tiny_victim, tiny_victim  # noqa: E402
 
 from megex import Explanation, LocalOracle, Victim  # noqa: E402
 from megex.client import RemoteOracle  # noqa: E402

@@ -14,7 +14,7 @@ from megex.experiments import query_efficiency as bench
 from megex.models import build_classifier
 from megex.victim import Victim
 
-CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 
 
 @pytest.mark.parametrize("size", list(dimension.SIZES))

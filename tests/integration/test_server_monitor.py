@@ -20,7 +20,7 @@ from megex.oracle import Responder
 pytest.importorskip("fastapi")
 pytest.importorskip("scipy")
 
-from test_server_support import ServerThread, save_tiny_victim  # noqa: E402
+from server_support import ServerThread, save_tiny_victim  # noqa: E402
 
 from megex.cli import build_parser, main  # noqa: E402
 from megex.client import RemoteOracle  # noqa: E402
@@ -90,7 +90,7 @@ class Broken(OODMonitor):
 
 
 def test_a_failing_monitor_is_logged_and_the_request_still_answered(tmp_path, caplog):
-    from test_server_support import images, tiny_victim
+    from server_support import images, tiny_victim
 
     app = create_app(tiny_victim(), keys=[READER], monitors=[Broken(0.5), OODMonitor(0.0)])
     with ServerThread(app) as server, RemoteOracle(server.url, READER) as remote:
@@ -205,7 +205,7 @@ def test_serve_builds_the_monitors_it_is_given(tmp_path):
 
 
 def test_flags_the_ledger_cannot_record_are_logged_and_the_answer_stands(caplog):
-    from test_server_support import images, tiny_victim
+    from server_support import images, tiny_victim
 
     app = create_app(tiny_victim(), keys=[READER], monitors=[OODMonitor(0.0, window=1)])
 

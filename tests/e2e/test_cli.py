@@ -234,7 +234,7 @@ def test_unreachable_service_is_a_one_line_failure(tmp_path, capsys):
 def test_a_budget_refused_by_the_service_is_a_one_line_failure(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fastapi")
     import httpx
-    from test_server_support import ServerThread, images, tiny_victim
+    from server_support import ServerThread, images, tiny_victim
 
     from megex.client import RemoteOracle
     from megex.serving import create_app

@@ -6,7 +6,7 @@ import argparse
 import json
 
 import pytest
-from test_bench import _config
+from bench_support import bench_config as _config
 
 from megex.cli.bench import add_tune_arguments
 from megex.experiments import tuning as tune

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("fastapi")
 
-from test_server_support import (  # noqa: E402
+from server_support import (  # noqa: E402
     ServerThread,
     images,
     save_tiny_victim,
@@ -193,7 +193,7 @@ def test_the_service_page_states_the_limits_and_the_crash_semantics():
 
     from megex.cli.serve import add_parser
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
     section = page.split("## Limits", 1)[1]
     commands = argparse.ArgumentParser().add_subparsers()
     add_parser(commands)

@@ -22,7 +22,7 @@ from megex import Explanation, LocalOracle, explain
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from test_server_support import (  # noqa: E402
+from server_support import (  # noqa: E402
     ServerThread,
     images,
     save_tiny_victim,

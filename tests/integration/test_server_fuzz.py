@@ -22,7 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_server_support import ServerThread, images, tiny_victim  # noqa: E402
+from server_support import ServerThread, images, tiny_victim  # noqa: E402
 
 from megex.serving import create_app  # noqa: E402
 

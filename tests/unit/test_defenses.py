@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_server_support import images, tiny_victim
+from server_support import images, tiny_victim
 
 from megex import Explanation, ExplanationNotOffered, LocalOracle, explain
 from megex.cli import build_parser, main

@@ -15,7 +15,7 @@ from megex.compute import TurnLock, passes_per_image
 
 pytest.importorskip("fastapi")
 
-from test_server_support import ServerThread, images, tiny_victim  # noqa: E402
+from server_support import ServerThread, images, tiny_victim  # noqa: E402
 
 from megex.serving import create_app  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bench import _config  # the benchmark's small digits config
+from bench_support import bench_config as _config  # the benchmark's small digits config
 
 from megex.cli.bench import add_bench_arguments, add_tune_arguments
 from megex.experiments import query_efficiency as bench

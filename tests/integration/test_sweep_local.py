@@ -50,7 +50,7 @@ def _alive(pid: int) -> bool:
 def test_a_driver_stopped_by_a_signal_ends_its_workers(tmp_path, signum):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     driver = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
     try:

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("fastapi")
 
-from test_server_support import ServerThread, images, tiny_victim  # noqa: E402
+from server_support import ServerThread, images, tiny_victim  # noqa: E402
 
 from megex.serving import create_app  # noqa: E402
 

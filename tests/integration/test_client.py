@@ -15,7 +15,7 @@ from megex.oracle import Oracle
 
 pytest.importorskip("fastapi")
 
-from test_server_support import ServerThread, images, tiny_victim  # noqa: E402
+from server_support import ServerThread, images, tiny_victim  # noqa: E402
 
 from megex.client import RemoteOracle, ServiceError  # noqa: E402
 from megex.serving import create_app  # noqa: E402

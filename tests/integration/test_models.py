@@ -46,7 +46,7 @@ def test_cpu_layout_benchmark_prints_both_layouts_and_ratios():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_layout.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_layout.py"
     out = subprocess.run(
         [sys.executable, str(script), "--repeats", "1", "--queries", "600"],
         capture_output=True,
