@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import tables
-from .runs import RunFolder, save_figure_atomic, write_json_atomic, write_text_atomic
+from . import plots, tables
+from .runs import RunFolder, write_json_atomic, write_text_atomic
 
 __all__ = ["load_run", "markdown_table", "plot_accuracy", "summary", "write_report"]
 
@@ -113,13 +113,9 @@ def plot_accuracy(
 ) -> Path | None:
     """Clone accuracy vs. queries, one line per run; None if matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig, ax = plots.subplots(figsize=(6, 4), dpi=120)
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for run in runs:
         xs = [m["queries"] for m in run["metrics"]]
         ys = [100 * m["clone_accuracy"] for m in run["metrics"]]
@@ -130,8 +126,7 @@ def plot_accuracy(
     ax.set_ylabel("clone test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    return save_figure_atomic(fig, path)
+    return plots.save(fig, path)
 
 
 def write_report(

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import plots
 from ..attacks import DFME
 from ..attacks.base import disagreement
 from ..attacks.dfme import forward_difference_gradient, probe_points, random_directions
@@ -41,7 +42,6 @@ from ..data import load
 from ..engine import run
 from ..evaluate import Evaluator
 from ..oracle import LocalOracle
-from ..runs import save_figure_atomic
 from ..stats import bootstrap_interval
 from ..tables import markdown_table
 from ..victim import cached_victim
@@ -292,13 +292,8 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
     """Cosine against m (log-log), one colour per size; dashed: sqrt(m/d)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     phases = list(dict.fromkeys(p for r in summary["sizes"] for p in r["phases"]))
-    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4.2), squeeze=False)
+    fig, axes = plots.subplots(1, len(phases), figsize=(5.5 * len(phases), 4.2), squeeze=False)
     for ax, phase in zip(axes[0], phases):
         title = "as set up"
         for i, row in enumerate(summary["sizes"]):
@@ -327,8 +322,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"DFME's estimate, {title} (dashed: sqrt(m/d))", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure_atomic(fig, path, dpi=120)
+    return plots.save(fig, path, dpi=120)
 
 
 def write_outputs(summary: dict[str, Any], out: Path, plot_too: bool = True) -> list[Path]:

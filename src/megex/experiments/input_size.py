@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..runs import save_figure_atomic
+from .. import plots
 from ..tables import markdown_table
 from . import common
 from .query_efficiency.summary import SAVED_KINDS, interval_ends, saved_cell
@@ -175,18 +175,13 @@ def saved_points(summary: dict[str, Any], method: str, target: str) -> list[tupl
 def plot(summary: dict[str, Any], path: Path) -> Path:
     """Queries saved by explanations against d (baseline's queries over the method's, to each
     target, log-log), one panel per target with a measured ratio, the paper's d marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = summary["sizes"]
     baseline = rows[0]["baseline"] if rows else "dfme"
     methods = sorted({m for r in rows for m in r["methods"]} - {baseline})
     targets = sorted({t for r in rows for m in r["methods"].values() for t in m["reach"]})
     by_target = {t: {m: saved_points(summary, m, t) for m in methods} for t in targets}
     panels = [t for t in targets if any(by_target[t].values())]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4))
+    fig, axes = plots.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4))
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
     measured_ds = sorted({r["d"] for r in rows})
     for ax, target in zip(axes, panels):
@@ -199,8 +194,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     if not panels:
         axes[0].text(0.5, 0.5, "no target reached by both a method and the baseline",
                      ha="center", transform=axes[0].transAxes)  # fmt: skip
-    fig.tight_layout()
-    return save_figure_atomic(fig, path, dpi=120)
+    return plots.save(fig, path, dpi=120)
 
 
 def _draw_ratios(ax: Any, points: list[tuple], method: str, color: str) -> None:

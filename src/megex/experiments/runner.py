@@ -49,17 +49,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     folder = RunFolder(job["run_dir"])
     victim = Victim.load(job["victim"])
     attack = build_attack(job["attack"], job["settings"], job["seed"], job["device"])
-    defenses = [build_defense(spec) for spec in job.get("defenses", [])]
-    oracle = LocalOracle(
-        victim,
-        budget=job["budget"],
-        explanation=None,
-        seed=job["seed"],
-        device=job["device"],
-        defenses=defenses,
-        # An attack with on_device (megex.accel) sends its queries from the device.
-        answer_on_device=attack.config.on_device and not defenses,
-    )
+    oracle = _oracle(job, victim, attack)
     if folder.config_path.is_file() and not job["fresh"]:
         # A finished or interrupted run is reused only if it had these very settings.
         changed = changed_settings(folder, describe_run(attack, oracle, job["budget"]))
@@ -77,6 +67,40 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "wall_s": result["elapsed_s"],
             "skipped": True,
         }
+    result = _attack(job, folder, victim, attack, oracle)
+    # A finished run needs no checkpoint (its replay buffer is most of the disk it takes).
+    folder.checkpoint_path.unlink(missing_ok=True)
+    return {
+        **base,
+        "metrics": result.metrics,
+        # The run's own time, as its result.json records it: the same figure whether the
+        # table is written now or rebuilt later from the records.
+        "wall_s": result.elapsed_s,
+        "queries_used": oracle.queries_used,
+        "skipped": False,
+    }
+
+
+def _oracle(job: dict[str, Any], victim: Victim, attack: Any) -> LocalOracle:
+    """The victim's in-process service for this run, behind the job's defences."""
+    defenses = [build_defense(spec) for spec in job.get("defenses", [])]
+    return LocalOracle(
+        victim,
+        budget=job["budget"],
+        explanation=None,
+        seed=job["seed"],
+        device=job["device"],
+        defenses=defenses,
+        # An attack with on_device (megex.accel) sends its queries from the device.
+        answer_on_device=attack.config.on_device and not defenses,
+    )
+
+
+def _attack(
+    job: dict[str, Any], folder: RunFolder, victim: Victim, attack: Any, oracle: LocalOracle
+) -> Any:
+    """Run the attack to the job's budget (resumed from its checkpoint if it has one),
+    evaluated on the test split at the budgets and the job's marks."""
     ds = data_mod.load(job["dataset"], job["data_root"])
     x_test, y_test = ds.test_tensors()
     evaluator = Evaluator.from_victim(victim, x_test, y_test)
@@ -99,17 +123,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     )
     if not result.finished:
         raise KeyboardInterrupt
-    # A finished run needs no checkpoint (its replay buffer is most of the disk it takes).
-    folder.checkpoint_path.unlink(missing_ok=True)
-    return {
-        **base,
-        "metrics": result.metrics,
-        # The run's own time, as its result.json records it: the same figure whether the
-        # table is written now or rebuilt later from the records.
-        "wall_s": result.elapsed_s,
-        "queries_used": oracle.queries_used,
-        "skipped": False,
-    }
+    return result
 
 
 def cells_of(done: dict[str, Any]) -> dict[int, dict[str, Any]]:

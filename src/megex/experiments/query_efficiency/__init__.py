@@ -135,14 +135,39 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    jobs = _jobs(config, args, out)
+    planned = len(jobs)
+    jobs = _selected(jobs, args, out)
+    log(
+        f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under "
+        f"{plan_dir(out, args)}"
+    )
+    finished = _sweep(jobs, config, args, out)
+    wall = time.time() - t0
+    summary = summarise(finished, config, wall, args)
+    stem = "query_efficiency_quick" if args.quick else "query_efficiency"
+    if len(jobs) < planned:
+        summary["partial"] = {"runs": len(jobs), "planned": planned}
+        stem += "_partial"
+    paths = write_outputs(summary, out, stem, plot=not args.no_plot)
+    log(f"benchmark: {wall:.0f} s wall time; wrote {', '.join(str(p) for p in paths)}")
+    return summary
+
+
+def _jobs(config: dict[str, Any], args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """Every planned run; its victims trained (or read from the cache) first."""
     victim_seeds = args.victim_seeds or (
         config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
     )
     # The settings are checked before any victim is trained (minutes on a CPU).
     plan(config, args, out, {s: out / "victims" / f"seed{s}" for s in victim_seeds})
     victims = {s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds}
-    jobs = plan(config, args, out, victims)
-    planned = len(jobs)
+    return plan(config, args, out, victims)
+
+
+def _selected(jobs: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> list:
+    """The jobs this invocation runs: the finished blocks alone under --finished-only; with
+    --fresh, their folders cleared first."""
     if getattr(args, "finished_only", False):
         if args.fresh:
             raise ValueError("--finished-only reads finished runs; --fresh would discard them")
@@ -160,10 +185,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for job in jobs:
             shutil.rmtree(job["run_dir"], ignore_errors=True)
             job["fresh"] = False
-    log(
-        f"benchmark: {len(jobs)} runs {sweep.describe(args)}; run folders under "
-        f"{plan_dir(out, args)}"
-    )
+    return jobs
+
+
+def _sweep(
+    jobs: list[dict[str, Any]], config: dict[str, Any], args: argparse.Namespace, out: Path
+) -> list[dict[str, Any]]:
+    """Run the jobs (each run reports its line as it finishes); the finished runs."""
     finished: list[dict[str, Any]] = []
 
     def done(res: dict[str, Any]) -> None:
@@ -181,12 +209,4 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if failures:
         # A table with runs missing would compare unequal sets: none is written.
         raise sweep.SweepFailed(failures, len(jobs))
-    wall = time.time() - t0
-    summary = summarise(finished, config, wall, args)
-    stem = "query_efficiency_quick" if args.quick else "query_efficiency"
-    if len(jobs) < planned:
-        summary["partial"] = {"runs": len(jobs), "planned": planned}
-        stem += "_partial"
-    paths = write_outputs(summary, out, stem, plot=not args.no_plot)
-    log(f"benchmark: {wall:.0f} s wall time; wrote {', '.join(str(p) for p in paths)}")
-    return summary
+    return finished

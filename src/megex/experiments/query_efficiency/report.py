@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ...runs import save_figure_atomic
+from ... import plots
 from ...tables import markdown_table
 from .. import common
 from ..common import fmt_budget
@@ -193,12 +193,7 @@ def write_outputs(
 
 
 def plot_curves(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.subplots(figsize=(7, 4.5))
     for method, by_budget in summary["stats"].items():
         budgets = sorted(by_budget)
         means = [100 * by_budget[b]["interval"]["estimate"] for b in budgets]
@@ -216,19 +211,13 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Query efficiency on {summary['dataset']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure_atomic(fig, path, dpi=120)
+    return plots.save(fig, path, dpi=120)
 
 
 def plot_reach(summary: dict[str, Any], path: Path) -> Path:
     """Queries each method needs to reach each fraction of the victim (log axis): the
     leakage curve. Methods that did not reach a fraction in every run are left out there."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.subplots(figsize=(7, 4.5))
     fractions = sorted(float(f) for f in summary["queries_to_reach"])
     for method in summary["stats"]:
         points = []
@@ -253,5 +242,4 @@ def plot_reach(summary: dict[str, Any], path: Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no method reached a target in every run", ha="center",
                 transform=ax.transAxes)  # fmt: skip
-    fig.tight_layout()
-    return save_figure_atomic(fig, path, dpi=120)
+    return plots.save(fig, path, dpi=120)

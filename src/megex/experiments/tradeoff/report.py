@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ...runs import save_figure_atomic
+from ... import plots
 from ...tables import markdown_table
 from .. import common
 from ..common import fmt_budget
@@ -203,13 +203,10 @@ def plotted_points(summary: dict[str, Any], attacker: str) -> dict[str, list[tup
 def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
     """One panel per explanation attacker (the counted variant): one curve per defence
     family, utility (cosine) across, clone accuracy up; the baseline as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     attackers = summary["attackers"]
-    fig, axes = plt.subplots(1, len(attackers), figsize=(5.5 * len(attackers), 4.2), squeeze=False)
+    fig, axes = plots.subplots(
+        1, len(attackers), figsize=(5.5 * len(attackers), 4.2), squeeze=False
+    )
     base_row = next((r for r in summary["rows"] if r["defense"] == "none"), None)
     for ax, attacker in zip(axes[0], attackers):
         families = plotted_points(summary, attacker)
@@ -226,5 +223,4 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel(f"clone accuracy at {summary['budget']:,} queries (%)")
         ax.set_title(f"{attacker} (the variant counted: naive or adaptive)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure_atomic(fig, path, dpi=120)
+    return plots.save(fig, path, dpi=120)
