@@ -1,4 +1,5 @@
-"""Every command and Python example in the README and the docs runs as written."""
+"""Every command in the README and the docs runs as written (the Python examples:
+test_docs_python.py, so that both run at once)."""
 
 import os
 import re
@@ -6,73 +7,21 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-
-ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
-README = ROOT / "README.md"
-# The README first: the docs' examples use the victim and runs that its commands make.
-PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
-
-# Hours at full scale (minutes for detection), or work on the repository's results (records):
-# their options must parse here; each runs at toy scale in its own tests.
-PARSE_ONLY = {
-    "bench",
-    "tune",
-    "tradeoff",
-    "detection",
-    "input-size",
-    "gradient-alignment",
-    "records",
-}
-# Commands that the docs already name while the command line is still gaining them.
-ANNOUNCED = {"input-size", "gradient-alignment"}
-# Commands that pass the options they do not know on to `megex bench`.
-FORWARDS_TO_BENCH = {"input-size"}
-# Commands whose progress bars --quiet turns off.
-QUIET = {"attack", "train-victim", "demo"}
-
-
-def blocks(language: str, page: Path = README) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S)
-
-
-def megex_lines(pages: list[Path]) -> list[str]:
-    """The `megex ...` lines of the pages' bash blocks, in order; a repeated line once."""
-    lines: list[str] = []
-    for page in pages:
-        for block in blocks("bash", page):
-            for line in block.splitlines():
-                line = line.strip()
-                if line.startswith("megex ") and line not in lines:
-                    lines.append(line)
-    return lines
-
-
-def command(line: str) -> str:
-    return shlex.split(line)[1]
-
-
-def runnable_lines() -> list[str]:
-    return [line for line in megex_lines(PAGES) if command(line) not in PARSE_ONLY]
-
-
-def parse_only_lines() -> list[str]:
-    return [line for line in megex_lines(PAGES) if command(line) in PARSE_ONLY]
-
-
-def python_blocks() -> list[tuple[str, str]]:
-    """(where, code) of every python block in the pages; a repeated block once."""
-    seen: list[str] = []
-    found = []
-    for page in PAGES:
-        for index, block in enumerate(blocks("python", page)):
-            if block not in seen:
-                seen.append(block)
-                found.append((f"{page.relative_to(ROOT)} python block {index}", block))
-    return found
+from docs_support import (
+    FORWARDS_TO_BENCH,
+    PAGES,
+    QUIET,
+    README,
+    ROOT,
+    blocks,
+    command,
+    megex_lines,
+    parse_only_lines,
+    runnable_lines,
+)
 
 
 def test_readme_has_the_quick_start_and_commands():
@@ -187,8 +136,6 @@ def test_long_running_commands_parse(line):
 
     parser = build_parser()
     args = shlex.split(line)[1:]
-    if args[0] in ANNOUNCED and args[0] not in subcommands(parser):
-        pytest.skip(f"`megex {args[0]}` is not in megex.cli.build_parser yet")
     try:
         parsed, unknown = parser.parse_known_args(args)
         if unknown and args[0] in FORWARDS_TO_BENCH:
@@ -199,19 +146,3 @@ def test_long_running_commands_parse(line):
         pytest.fail(f"the options of `{line}` do not parse")
     assert not unknown, f"`{line}`: unrecognized arguments {unknown}"
     assert parsed.command == args[0]
-
-
-@pytest.mark.parametrize(
-    ("where", "code"), [pytest.param(where, code, id=where) for where, code in python_blocks()]
-)
-def test_doc_python_examples_run(tmp_path, monkeypatch, capsys, where, code):
-    import torch
-
-    torch.set_num_threads(1)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, where, "exec"), {})
-    out = capsys.readouterr().out
-    assert out.strip()
-    if "class MyNet" in code:  # the Python API's first example
-        assert "torch.Size([4, 10]) torch.Size([4, 10, 1, 8, 8]) 4" in out
-        assert "megex 1" in out and "exact (all classes)" in out

@@ -1,0 +1,20 @@
+"""Every Python example in the README and the docs runs as written."""
+
+import pytest
+from docs_support import python_blocks
+
+
+@pytest.mark.parametrize(
+    ("where", "code"), [pytest.param(where, code, id=where) for where, code in python_blocks()]
+)
+def test_doc_python_examples_run(tmp_path, monkeypatch, capsys, where, code):
+    import torch
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, where, "exec"), {})
+    out = capsys.readouterr().out
+    assert out.strip()
+    if "class MyNet" in code:  # the Python API's first example
+        assert "torch.Size([4, 10]) torch.Size([4, 10, 1, 8, 8]) 4" in out
+        assert "megex 1" in out and "exact (all classes)" in out
