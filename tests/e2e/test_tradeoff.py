@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from megex.cli import main
 from megex.cli.studies import add_tradeoff_arguments
 from megex.experiments import tradeoff
@@ -46,7 +48,7 @@ def _untrained_victims(out, seeds) -> None:
         victim.save(out / "victims" / f"digits-small_cnn-seed{seed}-val200.safetensors")
 
 
-def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys):
+def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     _untrained_victims(out, [0, 1])
     argv = ["tradeoff", "--config", _config(tmp_path), "--out", str(out), "--no-progress"]
@@ -89,10 +91,24 @@ def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys
     assert "| sign |" in table and "Without a defence, megex-all" in table
     assert "Attack settings: untuned" in table
     assert (out / "tradeoff.png").stat().st_size > 1000
-    # Started again: every run is found finished.
+    # The utility is kept beside the runs, with what it was measured on.
+    kept = json.loads((out / "utility.json").read_text())
+    assert set(kept["utility"]) == set(rows) and kept["measured_on"]["utility_images"] == 40
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the kept utility was measured again")
+
+    # Started again: every run is found finished, and the utility is read back.
+    monkeypatch.setattr(tradeoff, "measure_utility", not_again)
     capsys.readouterr()
     assert main(argv + ["--no-plot"]) == 0
     assert capsys.readouterr().err.count("already done") == len(runs)
+    again = json.loads((out / "tradeoff.json").read_text())
+    assert [r["utility"] for r in again["rows"]] == [r["utility"] for r in summary["rows"]]
+    # Measured on other images, it is measured again.
+    other = ["tradeoff", "--config", _config(tmp_path, utility_images=20), "--out", str(out)]
+    with pytest.raises(AssertionError, match="the kept utility was measured again"):
+        main([*other, "--no-progress", "--no-plot"])
 
 
 def test_bad_settings_are_refused_before_any_training(tmp_path, capsys):

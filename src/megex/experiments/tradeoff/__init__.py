@@ -34,6 +34,7 @@ the job), so an interrupted grid resumes; they are spread by megex.experiments.s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -45,6 +46,7 @@ from ... import data as data_mod
 from ...attacks import adapt_to
 from ...defenses import build_defense
 from ...explain import Explanation
+from ...runs import write_json_atomic
 from ...victim import Victim
 from .. import config as config_files
 from .. import sweep
@@ -198,6 +200,30 @@ def measure_utility(
     return out
 
 
+def kept_utility(
+    config: dict[str, Any], victims: dict[int, Path], data_root: str | None, path: Path
+) -> dict[str, dict[int, dict[str, float]]]:
+    """measure_utility's result, kept in `path` beside the runs: read back when it was
+    measured on the same victims, images and defence rows (so that a table rebuilt from the
+    run records needs no new measurement), else measured and written."""
+    measured_on = {
+        "dataset": config["dataset"],
+        "utility_images": int(config["utility_images"]),
+        "defenses": [row_name(specs) for specs in config["defenses"] if specs],
+        "victims": {str(seed): Path(file).name for seed, file in sorted(victims.items())},
+    }
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("measured_on") == measured_on:
+            return {
+                row: {int(seed): values for seed, values in by_victim.items()}
+                for row, by_victim in kept["utility"].items()
+            }
+    utility = measure_utility(config, victims, data_root)
+    write_json_atomic(path, {"measured_on": measured_on, "utility": utility})
+    return utility
+
+
 def run_tradeoff(args: Any) -> dict[str, Any]:
     """Run (or resume) the grid; write JSON, markdown and PNG; return the summary."""
 
@@ -218,7 +244,9 @@ def run_tradeoff(args: Any) -> dict[str, Any]:
         f"tradeoff: {len(jobs)} runs {sweep.describe(args)}; "
         f"run folders under {out / runs_folder_name(args)}"
     )
-    utility = measure_utility(config, victims, args.data_root)
+    stem = "tradeoff_quick" if args.quick else "tradeoff"
+    kept = out / ("utility_quick.json" if args.quick else "utility.json")
+    utility = kept_utility(config, victims, args.data_root, kept)
     finished: list[dict[str, Any]] = []
 
     def done(res: dict[str, Any]) -> None:
@@ -233,7 +261,6 @@ def run_tradeoff(args: Any) -> dict[str, Any]:
         raise sweep.SweepFailed(failures, len(jobs))
     wall = time.time() - t0
     summary = summarise(finished, utility, config, wall)
-    stem = "tradeoff_quick" if args.quick else "tradeoff"
     paths = write_outputs(summary, out, stem, plot=not args.no_plot)
     log(f"tradeoff: {wall:.0f} s wall time; wrote {', '.join(str(p) for p in paths)}")
     return summary
