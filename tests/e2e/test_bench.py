@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from bench_support import SMALL
+from bench_support import SMALL, untrained_victims
 from bench_support import bench_config as _config
 
 from megex import stats
@@ -15,26 +15,11 @@ from megex.cli import main as megex_main
 from megex.cli.bench import add_tune_arguments
 from megex.experiments import methods
 from megex.experiments import query_efficiency as bench
-from megex.models import build_classifier
-from megex.victim import Victim
-
-
-def _untrained_victims(tmp_path, config_path, seeds) -> None:
-    """Victims at the benchmark's cache paths (training them is tested elsewhere)."""
-    config = bench.load_config(config_path)
-    for seed in seeds:
-        victim = Victim(
-            build_classifier("small_cnn", 10, 1, 8), (1, 8, 8), 10, arch="small_cnn",
-            dataset="digits",
-        )  # fmt: skip
-        victim.accuracy = 0.5
-        name = f"digits-small_cnn-seed{seed}-val{config['validation_images']}.safetensors"
-        victim.save(tmp_path / "out" / "victims" / name)
 
 
 def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     config = _config(tmp_path)
-    _untrained_victims(tmp_path, config, [0, 1])
+    untrained_victims(tmp_path / "out", [0, 1], bench.load_config(config)["validation_images"])
     argv = [
         "--config", config, "--quick", "--out", str(tmp_path / "out"), "--victim-seeds", "0",
         "1", "--seeds", "0", "1", "--methods", "megex-all", "dfme", "--no-progress",

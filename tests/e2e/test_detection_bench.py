@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from bench_support import SMALL_SETTINGS
 
 from megex.cli import main as megex_main
 from megex.detection import build_monitor
@@ -15,14 +16,12 @@ pytest.importorskip("scipy")
 
 torch.set_num_threads(1)
 
-SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
-
 
 def _config(tmp_path, **extra) -> str:
     doc = {
         "dataset": "digits",
         "validation_images": 300,
-        "settings": {**SMALL, "lr_schedule": "constant", "clone_updates_per_1k_queries": 80.0},
+        "settings": SMALL_SETTINGS,
         "methods": ["megex-all", "dfme", "megex-jacobian"],
         "monitors": {"prada": {}, "ood": {"window": 50}},
         "target_fpr": 0.2,

@@ -6,16 +6,13 @@ import argparse
 import json
 
 import pytest
+from bench_support import SMALL_SETTINGS, untrained_victims
 
 from megex.cli import main
 from megex.cli.studies import add_tradeoff_arguments
 from megex.experiments import tradeoff
 from megex.experiments.tradeoff import report as tradeoff_report
 from megex.experiments.tradeoff import summary as tradeoff_summary
-from megex.models import build_classifier
-from megex.victim import Victim
-
-SMALL = {"batch_size": 16, "nz": 16, "ngf": 8, "clone_steps": 2}
 
 
 def _config(tmp_path, **extra) -> str:
@@ -29,7 +26,7 @@ def _config(tmp_path, **extra) -> str:
         "attackers": ["megex-all"],
         "defenses": [[], ["gaussian:2"], ["sign"], ["round:1"]],
         "utility_images": 40,
-        "settings": {**SMALL, "lr_schedule": "constant", "clone_updates_per_1k_queries": 80.0},
+        "settings": SMALL_SETTINGS,
         "tuned_settings": None,
         **extra,
     }
@@ -38,19 +35,9 @@ def _config(tmp_path, **extra) -> str:
     return str(path)
 
 
-def _untrained_victims(out, seeds) -> None:
-    for seed in seeds:
-        victim = Victim(
-            build_classifier("small_cnn", 10, 1, 8), (1, 8, 8), 10, arch="small_cnn",
-            dataset="digits",
-        )  # fmt: skip
-        victim.accuracy = 0.5
-        victim.save(out / "victims" / f"digits-small_cnn-seed{seed}-val200.safetensors")
-
-
 def test_grid_runs_each_attacker_naive_and_adaptive_and_reports(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    _untrained_victims(out, [0, 1])
+    untrained_victims(out, [0, 1], 200)
     argv = ["tradeoff", "--config", _config(tmp_path), "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     summary = json.loads((out / "tradeoff.json").read_text())

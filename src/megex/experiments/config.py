@@ -14,23 +14,36 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..settings import SettingError, default_of
+from ..settings import Mapping, SettingError, default_of, setting
 
-__all__ = ["check_values", "defaults", "describe", "load"]
+__all__ = ["SHARED_SETTINGS", "check_values", "defaults", "load", "shared_settings"]
+
+# The attack settings every experiment gives every method, not searched: a small generator
+# keeps the CPU runs short, the constant schedule lets one run report every budget, the
+# weight average removes the swings of a constant learning rate, and the compute per query
+# is the same for all.
+SHARED_SETTINGS: dict[str, Any] = {
+    "ngf": 8,
+    "lr_schedule": "constant",
+    "clone_ema": 0.999,
+    "clone_updates_per_1k_queries": 25.0,
+}
+
+
+def shared_settings() -> Any:
+    """The `settings` key of an experiment config: SHARED_SETTINGS, which a file's keys
+    update."""
+    return setting(
+        SHARED_SETTINGS,
+        "attack settings shared by every method (the file's keys update these)",
+        Mapping(),
+    )
 
 
 def defaults(config_class: type) -> dict[str, Any]:
     """A config class's defaults as a fresh dict (nested values copied)."""
     values = {f.name: default_of(f) for f in dataclasses.fields(config_class)}
     return json.loads(json.dumps(values))
-
-
-def describe(config_class: type) -> list[dict[str, Any]]:
-    """Every key of a config file: name, default, help (for documentation)."""
-    return [
-        {"name": f.name, "default": default_of(f), "help": f.metadata.get("help", "")}
-        for f in dataclasses.fields(config_class)
-    ]
 
 
 def load(

@@ -65,12 +65,7 @@ class DetectionConfig:
     )
     # The attacks: the query-efficiency benchmark's shared settings; tuned ones only from a
     # settings file (null: the package defaults, with a warning).
-    settings: dict = setting(
-        {"ngf": 8, "lr_schedule": "constant", "clone_ema": 0.999,
-         "clone_updates_per_1k_queries": 25.0},
-        "attack settings shared by every method (the file's keys update these)",
-        Mapping(),
-    )  # fmt: skip
+    settings: dict = config_files.shared_settings()
     method_settings: dict = setting({}, "per method, settings over the others", Mapping())
     tuned_settings: str | None = setting(
         None, "megex tune's output; null: the package defaults", OrNone(Text())

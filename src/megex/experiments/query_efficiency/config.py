@@ -64,15 +64,7 @@ class QueryEfficiencyConfig:
     quick_budgets: list = setting([25_000, 75_000], "budgets under --quick", BUDGETS)
     quick_seeds: list = setting([0], "attack seeds under --quick", SEEDS)
     quick_victim_seeds: list = setting([0], "victims under --quick", SEEDS)
-    # Shared by every method and not searched: a small generator keeps the CPU runs short,
-    # the constant schedule lets one run report every budget, the weight average removes
-    # the swings of a constant learning rate, and the compute per query is the same for all.
-    settings: dict = setting(
-        {"ngf": 8, "lr_schedule": "constant", "clone_ema": 0.999,
-         "clone_updates_per_1k_queries": 25.0},
-        "attack settings shared by every method (the file's keys update these)",
-        Mapping(),
-    )  # fmt: skip
+    settings: dict = config_files.shared_settings()
     tuned_settings: str | None = setting(
         "benchmarks/results/tuning/tuned.json",
         "the search's output (megex tune); null: the package defaults, untuned",

@@ -64,12 +64,7 @@ class TradeoffConfig:
         "the keys --quick replaces (the reduced grid)",
         Mapping(),
     )  # fmt: skip
-    settings: dict = setting(
-        {"ngf": 8, "lr_schedule": "constant", "clone_ema": 0.999,
-         "clone_updates_per_1k_queries": 25.0},
-        "attack settings shared by every method (the file's keys update these)",
-        Mapping(),
-    )  # fmt: skip
+    settings: dict = config_files.shared_settings()
     tuned_settings: str | None = setting(
         "benchmarks/results/tuning/tuned.json",
         "the search's output (megex tune); null: the package defaults, untuned",
