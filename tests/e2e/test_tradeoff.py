@@ -122,9 +122,11 @@ def test_a_defense_row_given_twice_is_run_once(tmp_path):
             "gaussian:2+sign",
             "--settings-file",
             "none",
+            "--config",
+            _config(tmp_path),
         ]  # fmt: skip
     )
-    config = tradeoff._apply_arguments(tradeoff.load_config(_config(tmp_path)), args)
+    config = tradeoff.configured(args)
     assert config["defenses"] == [[], ["sign"], ["gaussian:2", "sign"]]
 
 

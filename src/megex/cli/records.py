@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments import query_efficiency, records, tradeoff
-from ..experiments.methods import apply_settings_file
 from .bench import add_bench_arguments
 from .errors import FAILURE, UsageError, user_input
 from .studies import add_tradeoff_arguments
@@ -177,30 +176,21 @@ def planned(command: list[str]) -> tuple[list[dict[str, Any]], list[Path]]:
     name, options = command[0], command[1:]
     if name == "bench":
         args = _parse(add_bench_arguments, name, options)
-        config = query_efficiency.load_config(args.config)
-        config["device"] = args.device or config["device"]
-        apply_settings_file(config, args.settings_file)
-        seeds = args.victim_seeds or config["quick_victim_seeds" if args.quick else "victim_seeds"]
-        out = Path(args.out).resolve()
-        victims = {s: records.victim_file(out / "victims", config, s) for s in seeds}
-        return query_efficiency.plan(config, args, out, victims), list(victims.values())
-    if name == "tradeoff":
+        config = query_efficiency.configured(args)
+        seeds = query_efficiency.victim_seeds(config, args)
+        experiment = query_efficiency
+    elif name == "tradeoff":
         args = _parse(add_tradeoff_arguments, name, options)
-        if args.defense:
-            raise ValueError("megex tradeoff: --defense is not planned here; use a --config")
-        config = tradeoff.load_config(args.config, args.quick)
-        for key in ("budgets", "seeds", "victim_seeds"):
-            config[key] = sorted(set(getattr(args, key) or config[key]))
-        config["device"] = args.device or config["device"]
-        apply_settings_file(config, args.settings_file)
-        out = Path(args.out).resolve()
-        victims = {
-            s: records.victim_file(out / "victims", config, s) for s in config["victim_seeds"]
-        }
-        return tradeoff.plan(config, args, out, victims), list(victims.values())
-    if name == "input-size" and "--summary-only" in options:
+        config = tradeoff.configured(args)
+        seeds = config["victim_seeds"]
+        experiment = tradeoff
+    elif name == "input-size" and "--summary-only" in options:
         return [], []
-    raise ValueError(f"megex {' '.join(command)}: not known to compute nothing; not run")
+    else:
+        raise ValueError(f"megex {' '.join(command)}: not known to compute nothing; not run")
+    out = Path(args.out).resolve()
+    victims = {s: records.victim_file(out / "victims", config, s) for s in seeds}
+    return experiment.plan(config, args, out, victims), list(victims.values())
 
 
 def _run_step(step: dict[str, Any], work: Path) -> str | None:

@@ -43,7 +43,16 @@ from .config import DEFAULTS, QueryEfficiencyConfig
 from .report import write_outputs
 from .summary import summarise
 
-__all__ = ["DEFAULTS", "METHODS", "QueryEfficiencyConfig", "load_config", "plan", "run_benchmark"]
+__all__ = [
+    "DEFAULTS",
+    "METHODS",
+    "QueryEfficiencyConfig",
+    "configured",
+    "load_config",
+    "plan",
+    "run_benchmark",
+    "victim_seeds",
+]
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -126,12 +135,26 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     return jobs
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) the benchmark described by `args`; write JSON, markdown and PNG."""
+def configured(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark's config as `args` set it: the --config file, then --device and the
+    --settings-file."""
     config = load_config(args.config)
     if args.device:
         config["device"] = args.device
     apply_settings_file(config, getattr(args, "settings_file", None))
+    return config
+
+
+def victim_seeds(config: dict[str, Any], args: argparse.Namespace) -> list[int]:
+    """The victims (recipe seeds) `args` ask for."""
+    return args.victim_seeds or (
+        config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
+    )
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) the benchmark described by `args`; write JSON, markdown and PNG."""
+    config = configured(args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -156,12 +179,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def _jobs(config: dict[str, Any], args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """Every planned run; its victims trained (or read from the cache) first."""
-    victim_seeds = args.victim_seeds or (
-        config["quick_victim_seeds"] if args.quick else config["victim_seeds"]
-    )
+    seeds = victim_seeds(config, args)
     # The settings are checked before any victim is trained (minutes on a CPU).
-    plan(config, args, out, {s: out / "victims" / f"seed{s}" for s in victim_seeds})
-    victims = {s: get_victim(config, out / "victims", args.data_root, s)[1] for s in victim_seeds}
+    plan(config, args, out, {s: out / "victims" / f"seed{s}" for s in seeds})
+    victims = {s: get_victim(config, out / "victims", args.data_root, s)[1] for s in seeds}
     return plan(config, args, out, victims)
 
 

@@ -65,7 +65,15 @@ from .report import write_outputs
 from .rows import ADAPTIVE, row_name, slug
 from .summary import summarise
 
-__all__ = ["ADAPTIVE", "DEFAULTS", "TradeoffConfig", "load_config", "plan", "run_tradeoff"]
+__all__ = [
+    "ADAPTIVE",
+    "DEFAULTS",
+    "TradeoffConfig",
+    "configured",
+    "load_config",
+    "plan",
+    "run_tradeoff",
+]
 
 
 def load_config(path: str | os.PathLike | None, quick: bool = False) -> dict[str, Any]:
@@ -81,7 +89,11 @@ def load_config(path: str | os.PathLike | None, quick: bool = False) -> dict[str
     return config
 
 
-def _apply_arguments(config: dict[str, Any], args: Any) -> dict[str, Any]:
+def configured(args: Any) -> dict[str, Any]:
+    """The trade-off's config as `args` set it: the --config file (its quick keys under
+    --quick), then the --defense rows, budgets, seeds, victims, --device and the
+    --settings-file."""
+    config = load_config(args.config, args.quick)
     if args.defense:
         rows = [[s for s in row.split("+") if s] for row in args.defense]
         # A row given twice is one row: two would be two jobs writing one run folder.
@@ -227,7 +239,7 @@ def kept_utility(
 def run_tradeoff(args: Any) -> dict[str, Any]:
     """Run (or resume) the grid; write JSON, markdown and PNG; return the summary."""
 
-    config = _apply_arguments(load_config(args.config, args.quick), args)
+    config = configured(args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
