@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from . import data as data_mod
 from .evaluate import accuracy
 from .evaluate import predict as predict_labels
 from .models import build_classifier
+from .recipes import RECIPES, Recipe, cached_victim_path, recipe_arch
 from .runs import read_weights_description, save_described_weights
 
 __all__ = ["Victim", "RECIPES", "Recipe", "cached_victim", "train_victim", "sidecar_path"]
@@ -185,34 +186,6 @@ def _per_channel(name: str, value, channels: int) -> torch.Tensor:
 # --- training ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """How to train a victim: the settings, and the test accuracy it is documented to reach."""
-
-    arch: str
-    epochs: int
-    lr: float
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    expected_accuracy: float = 0.0
-
-
-# Measured on 2 CPU cores with seed 0 (see README, "Victims").
-RECIPES: dict[str, Recipe] = {
-    "digits": Recipe("small_cnn", epochs=40, lr=0.05, batch_size=64, expected_accuracy=0.97),
-    "fashion-mnist": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.89),
-    # Fashion-MNIST at other sizes and in colour (megex.variants): the same recipe, LeNet-5's
-    # first fully connected layer as wide as the image makes its last feature map.
-    # Seed 0 with 5,000 validation images held out, one thread: 85.7%, 92.2% and 95.9%.
-    "fashion-mnist-14": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.85),
-    "fashion-mnist-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.92),
-    "fashion-mnist-colour-56": Recipe("lenet5", epochs=12, lr=0.05, expected_accuracy=0.95),
-    "mnist": Recipe("lenet5", epochs=8, lr=0.05, expected_accuracy=0.98),
-    "svhn": Recipe("resnet34_8x", epochs=30, lr=0.1, expected_accuracy=0.95),
-    "cifar10": Recipe("resnet34_8x", epochs=200, lr=0.1, expected_accuracy=0.94),
-}
-
-
 def train_victim(
     dataset: str | data_mod.Dataset,
     arch: str | None = None,
@@ -358,9 +331,8 @@ def cached_victim(
     recipes never share a file. `log` gets one line saying which it was.
     """
     recipe = RECIPES.get(dataset)
-    arch = arch or (recipe.arch if recipe else "lenet5")
-    held = f"-val{validation_images}" if validation_images else ""
-    path = Path(folder) / f"{dataset}-{arch}-seed{seed}{held}.safetensors"
+    arch = recipe_arch(dataset, arch)
+    path = cached_victim_path(folder, dataset, arch, seed, validation_images)
     if path.is_file():
         victim = Victim.load(path)
         log(f"victim: {path} ({arch}, test accuracy {victim.accuracy:.4f})")

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..recipes import cached_victim_path
 from ..runs import RunFolder, read_metrics, write_text_atomic
-from ..victim import RECIPES
 from .common import log
 
 __all__ = [
@@ -313,10 +313,13 @@ def copy_without_runs(source: Path, target: Path) -> None:
 def victim_file(folder: Path, config: dict[str, Any], seed: int) -> Path:
     """Where :func:`megex.victim.cached_victim` keeps the victim of `config` and `seed`
     (the same name; it trains one there when the file is missing)."""
-    recipe = RECIPES.get(config["dataset"])
-    arch = config.get("victim_arch") or (recipe.arch if recipe else "lenet5")
-    held = f"-val{config['validation_images']}" if config.get("validation_images") else ""
-    return Path(folder) / f"{config['dataset']}-{arch}-seed{seed}{held}.safetensors"
+    return cached_victim_path(
+        folder,
+        config["dataset"],
+        config.get("victim_arch"),
+        seed,
+        config.get("validation_images", 0),
+    )
 
 
 def unready_jobs(jobs: list[dict[str, Any]], victims: Iterable[Path]) -> list[str]:
