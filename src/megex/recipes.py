@@ -45,9 +45,16 @@ def recipe_arch(dataset: str, arch: str | None = None) -> str:
 
 
 def cached_victim_path(
-    folder: str | os.PathLike, dataset: str, arch: str | None, seed: int, validation_images: int
+    folder: str | os.PathLike,
+    dataset: str,
+    arch: str | None,
+    seed: int,
+    validation_images: int,
+    pool_images: int = 0,
 ) -> Path:
     """Where megex.victim.cached_victim keeps a recipe's victim: named by dataset,
-    architecture, seed and held-out images, so that two recipes never share a file."""
+    architecture, seed and held-out images (validation, then pool), so that two recipes
+    never share a file. A count of 0 adds nothing to the name."""
     held = f"-val{validation_images}" if validation_images else ""
+    held += f"-pool{pool_images}" if pool_images else ""
     return Path(folder) / f"{dataset}-{recipe_arch(dataset, arch)}-seed{seed}{held}.safetensors"

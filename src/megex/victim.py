@@ -198,6 +198,7 @@ def train_victim(
     device: str = "cpu",
     progress: bool = True,
     validation_images: int = 0,
+    pool_images: int = 0,
 ) -> Victim:
     """Train a victim on a named dataset with its recipe (any setting can be overridden).
 
@@ -205,10 +206,13 @@ def train_victim(
     8x8 a random shift of up to 2 pixels per batch (circular: pixels leaving one edge come
     back at the other, harmless on these images' plain borders). `validation_images`: the
     last that many training images are held out (`Dataset.validation_tensors` gives them).
+    `pool_images`: that many training images before those are held out too, for an
+    attacker's pool of images the victim never saw (`megex.pools`, `DATASET:unseen:N`).
     Returns the victim in eval mode with its test accuracy set.
     """
     ds = dataset if isinstance(dataset, data_mod.Dataset) else data_mod.load(dataset, data_root)
-    ds = ds.without_validation(validation_images)
+    _check_held_out(validation_images, pool_images, len(ds.x_train))
+    ds = ds.without_validation(validation_images + pool_images)
     recipe = _resolved_recipe(ds.name, arch, epochs, lr, batch_size)
 
     torch.manual_seed(seed)
@@ -234,10 +238,23 @@ def train_victim(
             "lr": recipe.lr,
             "seed": seed,
             "validation_images": validation_images,
+            "pool_images": pool_images,
             "train_seconds": round(time.time() - start, 1),
         }
     )
     return victim.cpu()
+
+
+def _check_held_out(validation_images: int, pool_images: int, available: int) -> None:
+    """Both counts are whole numbers >= 0 that leave at least one training image."""
+    for name, value in (("validation_images", validation_images), ("pool_images", pool_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
+    if validation_images + pool_images >= available:
+        raise ValueError(
+            f"validation_images ({validation_images}) + pool_images ({pool_images}) leave no "
+            f"training images: the train split has {available}"
+        )
 
 
 def _resolved_recipe(
@@ -320,6 +337,7 @@ def cached_victim(
     *,
     seed: int = 0,
     validation_images: int = 0,
+    pool_images: int = 0,
     data_root: str | os.PathLike | None = None,
     device: str = "cpu",
     progress: bool = False,
@@ -327,12 +345,13 @@ def cached_victim(
 ) -> tuple[Victim, Path]:
     """The victim of a recipe and seed, loaded from `folder`, or trained and saved there.
 
-    The file is named by dataset, architecture, seed and held-out images, so that two
-    recipes never share a file. `log` gets one line saying which it was.
+    The file is named by dataset, architecture, seed and held-out images (validation and
+    pool, see :func:`train_victim`), so that two recipes never share a file. `log` gets one
+    line saying which it was.
     """
     recipe = RECIPES.get(dataset)
     arch = recipe_arch(dataset, arch)
-    path = cached_victim_path(folder, dataset, arch, seed, validation_images)
+    path = cached_victim_path(folder, dataset, arch, seed, validation_images, pool_images)
     if path.is_file():
         victim = Victim.load(path)
         log(f"victim: {path} ({arch}, test accuracy {victim.accuracy:.4f})")
@@ -346,6 +365,7 @@ def cached_victim(
         device=device,
         progress=progress,
         validation_images=validation_images,
+        pool_images=pool_images,
     )
     victim.save(path)
     log(f"victim: test accuracy {victim.accuracy:.4f}, {victim.metadata['train_seconds']} s")
