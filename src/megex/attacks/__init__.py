@@ -1,4 +1,5 @@
-"""Data-free model extraction attacks over the Oracle protocol."""
+"""Model extraction attacks over the Oracle protocol: data-free (MEGEX, DFME and their
+variants) and with the attacker's own images (knockoff, JBDA and their maps variants)."""
 
 from . import presets
 from .adaptive import AdaptiveMEGEX, AdaptiveMEGEXConfig, adapt_to
@@ -6,7 +7,10 @@ from .base import Attack
 from .config import AttackConfig, SettingError, describe_settings, parse_setting
 from .dfme import DFME, DFMEConfig
 from .evasive import EvasiveDFME, EvasiveMEGEX
+from .jbda import JBDA, JBDAConfig, JBDAMaps, JBDAMapsConfig
+from .knockoff import Knockoff, KnockoffConfig, KnockoffMaps, KnockoffMapsConfig
 from .megex import MEGEX, MEGEXConfig
+from .pool import PoolAttack, PoolAttackConfig
 
 ATTACKS = {
     "megex": MEGEX,
@@ -14,7 +18,13 @@ ATTACKS = {
     "megex-adaptive": AdaptiveMEGEX,
     "megex-evasive": EvasiveMEGEX,
     "dfme-evasive": EvasiveDFME,
+    "knockoff": Knockoff,
+    "knockoff-maps": KnockoffMaps,
+    "jbda": JBDA,
+    "jbda-maps": JBDAMaps,
 }
+# The attacks that take the attacker's images (constructed as Attack(pool, **settings)).
+POOL_ATTACKS = frozenset(name for name, cls in ATTACKS.items() if issubclass(cls, PoolAttack))
 
 __all__ = [
     "ATTACKS",
@@ -26,8 +36,19 @@ __all__ = [
     "DFMEConfig",
     "EvasiveDFME",
     "EvasiveMEGEX",
+    "JBDA",
+    "JBDAConfig",
+    "JBDAMaps",
+    "JBDAMapsConfig",
+    "Knockoff",
+    "KnockoffConfig",
+    "KnockoffMaps",
+    "KnockoffMapsConfig",
     "MEGEX",
     "MEGEXConfig",
+    "POOL_ATTACKS",
+    "PoolAttack",
+    "PoolAttackConfig",
     "SettingError",
     "adapt_to",
     "describe_settings",

@@ -8,10 +8,14 @@ differentiate the generator's disagreement objective through the maps.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..explain import Explanation
+from ..explain import Explanation, output_values
 from ..oracle import Answer
 from .training import LOG_EPS, disagreement, victim_targets
 
@@ -19,8 +23,12 @@ __all__ = [
     "INTEGRATED_GRADIENTS_MIN_PROBABILITY",
     "class_combination",
     "disagreement_gradient",
+    "clone_path_gradient",
     "explained_class",
+    "frozen_batch_norm",
     "log_probability_gradients",
+    "map_matching_loss",
+    "relative_map_error",
 ]
 
 # Integrated gradients average dp_k/dx along the path from the baseline. Divided by p_k at the
@@ -139,3 +147,108 @@ def disagreement_gradient(
         clone_term = (s * lps).sum()
         loss_value = (lpv - lps.detach()).abs().mean()
     return victim_grad, clone_term, loss_value
+
+
+# --- the clone learns the maps: input-gradient matching (Jacobian matching, Sobolev) ------
+
+
+def relative_map_error(grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image, how far the clone's input gradient is from the map's: the relative
+    squared error ||g - t||^2 / (||g||^2 + ||t||^2), in [0, 2]."""
+    error = (grad - target).pow(2).flatten(1).sum(dim=1)
+    size = (grad.pow(2) + target.pow(2)).flatten(1).sum(dim=1) + 1e-12
+    return error / size
+
+
+def map_matching_loss(
+    clone: nn.Module,
+    x: torch.Tensor,
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    spec: Explanation | None,
+    loss: str,
+    weight: float,
+    map_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = relative_map_error,
+) -> torch.Tensor:
+    """Disagreement plus input-gradient matching (Jacobian matching, Sobolev training):
+    the clone's d (sum_k w_k log pS_k) / dx against the victim's, `target`, from its maps.
+
+    A relative squared error per image (`map_error`), bounded in [0, 2], so that one weight
+    suits any victim and output scale and images with vanishing maps cannot blow the clone
+    up; images without a map (weights all 0) are left out of this term, and so are pixels
+    whose gradient the map does not tell (0: where input x gradient or integrated gradients
+    cannot be divided by the input). Integrated-gradients maps are matched by the clone's
+    own path average (`clone_path_gradient`), not by its gradient at x.
+    """
+    x = x.detach().requires_grad_(True)
+    logits = clone(x)
+    value = disagreement(logits, probs, loss).mean()
+    if spec is not None and spec.method == "integrated_gradients":
+        grad = clone_path_gradient(clone, x.detach(), probs, weights, spec)
+    else:
+        logp = F.log_softmax(logits, dim=1)
+        (grad,) = torch.autograd.grad((weights * logp).sum(), x, create_graph=True)
+    known = (target != 0).to(grad.dtype)
+    error = map_error(grad * known, target)
+    has_map = (weights != 0).any(dim=1).to(error.dtype)
+    matched = (has_map * error).sum() / has_map.sum().clamp_min(1)
+    return value + weight * matched
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(model: nn.Module) -> Iterator[None]:
+    """Batch normalisation layers of `model` in eval mode for the block (restored after):
+    images passed through for a gradient must not enter the running statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in norms]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(norms, modes):
+            m.train(mode)
+
+
+def clone_path_gradient(
+    clone: nn.Module,
+    x: torch.Tensor,
+    probs: torch.Tensor,
+    weights: torch.Tensor,
+    spec: Explanation,
+) -> torch.Tensor:
+    """The clone's counterpart of a projected integrated-gradients map: the mean over the
+    path's points of the clone's gradient of its output (in the map's output space), turned
+    into 'd log p' with the victim's shown probabilities at x exactly as
+    log_probability_gradients turns the victim's map. Differentiable (create_graph).
+
+    An integrated-gradients map is a path average, not the gradient at x (measured on
+    Fashion-MNIST: cosine 0.3 to 0.5 with d log p_k at x for likely classes), so the clone's
+    gradient at x would be matched to the wrong thing; this counterpart is the same
+    functional of the clone as the map is of the victim. Costs `steps` forward and
+    double-backward passes of the clone per image."""
+    steps, baseline = int(spec.params["steps"]), float(spec.params["baseline"])
+    n, k = weights.shape
+    p = probs.to(weights.dtype)
+    if spec.output == "probability":
+        coefficients = torch.where(weights != 0, weights / p.clamp_min(LOG_EPS), 0.0)
+    elif spec.output == "logit" and spec.target == "all":
+        # sum_k w_k (dz_k - sum_j p_j dz_j) = sum_j (w_j - p_j sum_k w_k) dz_j
+        coefficients = weights - p * weights.sum(dim=1, keepdim=True)
+    elif spec.output == "logit":
+        # One class's logit map stands for (1 - p_c) dz_c (log_probability_gradients).
+        coefficients = weights * (1 - p)
+    else:
+        coefficients = weights
+    alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
+    points = baseline + alphas.view(-1, 1, 1, 1, 1) * (x - baseline).unsqueeze(0)
+    points = points.reshape(steps * n, *x.shape[1:]).requires_grad_(True)
+    # Batch normalisation in eval mode here: the victim's maps come from its eval mode, and
+    # the path's darker images must not enter the clone's running statistics.
+    with frozen_batch_norm(clone):
+        logits = clone(points)
+    values = output_values(logits, spec.output)
+    combined = (values.view(steps, n, k) * coefficients.unsqueeze(0)).sum()
+    (grad,) = torch.autograd.grad(combined, points, create_graph=True)
+    return grad.view(steps, n, *x.shape[1:]).mean(dim=0)

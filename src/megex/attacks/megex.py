@@ -19,28 +19,28 @@ steps on the generator's queries, brightness prior, constant schedule).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import accel
-from ..explain import Explanation, output_values
+from ..explain import Explanation
 from ..oracle import Answer, Oracle
 from .base import Attack
 from .config import AT_LEAST_0, FLAG, AttackConfig, SettingError, setting
 from .maps import (
     INTEGRATED_GRADIENTS_MIN_PROBABILITY,  # noqa: F401 (still importable from here)
     class_combination,
+    clone_path_gradient,
     disagreement_gradient,
     explained_class,
+    frozen_batch_norm,  # noqa: F401 (still importable from here)
     log_probability_gradients,
+    map_matching_loss,
+    relative_map_error,
 )
-from .training import LOG_EPS, disagreement
 
 __all__ = ["MEGEX", "MEGEXConfig", "log_probability_gradients"]
 
@@ -88,21 +88,6 @@ class MEGEXConfig(AttackConfig):
                 f"explanation: expected an Explanation or None, got {self.explanation!r}"
             )
         super().__post_init__()
-
-
-@contextlib.contextmanager
-def frozen_batch_norm(model: nn.Module) -> Iterator[None]:
-    """Batch normalisation layers of `model` in eval mode for the block (restored after):
-    images passed through for a gradient must not enter the running statistics."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    modes = [m.training for m in norms]
-    for m in norms:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(norms, modes):
-            m.train(mode)
 
 
 class MEGEX(Attack):
@@ -275,67 +260,18 @@ class MEGEX(Attack):
         weights: torch.Tensor,
         spec: Explanation | None = None,
     ) -> torch.Tensor:
-        """Disagreement plus input-gradient matching (Jacobian matching, Sobolev training):
-        the clone's d (sum_k w_k log pS_k) / dx against the victim's, from its maps.
-
-        A relative squared error per image, bounded in [0, 2], so that one weight suits any
-        victim and output scale and images with vanishing maps cannot blow the clone up;
-        images without a map (weights all 0) are left out of this term, and so are pixels
-        whose gradient the map does not tell (0: where input x gradient or integrated
-        gradients cannot be divided by the input). Integrated-gradients maps are matched by
-        the clone's own path average (`clone_path_gradient`), not by its gradient at x.
-        """
-        x = x.detach().requires_grad_(True)
-        logits = self.clone(x)
-        loss = disagreement(logits, probs, self.config.loss).mean()
-        if spec is not None and spec.method == "integrated_gradients":
-            grad = self.clone_path_gradient(x.detach(), probs, weights, spec)
-        else:
-            logp = F.log_softmax(logits, dim=1)
-            (grad,) = torch.autograd.grad((weights * logp).sum(), x, create_graph=True)
-        known = (target != 0).to(grad.dtype)
-        error = self.map_error(grad * known, target)
-        has_map = (weights != 0).any(dim=1).to(error.dtype)
-        matched = (has_map * error).sum() / has_map.sum().clamp_min(1)
-        return loss + self.config.explanation_loss * matched
+        """Disagreement plus input-gradient matching (:func:`.maps.map_matching_loss`)."""
+        c = self.config
+        return map_matching_loss(
+            self.clone, x, probs, target, weights, spec, c.loss, c.explanation_loss, self.map_error
+        )
 
     def clone_path_gradient(
         self, x: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, spec: Explanation
     ) -> torch.Tensor:
-        """The clone's counterpart of a projected integrated-gradients map: the mean over
-        the path's points of the clone's gradient of its output (in the map's output space),
-        turned into 'd log p' with the victim's shown probabilities at x exactly as
-        log_probability_gradients turns the victim's map. Differentiable (create_graph).
-
-        An integrated-gradients map is a path average, not the gradient at x (measured on
-        Fashion-MNIST: cosine 0.3 to 0.5 with d log p_k at x for likely classes), so the
-        clone's gradient at x would be matched to the wrong thing; this counterpart is the
-        same functional of the clone as the map is of the victim. Costs `steps` forward and
-        double-backward passes of the clone per image."""
-        steps, baseline = int(spec.params["steps"]), float(spec.params["baseline"])
-        n, k = weights.shape
-        p = probs.to(weights.dtype)
-        if spec.output == "probability":
-            coefficients = torch.where(weights != 0, weights / p.clamp_min(LOG_EPS), 0.0)
-        elif spec.output == "logit" and spec.target == "all":
-            # sum_k w_k (dz_k - sum_j p_j dz_j) = sum_j (w_j - p_j sum_k w_k) dz_j
-            coefficients = weights - p * weights.sum(dim=1, keepdim=True)
-        elif spec.output == "logit":
-            # One class's logit map stands for (1 - p_c) dz_c (log_probability_gradients).
-            coefficients = weights * (1 - p)
-        else:
-            coefficients = weights
-        alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
-        points = baseline + alphas.view(-1, 1, 1, 1, 1) * (x - baseline).unsqueeze(0)
-        points = points.reshape(steps * n, *x.shape[1:]).requires_grad_(True)
-        # Batch normalisation in eval mode here: the victim's maps come from its eval mode,
-        # and the path's darker images must not enter the clone's running statistics.
-        with frozen_batch_norm(self.clone):
-            logits = self.clone(points)
-        values = output_values(logits, spec.output)
-        combined = (values.view(steps, n, k) * coefficients.unsqueeze(0)).sum()
-        (grad,) = torch.autograd.grad(combined, points, create_graph=True)
-        return grad.view(steps, n, *x.shape[1:]).mean(dim=0)
+        """The clone's path average that an integrated-gradients map is matched with
+        (:func:`.maps.clone_path_gradient`)."""
+        return clone_path_gradient(self.clone, x, probs, weights, spec)
 
     def map_gradients(self, answer: Answer, x: torch.Tensor) -> torch.Tensor:
         """d log p / dx read off an answer's maps (log_probability_gradients; a hook for
@@ -343,11 +279,9 @@ class MEGEX(Attack):
         return log_probability_gradients(answer, x)
 
     def map_error(self, grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per image, how far the clone's input gradient is from the map's: the relative
-        squared error ||g - t||^2 / (||g||^2 + ||t||^2), in [0, 2]."""
-        error = (grad - target).pow(2).flatten(1).sum(dim=1)
-        size = (grad.pow(2) + target.pow(2)).flatten(1).sum(dim=1) + 1e-12
-        return error / size
+        """Per image, how far the clone's input gradient is from the map's (a hook):
+        :func:`.maps.relative_map_error`."""
+        return relative_map_error(grad, target)
 
     def scale_victim_gradient(
         self, victim_grad: torch.Tensor, clone_term: torch.Tensor, x: torch.Tensor

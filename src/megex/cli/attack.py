@@ -1,4 +1,5 @@
-"""`megex attack`: MEGEX or DFME against a victim file or a service URL, into a run folder."""
+"""`megex attack`: an attack (data-free, or with the attacker's images) against a victim
+file or a service URL, into a run folder."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch
 
 from .. import data as data_mod
 from ..accel import exact_fp32
-from ..attacks import ATTACKS
+from ..attacks import ATTACKS, POOL_ATTACKS
 from ..defenses import build_defense
 from ..engine import changed_settings, describe_run
 from ..explain import METHODS, Explanation
 from ..oracle import PREDICTION_MODES, LocalOracle
+from ..pools import VictimImages, load_pool, parse_pool, victim_images
 from ..runs import RunFolder
 from .common import (
     add_explanation_options,
@@ -38,7 +40,11 @@ __all__ = ["add_parser", "cmd_attack"]
 
 
 def add_parser(sub: Any, **kwargs: Any) -> None:
-    p = sub.add_parser("attack", help="run MEGEX or DFME against a victim file or URL", **kwargs)
+    p = sub.add_parser(
+        "attack",
+        help="run an attack (MEGEX, DFME, knockoff, JBDA, ...) against a victim file or URL",
+        **kwargs,
+    )
     p.add_argument("--method", choices=sorted(ATTACKS), default="megex", help="attack")
     p.add_argument("--victim", required=True, help="victim .safetensors file, or a server URL")
     p.add_argument("--api-key", help="API key for a victim served over HTTP")
@@ -55,6 +61,17 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     )
     p.add_argument("--data-root", help="folder holding the dataset's files")
     p.add_argument("--reference-victim", help="local copy of a remote victim, for fidelity")
+    p.add_argument(
+        "--pool",
+        metavar="SPEC",
+        help="the attacker's own images, for the attacks with images (knockoff, jbda and "
+        "their -maps variants): DATASET:unseen:N (held out of the victim's training for "
+        "attackers), DATASET:seen:N (images it trained on), DATASET:train:N (another "
+        "dataset, resized), or folder:PATH[:N] (PNG/JPEG files of the victim's size)",
+    )
+    p.add_argument(
+        "--pool-seed", type=int, help="seed of the pool's draw of N images (default: --seed)"
+    )
     p.add_argument(
         "--eval-every",
         type=positive_int,
@@ -164,6 +181,9 @@ def attack_settings(args: argparse.Namespace) -> dict[str, Any]:
     ):
         value = getattr(args, name, None)
         if value is not None:
+            if name not in _setting_names(args.method):
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag}: {args.method} has no setting {name!r}")
             settings[name] = value
     if args.directions is not None:
         if "directions" not in _setting_names(args.method):
@@ -253,8 +273,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     oracle, victim, evaluator, service_state = _oracle(args, explanation, checkpoint, settings)
     if explanation is not None:
         settings["explanation"] = explanation
+    pool = _pool(args, oracle, victim)
     with user_input():
-        attack = ATTACKS[args.method](**settings)
+        attack = (
+            ATTACKS[args.method](**settings)
+            if pool is None
+            else ATTACKS[args.method](pool, **settings)
+        )
     _check_budget(args, attack)
     if checkpoint is not None:
         _check_same_settings(folder, describe_run(attack, oracle, args.budget))
@@ -267,6 +292,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             "victim_accuracy": evaluator.victim_accuracy if evaluator is not None else None,
             # What a local victim's answers went through; a service's own are unknown here.
             "defenses": None if victim is None else [d.spec() for d in oracle.defenses],
+            **({"pool": pool.describe()} if pool is not None else {}),
         }
     )
     result = run_attack(
@@ -281,6 +307,39 @@ def cmd_attack(args: argparse.Namespace) -> int:
         service_state=service_state,
     )
     return _report(args, result, folder)
+
+
+def _pool(args: argparse.Namespace, oracle: Any, victim: Any) -> Any:
+    """The attacker's images (--pool), for an attack with images; None for a data-free one."""
+    if args.method not in POOL_ATTACKS:
+        if args.pool:
+            raise UsageError(
+                f"--pool: {args.method} is data-free and takes no images; the attacks with "
+                f"images are {', '.join(sorted(POOL_ATTACKS))}"
+            )
+        return None
+    if not args.pool:
+        raise UsageError(
+            f"--pool: {args.method} attacks with the attacker's own images; give them, e.g. "
+            "--pool fashion-mnist:unseen:1000 or --pool folder:my_images"
+        )
+    with user_input("--pool"):
+        spec = parse_pool(args.pool)
+    if victim is None and args.reference_victim:
+        victim = load_victim(args.reference_victim)
+    if victim is not None:
+        info = victim_images(victim)
+    elif spec.kind in ("seen", "unseen"):
+        raise UsageError(
+            f"--pool: {spec.kind} images are named by what the victim was trained on, which "
+            "a URL does not say; pass --reference-victim FILE (the victim's file), or use "
+            "another dataset or a folder"
+        )
+    else:
+        info = VictimImages(tuple(oracle.input_shape), args.dataset or "")
+    seed = args.seed if args.pool_seed is None else args.pool_seed
+    with user_input("--pool"):
+        return load_pool(spec, info, seed=seed, data_root=args.data_root)
 
 
 def _report_finished(args: argparse.Namespace, folder: RunFolder) -> int:

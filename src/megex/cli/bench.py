@@ -82,6 +82,13 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--trials", type=int, help=f"trials per method (default {SEARCH['trials']})"
     )
     parser.add_argument("--budget", type=int, help=f"queries per trial run ({SEARCH['budget']})")
+    parser.add_argument(
+        "--marks",
+        type=positive_int,
+        nargs="+",
+        help="query counts at which a trial's validation accuracy is averaged (default: "
+        f"{SEARCH['marks']} below --budget, and --budget)",
+    )
     parser.add_argument("--methods", nargs="+", help="methods to search (default: all)")
     parser.add_argument(
         "--confirm-trials",

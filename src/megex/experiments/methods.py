@@ -5,12 +5,14 @@ configured), and the tuned-settings file (megex tune's output) they are searched
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from ..attacks import ATTACKS
+from ..attacks import ATTACKS, POOL_ATTACKS
 from ..explain import Explanation
+from .config import SHARED_SETTINGS
 
 __all__ = [
     "ASSUMPTIONS",
@@ -95,6 +97,22 @@ METHODS.update(
         for method in ("megex-all", "megex-jacobian", "dfme")
     }
 )
+# Attackers who hold some images of the domain (a pool; see megex.pools): Knockoff Nets with
+# random, uncertainty or k-center choice of pool images, and JBDA; each with and without maps.
+METHODS.update(
+    {
+        "knockoff": {"attack": "knockoff"},
+        "knockoff-uncertainty": {"attack": "knockoff", "selection": "uncertainty"},
+        "knockoff-kcenter": {"attack": "knockoff", "selection": "kcenter"},
+        "knockoff-maps": {"attack": "knockoff-maps", "explanation": "gradient-all"},
+        "knockoff-maps-predicted": {
+            "attack": "knockoff-maps",
+            "explanation": "gradient-predicted",
+        },
+        "jbda": {"attack": "jbda"},
+        "jbda-maps": {"attack": "jbda-maps", "explanation": "gradient-all"},
+    }
+)
 ASSUMPTIONS = {
     "+prior": f"queries raised to a power in {PRIOR} (query_gamma): assumes the domain's "
     "images have dark or light backgrounds"
@@ -138,8 +156,14 @@ def method_settings(
     attack = spec.pop("attack")
     tuned_as = spec.pop("tuned_as", method)
     searched = ((tuned or {}).get("methods") or {}).get(tuned_as, {})
+    shared = dict(config["settings"])
+    if attack in POOL_ATTACKS:
+        # The data-free attacks' shared generator and schedule settings mean nothing to an
+        # attacker with images (it has no generator; its schedule is constant).
+        fields = {f.name for f in dataclasses.fields(ATTACKS[attack].config_class)}
+        shared = {k: v for k, v in shared.items() if k in fields or k not in SHARED_SETTINGS}
     settings = {
-        **config["settings"],
+        **shared,
         **searched,
         **spec,
         **config["method_settings"].get(method, {}),
@@ -159,10 +183,17 @@ def require_tuned(config: dict[str, Any], method: str, tuned: dict[str, Any] | N
         )
 
 
-def build_attack(attack: str, settings: dict[str, Any], seed: int, device: str):
+def build_attack(attack: str, settings: dict[str, Any], seed: int, device: str, pool: Any = None):
+    """The attack with these settings; an attack with images takes the attacker's `pool`."""
     settings = {k: v for k, v in settings.items() if not k.startswith("_")}
     if "explanation" in settings:
         name = settings["explanation"]
         spec = EXPLANATIONS[name] if isinstance(name, str) else name
         settings["explanation"] = Explanation.from_dict(spec)
+    if attack in POOL_ATTACKS:
+        if pool is None:
+            raise ValueError(f"{attack}: an attack with images needs a pool (the config's 'pool')")
+        return ATTACKS[attack](pool, seed=seed, device=device, **settings)
+    if pool is not None:
+        raise ValueError(f"{attack}: a data-free attack takes no pool")
     return ATTACKS[attack](seed=seed, device=device, **settings)

@@ -12,10 +12,12 @@ import torch
 
 from .. import data as data_mod
 from ..accel import exact_fp32
+from ..attacks import POOL_ATTACKS
 from ..defenses import build_defense
 from ..engine import changed_settings, describe_run, run
 from ..evaluate import Evaluator
 from ..oracle import LocalOracle
+from ..pools import load_pool, victim_images
 from ..runs import RunFolder
 from ..victim import Victim, cached_victim
 from .common import log
@@ -32,6 +34,7 @@ def get_victim(config: dict[str, Any], folder: Path, data_root: str | None, seed
         config["victim_arch"],
         seed=seed,
         validation_images=config["validation_images"],
+        pool_images=config.get("pool_images", 0),
         data_root=data_root,
         device=config["device"],
         log=log,
@@ -48,7 +51,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     prepare_torch(job["threads"], job["device"])
     folder = RunFolder(job["run_dir"])
     victim = Victim.load(job["victim"])
-    attack = build_attack(job["attack"], job["settings"], job["seed"], job["device"])
+    pool = None
+    if job.get("pool") and job["attack"] in POOL_ATTACKS:
+        # Each attack seed draws its own images: the intervals include the pool's draw, and
+        # the methods compared at one seed hold the same images.
+        pool = load_pool(
+            job["pool"], victim_images(victim), seed=job["seed"], data_root=job["data_root"]
+        )
+    attack = build_attack(job["attack"], job["settings"], job["seed"], job["device"], pool)
     oracle = _oracle(job, victim, attack)
     if folder.config_path.is_file() and not job["fresh"]:
         # A finished or interrupted run is reused only if it had these very settings.

@@ -145,6 +145,7 @@ def run_detection(args: Any) -> dict[str, Any]:
             config["victim_arch"],
             seed=victim_seed,
             validation_images=int(config["validation_images"]),
+            pool_images=int(config["pool_images"]),
             data_root=args.data_root,
             device=config["device"],
             log=log,
@@ -153,7 +154,7 @@ def run_detection(args: Any) -> dict[str, Any]:
         victims[victim_seed] = {"path": str(path), "arch": victim.arch, "accuracy": victim.accuracy}
         calibrations.update(_calibrate(config, plan, victim, path, victim_seed, x_val, out))
         benign_runs += _benign_runs(config, plan, victim, victim_seed, x_test, calibrations)
-        attack_runs += _attack_runs(config, plan, victim, victim_seed, calibrations)
+        attack_runs += _attack_runs(config, plan, victim, victim_seed, calibrations, args.data_root)
     summary = summarise(config, plan, victims, calibrations, attack_runs, benign_runs)
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["machine"] = {
@@ -251,6 +252,7 @@ def _attack_runs(
     victim: Any,
     victim_seed: int,
     calibrations: dict[tuple[str, int], Any],
+    data_root: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every method's and seed's attack stream on one victim, scored by every monitor."""
     runs = []
@@ -258,7 +260,15 @@ def _attack_runs(
         for seed in plan["seeds"]:
             started = time.time()
             stream = attack_stream(
-                method, attack_name, settings, seed, victim, int(plan["queries"]), config["device"]
+                method,
+                attack_name,
+                settings,
+                seed,
+                victim,
+                int(plan["queries"]),
+                config["device"],
+                config["pool"],
+                data_root,
             )
             scored = score_stream(stream, plan["monitors"], calibrations, victim_seed)
             runs.append(

@@ -39,6 +39,15 @@ class DetectionConfig:
         Each(Text()),
     )
     seeds: list = setting([0, 1, 2, 3, 4], "attack seeds", SEEDS)
+    pool: str | None = setting(
+        None,
+        "the images of the attacks with images (megex.pools spec; each attack seed draws its "
+        "own); null: none",
+        OrNone(Text()),
+    )
+    pool_images: int = setting(
+        0, "training images the victims hold out for attackers' pools", Number(0, whole=True)
+    )
     # The horizon of detection and of the false-positive rate. A benign stream draws
     # distinct images, so at most the pool.
     queries: int = setting(5000, "queries per stream, attack and benign alike", COUNT)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...attacks import POOL_ATTACKS
 from ...detection import QueryStream, RecordingOracle, extreme, first_crossing, replay
 from ...engine import run
 from ...oracle import LocalOracle
+from ...pools import load_pool, victim_images
 from ..methods import build_attack
 
 __all__ = ["attack_stream", "benign_stream", "score_stream"]
@@ -63,9 +65,17 @@ def attack_stream(
     victim: Any,
     queries: int,
     device: str,
+    pool: str | None = None,
+    data_root: str | None = None,
 ) -> Any:
-    """The queries of one attack run against an in-process oracle, in order."""
-    attack = build_attack(attack_name, settings, seed, device)
+    """The queries of one attack run against an in-process oracle, in order (an attack with
+    images draws its `pool` with its seed)."""
+    images = None
+    if attack_name in POOL_ATTACKS:
+        if not pool:
+            raise ValueError(f"{method}: an attack with images needs the config's 'pool'")
+        images = load_pool(pool, victim_images(victim), seed=seed, data_root=data_root)
+    attack = build_attack(attack_name, settings, seed, device, images)
     explanation = getattr(attack.config, "explanation", None)
     oracle = LocalOracle(victim, budget=queries, explanation=explanation, seed=seed, device=device)
     recorder = RecordingOracle(oracle)

@@ -98,7 +98,7 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     for method in methods:
         require_tuned(config, method, tuned)
         chosen[method] = method_settings(config, method, tuned)
-        if chosen[method][1].get("lr_schedule") != "constant":
+        if chosen[method][1].get("lr_schedule", "constant") != "constant":
             raise ValueError(
                 f"{method}: the benchmark reads every budget off one run, which needs "
                 "lr_schedule 'constant'"
@@ -125,6 +125,7 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
                         "run_dir": str(runs_dir / f"{method}-v{victim_seed}-s{seed}"),
                         "victim": str(Path(victim).resolve()),
                         "dataset": config["dataset"],
+                        "pool": config["pool"],
                         "data_root": data_root,
                         "device": device,
                         "threads": args.threads,

@@ -39,6 +39,18 @@ class QueryEfficiencyConfig:
         5000, "the last training images, held out of the victims' training", COUNT
     )
     # Up to 250k: 8 methods x 9 runs fit about a working day on 2 cores (500k would double it).
+    pool: str | None = setting(
+        None,
+        "the attacker's images (megex.pools spec, e.g. 'fashion-mnist:unseen:1000'; each "
+        "attack seed draws its own); null: data-free",
+        OrNone(Text()),
+    )
+    pool_images: int = setting(
+        0,
+        "training images the victims hold out for attackers' pools (before the validation "
+        "images): what an 'unseen' pool draws from",
+        Number(0, whole=True),
+    )
     budgets: list = setting([50_000, 100_000, 250_000], "query budgets reported", BUDGETS)
     # From 1k: the leakage curve (benchmarks/configs/leakage.json) can read these runs too.
     eval_at: list = setting(

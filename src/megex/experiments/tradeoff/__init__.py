@@ -155,6 +155,7 @@ def plan(config: dict[str, Any], args: Any, out: Path, victims: dict) -> list:
                         ),
                         "victim": str(Path(victim).resolve()),
                         "dataset": config["dataset"],
+                        "pool": config["pool"],
                         "data_root": data_root,
                         "device": config["device"],
                         "threads": args.threads,
@@ -170,7 +171,7 @@ def plan(config: dict[str, Any], args: Any, out: Path, victims: dict) -> list:
             add(config["baseline"], attack, settings, specs)
         for method in config["attackers"]:
             attack, settings = method_settings(config, method, tuned)
-            if settings.get("lr_schedule") != "constant":
+            if settings.get("lr_schedule", "constant") != "constant":
                 raise ValueError(
                     f"{method}: every budget is read off one run: needs a constant lr_schedule"
                 )

@@ -39,6 +39,14 @@ class TradeoffConfig:
     validation_images: int = setting(
         5000, "the last training images, held out of the victims' training", COUNT
     )
+    pool: str | None = setting(
+        None,
+        "the attackers' images (megex.pools spec; each attack seed draws its own); null: data-free",
+        OrNone(Text()),
+    )
+    pool_images: int = setting(
+        0, "training images the victims hold out for attackers' pools", Number(0, whole=True)
+    )
     budgets: list = setting([20_000, 50_000], "query budgets (the largest is tabled)", BUDGETS)
     eval_at: list = setting([5_000, 10_000], "evaluations besides the budgets", BUDGETS)
     # MEGEX with maps of every class, and the strongest explanation attacker of the full

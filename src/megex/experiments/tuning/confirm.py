@@ -100,6 +100,8 @@ def _confirmed_score(
             evaluator,
             {**search, "seeds": [seed]},
             job["device"],
+            pool=job["config"].get("pool"),
+            data_root=job["data_root"],
         )
         stored = {"value": value, "curves": curves, "seconds": round(time.time() - t0, 1)}
         study.set_user_attr(key, stored)

@@ -86,7 +86,15 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
         params = search_space(trial, attack_name, pinned=METHODS[method])
         t0 = time.time()
         value, curves = trials.score(
-            method, {**fixed, **params}, attack_name, victim, evaluator, search, job["device"]
+            method,
+            {**fixed, **params},
+            attack_name,
+            victim,
+            evaluator,
+            search,
+            job["device"],
+            pool=job["config"].get("pool"),
+            data_root=job["data_root"],
         )
         trial.set_user_attr("curves", curves)
         trial.set_user_attr("seconds", round(time.time() - t0, 1))
@@ -168,6 +176,12 @@ def _search_settings(args: Any) -> dict[str, Any]:
     if args.budget:
         search["budget"] = args.budget
         search["marks"] = [m for m in search["marks"] if m < args.budget] + [args.budget]
+    if getattr(args, "marks", None):
+        if max(args.marks) > search["budget"]:
+            raise ValueError(
+                f"--marks: {max(args.marks)} is past the trials' budget {search['budget']}"
+            )
+        search["marks"] = sorted(set(args.marks))
     if args.confirm_trials is not None:
         search["confirm_trials"] = args.confirm_trials
     if args.confirm_seeds:

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ... import data as data_mod
+from ...attacks import POOL_ATTACKS
 from ...engine import run
 from ...evaluate import Evaluator
 from ...oracle import LocalOracle
+from ...pools import load_pool, victim_images
 from ...victim import Victim
 from ..methods import build_attack, method_settings
 from ..runner import cells_of, prepare_torch
@@ -54,6 +56,8 @@ SEARCH: dict[str, Any] = {
 def search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
     """The knobs searched for an attack: the loop's shared ones, then the attack's own,
     less those the method pins (e.g. a method defined by asking for maps on every query)."""
+    if attack in POOL_ATTACKS:
+        return pool_search_space(trial, attack)
     params = {
         "generator_lr": trial.suggest_float("generator_lr", 1e-4, 5e-2, log=True),
         "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
@@ -80,6 +84,24 @@ def search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
     return params
 
 
+def pool_search_space(trial: Any, attack: str) -> dict[str, Any]:
+    """The knobs searched for an attack with images: the clone's optimiser and batch, the
+    distance it learns, and the attack's own (the maps' weight; JBDA's step)."""
+    params = {
+        "clone_optimizer": trial.suggest_categorical("clone_optimizer", ["adam", "sgd"]),
+        "clone_lr": trial.suggest_float("clone_lr", 1e-4, 1e-1, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128]),
+        "clone_weight_decay": trial.suggest_categorical("clone_weight_decay", [0.0, 5e-4]),
+        "loss": trial.suggest_categorical("loss", ["kl", "l1"]),
+    }
+    if attack.endswith("-maps"):
+        params["explanation_loss"] = trial.suggest_float("explanation_loss", 0.1, 10.0, log=True)
+    if attack.startswith("jbda"):
+        params["step_size"] = trial.suggest_float("step_size", 0.01, 0.3, log=True)
+        params["step_period"] = trial.suggest_categorical("step_period", [1, 3, 1000])
+    return params
+
+
 def score(
     method: str,
     settings: dict[str, Any],
@@ -88,11 +110,19 @@ def score(
     evaluator: Any,
     search: dict[str, Any],
     device: str,
+    pool: str | None = None,
+    data_root: str | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """Mean validation accuracy over the marks and tuning seeds, and the per-seed curves."""
+    """Mean validation accuracy over the marks and tuning seeds, and the per-seed curves.
+    An attack with images draws its `pool` (a megex.pools spec) with each tuning seed."""
     values, curves = [], {}
     for seed in search["seeds"]:
-        attack = build_attack(attack_name, settings, seed, device)
+        images = None
+        if attack_name in POOL_ATTACKS:
+            if not pool:
+                raise ValueError(f"{method}: an attack with images needs the config's 'pool'")
+            images = load_pool(pool, victim_images(victim), seed=seed, data_root=data_root)
+        attack = build_attack(attack_name, settings, seed, device, images)
         oracle = LocalOracle(
             victim,
             budget=search["budget"],
