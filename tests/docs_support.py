@@ -17,6 +17,7 @@ PARSE_ONLY = {
     "tune",
     "tradeoff",
     "detection",
+    "art-peer",
     "input-size",
     "gradient-alignment",
     "records",

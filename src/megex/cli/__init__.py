@@ -1,6 +1,6 @@
 """The `megex` command: train-victim, attack, eval, report, demo, serve, flags, settings,
-defenses, utility, and the experiments (bench, tune, tradeoff, detection, input-size,
-gradient-alignment), which live in :mod:`megex.experiments`; only this package parses
+defenses, utility, and the experiments (bench, tune, tradeoff, detection, art-peer,
+input-size, gradient-alignment), which live in :mod:`megex.experiments`; only this package parses
 arguments.
 
 One `main`, one user-error type and one map of exit statuses (:mod:`megex.cli.errors`):

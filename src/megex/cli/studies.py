@@ -1,20 +1,28 @@
-"""`megex tradeoff` and `megex detection`: what defences cost and take, and whether query
-monitors flag the attacks (megex.experiments.tradeoff and megex.experiments.detection)."""
+"""`megex tradeoff`, `megex detection` and `megex art-peer`: what defences cost and take,
+whether query monitors flag the attacks, and our knockoff beside ART's KnockoffNets
+(megex.experiments.tradeoff, .detection and .art_comparison)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from ..experiments import detection, tradeoff
+from ..experiments import art_comparison, detection, query_efficiency, tradeoff
 from .bench import run_tool
+from .common import positive_float, positive_int, whole_number
+from .errors import UsageError
 from .sweep_options import add_sweep_arguments
 
-__all__ = ["add_detection_arguments", "add_parsers", "add_tradeoff_arguments"]
+__all__ = [
+    "add_art_peer_arguments",
+    "add_detection_arguments",
+    "add_parsers",
+    "add_tradeoff_arguments",
+]
 
 
 def add_parsers(sub: Any, **kwargs: Any) -> None:
-    """The `tradeoff` and `detection` subcommands."""
+    """The `tradeoff`, `detection` and `art-peer` subcommands."""
     p = sub.add_parser(
         "tradeoff",
         help="defences: explanation utility against the clone accuracy they leave",
@@ -34,6 +42,19 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
     )
     add_detection_arguments(p)
     p.set_defaults(func=lambda args: run_tool(detection.run_detection, args))
+    p = sub.add_parser(
+        "art-peer",
+        help="our knockoff beside ART's KnockoffNets, with matched settings",
+        description="For each victim, attack seed and budget, draw the config's pool with the "
+        "seed and run ART's KnockoffNets (random sampling, probabilities) and our knockoff on "
+        "the same victim and budget, with the same clone, Adam at lr 1e-3, batch 64 and number "
+        "of clone updates; report test accuracy and fidelity with intervals, the paired "
+        "difference, and seconds per 1,000 queries (JSON and markdown). Finished runs are kept "
+        "and skipped on a rerun. Needs ART: pip install 'megex[art]'.",
+        **kwargs,
+    )
+    add_art_peer_arguments(p)
+    p.set_defaults(func=lambda args: run_tool(_art_peer, args))
 
 
 def add_tradeoff_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -112,3 +133,89 @@ def add_detection_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", help="cpu or cuda for the attacks (default: the config's)")
     return parser
+
+
+def add_art_peer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The comparison's options (the `megex art-peer` subcommand)."""
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="benchmark config JSON with a 'pool' (e.g. benchmarks/configs/pool-1k.json)",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=positive_int,
+        nargs="+",
+        required=True,
+        metavar="N",
+        help="query budgets; each at most the pool's size (ART queries distinct pool images)",
+    )
+    parser.add_argument(
+        "--victim-seeds",
+        type=whole_number(),
+        nargs="+",
+        metavar="S",
+        help="victims (recipe seeds; default: the config's victim_seeds)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=whole_number(),
+        nargs="+",
+        metavar="S",
+        help="attack seeds, each drawing its own pool (default: the config's seeds)",
+    )
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/art-peer",
+        metavar="DIR",
+        help="output folder: art_comparison.json, .md and the finished runs",
+    )
+    parser.add_argument(
+        "--victims",
+        metavar="DIR",
+        help="folder of cached victims, trained there if missing (default: <out>/victims; "
+        "benchmarks/results/pool-1k/victims reuses megex bench's)",
+    )
+    parser.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
+    parser.add_argument(
+        "--clone-updates-per-1k-queries",
+        type=positive_float,
+        metavar="X",
+        help="training length of both methods: clone updates per 1,000 queries, rounded up "
+        f"to whole ART epochs (default: {art_comparison.UPDATES_PER_1K_QUERIES:g})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        metavar="E",
+        help="a fixed number of ART epochs at every budget instead (both methods then make "
+        "E x ceil(budget / 64) clone updates)",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _art_peer(args: argparse.Namespace) -> None:
+    config = query_efficiency.load_config(args.config)
+    if not config.get("pool"):
+        raise UsageError(
+            f"--config {args.config}: no 'pool' (the attacker's images, e.g. "
+            "'fashion-mnist:unseen:1000'); the comparison with ART needs one"
+        )
+    if args.epochs is not None and args.clone_updates_per_1k_queries is not None:
+        raise UsageError("--epochs and --clone-updates-per-1k-queries: give one of them")
+    art_comparison.compare_with_art(
+        config,
+        args.budgets,
+        args.victim_seeds,
+        args.seeds,
+        args.out,
+        clone_updates_per_1k_queries=args.clone_updates_per_1k_queries,
+        epochs=args.epochs,
+        victims=args.victims,
+        data_root=args.data_root,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )

@@ -102,7 +102,7 @@ def _oracle(job: dict[str, Any], victim: Victim, attack: Any) -> LocalOracle:
         device=job["device"],
         defenses=defenses,
         # An attack with on_device (megex.accel) sends its queries from the device.
-        answer_on_device=attack.config.on_device and not defenses,
+        answer_on_device=getattr(attack.config, "on_device", False) and not defenses,
     )
 
 
