@@ -48,12 +48,18 @@ def test_a_benchmark_with_a_pool_pairs_methods_on_the_same_images(tmp_path):
     assert megex_main(argv) == 0
     summary = json.loads((out / "query_efficiency_quick.json").read_text())
     assert summary["stats"]["knockoff-maps"]["100"]["vs_baseline"]["baseline"] == "knockoff"
+    # Their clones learn after all of a run's queries: one run per budget and mark.
+    runs = sorted(p.name for p in (out / "runs-quick").iterdir() if p.is_dir())
+    assert runs == sorted(
+        f"{m}-v0-s{s}-b{b}" for m in ("knockoff", "knockoff-maps") for s in (0, 1)
+        for b in (40, 60, 100)
+    )  # fmt: skip
+    assert [row[0] for row in summary["curves"]["knockoff-v0-s0"]] == [40, 60, 100]
     described = {}
     for method in ("knockoff", "knockoff-maps"):
         for seed in (0, 1):
-            run = json.loads(
-                (out / "runs-quick" / f"{method}-v0-s{seed}" / "config.json").read_text()
-            )
+            folder = out / "runs-quick" / f"{method}-v0-s{seed}-b100"
+            run = json.loads((folder / "config.json").read_text())
             described[method, seed] = run["pool"]
             assert run["pool"]["spec"] == "digits:unseen:100" and run["pool"]["size"] == 100
     # The same images for both methods at one seed; another draw at another seed.
@@ -93,7 +99,7 @@ def test_the_search_tunes_an_attack_with_images_on_its_pool(tmp_path):
     doc = tune.run_search(parser.parse_args(argv))
     assert doc["search"]["marks"] == [20, 60]
     searched = doc["methods"]["knockoff-maps"]
-    assert {"clone_lr", "clone_optimizer", "batch_size", "explanation_loss"} <= set(searched)
+    assert {"clone_lr", "batch_size", "loss", "explanation_loss"} <= set(searched)
     assert "generator_lr" not in searched
     with pytest.raises(ValueError, match="--marks: 100 is past"):
         tune.run_search(parser.parse_args([*argv[:-5], "--marks", "100", "--methods", "jbda"]))

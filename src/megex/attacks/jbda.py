@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import COUNT, POSITIVE, setting
+from .config import COUNT, POSITIVE, Choice, setting
 from .pool import PoolAttack, PoolAttackConfig, PoolMapsConfig, PoolMapsMixin
 
 __all__ = ["JBDA", "JBDAConfig", "JBDAMaps", "JBDAMapsConfig"]
@@ -34,10 +34,19 @@ class JBDAConfig(PoolAttackConfig):
     step_period: int = setting(
         3, "tau: the step's sign flips every this many rounds", COUNT, "jbda"
     )
+    # JBDA steps along the clone's gradient: its clone learns between rounds.
+    training: str = setting(
+        "streaming",
+        "when the clone learns: JBDA's clone learns as the answers come ('streaming'), "
+        "since each round steps along its gradient",
+        Choice(("streaming",)),
+        "optim",
+    )
 
 
 @dataclass(frozen=True)
 class JBDAMapsConfig(PoolMapsConfig, JBDAConfig):
+    # Its steps follow the victim's maps, but its clone too learns round by round.
     pass
 
 

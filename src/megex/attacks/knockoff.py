@@ -6,7 +6,8 @@ Which pool image goes next (`selection`):
 - 'uncertainty': the images the clone is least sure of (highest entropy of its prediction);
 - 'kcenter': greedy k-center in the clone's probability space: each image the farthest
   from every image asked so far (ActiveThief's k-center).
-The first request is random under every selection (the clone knows nothing yet).
+The first request is random under every selection (the clone knows nothing yet); a choice
+by the clone needs the clone to learn between requests (`training='streaming'`).
 Once every pool image has been asked, further queries are mixup images (Zhang et al., 2018):
 lam * a + (1 - lam) * b for two random pool images and lam ~ U(0, 1): new points between
 the attacker's images, an augmentation of the pool that the run's results declare.
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .config import Choice, setting
+from .config import Choice, SettingError, setting
 from .pool import PoolAttack, PoolAttackConfig, PoolMapsConfig, PoolMapsMixin
 
 __all__ = ["Knockoff", "KnockoffConfig", "KnockoffMaps", "KnockoffMapsConfig"]
@@ -38,10 +39,19 @@ class KnockoffConfig(PoolAttackConfig):
         "knockoff",
     )
 
+    def check_combination(self) -> None:
+        if self.selection != "random" and self.training != "streaming":
+            raise SettingError(
+                f"selection: {self.selection!r} chooses by the clone, which learns only after "
+                "the queries with training 'after-queries'; set training to 'streaming'"
+            )
+
 
 @dataclass(frozen=True)
 class KnockoffMapsConfig(PoolMapsConfig, KnockoffConfig):
-    pass
+    def check_combination(self) -> None:
+        PoolMapsConfig.check_combination(self)
+        KnockoffConfig.check_combination(self)
 
 
 class Knockoff(PoolAttack):

@@ -30,7 +30,7 @@ from .answers import AnswerStore
 from .base import default_clone_arch
 from .config import AT_LEAST_0, COUNT, COUNT_0, POSITIVE, Choice, Number, SettingError, setting
 from .maps import explained_class, log_probability_gradients, map_matching_loss
-from .training import disagreement, new_weight_average, update_weight_average
+from .training import LOG_EPS, disagreement, new_weight_average, update_weight_average
 
 __all__ = ["PoolAttack", "PoolAttackConfig", "PoolMapsConfig", "PoolMapsMixin", "pool_tensor"]
 
@@ -57,6 +57,24 @@ class PoolAttackConfig:
         "optim",
     )
     query_batch: int = setting(50, "images sent to the service per step", COUNT)
+    training: str = setting(
+        "after-queries",
+        "when the clone learns: 'after-queries' (Knockoff Nets' and ART's way: every query of "
+        "the run first, then all the run's clone updates on the answers; a run measures its "
+        "own budget only) or 'streaming' (the updates follow the queries as they are paid for, "
+        "so one run measures every smaller budget on its way, and the clone can choose the "
+        "next queries)",
+        Choice(("after-queries", "streaming")),
+        "optim",
+    )
+    sampling: str = setting(
+        "balanced",
+        "which answers a clone update draws: 'balanced' (those used least so far, so that "
+        "every answer is learnt from about equally often, as in epochs over the answers) or "
+        "'uniform' (uniformly, with replacement: early answers are learnt from far more often)",
+        Choice(("balanced", "uniform")),
+        "optim",
+    )
     clone_updates_per_1k_queries: float = setting(
         2000.0,
         "clone updates per 1,000 queries spent, each on a batch drawn from every answer so "
@@ -203,18 +221,11 @@ class PoolAttack:
         self.clone_ema_model = new_weight_average(self.clone) if c.clone_ema > 0 else None
         self.ema_updates = 0
         self.clone_updates = 0
-        self.store = AnswerStore(oracle.input_shape, oracle.num_classes, self.map_shape(oracle))
+        self.store = AnswerStore(oracle.input_shape, oracle.num_classes)
         self.explanation_used: Explanation | None = None
+        self.iterations = int(iterations)
+        self.steps_done = 0
         self.setup_selection(iterations)
-
-    def map_shape(self, oracle: Oracle) -> tuple[int, ...] | None:
-        """The stored shape of one answer's map (None: this attack keeps no maps)."""
-        request = self.explanation_request()
-        if request is None:
-            return None
-        target = request.target if isinstance(request, Explanation) else "all"
-        shape = tuple(oracle.input_shape)
-        return (oracle.num_classes, *shape) if target == "all" else shape
 
     def step(self, oracle: Oracle) -> dict[str, Any]:
         """One request: the next images, the service's answers, kept for training."""
@@ -222,37 +233,51 @@ class PoolAttack:
         request = self.explanation_request()
         answer = oracle.query(x.cpu()) if request is None else oracle.query(x.cpu(), request)
         self.keep(x, answer)
+        self.steps_done += 1
         return {}
 
     def keep(self, x: torch.Tensor, answer: Answer) -> None:
         probs = answer.probabilities.float()
-        if not self.store.stores_maps:
+        if self.explanation_request() is None:
             self.store.add(x, probs)
             return
         if answer.explanation is None or answer.explanation_spec is None:
             raise RuntimeError(f"{self.name}: the oracle returned no explanation; it needs one")
         spec = answer.explanation_spec
-        dlogp = log_probability_gradients(answer, x.detach().cpu())
-        if dlogp.shape[1:] != self.store.map_shape:
+        if self.explanation_used is not None and spec != self.explanation_used:
             raise RuntimeError(
-                f"{self.name}: asked for maps of shape {self.store.map_shape}, the service "
-                f"returned {tuple(dlogp.shape[1:])} ({spec.target} classes)"
+                f"{self.name}: the service explained with {spec.describe()}, earlier with "
+                f"{self.explanation_used.describe()}"
             )
-        self.explanation_used = self.explanation_used or spec
+        dlogp = log_probability_gradients(answer, x.detach().cpu())
+        if dlogp.dim() == 5:
+            # A class the victim puts below LOG_EPS is flat in the clone's loss (its log p is
+            # clamped there), and its map is not read as d log p (log_probability_gradients
+            # divides by p clamped at LOG_EPS): left out of the map term, as unknown.
+            likely = (probs >= LOG_EPS).to(dlogp.dtype)
+            dlogp = dlogp * likely.view(*likely.shape, 1, 1, 1)
+        # The first answer says which maps the service returns (every class, or one).
+        self.store.keep_maps(tuple(dlogp.shape[1:]))
+        self.explanation_used = spec
         # The class a one-class map explains (maps of every class: the predicted class).
         classes = answer.labels if spec.target == "all" else explained_class(answer)
         self.store.add(x, probs, dlogp, classes)
 
     def replay(self, updates: int) -> float | None:
         """`updates` clone updates, each on a batch drawn from every answer so far."""
-        if len(self.store) == 0:
+        if len(self.store) == 0 or not self.learning_now():
             return None
         loss = None
         self.clone.train()
         for _ in range(updates):
-            batch = self.store.sample(self.config.batch_size, self.rng)
+            batch = self.store.sample(self.config.batch_size, self.rng, self.config.sampling)
             loss = self.clone_update(batch)
         return loss
+
+    def learning_now(self) -> bool:
+        """Whether the clone learns now: always when streaming; after the run's last
+        request otherwise (the updates the queries paid for are then all made at once)."""
+        return self.config.training == "streaming" or self.steps_done >= self.iterations
 
     def clone_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The clone's loss on a batch of answers (the maps variants add the maps)."""
@@ -301,6 +326,7 @@ class PoolAttack:
             "rng": self.rng.get_state(),
             "torch_rng": torch.get_rng_state(),
             "clone_updates": self.clone_updates,
+            "steps_done": self.steps_done,
             "store": self.store.state_dict(),
             "selection": self.selection_state(),
             "explanation_used": (
@@ -318,6 +344,7 @@ class PoolAttack:
         self.rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.clone_updates = int(state["clone_updates"])
+        self.steps_done = int(state["steps_done"])
         self.store.load_state_dict(state["store"])
         self.load_selection_state(state["selection"])
         used = state.get("explanation_used")

@@ -23,6 +23,7 @@ __all__ = [
     "check_methods",
     "load_tuned",
     "method_settings",
+    "one_run_per_budget",
     "require_tuned",
 ]
 
@@ -102,8 +103,13 @@ METHODS.update(
 METHODS.update(
     {
         "knockoff": {"attack": "knockoff"},
-        "knockoff-uncertainty": {"attack": "knockoff", "selection": "uncertainty"},
-        "knockoff-kcenter": {"attack": "knockoff", "selection": "kcenter"},
+        # ActiveThief's choices, by a clone that learns as the answers come.
+        "knockoff-uncertainty": {
+            "attack": "knockoff",
+            "selection": "uncertainty",
+            "training": "streaming",
+        },
+        "knockoff-kcenter": {"attack": "knockoff", "selection": "kcenter", "training": "streaming"},
         "knockoff-maps": {"attack": "knockoff-maps", "explanation": "gradient-all"},
         "knockoff-maps-predicted": {
             "attack": "knockoff-maps",
@@ -181,6 +187,16 @@ def require_tuned(config: dict[str, Any], method: str, tuned: dict[str, Any] | N
             f"(the search has not finished it); run megex tune --methods {source}, or run "
             "untuned, without a settings file"
         )
+
+
+def one_run_per_budget(attack: str, settings: dict[str, Any]) -> bool:
+    """Whether a method measures each budget by a run of its own: an attack with images whose
+    clone learns after all of a run's queries (`training` 'after-queries'), so that a run
+    tells nothing of smaller budgets on its way."""
+    if attack not in POOL_ATTACKS:
+        return False
+    default = ATTACKS[attack].config_class().training
+    return settings.get("training", default) == "after-queries"
 
 
 def build_attack(attack: str, settings: dict[str, Any], seed: int, device: str, pool: Any = None):

@@ -36,6 +36,7 @@ from ..methods import (
     check_methods,
     load_tuned,
     method_settings,
+    one_run_per_budget,
     require_tuned,
 )
 from ..runner import cells_of, get_victim, run_one
@@ -49,6 +50,7 @@ __all__ = [
     "QueryEfficiencyConfig",
     "configured",
     "load_config",
+    "merged_runs",
     "plan",
     "run_benchmark",
     "victim_seeds",
@@ -110,30 +112,75 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     for seed in seeds:
         for victim_seed, victim in victims.items():
             for method, (attack, settings) in chosen.items():
-                jobs.append(
-                    {
-                        "method": method,
-                        "attack": attack,
-                        "settings": settings,
-                        "victim_seed": victim_seed,
-                        "seed": seed,
-                        "budget": max(budgets),
-                        "budgets": budgets,
-                        "eval_at": [b for b in config["eval_at"] if b < max(budgets)],
-                        "name": f"{method} victim {victim_seed} seed {seed}",
-                        # Absolute: workers (processes, Ray tasks) may start elsewhere.
-                        "run_dir": str(runs_dir / f"{method}-v{victim_seed}-s{seed}"),
-                        "victim": str(Path(victim).resolve()),
-                        "dataset": config["dataset"],
-                        "pool": config["pool"],
-                        "data_root": data_root,
-                        "device": device,
-                        "threads": args.threads,
-                        "fresh": args.fresh,
-                        "progress": progress,
-                    }
-                )
+                for budget, marks, tag in _runs_of(attack, settings, budgets, config):
+                    jobs.append(
+                        {
+                            "method": method,
+                            "attack": attack,
+                            "settings": settings,
+                            "victim_seed": victim_seed,
+                            "seed": seed,
+                            "budget": budget,
+                            "budgets": marks,
+                            "eval_at": [b for b in config["eval_at"] if b < budget]
+                            if not tag
+                            else [],
+                            "name": f"{method} victim {victim_seed} seed {seed}{tag}",
+                            # Absolute: workers (processes, Ray tasks) may start elsewhere.
+                            "run_dir": str(
+                                runs_dir
+                                / f"{method}-v{victim_seed}-s{seed}{tag.replace(' budget ', '-b')}"
+                            ),
+                            "victim": str(Path(victim).resolve()),
+                            "dataset": config["dataset"],
+                            "pool": config["pool"],
+                            "data_root": data_root,
+                            "device": device,
+                            "threads": args.threads,
+                            "fresh": args.fresh,
+                            "progress": progress,
+                        }
+                    )
     return jobs
+
+
+def _runs_of(
+    attack: str, settings: dict[str, Any], budgets: list[int], config: dict[str, Any]
+) -> list[tuple[int, list[int], str]]:
+    """(budget, budgets it reports, name tag) of each run of one method on one victim and
+    seed: one run to the largest budget, or one per budget and mark for a method whose clone
+    learns after all of a run's queries (megex.experiments.methods.one_run_per_budget)."""
+    if not one_run_per_budget(attack, settings):
+        return [(max(budgets), budgets, "")]
+    marks = sorted({*budgets, *(b for b in config["eval_at"] if b < max(budgets))})
+    return [(b, [b] if b in budgets else [], f" budget {b}") for b in marks]
+
+
+def merged_runs(finished: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of one method, victim and seed as one (their evaluation rows together, in
+    order of queries): what a method that runs once per budget reports, read as a method
+    whose one run passes every budget."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for res in finished:
+        groups.setdefault((res["method"], res["victim_seed"], res["seed"]), []).append(res)
+    merged = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            merged.append(runs[0])
+            continue
+        runs = sorted(runs, key=lambda r: r["budget"])
+        merged.append(
+            {
+                **runs[-1],
+                "budgets": sorted({b for r in runs for b in r["budgets"]}),
+                "metrics": sorted(
+                    (row for r in runs for row in r["metrics"]), key=lambda row: row["queries"]
+                ),
+                "wall_s": round(sum(r["wall_s"] for r in runs), 2),
+                "skipped": all(r["skipped"] for r in runs),
+            }
+        )
+    return merged
 
 
 def configured(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,4 +278,4 @@ def _sweep(
     if failures:
         # A table with runs missing would compare unequal sets: none is written.
         raise sweep.SweepFailed(failures, len(jobs))
-    return finished
+    return merged_runs(finished)
