@@ -82,8 +82,9 @@ class AnswerStore:
                 raise ValueError("answer store: this store keeps maps; pass maps and classes")
             batch.update(maps=maps.to(torch.float16), classes=classes)
         n = int(images.shape[0])
-        # A new answer starts level with the least used: it is drawn first, and then as
-        # often as the others (not as often as all the updates it missed).
+        # A new answer starts level with the least used: it joins them in the next draws,
+        # and is then drawn as often as the others (not as often as all the updates it
+        # missed).
         start = int(self.fields["uses"][: self.size].min()) if self.size else 0
         batch["uses"] = torch.full((n,), start, dtype=torch.long)
         self._reserve(self.size + n)
