@@ -54,11 +54,30 @@ def test_a_null_where_the_default_is_null_or_allowed(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith("tradeoff"))
+    "path",
+    sorted(
+        p for p in CONFIGS.glob("*.json") if not p.name.startswith(("tradeoff", "detection"))
+    ),
 )
 def test_every_shipped_benchmark_config_is_read(path):
     config = load_config(path)
     assert config["budgets"] and all(b > 0 for b in config["budgets"])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("tradeoff*.json")))
+def test_every_shipped_tradeoff_config_is_read(path):
+    from megex.experiments.tradeoff import load_config as load_tradeoff
+
+    config = load_tradeoff(path)
+    assert config["defenses"][0] == [] and config["attackers"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("detection*.json")))
+def test_every_shipped_detection_config_is_read(path):
+    from megex.experiments.detection import load_config as load_detection
+
+    config = load_detection(path)
+    assert config["methods"] and config["queries"] > 0
 
 
 def test_the_tradeoff_config_checks_its_rows_and_quick_keys(tmp_path):

@@ -56,6 +56,7 @@ from ..methods import (
     check_methods,
     load_tuned,
     method_settings,
+    one_run_per_budget,
     require_tuned,
 )
 from ..runner import get_victim, run_one
@@ -135,6 +136,11 @@ def plan(config: dict[str, Any], args: Any, out: Path, victims: dict) -> list:
     runs_folder = runs_folder_name(args)
 
     def add(method: str, attack: str, settings: dict[str, Any], specs: list[str]) -> None:
+        if one_run_per_budget(attack, settings) and (len(budgets) > 1 or config["eval_at"]):
+            raise ValueError(
+                f"{method}: its clone learns after all of a run's queries, so a run measures "
+                "one budget: give the trade-off one budget and no eval_at"
+            )
         for victim_seed, victim in victims.items():
             for seed in config["seeds"]:
                 jobs.append(
