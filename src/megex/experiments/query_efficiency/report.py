@@ -59,7 +59,13 @@ def _preamble(summary: dict[str, Any]) -> list[str]:
         f"Clone test accuracy %, mean [95% interval] over {runs} run(s) ({victims} victim(s) "
         f"x {seeds} attack seed(s)), and x the victim's accuracy (victims "
         + ", ".join(f"{100 * a:.1f}%" for a in summary["victims"].values())
-        + "). Data-free: no prior on the images.",
+        + ")."
+        + (
+            f" The attacker's images: {summary['pool']} (each attack seed draws its own, the "
+            "same for every method at that seed)."
+            if summary.get("pool")
+            else " Data-free: no prior on the images."
+        ),
         "",
     ]
 

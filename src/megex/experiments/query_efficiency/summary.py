@@ -116,6 +116,8 @@ def summarise(finished: list, config: dict, wall: float, args: Any) -> dict[str,
         "baseline": baseline,
         "budgets": budgets,
         "settings": config["settings"],
+        # Only with a pool, so that the data-free summaries stay as they were.
+        **({"pool": config["pool"]} if config.get("pool") else {}),
         "method_settings": {m: method_settings(config, m, tuned)[1] for m in by_method},
         "tuned_settings": config.get("tuned_settings"),
         "assumptions": ASSUMPTIONS,
