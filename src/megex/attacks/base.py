@@ -22,7 +22,7 @@ from torch import nn
 from .. import accel
 from ..models import build_classifier, build_generator, fast_layout
 from ..oracle import Answer, Oracle
-from .config import AttackConfig
+from .config import AttackConfig, with_overrides
 from .replay import ReplayBuffer
 from .training import (
     LOG_EPS,
@@ -54,20 +54,7 @@ class Attack:
     config_class: type[AttackConfig] = AttackConfig
 
     def __init__(self, config: AttackConfig | None = None, **overrides: Any):
-        config = config if config is not None else self.config_class()
-        if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__}: config must be a {self.config_class.__name__}, "
-                f"got {type(config).__name__}"
-            )
-        known = {f.name for f in dataclasses.fields(config)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}: unknown setting {unknown[0]!r}; "
-                f"settable: {', '.join(sorted(known))}"
-            )
-        self.config = dataclasses.replace(config, **overrides) if overrides else config
+        self.config = with_overrides(type(self).__name__, self.config_class, config, overrides)
 
     # --- what a subclass provides -------------------------------------------------------
 

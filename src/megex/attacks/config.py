@@ -51,6 +51,7 @@ __all__ = [
     "parse_setting",
     "setting",
     "validate",
+    "with_overrides",
 ]
 
 
@@ -210,6 +211,23 @@ class AttackConfig:
                 "clone_updates_per_1k_queries > 0 needs replay_size >= 1 (the updates that "
                 "fresh answers do not cover are replayed); set it to 0 for none"
             )
+
+
+def with_overrides(owner: str, config_class: type, config: Any, overrides: dict[str, Any]) -> Any:
+    """An attack's config: `config` (default: `config_class()`) with `overrides` replaced;
+    TypeError, naming `owner`, for a config of another class or an unknown setting."""
+    config = config if config is not None else config_class()
+    if not isinstance(config, config_class):
+        raise TypeError(
+            f"{owner}: config must be a {config_class.__name__}, got {type(config).__name__}"
+        )
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(
+            f"{owner}: unknown setting {unknown[0]!r}; settable: {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(config, **overrides) if overrides else config
 
 
 def parse_setting(config_class: type, name: str, text: str) -> Any:

@@ -28,7 +28,17 @@ from ..oracle import Answer, Oracle
 from ..settings import validate
 from .answers import AnswerStore
 from .base import default_clone_arch
-from .config import AT_LEAST_0, COUNT, COUNT_0, POSITIVE, Choice, Number, SettingError, setting
+from .config import (
+    AT_LEAST_0,
+    COUNT,
+    COUNT_0,
+    POSITIVE,
+    Choice,
+    Number,
+    SettingError,
+    setting,
+    with_overrides,
+)
 from .maps import explained_class, log_probability_gradients, map_matching_loss
 from .training import LOG_EPS, disagreement, new_weight_average, update_weight_average
 
@@ -150,20 +160,7 @@ class PoolAttack:
     generator_updates = 0
 
     def __init__(self, pool: Any, config: Any = None, **overrides: Any):
-        config = config if config is not None else self.config_class()
-        if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__}: config must be a {self.config_class.__name__}, "
-                f"got {type(config).__name__}"
-            )
-        known = {f.name for f in dataclasses.fields(config)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}: unknown setting {unknown[0]!r}; "
-                f"settable: {', '.join(sorted(known))}"
-            )
-        self.config = dataclasses.replace(config, **overrides) if overrides else config
+        self.config = with_overrides(type(self).__name__, self.config_class, config, overrides)
         self.pool, self.pool_description = pool_tensor(pool)
 
     # --- what a subclass provides ---------------------------------------------------------
