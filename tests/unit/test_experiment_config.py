@@ -55,9 +55,7 @@ def test_a_null_where_the_default_is_null_or_allowed(tmp_path):
 
 @pytest.mark.parametrize(
     "path",
-    sorted(
-        p for p in CONFIGS.glob("*.json") if not p.name.startswith(("tradeoff", "detection"))
-    ),
+    sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith(("tradeoff", "detection"))),
 )
 def test_every_shipped_benchmark_config_is_read(path):
     config = load_config(path)
