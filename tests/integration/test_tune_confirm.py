@@ -27,11 +27,11 @@ def test_confirmation_chooses_by_the_mean_over_all_seeds_and_resumes(tmp_path, m
     calls = []
     real_score = trials.score
 
-    def counted(method, settings, attack, victim, evaluator, search, device):
+    def counted(method, settings, attack, victim, evaluator, search, device, **where):
         calls.append(list(search["seeds"]))
         if len(calls) == 5:  # the search's 3 trials, then 2 confirmation runs: stop there
             raise KeyboardInterrupt
-        return real_score(method, settings, attack, victim, evaluator, search, device)
+        return real_score(method, settings, attack, victim, evaluator, search, device, **where)
 
     monkeypatch.setattr(trials, "score", counted)
     with pytest.raises(KeyboardInterrupt):

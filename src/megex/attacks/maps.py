@@ -170,6 +170,7 @@ def map_matching_loss(
     loss: str,
     weight: float,
     map_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = relative_map_error,
+    path_gradient: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Disagreement plus input-gradient matching (Jacobian matching, Sobolev training):
     the clone's d (sum_k w_k log pS_k) / dx against the victim's, `target`, from its maps.
@@ -179,13 +180,17 @@ def map_matching_loss(
     up; images without a map (weights all 0) are left out of this term, and so are pixels
     whose gradient the map does not tell (0: where input x gradient or integrated gradients
     cannot be divided by the input). Integrated-gradients maps are matched by the clone's
-    own path average (`clone_path_gradient`), not by its gradient at x.
+    own path average (`clone_path_gradient`, or `path_gradient(x, probs, weights, spec)`
+    where given), not by its gradient at x.
     """
     x = x.detach().requires_grad_(True)
     logits = clone(x)
     value = disagreement(logits, probs, loss).mean()
     if spec is not None and spec.method == "integrated_gradients":
-        grad = clone_path_gradient(clone, x.detach(), probs, weights, spec)
+        if path_gradient is None:
+            grad = clone_path_gradient(clone, x.detach(), probs, weights, spec)
+        else:
+            grad = path_gradient(x.detach(), probs, weights, spec)
     else:
         logp = F.log_softmax(logits, dim=1)
         (grad,) = torch.autograd.grad((weights * logp).sum(), x, create_graph=True)

@@ -263,7 +263,16 @@ class MEGEX(Attack):
         """Disagreement plus input-gradient matching (:func:`.maps.map_matching_loss`)."""
         c = self.config
         return map_matching_loss(
-            self.clone, x, probs, target, weights, spec, c.loss, c.explanation_loss, self.map_error
+            self.clone,
+            x,
+            probs,
+            target,
+            weights,
+            spec,
+            c.loss,
+            c.explanation_loss,
+            self.map_error,
+            self.clone_path_gradient,
         )
 
     def clone_path_gradient(
