@@ -30,8 +30,8 @@ from .training import (
     new_weight_average,
     optimisers,
     step_schedules,
-    update_weight_average,
     victim_targets,
+    warmed_weight_average,
 )
 
 __all__ = ["Attack", "AttackConfig", "default_clone_arch", "victim_targets"]
@@ -300,9 +300,9 @@ class Attack:
         self.clone_updates += 1
         if self.clone_ema_model is not None:
             self.ema_updates += 1
-            # Warm-up so that the average does not drag the random initial weights along.
-            decay = min(self.config.clone_ema, (1 + self.ema_updates) / (10 + self.ema_updates))
-            update_weight_average(self.clone_ema_model, self.clone, decay)
+            warmed_weight_average(
+                self.clone_ema_model, self.clone, self.config.clone_ema, self.ema_updates
+            )
         return accel.logged(loss, self.config)
 
     def observe(self, x: torch.Tensor, probs: torch.Tensor, answer: Answer | None = None) -> None:

@@ -40,7 +40,7 @@ from .config import (
     with_overrides,
 )
 from .maps import explained_class, log_probability_gradients, map_matching_loss
-from .training import LOG_EPS, disagreement, new_weight_average, update_weight_average
+from .training import LOG_EPS, disagreement, new_weight_average, warmed_weight_average
 
 __all__ = ["PoolAttack", "PoolAttackConfig", "PoolMapsConfig", "PoolMapsMixin", "pool_tensor"]
 
@@ -290,8 +290,9 @@ class PoolAttack:
         self.clone_updates += 1
         if self.clone_ema_model is not None:
             self.ema_updates += 1
-            decay = min(self.config.clone_ema, (1 + self.ema_updates) / (10 + self.ema_updates))
-            update_weight_average(self.clone_ema_model, self.clone, decay)
+            warmed_weight_average(
+                self.clone_ema_model, self.clone, self.config.clone_ema, self.ema_updates
+            )
         return float(loss.detach())
 
     def end_iteration(self) -> None:

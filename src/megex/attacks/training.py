@@ -20,6 +20,7 @@ __all__ = [
     "step_schedules",
     "update_weight_average",
     "victim_targets",
+    "warmed_weight_average",
 ]
 
 LOG_EPS = 1e-8
@@ -87,3 +88,10 @@ def update_weight_average(average: nn.Module, model: nn.Module, decay: float) ->
             avg.lerp_(cur, 1 - decay)
         for avg, cur in zip(average.buffers(), model.buffers()):
             avg.copy_(cur)
+
+
+def warmed_weight_average(average: nn.Module, model: nn.Module, decay: float, updates: int) -> None:
+    """One step of the clone's weight average after its `updates`-th update: the decay
+    warms up from 0.1 towards `decay`, so that the average does not drag the random initial
+    weights along."""
+    update_weight_average(average, model, min(decay, (1 + updates) / (10 + updates)))
