@@ -97,6 +97,11 @@ class RemoteOracle:
         return self._used
 
     @property
+    def offers_explanation(self) -> bool:
+        """Whether the service lists an explanation among its outputs."""
+        return self._offers_explanation
+
+    @property
     def budget(self) -> int | float:
         return self._budget
 

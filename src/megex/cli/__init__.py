@@ -1,4 +1,4 @@
-"""The `megex` command: train-victim, attack, eval, report, demo, serve, flags, settings,
+"""The `megex` command: train-victim, attack, audit, eval, report, demo, serve, flags, settings,
 defenses, utility, and the experiments (bench, tune, tradeoff, detection, art-peer,
 input-size, gradient-alignment), which live in :mod:`megex.experiments`; only this package parses
 arguments.
@@ -15,6 +15,7 @@ import sys
 from .. import __version__
 from . import (
     attack,
+    audit,
     bench,
     defenses,
     demo,
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = {"formatter_class": HelpFormatter}
     victim.add_parser(sub, **fmt)
     attack.add_parser(sub, **fmt)
+    audit.add_parser(sub, **fmt)
     evaluate.add_parsers(sub, **fmt)
     demo.add_parser(sub, **fmt)
     serve.add_parser(sub, **fmt)

@@ -46,20 +46,45 @@ def prepare_torch(threads: int, device: str) -> None:
     exact_fp32(device)
 
 
+def is_remote(job: dict[str, Any]) -> bool:
+    """Whether the job's victim is a service URL rather than a victim file."""
+    return str(job["victim"]).startswith(("http://", "https://"))
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One (method, victim, seed) run up to the largest budget; evaluations on the way."""
+    """One (method, victim, seed) run up to the largest budget; evaluations on the way.
+
+    The victim is a file, or a service URL (job keys `api_key`, and `victim_answers`: a file
+    of the service's labels on the test split, written by :func:`served_answers`, that the
+    clone's fidelity and the victim's accuracy are read from)."""
     prepare_torch(job["threads"], job["device"])
     folder = RunFolder(job["run_dir"])
-    victim = Victim.load(job["victim"])
+    if is_remote(job):
+        victim: Any = RemoteVictim(job["victim_answers"])
+        info: Any = victim.info
+    else:
+        victim = Victim.load(job["victim"])
+        info = victim
     pool = None
     if job.get("pool") and job["attack"] in POOL_ATTACKS:
         # Each attack seed draws its own images: the intervals include the pool's draw, and
         # the methods compared at one seed hold the same images.
         pool = load_pool(
-            job["pool"], victim_images(victim), seed=job["seed"], data_root=job["data_root"]
+            job["pool"], victim_images(info), seed=job["seed"], data_root=job["data_root"]
         )
     attack = build_attack(job["attack"], job["settings"], job["seed"], job["device"], pool)
-    oracle = _oracle(job, victim, attack)
+    oracle = _remote_oracle(job) if is_remote(job) else _oracle(job, victim, attack)
+    try:
+        return _run_or_reuse(job, folder, victim, attack, oracle)
+    finally:
+        if is_remote(job):
+            oracle.close()
+
+
+def _run_or_reuse(
+    job: dict[str, Any], folder: RunFolder, victim: Any, attack: Any, oracle: Any
+) -> dict[str, Any]:
+    """The run's result: read from a finished folder with the same settings, or run."""
     if folder.config_path.is_file() and not job["fresh"]:
         # A finished or interrupted run is reused only if it had these very settings.
         changed = changed_settings(folder, describe_run(attack, oracle, job["budget"]))
@@ -106,17 +131,75 @@ def _oracle(job: dict[str, Any], victim: Victim, attack: Any) -> LocalOracle:
     )
 
 
-def _attack(
-    job: dict[str, Any], folder: RunFolder, victim: Victim, attack: Any, oracle: LocalOracle
-) -> Any:
+class RemoteVictim:
+    """A served victim as a run sees it: its accuracy and its labels on the test split (as
+    the service answered them, once, before the runs), and what a pool needs to know."""
+
+    def __init__(self, path: str | Path):
+        saved = torch.load(path, weights_only=True)
+        self.labels: torch.Tensor = saved["labels"]
+        self.accuracy = float(saved["accuracy"])
+        self.info = {
+            "input_shape": [int(s) for s in saved["input_shape"]],
+            "dataset": saved.get("dataset"),
+        }
+
+
+def served_answers(
+    url: str, api_key: str | None, dataset: str, data_root: str | None, path: Path
+) -> dict[str, Any]:
+    """The service's labels on `dataset`'s test split, its accuracy, and how many queries
+    that took (each test image is one query to the service), kept in `path` (read back, not
+    asked again, when it is there)."""
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return {"accuracy": float(saved["accuracy"]), "queries": int(saved["queries"])}
+    from ..client import RemoteOracle  # the 'server' extra: httpx
+
+    x, y = data_mod.load(dataset, data_root).test_tensors()
+    oracle = RemoteOracle(url, api_key=api_key)
+    try:
+        labels = torch.cat(
+            [oracle.query(x[i : i + 256]).probabilities.argmax(1) for i in range(0, len(x), 256)]
+        )
+    finally:
+        oracle.close()
+    accuracy = float((labels == y).float().mean())
+    state = {
+        "labels": labels,
+        "accuracy": torch.tensor(accuracy),
+        "queries": torch.tensor(len(x)),
+        "input_shape": torch.tensor(list(oracle.input_shape)),
+        "dataset": dataset,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return {"accuracy": accuracy, "queries": len(x)}
+
+
+def _remote_oracle(job: dict[str, Any]) -> Any:
+    """The served victim's client: the run stops at the job's budget; the service's own
+    ledger, where it keeps one, counts its queries too."""
+    from ..client import RemoteOracle  # the 'server' extra: httpx
+
+    return RemoteOracle(job["victim"], api_key=job.get("api_key"))
+
+
+def _attack(job: dict[str, Any], folder: RunFolder, victim: Any, attack: Any, oracle: Any) -> Any:
     """Run the attack to the job's budget (resumed from its checkpoint if it has one),
     evaluated on the test split at the budgets and the job's marks."""
     ds = data_mod.load(job["dataset"], job["data_root"])
     x_test, y_test = ds.test_tensors()
-    evaluator = Evaluator.from_victim(victim, x_test, y_test)
+    if isinstance(victim, RemoteVictim):
+        evaluator = Evaluator(x_test, y_test, victim.labels, victim.accuracy)
+    else:
+        evaluator = Evaluator.from_victim(victim, x_test, y_test)
     oracle.explanation = getattr(attack.config, "explanation", None)
     resume = folder.has_checkpoint() and not job["fresh"]
-    if resume:
+    local = isinstance(oracle, LocalOracle)
+    if resume and local:
         # The service's ledger and noise continue where the interrupted run left them.
         oracle.load_state_dict(folder.load_checkpoint()["service"])
     result = run(
@@ -129,7 +212,7 @@ def _attack(
         run_dir=job["run_dir"],
         resume=resume,
         progress=job["progress"],
-        service_state=oracle.state_dict,
+        service_state=oracle.state_dict if local else None,
     )
     if not result.finished:
         raise KeyboardInterrupt
