@@ -10,8 +10,8 @@ README = ROOT / "README.md"
 # The README first: the docs' examples use the victim and runs that its commands make.
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 
-# Hours at full scale (minutes for detection), or work on the repository's results (records):
-# their options must parse here; each runs at toy scale in its own tests.
+# Hours at full scale (minutes for detection and audit), or work on the repository's results
+# (records): their options must parse here; each runs at toy scale in its own tests.
 PARSE_ONLY = {
     "bench",
     "tune",
@@ -21,6 +21,7 @@ PARSE_ONLY = {
     "input-size",
     "gradient-alignment",
     "records",
+    "audit",
 }
 # Commands that pass the options they do not know on to `megex bench`.
 FORWARDS_TO_BENCH = {"input-size"}

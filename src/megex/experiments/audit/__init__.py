@@ -75,11 +75,8 @@ class AuditOptions:
     def identity(self) -> dict[str, Any]:
         """The options that decide what is run (a resumed audit must match them)."""
         keys = ("victim", "dataset", "pool", "explanation", "budget", "pool_budget", "seeds")
-        return {
-            **{k: getattr(self, k) for k in keys},
-            "defenses": list(self.defenses),
-            "time_limit_s": self.time_limit_s,
-        }
+        # Not the time limit: a rerun with another one reuses the runs both plans share.
+        return {**{k: getattr(self, k) for k in keys}, "defenses": list(self.defenses)}
 
 
 def run_audit(options: AuditOptions) -> dict[str, Any]:
@@ -91,6 +88,9 @@ def run_audit(options: AuditOptions) -> dict[str, Any]:
     target = resolve_target(
         options.victim, out, options.dataset, options.api_key, options.data_root
     )
+    # Written once the victim is known good: a mistake leaves no audit behind.
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / STATE, {"options": options.identity(), "megex_version": __version__})
     log(f"audit: {target.source} ({target.dataset}, victim accuracy {target.accuracy:.4f})")
     models, skipped = threat_models(
         target, options.explanation, options.budget, options.pool, options.pool_budget
@@ -186,8 +186,8 @@ def _check_options(options: AuditOptions) -> None:
 
 
 def _prepare_out(out: Path, options: AuditOptions) -> None:
-    """Keep an audit's state in `out`: a rerun with the same options resumes; other options
-    are refused (or, with fresh, the earlier audit's files are removed first)."""
+    """Check `out` against the audit kept there: a rerun with the same options resumes;
+    other options are refused (or, with fresh, the earlier audit's files are removed)."""
     state = out / STATE
     if options.fresh and state.is_file():
         names = ("calibration", "data-free", "with-images", "plots")
@@ -209,8 +209,6 @@ def _prepare_out(out: Path, options: AuditOptions) -> None:
         log(f"audit: resuming the audit in {out}")
     elif out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--out: {out} is not empty and holds no audit; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(state, {"options": options.identity(), "megex_version": __version__})
 
 
 def _defences(

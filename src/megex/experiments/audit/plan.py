@@ -126,8 +126,9 @@ def fit_to_time_limit(
         step = _next_cut(plan, rates)
         if step is None:
             needed = estimate_seconds(plan, rates, jobs)
+            smallest = plan.describe().replace("\n", "; ")
             raise PlanTooLong(
-                f"--time-limit: the smallest audit ({plan.describe()}) needs about "
+                f"--time-limit: the smallest audit ({smallest}) needs about "
                 f"{_minutes(needed)}; allow at least that, or lower --budget"
             )
         plan, cut = step
