@@ -61,7 +61,8 @@ def audited(bench, tmp_path_factory):
     and resumed by the same command; (its report, the resumed command's stderr)."""
     _, victim = bench
     out = tmp_path_factory.mktemp("audit") / "audit"
-    argv = ["audit", "--victim", str(victim), "--out", str(out), *AUDIT, "--defense", "label-only"]
+    argv = ["audit", "--victim", str(victim), "--out", str(out), *AUDIT]
+    argv += ["--defense", "quantize:bits=2"]
     first = subprocess.Popen(
         _megex(*argv), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env()
     )
@@ -116,10 +117,11 @@ def test_an_interrupted_audit_resumes_and_reports_everything(audited):
     assert report["plan"]["commands"][0].startswith("megex audit --victim ")
     (block,) = report["defenses"]
     (row,) = block["rows"]
-    assert row["spec"] == "label-only" and row["kind"] == "prediction"
-    assert row["served_accuracy"] == pytest.approx(report["victim"]["accuracy"], abs=0.01)
-    assert set(row["attackers"]) == {"dfme", "megex-predicted"}
-    assert row["attackers"]["dfme"]["taken"]["estimate"] > 0.2  # labels alone starve DFME
+    assert row["spec"] == "quantize:bits=2" and row["kind"] == "explanation"
+    # A defence of the maps leaves honest users' labels, and DFME's answers, as they were.
+    assert row["served_accuracy"] == pytest.approx(report["victim"]["accuracy"], abs=1e-6)
+    assert set(row["attackers"]) == {"megex-predicted"} and 0.3 < row["map_cosine"] < 1
+    assert row["lead"] is not None and row["verdict"]
     monitors = {(r["monitor"], r["method"]) for r in report["monitors"]["rows"]}
     assert monitors == {(m, a) for m in ("prada", "ood") for a in ("dfme", "megex-predicted")}
     assert report["skipped"] == []

@@ -197,11 +197,9 @@ def _prepare_out(out: Path, options: AuditOptions) -> None:
                 missing_ok=True
             )
     elif state.is_file():
-        earlier = json.loads(state.read_text())
-        if earlier.get("options") != options.identity():
-            changed = sorted(
-                k for k, v in options.identity().items() if earlier["options"].get(k) != v
-            )
+        earlier = json.loads(state.read_text()).get("options", {})
+        changed = sorted(k for k, v in options.identity().items() if earlier.get(k) != v)
+        if changed:
             raise ValueError(
                 f"--out: {out} holds an audit with other options ({', '.join(changed)}); "
                 "choose another --out, or pass --fresh to start it over"

@@ -156,18 +156,31 @@ def verdict(section: dict[str, Any], victim_accuracy: float) -> str:
             f"No measurable difference at {budget} queries: {figures} with and without maps "
             f"({_points(d)})."
         )
-    saved = [r for r in section["leakage"] if r["factor"] is not None]
-    if saved:
-        r = saved[-1]
-        f = r["factor"]
-        word = {"exact": "", "at_least": "at least ", "at_most": "at most "}[r["bound"]]
-        text += (
-            f" To reach {r['target']:g}x of the victim, predictions alone need {word}"
-            f"{f['estimate']:.2f}x [{f['low']:.2f}, {f['high']:.2f}] the queries."
+    return f"{text} {_saving(section['leakage'])}"
+
+
+def _saving(leakage: list[dict[str, Any]]) -> str:
+    """What the maps save to reach a target: the highest target with an exact factor, else
+    the highest with a bound; said from the side of whichever attacker needs fewer."""
+    rows = [r for r in leakage if r["factor"] is not None]
+    if not rows:
+        return "Neither reaches 0.8x of the victim in every run: no query factor."
+    exact = [r for r in rows if r["bound"] == "exact"]
+    r = (exact or rows)[-1]
+    f, bound = r["factor"], r["bound"]
+    goal = f"To reach {r['target']:g}x of the victim"
+    if f["estimate"] >= 1:
+        word = {"exact": "", "at_least": "at least ", "at_most": "at most "}[bound]
+        return (
+            f"{goal}, predictions alone need {word}{f['estimate']:.2f}x "
+            f"[{f['low']:.2f}, {f['high']:.2f}] the queries of the map attacker."
         )
-    else:
-        text += " Neither reaches 0.8x of the victim in every run: no query factor."
-    return text
+    # The map attacker needs more: the inverse factor, its bound turned round.
+    word = {"exact": "", "at_least": "at most ", "at_most": "at least "}[bound]
+    return (
+        f"{goal}, the map attacker needs {word}{1 / f['estimate']:.2f}x "
+        f"[{1 / f['high']:.2f}, {1 / f['low']:.2f}] the queries of predictions alone."
+    )
 
 
 def defence_row(
@@ -210,18 +223,23 @@ def _defence_verdict(row: dict[str, Any], tm: ThreatModel) -> str:
     parts = []
     if taken and not math.isnan(taken["low"]):
         if taken["low"] > 0:
-            parts.append(f"takes {_points(taken)} from the map attacker")
+            parts.append(f"Takes {_points(taken)} from the map attacker")
         else:
-            parts.append("takes no measurable accuracy from the map attacker")
+            parts.append("Takes no measurable accuracy from the map attacker")
     if lead and not math.isnan(lead["low"]):
         if lead["low"] > 0:
-            parts.append(f"which stays ahead of predictions alone ({_points(lead)})")
+            parts.append(f"the maps still lead under it ({_points(lead)})")
+        elif lead["high"] < 0:
+            parts.append(f"the map attacker is behind predictions alone ({_points(lead)})")
         else:
-            parts.append("which is not measurably ahead of predictions alone under it")
+            parts.append("no measurable lead of the maps under it")
     change = row.get("accuracy_change")
     if change is not None and abs(change) >= 0.0005:
         parts.append(f"honest users' top-1 accuracy changes by {100 * change:+.1f} points")
-    return "; ".join(parts).capitalize() + "." if parts else "Too few runs to say."
+    if not parts:
+        return "Too few runs to say."
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
 
 
 def mean_or_none(values: list[float]) -> float | None:
