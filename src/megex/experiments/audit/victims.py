@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import data as data_mod
+from ...pools import VictimImages, load_pool
 from ...victim import Victim
 from ..runner import served_answers
 
@@ -137,8 +138,6 @@ def _served(
 
 def describe_pool(spec: str, target: AuditTarget, data_root: str | None) -> dict[str, Any]:
     """The attacker's images as the report names them (the draw of attack seed 0)."""
-    from ...pools import VictimImages, load_pool
-
     info = VictimImages(target.input_shape, target.dataset, 0, target.held_out_for_pools)
     pool = load_pool(spec, info, seed=0, data_root=data_root).describe()
     return {"spec": spec, "size": pool["size"], "description": pool["description"]}
