@@ -14,12 +14,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# MLServer in its own environment (it pins older FastAPI and Starlette than megex's server);
+# tests/integration/test_mlserver.py runs `mlserver start` from there with PYTHONPATH=src.
+MLSERVER_STAMP := $(VENV)-mlserver/.installed
+
+$(MLSERVER_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)-mlserver
+	$(VENV)-mlserver/bin/pip install -q --upgrade pip
+	$(VENV)-mlserver/bin/pip install -q torch==2.13.0
+	$(VENV)-mlserver/bin/pip install -q 'mlserver>=1.7' safetensors numpy tqdm
+	touch $(MLSERVER_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/megex demo
 
-test: $(STAMP)
+test: $(STAMP) $(MLSERVER_STAMP)
 	$(BIN)/ruff check src tests benchmarks docs
 	$(BIN)/ruff format --check src tests benchmarks docs
 	# The layers of DESIGN.md, as the contract in pyproject.toml states them.
@@ -47,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/query_efficiency.py --quick
 
 clean:
-	rm -rf $(VENV) megex-demo megex-report .pytest_cache build/site
+	rm -rf $(VENV) $(VENV)-mlserver megex-demo megex-report .pytest_cache build/site

@@ -43,7 +43,8 @@ class RemoteOracle:
     url: the server root (``http://host:8080``; the server must serve exactly one model) or a
     model URL (``http://host:8080/v2/models/NAME``; a V1 model URL works too).
     protocol: "json", "binary" (binary tensor data extension) or "auto" (binary for batches
-    of more than `binary_threshold` images). retries: extra attempts after a connection
+    of more than `binary_threshold` images, unless the server's metadata lists extensions
+    without it, as MLServer's does). retries: extra attempts after a connection
     error or a 5xx, waiting backoff * 2**attempt seconds; a 429 rate limit (of requests or
     of compute) waits for its Retry-After and does not use up retries.
     """
@@ -78,6 +79,7 @@ class RemoteOracle:
             self.name = name or self._only_model()
             self.metadata = self._json("GET", f"/v2/models/{self.name}")
             self._read_metadata(self.metadata)
+            self._binary_offered = protocol != "auto" or self._server_offers_binary()
         except BaseException:
             self._http.close()
             raise
@@ -126,7 +128,9 @@ class RemoteOracle:
                 )
             outputs.append("explanation")
         binary = self.protocol == "binary" or (
-            self.protocol == "auto" and images.shape[0] > self.binary_threshold
+            self.protocol == "auto"
+            and self._binary_offered
+            and images.shape[0] > self.binary_threshold
         )
         body, headers = encode_request(images.numpy(), outputs, parameters, binary)
         response = self._call(
@@ -165,6 +169,17 @@ class RemoteOracle:
                 "give the model URL, e.g. .../v2/models/NAME"
             )
         return str(models[0])
+
+    def _server_offers_binary(self) -> bool:
+        """Whether the server's metadata (GET /v2) lists the binary tensor data extension;
+        a server that lists its extensions without it (MLServer) gets JSON. A server whose
+        metadata cannot be read is assumed to offer it."""
+        try:
+            doc = self._json("GET", "/v2")
+        except ServiceError:
+            return True
+        extensions = doc.get("extensions") if isinstance(doc, dict) else None
+        return not isinstance(extensions, list) or "binary_tensor_data" in extensions
 
     def _read_metadata(self, meta: dict[str, Any]) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -271,6 +272,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     explanation = explanation_from_args(args) if _uses_explanations(args.method) else None
     settings = attack_settings(args)
     oracle, victim, evaluator, service_state = _oracle(args, explanation, checkpoint, settings)
+    if victim is None and not math.isfinite(oracle.budget):
+        # A service without a ledger (KServe, MLServer, an open megex serve): say who stops it.
+        print(
+            f"{args.victim} reports no query budget: --budget {args.budget} is enforced by "
+            "this client",
+            file=messages(args),
+        )
     if explanation is not None:
         settings["explanation"] = explanation
     pool = _pool(args, oracle, victim)

@@ -18,6 +18,7 @@ from typing import Any
 from ..defenses import build_defense
 from ..detection import build_monitor
 from ..explain import METHODS, Explanation
+from ..integrations.explainers import build_explainer
 from ..ledger_file import LedgerInUse
 from ..serving.settings import ServiceSettings, read_keys_file
 from . import service_options
@@ -121,6 +122,15 @@ def _add_answer_options(answers: Any) -> None:
         help="requests get only the configured explanation",
     )
     answers.add_argument(
+        "--explainer",
+        metavar="SPEC",
+        help="compute the maps with the explainer a provider ships instead of megex's own: "
+        "captum:NAME[:key=value,...] (a captum.attr method, e.g. captum:IntegratedGradients, "
+        "captum:Saliency, captum:InputXGradient, captum:NoiseTunnel(Saliency); needs captum) "
+        "or module:function, a function (model, images, targets) -> maps; its maps are "
+        "labelled with captum's megex equivalent, else with --explanation-method",
+    )
+    answers.add_argument(
         "--defense",
         action="append",
         default=[],
@@ -157,11 +167,21 @@ def service_settings(args: argparse.Namespace, input_shape: tuple[int, ...]) -> 
     """The service's settings from parsed arguments (a victim taking `input_shape`)."""
     with user_input("--defense"):
         defenses = tuple(build_defense(spec) for spec in args.defense)
+    explainer = None
+    method = args.explanation_method
+    if getattr(args, "explainer", None):
+        if method == "none":
+            raise UsageError(
+                "--explainer: the service offers no explanations (--explanation-method none)"
+            )
+        with user_input("--explainer"):
+            explainer = build_explainer(args.explainer)
+        method = explainer.method or method
     explanation = None
-    if args.explanation_method != "none":
+    if method != "none":
         with user_input("--explanation-*"):
             explanation = Explanation(
-                args.explanation_method,
+                method,
                 target=args.explanation_target,
                 output=args.explanation_output,
             )
@@ -182,6 +202,7 @@ def service_settings(args: argparse.Namespace, input_shape: tuple[int, ...]) -> 
             explanation=explanation,
             allow_explanation_choice=args.allow_explanation_choice,
             defenses=defenses,
+            explainer=explainer,
             monitors=monitors,
         )
 

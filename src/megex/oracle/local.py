@@ -13,7 +13,7 @@ from ..defenses import Defense
 from ..explain import Explanation
 from ..ledger import MemoryLedger
 from .protocol import Answer, VictimModel, validate_images
-from .responder import Responder
+from .responder import Explainer, Responder
 
 __all__ = ["LocalOracle"]
 
@@ -36,8 +36,9 @@ class LocalOracle:
     budget: queries allowed (None: unlimited); queries_used: queries already spent (a
     service restored from a checkpoint). The other settings are the Responder's:
     prediction, top_k, explanation, allow_explanation_choice, defenses, seed, device,
-    batch_size and answer_on_device (then answers stay on `device`, and images sent from
-    there, its `query_device`, are checked there without a copy to the host).
+    batch_size, answer_on_device (then answers stay on `device`, and images sent from
+    there, its `query_device`, are checked there without a copy to the host) and explainer
+    (what computes the maps instead of megex's own methods).
     """
 
     # One account: an in-process oracle has one client.
@@ -70,6 +71,7 @@ class LocalOracle:
         device: str = "cpu",
         batch_size: int = 1024,
         answer_on_device: bool = False,
+        explainer: Explainer | None = None,
     ):
         self.responder = Responder(
             victim,
@@ -82,6 +84,7 @@ class LocalOracle:
             device=device,
             batch_size=batch_size,
             answer_on_device=answer_on_device,
+            explainer=explainer,
         )
         self.ledger = MemoryLedger(budget)
         self.ledger.set_used(self.ACCOUNT, queries_used)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,11 @@ from ..explain import Explanation, explain
 from ..models import fast_layout
 from .protocol import PREDICTION_MODES, Answer, ExplanationNotOffered, VictimModel
 
-__all__ = ["DEFAULT_CHUNK_PASSES", "Responder"]
+__all__ = ["DEFAULT_CHUNK_PASSES", "Explainer", "Responder"]
+
+# What computes the maps: explain()'s signature, (forward, images, spec, generator=,
+# logits=) -> maps; megex.integrations.explainers adapts captum's methods and user functions.
+Explainer = Callable[..., torch.Tensor]
 
 # Model passes per chunk of a request that a service computes (megex.compute): a chunk is
 # the longest that one key's request makes another key's request wait. For a digits-sized
@@ -44,6 +48,11 @@ class Responder:
     answer_on_device: keep answers on `device` instead of copying them to the host (an
     in-process caller on the same device, :mod:`megex.accel`); not with defences, which
     draw their noise on the host.
+
+    explainer: what computes the maps instead of :func:`megex.explain.explain` (an
+    :data:`Explainer`, e.g. a captum method); `explanation` then labels its maps, requests
+    may choose target and output (if allowed) but not another method, and no defence may
+    change the explanation computed.
     """
 
     def __init__(
@@ -60,6 +69,7 @@ class Responder:
         batch_size: int = 1024,
         chunk_passes: int | None = None,
         answer_on_device: bool = False,
+        explainer: Explainer | None = None,
     ):
         if prediction not in PREDICTION_MODES:
             raise ValueError(
@@ -97,9 +107,18 @@ class Responder:
         self.chunk_passes = None if chunk_passes is None else int(chunk_passes)
         self._turns = TurnLock()
         self._rng = torch.Generator().manual_seed(seed)
+        self.explainer = explainer
+        if explainer is not None and explanation is None:
+            raise ValueError("explainer: give the explanation that labels its maps")
         if explanation is not None:
             # A defence that cannot apply to the configured explanation is a setting mistake.
-            self.computed_explanation(explanation)
+            computed = self.computed_explanation(explanation)
+            if explainer is not None and computed != explanation:
+                # The explainer computes its own maps: a defence cannot change them first.
+                raise ValueError(
+                    f"defenses: a defence that changes the explanation computed (to "
+                    f"{computed.describe()}) does not apply to an explainer"
+                )
 
     @property
     def defenses(self) -> list[Defense]:
@@ -177,6 +196,11 @@ class Responder:
             raise ExplanationNotOffered(
                 "explanation: expected None, True or an Explanation, "
                 f"got {type(requested).__name__}"
+            )
+        if self.explainer is not None and requested.method != self.explanation.method:
+            raise ExplanationNotOffered(
+                f"explanation: this oracle computes its maps with its own explainer, labelled "
+                f"{self.explanation.method!r}, not {requested.method!r}"
             )
         if requested != self.explanation and not self.allow_explanation_choice:
             raise ExplanationNotOffered(
@@ -259,7 +283,8 @@ class Responder:
         expl = None
         if spec is not None:
             computed = self.computed_explanation(spec)
-            expl = explain(self.victim, chunk, computed, generator=self._rng, logits=chunk_logits)
+            compute = explain if self.explainer is None else self.explainer
+            expl = compute(self.victim, chunk, computed, generator=self._rng, logits=chunk_logits)
             if not self.answer_on_device:
                 expl = expl.cpu()
             for defense in self.defenses:

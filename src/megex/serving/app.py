@@ -42,8 +42,8 @@ def create_app(
     its defaults) changed by keyword (``create_app(victim, keys=[...], budget=100)``).
 
     source: a Victim, answered as the settings say (prediction, top_k, explanation,
-    allow_explanation_choice, defenses, seed, in chunks of at most chunk_passes model
-    passes); or a Responder (or a LocalOracle with budget None, whose Responder is used; or
+    allow_explanation_choice, defenses, seed, explainer, in chunks of at most chunk_passes
+    model passes); or a Responder (or a LocalOracle with budget None, whose Responder is used; or
     a callable returning either) that answers as it is. The app's state holds the service,
     the ledger and the monitors; closing the app closes the ledger (releasing its lock).
     """
@@ -113,6 +113,7 @@ def _responder(source: Any, settings: ServiceSettings) -> Responder:
             defenses=settings.defenses,
             seed=settings.seed,
             chunk_passes=settings.chunk_passes,
+            explainer=settings.explainer,
         )
     if not isinstance(source, (Responder, LocalOracle)):
         source = source()

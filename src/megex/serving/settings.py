@@ -21,6 +21,7 @@ from ..defenses import Defense
 from ..detection import Monitor
 from ..explain import Explanation
 from ..oracle import DEFAULT_CHUNK_PASSES, PREDICTION_MODES
+from ..oracle.responder import Explainer
 from ..settings import (
     COUNT,
     COUNT_0,
@@ -74,8 +75,8 @@ class ServiceSettings(Limits):
     with :meth:`replace`; every value is checked against its field's rule when made, so a
     refused setting never reaches the ledger. Sizes are in bytes, times in seconds. The
     settings about answering (prediction, top_k, explanation, allow_explanation_choice,
-    defenses, seed, chunk_passes) apply when the service is made from a victim; a Responder
-    given instead answers as it is.
+    defenses, seed, explainer, chunk_passes) apply when the service is made from a victim;
+    a Responder given instead answers as it is.
     """
 
     name: str | None = setting(
@@ -154,6 +155,13 @@ class ServiceSettings(Limits):
         "answers",
     )
     seed: int = setting(0, "seed of SmoothGrad and defence noise", Number(whole=True), "answers")
+    explainer: Explainer | None = setting(
+        None,
+        "what computes the maps instead of megex's own methods (megex.integrations.explainers: "
+        "a captum method or a function); `explanation` labels them",
+        Anything(),
+        "answers",
+    )
     openapi: bool = setting(
         False,
         "serve the OpenAPI document at /openapi.json (off: it describes the service to anyone)",

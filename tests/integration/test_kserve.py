@@ -1,0 +1,186 @@
+"""A megex victim in KServe's own ModelServer (megex.integrations.kserve), started as a
+process on a loopback port: the attack runs against it unchanged and counts exactly the
+images the server answered, and the defences applied inside it give megex's own numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from megex import Explanation, LocalOracle, Victim
+from megex.cli import main
+from megex.defenses import build_defense
+
+if os.environ.get("MEGEX_REQUIRE_SERVERS") != "1":  # CI: a missing KServe is a failure
+    pytest.importorskip("kserve", reason="needs the kserve extra: pip install 'megex[kserve]'")
+httpx = pytest.importorskip("httpx", reason="the server extra is not installed")
+
+from server_support import images, save_tiny_victim  # noqa: E402
+
+from megex.client import RemoteOracle  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFENSES = ["round:2", "quantize:bits=2", "gaussian:scale=0.1"]
+SEED = 7
+# The model's log line for each answered request: "...; N in all".
+TOTAL = re.compile(r"answered (\d+) image\(s\).*; (\d+) in all")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def kserve_server(folder: Path, *options: str) -> Iterator[tuple[str, Path]]:
+    """KServe's ModelServer serving a tiny victim: (model URL, the server's log file)."""
+    victim = save_tiny_victim(folder)
+    port = _free_port()
+    log = folder / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "megex.integrations.kserve", "--victim", str(victim)]
+    argv += ["--http-port", str(port), *options]
+    with open(log, "w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{root}/v2/health/ready").status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"KServe's ModelServer did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield f"{root}/v2/models/model", log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def answered(log: Path) -> tuple[int, int]:
+    """(images answered, summed over the log's request lines; the server's running count)."""
+    lines = TOTAL.findall(log.read_text())
+    return sum(int(n) for n, _ in lines), int(lines[-1][1]) if lines else 0
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    # As the server computes: the same kernels give the same bits near a quantisation step.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_attack_counts_exactly_what_kserve_answered(tmp_path, capsys):
+    with kserve_server(tmp_path) as (url, log):
+        # Another client first: this run must count only its own queries.
+        first = httpx.post(
+            url.replace("/v2/", "/v1/") + ":predict", json={"instances": images(5).tolist()}
+        )
+        assert first.status_code == 200 and first.headers["x-queries-used"] == "5"
+        out = tmp_path / "run"
+        argv = ["attack", "--method", "megex", "--victim", url, "--budget", "2000"]
+        assert main(argv + ["--dataset", "digits", "--quiet", "--out", str(out)]) == 0
+        summed, total = answered(log)
+        metadata = httpx.get(url)
+    result = json.loads((out / "result.json").read_text())
+    assert summed == total and int(metadata.headers["x-queries-used"]) == total
+    assert result["queries_used"] == total - 5
+    assert 0 < result["queries_used"] <= 2000 and result["finished"]
+    printed = capsys.readouterr().out
+    assert "reports no query budget: --budget 2000 is enforced by this client" in printed
+
+
+def test_defences_inside_kserve_give_megex_numbers(tmp_path):
+    options = [f"--defense={spec}" for spec in DEFENSES] + ["--seed", str(SEED)]
+    # The monitors see the honest probabilities and must not change an answer.
+    options += ["--monitor", "prada", "--max-passes-per-request", "1000"]
+    x = images(12, seed=3)
+    smoothgrad = Explanation("smoothgrad", target="all", samples=4, sigma=0.2)
+    with kserve_server(tmp_path, *options) as (url, log), one_thread():
+        victim = Victim.load(tmp_path / "v.safetensors")
+        defenses = [build_defense(spec) for spec in DEFENSES]
+        local = LocalOracle(victim, defenses=defenses, seed=SEED)
+        honest = LocalOracle(victim, seed=SEED)
+        v1 = url.replace("/v2/", "/v1/")
+        with RemoteOracle(url, protocol="json") as json_client:
+            served = json_client.query(x[:4], True)
+        expected = local.query(x[:4], True)
+        with RemoteOracle(url, protocol="binary") as binary_client:
+            served_all = binary_client.query(x, smoothgrad)
+        expected_all = local.query(x, smoothgrad)
+        predicted = httpx.post(f"{v1}:predict", json={"instances": x[:3].tolist()}).json()
+        expected_predicted = local.query(x[:3])
+        explained = httpx.post(f"{v1}:explain", json={"instances": x[:3].tolist()}).json()
+        expected_explained = local.query(x[:3], True)
+        refused = httpx.post(f"{v1}:predict", json={"instances": [[0.5, 0.5]]})
+        unknown = httpx.post(f"{url}/infer", json={**_v2_body(x[:1]), "parameters": {"a": 1}})
+        costly = {"method": "integrated_gradients", "steps": 256}  # 12 x 513 passes > 1000
+        too_costly = httpx.post(
+            f"{url}/infer",
+            json={**_v2_body(x), "parameters": costly, "outputs": [{"name": "explanation"}]},
+        )
+        _, total = answered(log)
+
+    close = dict(atol=1e-6, rtol=0)
+    assert served.explanation_spec == Explanation("gradient")
+    assert torch.allclose(served.probabilities, expected.probabilities, **close)
+    assert torch.equal(served.labels, expected.labels)
+    assert torch.allclose(served.explanation, expected.explanation, **close)
+    assert served_all.explanation_spec == smoothgrad
+    assert served_all.explanation.shape == (12, 10, *x.shape[1:])
+    assert torch.allclose(served_all.explanation, expected_all.explanation, **close)
+    assert torch.allclose(served_all.probabilities, expected_all.probabilities, **close)
+    # The defences did act: the honest maps and probabilities differ.
+    unguarded = honest.query(x[:4], True)
+    assert not torch.allclose(served.explanation, unguarded.explanation, **close)
+    assert not torch.allclose(served.probabilities, unguarded.probabilities, **close)
+
+    assert torch.allclose(
+        torch.tensor(predicted["predictions"]), expected_predicted.probabilities, **close
+    )
+    maps = [
+        e["attributions"][0]["featureAttributions"]["images"] for e in explained["explanations"]
+    ]
+    assert torch.allclose(torch.tensor(maps), expected_explained.explanation, **close)
+    assert torch.allclose(
+        torch.tensor(explained["predictions"]), expected_explained.probabilities, **close
+    )
+    # megex's refusals, with megex's status and code; refused requests are not counted.
+    assert refused.status_code == 400 and refused.json()["code"] == "invalid_images"
+    assert unknown.status_code == 400 and "unknown 'a'" in unknown.json()["error"]
+    assert too_costly.status_code == 400 and too_costly.json()["code"] == "compute_limit"
+    assert total == 4 + 12 + 3 + 3
+
+
+def _v2_body(x: torch.Tensor) -> dict:
+    return {
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "data": x.flatten().tolist(),
+            }
+        ]
+    }
