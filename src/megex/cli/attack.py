@@ -272,13 +272,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     explanation = explanation_from_args(args) if _uses_explanations(args.method) else None
     settings = attack_settings(args)
     oracle, victim, evaluator, service_state = _oracle(args, explanation, checkpoint, settings)
-    if victim is None and not math.isfinite(oracle.budget):
-        # A service without a ledger (KServe, MLServer, an open megex serve): say who stops it.
-        print(
-            f"{args.victim} reports no query budget: --budget {args.budget} is enforced by "
-            "this client",
-            file=messages(args),
-        )
     if explanation is not None:
         settings["explanation"] = explanation
     pool = _pool(args, oracle, victim)
@@ -291,6 +284,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
     _check_budget(args, attack)
     if checkpoint is not None:
         _check_same_settings(folder, describe_run(attack, oracle, args.budget))
+    if victim is None and not math.isfinite(oracle.budget):
+        # A service without a ledger (KServe, MLServer, an open megex serve): say who stops
+        # it, once the options are known good (a refused command prints its error alone).
+        print(
+            f"{args.victim} reports no query budget: --budget {args.budget} is enforced by "
+            "this client",
+            file=messages(args),
+        )
     folder.create()
     folder.write_config(
         {
