@@ -237,3 +237,33 @@ def test_an_audit_folder_holding_other_options_is_refused(audited, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "holds an audit with other options (defenses)" in err and "--fresh" in err
+
+
+def test_a_search_on_the_victim_replaces_the_shipped_settings(bench, tmp_path):
+    _, victim = bench
+    out = tmp_path / "searched"
+    argv = ["audit", "--victim", str(victim), "--out", str(out), *AUDIT, "--search", "1"]
+    assert main([*argv, "--no-defenses", "--no-monitors"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (tm,) = report["threat_models"]
+    assert tm["settings_source"].startswith("a search on this victim (megex audit --search)")
+    assert "its 200 held-out validation images" in tm["settings_source"]
+    tuned = json.loads((out / "search" / "data-free" / "tuned.json").read_text())
+    assert tuned["trials"] == {"dfme": 1, "megex-predicted": 1}
+    assert tuned["search"]["seeds"] == [100] and tuned["validation_images"] == 200
+    # The runs take the searched settings, not the shipped ones.
+    for method in ("dfme", "megex-predicted"):
+        for key, value in tuned["methods"][method].items():
+            assert tm["settings"][method][key] == value
+    assert "short search" in " ".join(report["caveats"])
+
+
+def test_a_search_needs_the_victims_held_out_images(tmp_path, capsys):
+    from server_support import save_tiny_victim
+
+    victim = save_tiny_victim(tmp_path)  # holds out no validation images
+    argv = ["audit", "--victim", str(victim), "--out", str(tmp_path / "a"), "--search", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megex audit: error: --search: the victim holds out no validation")
+    assert not (tmp_path / "a" / "audit.json").exists()

@@ -90,6 +90,14 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         help=f"a defence to measure (repeatable; default: {', '.join(DEFAULT_DEFENSES)}). "
         f"{DEFENSE_HELP}",
     )
+    p.add_argument(
+        "--search",
+        type=positive_int,
+        metavar="TRIALS",
+        help="search both attackers' settings on this victim first (TRIALS per method, "
+        "scored on the validation images it held out; megex train-victim "
+        "--validation-images), instead of the shipped settings",
+    )
     p.add_argument("--no-defenses", action="store_true", help="measure no defence")
     p.add_argument("--no-monitors", action="store_true", help="run no query monitor")
     p.add_argument(
@@ -130,6 +138,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         progress=not args.quiet,
         monitors=not args.no_monitors,
+        search_trials=args.search or 0,
         command=_command(args),
     )
     with user_input():

@@ -46,6 +46,8 @@ class ThreatModel:
     # Attack names (megex.attacks) of the two methods, for how they spend their budget.
     attacks: dict[str, str] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The tuned-settings file the methods' settings come from (None: the shipped one).
+    tuned: str | None = None
 
     @property
     def methods(self) -> tuple[str, str]:

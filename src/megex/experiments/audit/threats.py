@@ -13,6 +13,7 @@ validation images, equal trials per method), shipped with the package; the repor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "TUNED",
     "bench_config",
     "threat_models",
+    "with_tuned",
 ]
 
 TUNED = Path(__file__).parent / "tuned"
@@ -101,11 +103,18 @@ def _spread(top: int, divisors: tuple[float, ...]) -> tuple[int, ...]:
 def _model(
     key: str, title: str, baseline: str, attacker: str, budgets: tuple[int, ...], pool: Any
 ) -> ThreatModel:
-    config = bench_config(key, baseline, attacker, budgets, pool, "unused", [0])
-    tuned = load_tuned(config)
-    settings = {m: method_settings(config, m, tuned)[1] for m in (baseline, attacker)}
     attacks = {m: METHODS[m]["attack"] for m in (baseline, attacker)}
-    return ThreatModel(key, title, baseline, attacker, budgets, pool, attacks, settings)
+    return with_tuned(ThreatModel(key, title, baseline, attacker, budgets, pool, attacks), None)
+
+
+def with_tuned(tm: ThreatModel, tuned: str | None) -> ThreatModel:
+    """The threat model with its methods' settings read from `tuned` (None: the shipped
+    search's file)."""
+    tm = dataclasses.replace(tm, tuned=tuned)
+    config = for_threat_model(tm, "unused", [0])
+    found = load_tuned(config)
+    settings = {m: method_settings(config, m, found)[1] for m in tm.methods}
+    return dataclasses.replace(tm, settings=settings)
 
 
 def for_threat_model(
@@ -113,8 +122,9 @@ def for_threat_model(
 ) -> dict[str, Any]:
     """The benchmark config of a planned threat model."""
     return bench_config(
-        tm.key, tm.baseline, tm.attacker, tm.budgets, tm.pool, dataset, seeds, pool_images
-    )
+        tm.key, tm.baseline, tm.attacker, tm.budgets, tm.pool, dataset, seeds, pool_images,
+        tm.tuned,
+    )  # fmt: skip
 
 
 def tuned_file(key: str) -> Path:
@@ -126,7 +136,7 @@ def settings_source(key: str) -> str:
     tuned = json.loads(tuned_file(key).read_text())
     search = tuned.get("search", {})
     return (
-        f"shipped with megex ({tuned.get('source', tuned_file(key).name)}): searched on "
+        f"the settings megex ships ({tuned.get('source', tuned_file(key).name)}), searched on "
         f"{tuned.get('dataset', 'fashion-mnist')} validation images of a tuning victim, "
         f"{search.get('trials', '?')} trials per method to {search.get('budget', '?')} queries; "
         "not searched on this victim"
@@ -142,8 +152,10 @@ def bench_config(
     dataset: str,
     seeds: list[int],
     pool_images: int = 0,
+    tuned: str | None = None,
 ) -> dict[str, Any]:
-    """The benchmark config (megex.experiments.query_efficiency) of one threat model."""
+    """The benchmark config (megex.experiments.query_efficiency) of one threat model, its
+    settings from `tuned` (None: the shipped search's file)."""
     top = max(budgets)
     config = json.loads(json.dumps(BENCH_DEFAULTS))
     settings = dict(SHARED_SETTINGS)
@@ -165,7 +177,7 @@ def bench_config(
         baseline=baseline,
         targets=TARGETS,
         settings=settings,
-        tuned_settings=str(tuned_file(key)),
+        tuned_settings=tuned or str(tuned_file(key)),
         method_settings={},
     )
     return config

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import data as data_mod
+from ... import evaluate
 from ...pools import VictimImages, load_pool
 from ...victim import Victim
 from ..runner import served_answers
@@ -29,6 +30,7 @@ class AuditTarget:
     api_key: str | None = None
     answers: str | None = None  # URL: the service's labels on the test split (runner)
     held_out_for_pools: int = 0
+    validation_images: int = 0  # held out of the victim's training (a file's sidecar)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -71,6 +73,10 @@ def resolve_target(
         raise ValueError(
             f"--victim: its sidecar names no dataset megex can read ({info.get('dataset')!r})"
         )
+    accuracy, source = model.accuracy, "the victim file's sidecar (test split)"
+    if accuracy is None:  # a victim saved without its accuracy: measured here
+        x, y = data_mod.load(info["dataset"], data_root).test_tensors()
+        accuracy, source = evaluate.accuracy(model, x, y), "measured here on the test split"
     return AuditTarget(
         source=victim,
         kind="file",
@@ -78,10 +84,11 @@ def resolve_target(
         dataset=info["dataset"],
         input_shape=tuple(model.input_shape),
         classes=model.num_classes,
-        accuracy=float(model.accuracy),
-        accuracy_source="the victim file's sidecar (test split)",
+        accuracy=float(accuracy),
+        accuracy_source=source,
         explanations=True,
         held_out_for_pools=int(info.get("pool_images") or 0),
+        validation_images=int(info.get("validation_images") or 0),
     )
 
 

@@ -130,7 +130,12 @@ def run_search(args: Any) -> dict[str, Any]:
     _check_methods(methods)
     device = args.device or config["device"]
     out, url = Path(args.out).resolve(), storage_url(args)
-    _, vpath = get_victim(config, out / "victims", args.data_root, search["victim_seed"])
+    if getattr(args, "victim_file", None):
+        # A given victim (megex audit's search on the victim it audits): its own held-out
+        # validation images score the trials.
+        vpath = Path(args.victim_file).resolve()
+    else:
+        _, vpath = get_victim(config, out / "victims", args.data_root, search["victim_seed"])
     jobs = _worker_jobs(args, methods, config, search, str(vpath), url, device)
     _create_studies(url, methods)
     t0 = time.time()
@@ -182,6 +187,8 @@ def _search_settings(args: Any) -> dict[str, Any]:
                 f"--marks: {max(args.marks)} is past the trials' budget {search['budget']}"
             )
         search["marks"] = sorted(set(args.marks))
+    if getattr(args, "search_seeds", None):
+        search["seeds"] = list(args.search_seeds)
     if args.confirm_trials is not None:
         search["confirm_trials"] = args.confirm_trials
     if args.confirm_seeds:
