@@ -470,3 +470,29 @@ def test_sigterm_stops_between_steps_and_resumes_exactly(tmp_path, digits_victim
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["attack"]["clone"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["attack"]["clone"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX")
+def test_sigterm_in_the_last_step_is_passed_on_once_the_run_is_saved(tmp_path, digits_victim):
+    """A stop request that comes while the run takes its last step cannot stop it between
+    steps: the run finishes and saves its result, then the signal goes on to the handler
+    outside the run (a driver of many runs must stop, not start the next one)."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        attack = MEGEX(seed=4, **SMALL)
+        steps = 500 // 96  # the iterations a budget of 500 holds, 96 queries each
+
+        def terminate(iteration, spent):
+            if iteration == steps:  # after the last step, before the run returns
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert received == []  # the run's own handler took it
+
+        result, _ = _run_in_folder(
+            attack, digits_victim, 500, None, 500, tmp_path / "r", callback=terminate
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.finished and result.iterations == steps
+    assert (tmp_path / "r" / "result.json").is_file()
+    assert received == [signal.SIGTERM]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -70,7 +71,13 @@ def run(
     loop.evaluate_if_stopped_early()
     elapsed = time.time() - loop.t0
     loop.checkpoint_at_end()
-    return loop.result(elapsed)
+    result = loop.result(elapsed)
+    if stop.is_set() and not loop.stopped_between_steps:
+        # The request came during the run's last step: the run finished and is saved. It is
+        # passed on to whatever handles the signal outside the run (a sweep's driver, or the
+        # default: the process ends) rather than lost, so that a job of many runs stops.
+        signal.raise_signal(stop.signum)
+    return result
 
 
 def _budget(budget: int | None, oracle: Oracle, folder: RunFolder | None, resume: bool) -> int:
@@ -93,9 +100,19 @@ def _stop_requests(enabled: bool) -> Iterator[threading.Event]:
     the run stops at the end of its current step and saves a checkpoint there, rather than
     die and lose every step since its last evaluation. Off elsewhere (no folder, or not the
     main thread, where handlers cannot be set): those signals keep their usual effect."""
-    event = threading.Event()
+    event = _StopRequest()
     if not enabled:
         yield event
         return
-    with handled_stop_signals(lambda signum, frame: event.set()):
+    with handled_stop_signals(event.request):
         yield event
+
+
+class _StopRequest(threading.Event):
+    """A stop request, with the signal that made it."""
+
+    signum: int = signal.SIGTERM
+
+    def request(self, signum: int, frame: Any = None) -> None:
+        self.signum = signum
+        self.set()
