@@ -192,7 +192,13 @@ class RemoteOracle:
             raise ServiceError(f"unexpected model metadata from {self.root}: {err!r}") from None
         self._has_logits = "logits" in outputs
         self._offers_explanation = "explanation" in outputs
-        self._prediction = str(meta.get("parameters", {}).get("prediction", "probabilities"))
+        parameters = meta.get("parameters") or {}
+        self._prediction = str(parameters.get("prediction", "probabilities"))
+        # A server that counts in its metadata rather than in headers (the MLServer runtime):
+        # the queries answered before this client's first, so that they are not its own.
+        used = parameters.get("queries_used")
+        if isinstance(used, int) and not isinstance(used, bool):
+            self._used = max(self._used, used)
 
     def _answer(self, tensors: dict[str, tuple[Any, dict[str, Any]]]) -> Answer:
         def get(name: str) -> torch.Tensor | None:
