@@ -45,8 +45,8 @@ def test_remote_oracle_equals_local_oracle(server, victim):
         Explanation("gradient", target="all", output="logit"),
         Explanation("integrated_gradients", target=2, steps=4),
     ]
-    for protocol in ("json", "binary", "auto"):
-        with RemoteOracle(server.url, KEY, protocol=protocol) as remote:
+    for encoding in ("json", "binary", "auto"):
+        with RemoteOracle(server.url, KEY, encoding=encoding) as remote:
             assert isinstance(remote, Oracle)
             assert remote.input_shape == (1, 8, 8) and remote.num_classes == 10
             for n in (3, 20):

@@ -28,7 +28,7 @@ httpx = pytest.importorskip("httpx", reason="the server extra is not installed")
 
 from server_support import images, save_tiny_victim  # noqa: E402
 
-from megex.client import RemoteOracle  # noqa: E402
+from megex.client import RemoteOracle, RemoteV1Oracle, connect, detect_protocol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFENSES = ["round:2", "quantize:bits=2", "gaussian:scale=0.1"]
@@ -171,6 +171,52 @@ def test_defences_inside_kserve_give_megex_numbers(tmp_path):
     assert unknown.status_code == 400 and "unknown 'a'" in unknown.json()["error"]
     assert too_costly.status_code == 400 and too_costly.json()["code"] == "compute_limit"
     assert total == 4 + 12 + 3 + 3
+
+
+def test_the_v1_client_against_kserve_gives_megex_numbers(tmp_path, capsys):
+    """KServe V1 (:predict, :explain) read by RemoteV1Oracle equals the V2 client (binary
+    tensors, which KServe accepts without listing the extension) and LocalOracle, counts
+    equal the server's, and megex attack runs over V1."""
+    x = images(6, seed=5)
+    specs = [
+        None,
+        True,
+        Explanation("gradient", target="all", output="logit"),
+        Explanation("smoothgrad", target=3, samples=3, sigma=0.2),
+    ]
+    with kserve_server(tmp_path, "--seed", str(SEED)) as (url, log), one_thread():
+        root, v1_url = url.split("/v2/")[0], url.replace("/v2/", "/v1/")
+        local = LocalOracle(Victim.load(tmp_path / "v.safetensors"), seed=SEED)
+        assert detect_protocol(root) == "v2" and detect_protocol(v1_url) == "v1"
+        # Each client's answers first, then the same requests in the same order locally:
+        # SmoothGrad's noise comes from the server's one generator.
+        with connect(v1_url, input_shape=x.shape[1:]) as v1:
+            assert isinstance(v1, RemoteV1Oracle) and v1.queries_used == 0
+            over_v1 = [v1.query(x, spec) for spec in specs]
+            assert v1.queries_used == answered(log)[1] == len(specs) * len(x)
+        with connect(root, encoding="binary") as v2:
+            assert isinstance(v2, RemoteOracle) and v2.encoding == "binary"
+            over_v2 = [v2.query(x, spec) for spec in specs]
+            assert v2.queries_used == answered(log)[1] == 2 * len(specs) * len(x)
+        expected = [local.query(x, spec) for spec in specs + specs]
+        before = answered(log)[1]
+        out = tmp_path / "run"
+        argv = ["attack", "--victim", v1_url, "--protocol", "v1", "--dataset", "digits"]
+        argv += ["--budget", "400", "--batch-size", "32", "--quiet", "--out", str(out)]
+        assert main(argv) == 0
+        summed, total = answered(log)
+    for got, want in zip(over_v1 + over_v2, expected):
+        assert torch.allclose(got.probabilities, want.probabilities, atol=1e-6, rtol=0)
+        assert torch.equal(got.labels, want.labels)
+        assert got.explanation_spec == want.explanation_spec
+        if want.explanation is None:
+            assert got.explanation is None
+        else:
+            assert torch.allclose(got.explanation, want.explanation, atol=1e-6, rtol=0)
+    result = json.loads((out / "result.json").read_text())
+    assert summed == total and result["queries_used"] == total - before
+    assert result["finished"] and 0 < result["queries_used"] <= 400
+    assert "--budget 400 is enforced by this client" in capsys.readouterr().out
 
 
 def _v2_body(x: torch.Tensor) -> dict:

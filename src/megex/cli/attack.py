@@ -37,7 +37,12 @@ from .defenses import DEFENSE_HELP
 from .errors import INTERRUPTED, UsageError, user_input
 from .settings import parse_set_options, setting_help
 
-__all__ = ["add_parser", "cmd_attack"]
+__all__ = ["add_parser", "add_service_options", "cmd_attack", "check_service_options"]
+
+# The protocols a served victim may speak, and V2's tensor encodings (megex.client's
+# PROTOCOLS and ENCODINGS; repeated here so that the CLI parses without the 'server' extra).
+PROTOCOLS = ("auto", "v2", "v1")
+ENCODINGS = ("auto", "json", "binary")
 
 
 def add_parser(sub: Any, **kwargs: Any) -> None:
@@ -49,6 +54,7 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     p.add_argument("--method", choices=sorted(ATTACKS), default="megex", help="attack")
     p.add_argument("--victim", required=True, help="victim .safetensors file, or a server URL")
     p.add_argument("--api-key", help="API key for a victim served over HTTP")
+    add_service_options(p.add_argument_group("a victim served over HTTP"))
     p.add_argument("--budget", type=positive_int, required=True, help="query budget")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -84,6 +90,39 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_json_option(p)
     p.set_defaults(func=cmd_attack)
+
+
+def add_service_options(group: Any) -> None:
+    """--protocol and --encoding: how a victim URL is spoken to (attack and audit)."""
+    group.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="auto",
+        help="the service's protocol: v2 (Open Inference Protocol: GET /v2/models/NAME, "
+        "POST .../infer), v1 (KServe V1: POST /v1/models/NAME:predict and :explain; the "
+        "images' shape and classes come from --dataset), or auto: a .../v1/models/NAME URL "
+        "is V1, a .../v2/models/NAME URL V2, and a server root is asked (V2 metadata, else "
+        "V1 readiness; no query is spent)",
+    )
+    group.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default="auto",
+        help="V2's tensors: json, binary (the binary tensor data extension; KServe accepts "
+        "it without listing it), or auto: binary for batches over 16 images where the server "
+        "lists the extension; V1 sends JSON",
+    )
+
+
+def check_service_options(args: argparse.Namespace) -> None:
+    """--protocol and --encoding concern a URL; with a victim file, refuse them."""
+    if is_url(args.victim):
+        return
+    for flag, value in (("--protocol", args.protocol), ("--encoding", args.encoding)):
+        if value != "auto":
+            raise UsageError(
+                f"{flag}: a victim file is answered in this process; {flag} is for a victim URL"
+            )
 
 
 def _add_explanation_options(ex: Any) -> None:
@@ -229,16 +268,8 @@ def _oracle(
     """(oracle, local victim or None, evaluator or None, service state or None). A local
     victim runs on the attack's device, and answers there for an attack with on_device."""
     if is_url(args.victim):
-        try:
-            from ..client import RemoteOracle  # the 'server' extra: httpx
-        except ModuleNotFoundError as err:
-            raise ModuleNotFoundError(
-                f"a victim URL needs the 'server' extra (pip install 'megex[server]'): {err}",
-                name=err.name,
-            ) from None
-        with user_input("--victim"):
-            oracle = RemoteOracle(args.victim, api_key=args.api_key)
         reference = load_victim(args.reference_victim) if args.reference_victim else None
+        oracle = _remote_oracle(args, reference)
         return oracle, None, evaluator_for(args.dataset, args.data_root, reference), None
     settings = settings or {}
     victim = load_victim(args.victim)
@@ -263,8 +294,56 @@ def _oracle(
     return oracle, victim, evaluator, oracle.state_dict
 
 
+def _remote_oracle(args: argparse.Namespace, reference: Any) -> Any:
+    """The client of the victim URL, over --protocol (asked of the server with auto)."""
+    try:
+        from ..client import connect, detect_protocol  # the 'server' extra: httpx
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"a victim URL needs the 'server' extra (pip install 'megex[server]'): {err}",
+            name=err.name,
+        ) from None
+    with user_input("--victim"):
+        protocol = args.protocol
+        if protocol == "auto":
+            protocol = detect_protocol(args.victim, args.api_key)
+    shape = classes = None
+    if protocol == "v1":
+        if args.encoding == "binary":
+            raise UsageError(
+                "--encoding: binary tensors are the Open Inference Protocol's (V2); "
+                f"{args.victim} is spoken to over KServe V1, which sends JSON"
+            )
+        shape, classes = _v1_images(args, reference)
+    with user_input("--victim"):
+        return connect(
+            args.victim,
+            args.api_key,
+            protocol=protocol,
+            encoding=args.encoding,
+            input_shape=shape,
+            num_classes=classes,
+        )
+
+
+def _v1_images(args: argparse.Namespace, reference: Any) -> tuple[tuple[int, ...], int]:
+    """The images' shape and the classes of a KServe V1 victim, which does not state them:
+    the reference victim's, else --dataset's."""
+    if reference is not None:
+        return tuple(reference.input_shape), int(reference.num_classes)
+    if args.dataset is None:
+        raise UsageError(
+            f"--dataset: {args.victim} speaks KServe V1, which does not state the images' "
+            "shape or the classes; give the dataset whose images it takes (or "
+            "--reference-victim)"
+        )
+    dataset = data_mod.load(args.dataset, args.data_root)
+    return dataset.input_shape, dataset.num_classes
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    check_service_options(args)
     folder = RunFolder(args.out)
     if _prepare_out_folder(args, folder):
         return _report_finished(args, folder)

@@ -14,6 +14,7 @@ from typing import Any
 from .. import data as data_mod
 from ..experiments.audit import DEFAULT_DEFENSES, AuditOptions, run_audit
 from ..experiments.audit.threats import DATA_FREE_ATTACKER, DEFAULT_BUDGET, DEFAULT_BUDGETS
+from .attack import add_service_options, check_service_options
 from .common import positive_int
 from .defenses import DEFENSE_HELP
 from .errors import UsageError, user_input
@@ -49,6 +50,7 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
     p.add_argument("--victim", required=True, help="victim .safetensors file, or a server URL")
     p.add_argument("--out", required=True, help="folder of the audit's runs and report")
     p.add_argument("--api-key", help="API key for a victim served over HTTP")
+    add_service_options(p.add_argument_group("a victim served over HTTP"))
     p.add_argument(
         "--dataset",
         choices=data_mod.DATASETS,
@@ -121,10 +123,13 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.no_defenses and args.defense:
         raise UsageError("--no-defenses: given with --defense; choose one")
+    check_service_options(args)
     options = AuditOptions(
         victim=args.victim,
         out=Path(args.out),
         api_key=args.api_key,
+        protocol=args.protocol,
+        encoding=args.encoding,
         dataset=args.dataset,
         data_root=args.data_root,
         pool=args.pool,

@@ -146,18 +146,23 @@ class RemoteVictim:
 
 
 def served_answers(
-    url: str, api_key: str | None, dataset: str, data_root: str | None, path: Path
+    url: str,
+    api_key: str | None,
+    dataset: str,
+    data_root: str | None,
+    path: Path,
+    client: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The service's labels on `dataset`'s test split, its accuracy, and how many queries
     that took (each test image is one query to the service), kept in `path` (read back, not
-    asked again, when it is there)."""
+    asked again, when it is there). client: megex.client.connect's options."""
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return {"accuracy": float(saved["accuracy"]), "queries": int(saved["queries"])}
-    from ..client import RemoteOracle  # the 'server' extra: httpx
+    from ..client import connect  # the 'server' extra: httpx
 
     x, y = data_mod.load(dataset, data_root).test_tensors()
-    oracle = RemoteOracle(url, api_key=api_key)
+    oracle = connect(url, api_key, **(client or {}))
     try:
         labels = torch.cat(
             [oracle.query(x[i : i + 256]).probabilities.argmax(1) for i in range(0, len(x), 256)]
@@ -180,11 +185,12 @@ def served_answers(
 
 
 def _remote_oracle(job: dict[str, Any]) -> Any:
-    """The served victim's client: the run stops at the job's budget; the service's own
-    ledger, where it keeps one, counts its queries too."""
-    from ..client import RemoteOracle  # the 'server' extra: httpx
+    """The served victim's client (over the protocol in the job's `client` options): the
+    run stops at the job's budget; the service's own ledger, where it keeps one, counts its
+    queries too."""
+    from ..client import connect  # the 'server' extra: httpx
 
-    return RemoteOracle(job["victim"], api_key=job.get("api_key"))
+    return connect(job["victim"], job.get("api_key"), **job.get("client", {}))
 
 
 def _attack(job: dict[str, Any], folder: RunFolder, victim: Any, attack: Any, oracle: Any) -> Any:

@@ -56,6 +56,10 @@ class AuditOptions:
     victim: str
     out: Path
     api_key: str | None = None
+    # How a victim URL is spoken to (megex.client.connect): "auto", "v2" or "v1"; V2's
+    # tensor encoding.
+    protocol: str = "auto"
+    encoding: str = "auto"
     dataset: str | None = None
     data_root: str | None = None
     pool: str | None = None
@@ -90,7 +94,13 @@ def run_audit(options: AuditOptions) -> dict[str, Any]:
     _check_options(options)
     _prepare_out(out, options)
     target = resolve_target(
-        options.victim, out, options.dataset, options.api_key, options.data_root
+        options.victim,
+        out,
+        options.dataset,
+        options.api_key,
+        options.data_root,
+        protocol=options.protocol,
+        encoding=options.encoding,
     )
     if options.search_trials:
         check_searchable(target, options.explanation)

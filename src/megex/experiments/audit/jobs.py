@@ -38,11 +38,13 @@ def bench_args(
 
 
 def _targeted(job: dict[str, Any], target: AuditTarget) -> dict[str, Any]:
-    """A job against the audited victim (a URL's jobs carry its key and answers file)."""
+    """A job against the audited victim (a URL's jobs carry its key, its answers file and
+    how to speak to it)."""
     job["victim"] = target.location
     if target.kind == "url":
         job["api_key"] = target.api_key
         job["victim_answers"] = target.answers
+        job["client"] = target.client_options()
     return job
 
 

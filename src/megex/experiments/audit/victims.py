@@ -3,6 +3,7 @@ of it (dataset, input shape, classes, accuracy, whether it returns explanations)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from ...pools import VictimImages, load_pool
 from ...victim import Victim
 from ..runner import served_answers
 
-__all__ = ["AuditTarget", "describe_pool", "resolve_target"]
+__all__ = ["AuditTarget", "client_options", "describe_pool", "resolve_target"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,14 @@ class AuditTarget:
     explanations: bool
     api_key: str | None = None
     answers: str | None = None  # URL: the service's labels on the test split (runner)
+    protocol: str = "v2"  # URL: the one it speaks ("v1" or "v2", asked once)
+    encoding: str = "auto"  # URL: V2's tensors
     held_out_for_pools: int = 0
     validation_images: int = 0  # held out of the victim's training (a file's sidecar)
+
+    def client_options(self) -> dict[str, Any]:
+        """How a run speaks to a URL: megex.client.connect's options."""
+        return client_options(self.protocol, self.encoding, self.input_shape, self.classes)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -50,13 +57,17 @@ def resolve_target(
     dataset: str | None = None,
     api_key: str | None = None,
     data_root: str | None = None,
+    *,
+    protocol: str = "auto",
+    encoding: str = "auto",
 ) -> AuditTarget:
     """The audit's target. A file: its sidecar names the dataset and its accuracy. A URL:
-    `dataset` names the test split, and the service's accuracy is measured on it once (one
-    query per test image, counted by the service; kept in `out` for a resumed audit).
-    ValueError names the argument at fault."""
+    `dataset` names the test split (and, for KServe V1, the images' shape and classes), and
+    the service's accuracy is measured on it once (one query per test image, counted by the
+    service; kept in `out` for a resumed audit); `protocol` and `encoding` say how it is
+    spoken to (megex.client.connect). ValueError names the argument at fault."""
     if victim.startswith(("http://", "https://")):
-        return _served(victim, out, dataset, api_key, data_root)
+        return _served(victim, out, dataset, api_key, data_root, protocol, encoding)
     path = Path(victim)
     if not path.is_file():
         raise ValueError(f"--victim: no victim file at {victim}")
@@ -92,11 +103,28 @@ def resolve_target(
     )
 
 
+def client_options(
+    protocol: str, encoding: str, input_shape: tuple[int, ...], classes: int
+) -> dict[str, Any]:
+    """megex.client.connect's options for a URL that speaks `protocol` ("v1" or "v2"): for
+    KServe V1, which states neither, the images' shape and classes too."""
+    options: dict[str, Any] = {"protocol": protocol, "encoding": encoding}
+    if protocol == "v1":
+        options.update(input_shape=list(input_shape), num_classes=classes)
+    return options
+
+
 def _served(
-    url: str, out: Path, dataset: str | None, api_key: str | None, data_root: str | None
+    url: str,
+    out: Path,
+    dataset: str | None,
+    api_key: str | None,
+    data_root: str | None,
+    protocol: str,
+    encoding: str,
 ) -> AuditTarget:
     try:
-        from ...client import RemoteOracle, ServiceError  # the 'server' extra: httpx
+        from ...client import ServiceError, connect, detect_protocol  # the 'server' extra
     except ModuleNotFoundError as err:
         raise ValueError(
             f"--victim: a URL needs the 'server' extra (pip install 'megex[server]'): {err}"
@@ -106,25 +134,38 @@ def _served(
             "--dataset: a served victim needs the dataset whose test split measures it "
             f"(one of {', '.join(data_mod.DATASETS)})"
         )
-    try:
-        oracle = RemoteOracle(url, api_key=api_key, retries=1)
-    except (ServiceError, OSError, ValueError) as err:
-        raise ConnectionError(f"--victim: cannot reach {url}: {err}") from None
-    except Exception as err:  # httpx's connection errors (not OSErrors)
-        raise ConnectionError(
-            f"--victim: cannot reach {url}: {type(err).__name__}: {err}"
-        ) from None
+    test = data_mod.load(dataset, data_root)
+
+    def reach(call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (ServiceError, OSError, ValueError) as err:
+            raise ConnectionError(f"--victim: cannot reach {url}: {err}") from None
+        except Exception as err:  # httpx's connection errors (not OSErrors)
+            raise ConnectionError(
+                f"--victim: cannot reach {url}: {type(err).__name__}: {err}"
+            ) from None
+
+    if protocol == "auto":
+        protocol = reach(lambda: detect_protocol(url, api_key, retries=1))
+    if protocol == "v1" and encoding == "binary":
+        raise ValueError(
+            "--encoding: binary tensors are the Open Inference Protocol's (V2); "
+            f"{url} is spoken to over KServe V1, which sends JSON"
+        )
+    # KServe V1 states neither the images' shape nor the classes: the dataset's are sent.
+    options = client_options(protocol, encoding, test.input_shape, test.num_classes)
+    oracle = reach(lambda: connect(url, api_key, retries=1, **options))
     try:
         shape, classes, explains = oracle.input_shape, oracle.num_classes, oracle.offers_explanation
     finally:
         oracle.close()
-    test_shape = tuple(data_mod.load(dataset, data_root).test_tensors()[0].shape[1:])
-    if test_shape != tuple(shape):
+    if test.input_shape != tuple(shape):
         raise ValueError(
-            f"--dataset: {dataset} images are {test_shape}; the service takes {tuple(shape)}"
+            f"--dataset: {dataset} images are {test.input_shape}; the service takes {tuple(shape)}"
         )
     answers = out / "served-answers.pt"
-    measured = served_answers(url, api_key, dataset, data_root, answers)
+    measured = served_answers(url, api_key, dataset, data_root, answers, options)
     return AuditTarget(
         source=url,
         kind="url",
@@ -140,6 +181,8 @@ def _served(
         explanations=explains,
         api_key=api_key,
         answers=str(answers.resolve()),
+        protocol=protocol,
+        encoding=encoding,
     )
 
 
