@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ __all__ = [
     "ResNet8x",
     "LeNet5",
     "SmallCNN",
+    "SoftVote",
+    "soft_vote_arch",
     "GeneratorA",
     "fast_layout",
 ]
@@ -175,10 +178,47 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+class SoftVote(nn.Module):
+    """Several classifiers as one (an ensemble of clones): the log of their averaged softmax.
+
+    Code that reads logits gets the averaged prediction from it (argmax, softmax), and its
+    weights save and load as one module's (`members.0....`), named by :func:`soft_vote_arch`.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError("soft vote: expected at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # log mean_i softmax_i, as a log-sum-exp of log-softmaxes (exact where one is tiny).
+        logp = torch.stack([F.log_softmax(m(x), dim=1) for m in self.members])
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+
+
+_SOFT_VOTE = re.compile(r"soft_vote_(\d+)x_(\w+)")
+
+
+def soft_vote_arch(member_arch: str, members: int) -> str:
+    """The name :func:`build_classifier` builds a soft vote of `members` `member_arch`s by."""
+    return f"soft_vote_{members}x_{member_arch}"
+
+
 def build_classifier(
     name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28
 ) -> nn.Module:
-    """A classifier by name: resnet18_8x, resnet34_8x, lenet5 or small_cnn."""
+    """A classifier by name: resnet18_8x, resnet34_8x, lenet5 or small_cnn, or a soft vote of
+    several of one of them (`soft_vote_2x_lenet5`, :func:`soft_vote_arch`)."""
+    vote = _SOFT_VOTE.fullmatch(name)
+    if vote is not None and vote.group(2) in CLASSIFIERS and int(vote.group(1)) >= 1:
+        member = vote.group(2)
+        return SoftVote(
+            [
+                build_classifier(member, num_classes, in_channels, image_size)
+                for _ in range(int(vote.group(1)))
+            ]
+        )
     if name not in CLASSIFIERS:
         raise ValueError(
             f"arch: unknown classifier {name!r}; expected one of {', '.join(CLASSIFIERS)}"

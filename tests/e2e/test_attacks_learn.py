@@ -99,6 +99,13 @@ MEASURED = {
         ALL_CLASSES,
     ),
     "dfme-evasive": Family("dfme-evasive", (0.894, 0.842, 0.908), explanation=None),
+    # predictions only, the generator led by several clones' disagreement (no queries)
+    "disguide": Family("disguide", (0.619, 0.789, 0.800), explanation=None),
+    "dual-students": Family("dual-students", (0.422, 0.753, 0.817), explanation=None),
+    # the same, each clone also matching the predicted class's maps
+    "disguide-maps-predicted-class": Family(
+        "disguide-maps", (0.867, 0.922, 0.878), {"explanation": PREDICTED}, PREDICTED
+    ),
 }
 
 

@@ -1,11 +1,14 @@
-"""Model extraction attacks over the Oracle protocol: data-free (MEGEX, DFME and their
-variants) and with the attacker's own images (knockoff, JBDA and their maps variants)."""
+"""Model extraction attacks over the Oracle protocol: data-free (MEGEX, DFME, DisGUIDE, dual
+students and their variants) and with the attacker's own images (knockoff, JBDA and their
+maps variants)."""
 
 from . import presets
 from .adaptive import AdaptiveMEGEX, AdaptiveMEGEXConfig, adapt_to
 from .base import Attack
 from .config import AttackConfig, SettingError, describe_settings, parse_setting
 from .dfme import DFME, DFMEConfig
+from .disguide import DisGUIDE, DisGUIDEConfig, DisGUIDEMaps, DisGUIDEMapsConfig
+from .dual_students import DualStudents, DualStudentsConfig
 from .evasive import EvasiveDFME, EvasiveMEGEX
 from .jbda import JBDA, JBDAConfig, JBDAMaps, JBDAMapsConfig
 from .knockoff import Knockoff, KnockoffConfig, KnockoffMaps, KnockoffMapsConfig
@@ -18,6 +21,9 @@ ATTACKS = {
     "megex-adaptive": AdaptiveMEGEX,
     "megex-evasive": EvasiveMEGEX,
     "dfme-evasive": EvasiveDFME,
+    "disguide": DisGUIDE,
+    "dual-students": DualStudents,
+    "disguide-maps": DisGUIDEMaps,
     "knockoff": Knockoff,
     "knockoff-maps": KnockoffMaps,
     "jbda": JBDA,
@@ -34,6 +40,12 @@ __all__ = [
     "AttackConfig",
     "DFME",
     "DFMEConfig",
+    "DisGUIDE",
+    "DisGUIDEConfig",
+    "DisGUIDEMaps",
+    "DisGUIDEMapsConfig",
+    "DualStudents",
+    "DualStudentsConfig",
     "EvasiveDFME",
     "EvasiveMEGEX",
     "JBDA",

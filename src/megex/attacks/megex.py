@@ -236,21 +236,31 @@ class MEGEX(Attack):
         answer: Answer | None = None,
         stored: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        c = self.config
-        if c.explanation_loss <= 0:
+        maps = self.map_targets(x, answer, stored) if self.config.explanation_loss > 0 else None
+        if maps is None:
             return super().clone_loss(x, probs)
+        return self.loss_with_maps(x, probs, *maps)
+
+    def map_targets(
+        self,
+        x: torch.Tensor,
+        answer: Answer | None = None,
+        stored: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Explanation | None] | None:
+        """What a clone's input gradients are matched to on a batch: (the projected maps,
+        their weights over classes, the explanation they came from), from a fresh `answer`
+        or a replayed batch (`stored`); None when the batch has no maps."""
         if answer is not None and answer.explanation is not None:
             target, weights = self.projected_maps(answer, x)
             spec = answer.explanation_spec
             # Maps replayed later came with this explanation (also before any generator step).
             self.explanation_used = self.explanation_used or spec
-        elif stored is not None and "maps" in stored:
-            target, weights = stored["maps"], stored["projections"]
+            return target, weights, spec
+        if stored is not None and "maps" in stored:
             # Replayed maps came in answers to the explanation this run asks for.
             spec = self.explanation_used or self.config.explanation
-        else:
-            return super().clone_loss(x, probs)
-        return self.loss_with_maps(x, probs, target, weights, spec)
+            return stored["maps"], stored["projections"], spec
+        return None
 
     def loss_with_maps(
         self,

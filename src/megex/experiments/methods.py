@@ -80,6 +80,25 @@ METHODS: dict[str, dict[str, Any]] = {
         "tuned_as": "megex-all",
     },
     "dfme+prior": {"attack": "dfme", "query_gamma": PRIOR, "tuned_as": "dfme"},
+    # Predictions only, without DFME's extra queries: the generator seeks where several
+    # clones disagree (no queries); DisGUIDE (softmax spread plus class diversity, soft vote
+    # evaluated) and dual students (as the paper: two students, no diversity term).
+    "disguide": {"attack": "disguide"},
+    "dual-students": {"attack": "dual-students", "clones": 2, "class_balance": 0.0},
+    # DisGUIDE when the service returns maps: every query asks for them, and every clone
+    # matches its input gradients to each map it has paid for, fresh or replayed.
+    "disguide-maps": {
+        "attack": "disguide-maps",
+        "explanation": "gradient-all",
+        "explain_clone_queries": True,
+        "replay_maps": True,
+    },
+    "disguide-maps-predicted": {
+        "attack": "disguide-maps",
+        "explanation": "gradient-predicted",
+        "explain_clone_queries": True,
+        "replay_maps": True,
+    },
 }
 # Attackers that try to stay under an out-of-distribution query monitor (megex.detection):
 # their generator also raises the victim's confidence, they send the images their clone is

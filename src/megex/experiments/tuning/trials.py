@@ -21,6 +21,7 @@ from ..methods import build_attack, method_settings, one_run_per_budget
 from ..runner import cells_of, prepare_torch
 
 __all__ = [
+    "CLONE_DISAGREEMENT_ATTACKS",
     "SEARCH",
     "curve_score",
     "judged_trials",
@@ -58,6 +59,8 @@ def search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
     less those the method pins (e.g. a method defined by asking for maps on every query)."""
     if attack in POOL_ATTACKS:
         return pool_search_space(trial, attack)
+    if attack in CLONE_DISAGREEMENT_ATTACKS:
+        return clone_disagreement_search_space(trial, attack, pinned)
     params = {
         "generator_lr": trial.suggest_float("generator_lr", 1e-4, 5e-2, log=True),
         "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
@@ -81,6 +84,35 @@ def search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
             params["explain_clone_queries"] = trial.suggest_categorical(
                 "explain_clone_queries", [True, False]
             )
+    return params
+
+
+# Data-free attacks whose generator learns from several clones' disagreement, no queries.
+CLONE_DISAGREEMENT_ATTACKS = ("disguide", "dual-students", "disguide-maps")
+
+
+def clone_disagreement_search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
+    """The knobs searched for DisGUIDE, dual students and disguide-maps: the loop's shared
+    ones that apply (their generator sends no queries, so neither training on its answers
+    nor the victim's confidence does), the class-diversity weight and the number of clones
+    (DFME's place: its directions and step), and the maps' weight; less what the method
+    pins (dual students: two clones, no diversity term)."""
+    params = {
+        "generator_lr": trial.suggest_float("generator_lr", 1e-5, 1e-2, log=True),
+        "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
+        "clone_steps": trial.suggest_int("clone_steps", 1, 3),
+        "replay_policy": trial.suggest_categorical("replay_policy", ["reservoir", "ring"]),
+        "generator_restart_every": trial.suggest_categorical(
+            "generator_restart_every", [0, 20_000, 50_000]
+        ),
+        "disagreement_until": trial.suggest_categorical("disagreement_until", [0, 20_000, 50_000]),
+    }
+    if "class_balance" not in pinned:
+        params["class_balance"] = trial.suggest_float("class_balance", 0.01, 1.0, log=True)
+    if "clones" not in pinned:
+        params["clones"] = trial.suggest_categorical("clones", [2, 3, 4])
+    if attack == "disguide-maps":
+        params["explanation_loss"] = trial.suggest_float("explanation_loss", 0.0, 3.0)
     return params
 
 
