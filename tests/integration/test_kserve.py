@@ -6,14 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,62 +15,17 @@ from megex import Explanation, LocalOracle, Victim
 from megex.cli import main
 from megex.defenses import build_defense
 
-if os.environ.get("MEGEX_REQUIRE_SERVERS") != "1":  # CI: a missing KServe is a failure
-    pytest.importorskip("kserve", reason="needs the kserve extra: pip install 'megex[kserve]'")
 httpx = pytest.importorskip("httpx", reason="the server extra is not installed")
 
-from server_support import images, save_tiny_victim  # noqa: E402
+from integrations_support import answered, kserve_server, require_kserve  # noqa: E402
+from server_support import images  # noqa: E402
+
+require_kserve()  # CI (MEGEX_REQUIRE_SERVERS=1): a missing KServe is a failure
 
 from megex.client import RemoteOracle, RemoteV1Oracle, connect, detect_protocol  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFENSES = ["round:2", "quantize:bits=2", "gaussian:scale=0.1"]
 SEED = 7
-# The model's log line for each answered request: "...; N in all".
-TOTAL = re.compile(r"answered (\d+) image\(s\).*; (\d+) in all")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def kserve_server(folder: Path, *options: str) -> Iterator[tuple[str, Path]]:
-    """KServe's ModelServer serving a tiny victim: (model URL, the server's log file)."""
-    victim = save_tiny_victim(folder)
-    port = _free_port()
-    log = folder / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "megex.integrations.kserve", "--victim", str(victim)]
-    argv += ["--http-port", str(port), *options]
-    with open(log, "w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{root}/v2/health/ready").status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"KServe's ModelServer did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield f"{root}/v2/models/model", log
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def answered(log: Path) -> tuple[int, int]:
-    """(images answered, summed over the log's request lines; the server's running count)."""
-    lines = TOTAL.findall(log.read_text())
-    return sum(int(n) for n, _ in lines), int(lines[-1][1]) if lines else 0
 
 
 @contextlib.contextmanager

@@ -14,17 +14,17 @@ unless MEGEX_REQUIRE_SERVERS=1.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
+from integrations_support import (
+    free_port,
+    mlserver_count,
+    mlserver_settings,
+    require_mlserver,
+    server_process,
+)
 from server_support import images, save_tiny_victim
 
 from megex import Explanation, LocalOracle, Victim
@@ -32,23 +32,10 @@ from megex.cli import main
 from megex.client import RemoteOracle
 from megex.defenses import build_defense
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFENSES = ["quantize:bits=2", "round:2"]
 SEED = 7
 # The attack at its smallest: the point is the query count, not the clone.
 BUDGET = 2000
-
-
-def _mlserver() -> str | None:
-    found = shutil.which("mlserver", path=str(Path(sys.executable).parent))
-    local = ROOT / ".venv-mlserver" / "bin" / "mlserver"
-    return found or (str(local) if local.is_file() else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_model(folder: Path, name: str, extra: dict) -> None:
@@ -65,58 +52,21 @@ def _write_model(folder: Path, name: str, extra: dict) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The root URL of a running MLServer with models 'plain' and 'defended'."""
-    mlserver = _mlserver()
-    if mlserver is None:
-        if os.environ.get("MEGEX_REQUIRE_SERVERS") == "1":
-            pytest.fail("MLServer is not installed (make test installs it in .venv-mlserver)")
-        pytest.skip("MLServer is not installed (pip install 'megex[mlserver]')")
+    mlserver = require_mlserver()
     root = tmp_path_factory.mktemp("mlserver")
-    http_port = _free_port()
-    settings = {
-        "host": "127.0.0.1",
-        "http_port": http_port,
-        "grpc_port": _free_port(),
-        "metrics_port": _free_port(),
-        "parallel_workers": 0,
-    }
-    (root / "settings.json").write_text(json.dumps(settings))
+    http_port = free_port()
+    (root / "settings.json").write_text(json.dumps(mlserver_settings(http_port)))
     _write_model(root / "plain", "plain", {"seed": 0})
     _write_model(root / "defended", "defended", {"defenses": DEFENSES, "seed": SEED})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    log = (root / "log.txt").open("w")
-    process = subprocess.Popen(
-        [mlserver, "start", str(root)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
     url = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/models/defended/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"MLServer did not start: {(root / 'log.txt').read_text()}")
-            time.sleep(0.2)
+    ready = f"{url}/v2/models/defended/ready"
+    with server_process([mlserver, "start", str(root)], ready, root / "log.txt", cwd=root):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def _served_count(url: str) -> int:
-    return httpx.get(url).json()["parameters"]["queries_used"]
 
 
 def test_attack_runs_against_mlserver_and_its_count_is_the_runs(server, tmp_path):
     model = f"{server}/v2/models/plain"
-    assert _served_count(model) == 0
+    assert mlserver_count(model) == 0
     # Another client's queries first: the attack's budget is its own queries, not the
     # server's count (read from the metadata before its first query).
     with RemoteOracle(model) as other:
@@ -127,7 +77,7 @@ def test_attack_runs_against_mlserver_and_its_count_is_the_runs(server, tmp_path
     assert main(argv) == 0
     spent = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["queries"]
     assert BUDGET // 2 < spent <= BUDGET
-    assert _served_count(model) == 5 + spent
+    assert mlserver_count(model) == 5 + spent
 
 
 def test_defences_in_mlserver_answer_as_megex_oracle(server, tmp_path):

@@ -177,12 +177,15 @@ class ServiceClient:
                 _raise_for(response, method, url)
             return response
 
-    def count_from(self, used: Any) -> None:
-        """A count the service states elsewhere than in headers (the MLServer runtime's
-        metadata): the queries answered before this client's first, so not its own."""
+    def count_from(self, used: Any, budget: Any = None) -> None:
+        """A count (and budget) the service states elsewhere than in headers (the MLServer
+        runtime's metadata): the queries answered before this client's first, so not its
+        own."""
         if isinstance(used, int) and not isinstance(used, bool):
             with self._lock:
                 self._used = max(self._used, used)
+                if isinstance(budget, int) and not isinstance(budget, bool):
+                    self._budget = budget
 
     def _read_usage(self, headers: httpx.Headers) -> None:
         usage = Usage.from_headers(headers)

@@ -155,7 +155,7 @@ class RemoteOracle(ServiceClient):
         parameters = meta.get("parameters") or {}
         self._prediction = str(parameters.get("prediction", "probabilities"))
         # A server that counts in its metadata rather than in headers (the MLServer runtime).
-        self.count_from(parameters.get("queries_used"))
+        self.count_from(parameters.get("queries_used"), parameters.get("query_budget"))
 
     def _answer(self, tensors: dict[str, tuple[Any, dict[str, Any]]]) -> Answer:
         def get(name: str) -> torch.Tensor | None:

@@ -22,8 +22,9 @@ Requests are parsed and answers rendered by megex's own V2 code (:mod:`megex.ser
 and computed by a :class:`megex.LocalOracle`, whose ledger counts every image answered: each
 response carries ``X-Queries-Used``, ``X-Query-Budget`` and ``X-Queries-Remaining`` (as
 MLServer sets a response's ``parameters.headers``), and the model metadata's parameters
-carry ``queries_used``. What MLServer itself does not offer is not offered here: the binary
-tensor data extension (the client sends JSON to a server whose metadata does not list it),
+carry ``queries_used`` (and ``query_budget``, where there is one). What MLServer itself does
+not offer is not offered here: the binary tensor data extension (the client sends JSON to a
+server whose metadata does not list it),
 API keys, idempotent replays (a retried request is charged again) and refusal codes (an
 error is ``{"error": ...}`` with its HTTP status). The count is per process: serve with
 ``parallel_workers: 0`` for one count. Needs the ``mlserver`` extra.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +134,9 @@ class MegexRuntime(MLModel):
     async def metadata(self) -> MetadataModelResponse:
         doc = metadata_document(self._described)
         doc["parameters"]["queries_used"] = self.oracle.queries_used
+        if math.isfinite(self.oracle.budget):
+            # Before its first answer a client learns the budget here, not from headers.
+            doc["parameters"]["query_budget"] = int(self.oracle.budget)
         return MetadataModelResponse(**doc)
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
