@@ -18,7 +18,7 @@ from megex.defenses import build_defense
 httpx = pytest.importorskip("httpx", reason="the server extra is not installed")
 
 from integrations_support import answered, kserve_server, require_kserve  # noqa: E402
-from server_support import images  # noqa: E402
+from server_support import images, save_tiny_victim  # noqa: E402
 
 require_kserve()  # CI (MEGEX_REQUIRE_SERVERS=1): a missing KServe is a failure
 
@@ -178,3 +178,36 @@ def _v2_body(x: torch.Tensor) -> dict:
             }
         ]
     }
+
+
+def test_kserve_serves_the_explainer_a_provider_ships(tmp_path):
+    """--explainer captum:InputXGradient inside KServe: its maps are captum's, labelled with
+    megex's equivalent, as megex serve's and LocalOracle's with the same explainer."""
+    pytest.importorskip("captum", reason="captum is not installed")
+    from megex.integrations.explainers import build_explainer
+
+    x = images(4, seed=6)
+    spec = "captum:InputXGradient"
+    with kserve_server(tmp_path, "--explainer", spec) as (url, _), one_thread():
+        with RemoteOracle(url) as remote:
+            served = remote.query(x, True)
+        local = LocalOracle(
+            Victim.load(tmp_path / "v.safetensors"),
+            explanation=Explanation("input_x_gradient"),
+            explainer=build_explainer(spec),
+        )
+        expected = local.query(x, True)
+    assert served.explanation_spec.method == "input_x_gradient"
+    torch.testing.assert_close(served.explanation, expected.explanation)
+    assert not torch.allclose(served.explanation, torch.zeros_like(served.explanation))
+
+
+def test_a_bad_explainer_stops_kserve_with_one_line(tmp_path, capsys):
+    from megex.integrations.kserve import main as kserve_main
+
+    victim = save_tiny_victim(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        kserve_main(["--victim", str(victim), "--explainer", "captum:Nope"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--explainer: captum:Nope" in err

@@ -71,6 +71,7 @@ from ..serving.settings import DEFAULT_MODEL_NAME
 from ..serving.v1 import parse_v1, render_v1_explain, render_v1_predict
 from ..serving.v2 import metadata_document
 from ..victim import Victim
+from .explainers import ExternalExplainer, build_explainer
 
 __all__ = ["MegexModel", "add_to_app", "build_model", "main"]
 
@@ -151,14 +152,17 @@ class MegexModel(kserve.Model):
         seed: int = 0,
         monitors: Sequence[Monitor] = (),
         max_passes_per_request: int | None = DEFAULT_MAX_PASSES_PER_REQUEST,
+        explainer: ExternalExplainer | None = None,
     ) -> MegexModel:
-        """A model serving `victim` as ``megex serve`` would with these settings."""
+        """A model serving `victim` as ``megex serve`` would with these settings (`explainer`:
+        what computes the maps instead of megex's own methods, as ``--explainer``)."""
         responder = Responder(
             victim,
             explanation=explanation,
             allow_explanation_choice=allow_explanation_choice,
             defenses=defenses,
             seed=seed,
+            explainer=explainer,
         )
         return cls(responder, name, monitors, max_passes_per_request)
 
@@ -476,6 +480,14 @@ def _parser() -> argparse.ArgumentParser:
         help="quantity differentiated",
     )
     p.add_argument(
+        "--explainer",
+        metavar="SPEC",
+        help="compute the maps with the explainer you ship instead of megex's own: "
+        "captum:NAME[:key=value,...] (needs captum) or module:function (as megex serve's "
+        "--explainer); its maps are labelled with captum's megex equivalent, else with "
+        "--explanation-method",
+    )
+    p.add_argument(
         "--fixed-explanation",
         action="store_true",
         help="requests get only the configured explanation (default: they may choose)",
@@ -489,10 +501,21 @@ def build_model(args: argparse.Namespace) -> MegexModel:
         raise ValueError("--max-passes-per-request: expected >= 0 (0: no limit)")
     defenses = [build_defense(spec) for spec in args.defense]
     monitors = [build_monitor(spec) for spec in args.monitor]
+    explainer, method = None, args.explanation_method
+    if args.explainer:
+        if method == "none":
+            raise ValueError(
+                "--explainer: the model offers no explanations (--explanation-method none)"
+            )
+        try:
+            explainer = build_explainer(args.explainer)
+        except ValueError as err:
+            raise ValueError(f"--explainer: {err}") from None
+        method = explainer.method or method
     explanation = None
-    if args.explanation_method != "none":
+    if method != "none":
         explanation = Explanation(
-            args.explanation_method,
+            method,
             target=args.explanation_target,
             output=args.explanation_output,
         )
@@ -513,6 +536,7 @@ def build_model(args: argparse.Namespace) -> MegexModel:
         seed=args.seed,
         monitors=monitors,
         max_passes_per_request=args.max_passes_per_request or None,
+        explainer=explainer,
     )
 
 
