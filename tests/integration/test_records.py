@@ -1,6 +1,7 @@
 """Run records (megex.experiments.records, `megex records`): byte-identical round trips of
 real and hand-made run folders, refusals to overwrite or drop runs, reuse by the benchmark,
-a rebuild from the records alone, and the command line's errors."""
+a rebuild from the records alone, and the command line's errors; the detection benchmark's
+and the gradient alignment's own records, and the tables rebuilt from them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from bench_support import SMALL_SETTINGS
 
 from megex.cli import main as megex_main
+from megex.experiments import gradient_alignment, records
 from megex.experiments import query_efficiency as bench
-from megex.experiments import records
+from megex.experiments.detection import report as detection_report
+from megex.experiments.detection import scores as detection_scores
 from megex.models import build_classifier
 from megex.runs import RunFolder
 from megex.victim import Victim
@@ -317,3 +322,223 @@ def test_compare_output_tells_the_wall_time_from_a_real_difference(tmp_path):
     d.write_text("| b |\nWall time 3 s\n")
     assert records.compare_output(c, d)[0] == "differs"
     assert records.compare_output(c, tmp_path / "none.md")[0] == "missing"
+
+
+# --- the detection benchmark's and the gradient alignment's own records --------------------
+
+
+def _detection_root(tmp_path: Path, digits_victim) -> tuple[Path, list[str]]:
+    """A folder laid out as the repository's, with a toy detection config and its victim,
+    and the quick detection command that writes benchmarks/results/detection there."""
+    root = tmp_path / "root"
+    config = root / "benchmarks" / "configs" / "detection.json"
+    config.parent.mkdir(parents=True)
+    doc = {
+        "dataset": "digits",
+        "validation_images": 300,
+        "settings": SMALL_SETTINGS,
+        "methods": ["megex-all", "dfme"],
+        "monitors": {"prada": {}, "ood": {"window": 50}},
+        "target_fpr": 0.2,
+        "quick_queries": 250,
+        "quick_seeds": [0],
+        "quick_streams": 3,
+    }
+    config.write_text(json.dumps(doc))
+    victims = root / "benchmarks" / "results" / "victims"
+    digits_victim.save(victims / "digits-small_cnn-seed0-val300.safetensors")
+    argv = [
+        "detection", "--quick", "--config", "benchmarks/configs/detection.json",
+        "--out", "benchmarks/results/detection", "--victims", "benchmarks/results/victims",
+    ]  # fmt: skip
+    return root, argv
+
+
+def _outputs(folder: Path, suffixes: tuple[str, ...] = (".json", ".md", ".png")) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.suffix in suffixes
+    }
+
+
+def test_detection_keeps_its_scores_and_rebuilds_its_tables_from_them(
+    tmp_path, digits_victim, monkeypatch, capsys
+):
+    root, argv = _detection_root(tmp_path, digits_victim)
+    monkeypatch.chdir(root)
+    assert megex_main(argv) == 0
+    out = root / "benchmarks" / "results" / "detection"
+    made = _outputs(out)
+    assert set(made) == {
+        "detection_quick.json", "detection_quick.md",
+        "calibration/prada-digits-small_cnn-seed0.json",
+        "calibration/ood-digits-small_cnn-seed0.json",
+    }  # fmt: skip
+    path = out / detection_scores.SCORES
+    kept = path.read_bytes()
+    assert kept[4:8] == b"\0\0\0\0"  # gzip with no time: the same run, the same bytes
+    rows = records.read_lines(path)
+    assert [r["record"] for r in rows] == ["benchmark"] + ["calibration"] * 2 + ["attack"] * 2 + [
+        "benign"
+    ] * 9
+    summary = json.loads(made["detection_quick.json"])
+    assert [r["run"] for r in rows if r["record"] == "attack"] == summary["attack_runs"]
+    # The table reads the same from the JSON (sorted keys) as from the run: the run's order.
+    assert detection_report.markdown(summary).encode() == made["detection_quick.md"]
+    assert "| prada | megex-all |" in made["detection_quick.md"].decode().split("| any |")[0]
+    # Every table and calibration file again from the scores alone, byte for byte.
+    for name in made:
+        (out / name).unlink()
+    assert megex_main(["detection", "--quick", "--from-records", "--out", str(out)]) == 0
+    assert _outputs(out) == made
+    assert path.read_bytes() == kept
+    # The rebuild runs the same command, in a copy, and finds the same tables.
+    manifest = root / "rebuild.json"
+    step = {
+        "name": "detection-quick",
+        "command": ["detection", "--quick", "--from-records", "--out", str(out.relative_to(root))],
+        "outputs": [f"benchmarks/results/detection/{n}" for n in sorted(made)],
+    }
+    manifest.write_text(json.dumps({"copy": ["benchmarks"], "steps": [step]}))
+    capsys.readouterr()
+    assert megex_main(["records", "rebuild", "--manifest", str(manifest)]) == 0
+    verdicts = capsys.readouterr().out
+    assert verdicts.count(": identical") == 4, verdicts
+    # The full run's scores go beside the quick run's, in the same file; each rebuilds alone.
+    record = detection_scores.read(out, "detection_quick")
+    record.benchmark["queries"] = 999
+    detection_scores.write(out, "detection", record)
+    assert detection_scores.read(out, "detection_quick").benchmark["queries"] == 250
+    assert megex_main(["detection", "--from-records", "--out", str(out)]) == 0
+    assert json.loads((out / "detection.json").read_text())["queries"] == 999
+    assert _outputs(out)["detection_quick.json"] == made["detection_quick.json"]
+
+
+def test_detection_from_records_refuses_run_options_and_missing_records(
+    tmp_path, digits_victim, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    for extra, status, words in [
+        (["--seeds", "1"], 2, ["--seeds:", "takes only --out and --quick"]),
+        (["--config", "x.json"], 2, ["--config:"]),
+        ([], 1, [str(out / detection_scores.SCORES), "no detection records"]),
+    ]:
+        assert megex_main(["detection", "--from-records", "--out", str(out), *extra]) == status
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+    out.mkdir()
+    records.write_lines(out / detection_scores.SCORES, [{"something": "else"}])
+    assert megex_main(["detection", "--from-records", "--out", str(out)]) == 2
+    assert "line 1: not a detection record" in capsys.readouterr().err
+    # A run refuses, before it starts, a records file it could not add its scores to.
+    root, argv = _detection_root(tmp_path, digits_victim)
+    monkeypatch.chdir(root)
+    assert megex_main([*argv[:-4], "--out", str(out), *argv[-2:]]) == 2
+    assert "line 1: not a detection record" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [detection_scores.SCORES]
+
+
+def _aligned_victim(root: Path) -> None:
+    torch.manual_seed(0)
+    victim = Victim(build_classifier("lenet5", 10, 1, 14), (1, 14, 14), 10, arch="lenet5")
+    victim.dataset, victim.accuracy = "fashion-mnist-14", 0.5
+    victim.eval().save(
+        root / "14" / "victims" / "fashion-mnist-14-lenet5-seed0-val5000.safetensors"
+    )
+
+
+def test_gradient_alignment_keeps_its_measurements_and_rebuilds_from_them(
+    tmp_path, fashion_mnist, capsys
+):
+    torch.set_num_threads(1)
+    _aligned_victim(tmp_path / "dims")
+    out = tmp_path / "alignment"
+    argv = [
+        "gradient-alignment", "--sizes", "14", "--victims-root", str(tmp_path / "dims"),
+        "--batches", "3", "--batch-size", "8", "--directions", "10", "1",
+        "--train-queries", "600", "--out", str(out),
+    ]  # fmt: skip
+    assert megex_main(argv) == 0
+    made = _outputs(out)
+    assert set(made) == {
+        "gradient_alignment.json",
+        "gradient_alignment.md",
+        "gradient_alignment.png",
+    }
+    path = out / gradient_alignment.MEASUREMENTS
+    kept = path.read_bytes()
+    rows = records.read_lines(path)
+    assert [r["record"] for r in rows] == ["settings", "size"]
+    phases = rows[1]["size"]["phases"]
+    assert [p["phase"] for p in phases] == ["initial", "trained"]
+    assert [d["m"] for d in phases[0]["directions"]] == [1, 10]  # the order measured
+    assert all(len(d["cosines"]) == 3 for p in phases for d in p["directions"])
+    # The summary's statistics are the record's measurements summarised.
+    summary = json.loads(made["gradient_alignment.json"])
+    trained = summary["sizes"][0]["phases"]["trained"]
+    assert trained["m"]["10"]["batches"] == phases[1]["directions"][1]["cosines"]
+    assert trained["queries"] == phases[1]["queries"] > 0
+    for name in made:
+        (out / name).unlink()
+    assert megex_main(["gradient-alignment", "--from-records", "--out", str(out)]) == 0
+    assert _outputs(out) == made  # the plot's bytes too
+    assert path.read_bytes() == kept
+    # It measures nothing, so it takes no measuring option; without records it says so.
+    assert (
+        megex_main(["gradient-alignment", "--from-records", "--out", str(out), "--batches", "2"])
+        == 2
+    )
+    assert "--batches: --from-records measures nothing" in capsys.readouterr().err
+    assert megex_main(["gradient-alignment", "--from-records", "--out", str(tmp_path)]) == 1
+    assert "no measurements" in capsys.readouterr().err
+
+
+def test_a_rebuild_step_gathers_run_folders_before_it_runs(made, tmp_path, capsys):
+    # The unconfirmed 28x28 table's layout: runs kept in two folders of one experiment, read
+    # together by one benchmark in another folder.
+    root = _copy(made, tmp_path)
+    results = root / "benchmarks" / "results"
+    (results / "runs-other").mkdir()
+    shutil.move(results / "runs-quick" / "dfme-v0-s0", results / "runs-other" / "dfme-v0-s0")
+    records.pack(results)
+    shutil.rmtree(results / "runs-quick"), shutil.rmtree(results / "runs-other")
+    elsewhere = "benchmarks/results/gathered"
+    (root / elsewhere).mkdir()
+    shutil.copy(root / f"{STEM}.json", root / elsewhere / "query_efficiency_quick.json")
+    command = [*BENCH[:5], elsewhere, *BENCH[6:]]
+    step = {
+        "name": "gathered",
+        "command": command,
+        "outputs": [f"{elsewhere}/query_efficiency_quick.json"],
+        "gather": [
+            {"from": "benchmarks/results/runs-quick", "to": f"{elsewhere}/runs-quick"},
+            {"from": "benchmarks/results/runs-other", "to": f"{elsewhere}/runs-quick"},
+            {"from": "benchmarks/results/victims", "to": f"{elsewhere}/victims"},
+        ],
+    }
+    manifest = root / "rebuild.json"
+    manifest.write_text(json.dumps({"copy": ["benchmarks"], "steps": [step]}))
+    argv = ["records", "rebuild", "--root", str(root), "--manifest", str(manifest)]
+    assert megex_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "query_efficiency_quick.json: identical" in out or "wall time only" in out, out
+    step["gather"] = step["gather"][:1]  # without the other folder's run: refused
+    manifest.write_text(json.dumps({"copy": ["benchmarks"], "steps": [step]}))
+    assert megex_main(argv) == 1
+    assert "would be run" in capsys.readouterr().out
+    step["gather"] = [{"from": "benchmarks/results/runs-quick"}]
+    manifest.write_text(json.dumps({"copy": ["benchmarks"], "steps": [step]}))
+    assert megex_main(argv) == 2
+    assert "gather: expected a list of" in capsys.readouterr().err
+
+
+def test_victim_file_names_the_victim_the_experiment_caches():
+    # Held-out pool images are in the name: a rebuild must find the pool victims it reads.
+    config = {"dataset": "fashion-mnist", "validation_images": 5000, "pool_images": 10000}
+    path = records.victim_file(Path("victims"), config, 1)
+    assert path.name == "fashion-mnist-lenet5-seed1-val5000-pool10000.safetensors"
+    assert (
+        records.victim_file(Path("v"), {"dataset": "digits"}, 0).name
+        == "digits-small_cnn-seed0.safetensors"
+    )

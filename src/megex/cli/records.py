@@ -10,7 +10,10 @@ table from them.
 A rebuild follows a manifest (default benchmarks/results/rebuild.json): the folders to copy,
 then steps, each a megex command run from the copy's root and the outputs it writes, which
 are compared with the committed ones. A step runs only if it would compute nothing: every
-run it plans is finished in the records and every victim it reads is saved.
+run it plans is finished in the records and every victim it reads is saved, or it is a
+`--from-records` command (detection, gradient-alignment) reading its experiment's own
+records file. A step may first gather run folders into the folder its command reads
+("gather": [{"from", "to"}], in the copy).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..experiments import query_efficiency, records, tradeoff
+from ..experiments import gradient_alignment, query_efficiency, records, tradeoff
+from ..experiments.detection import scores
 from .bench import add_bench_arguments
 from .errors import FAILURE, UsageError, user_input
-from .studies import add_tradeoff_arguments
+from .studies import add_detection_arguments, add_tradeoff_arguments
 
 __all__ = ["add_parsers", "planned", "read_manifest"]
 
@@ -136,8 +140,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """A rebuild manifest: {"copy": [folders], "steps": [{"name", "command", "outputs"}],
-    "not_rebuilt": [{"outputs", "why"}]} (ValueError where it is not one)."""
+    """A rebuild manifest: {"copy": [folders], "steps": [{"name", "command", "outputs",
+    optionally "gather": [{"from", "to"}]}], "not_rebuilt": [{"outputs", "why"}],
+    "retired": [{"outputs", "why"}]} (ValueError where it is not one)."""
     doc = json.loads(path.read_text())
 
     def strings(value: Any, where: str) -> list[str]:
@@ -154,7 +159,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for step in doc["steps"]:
         strings(step.get("command"), f"step {step['name']}: command")
         strings(step.get("outputs"), f"step {step['name']}: outputs")
+        gather = step.get("gather", [])
+        if not isinstance(gather, list) or not all(_folder_pair(g) for g in gather):
+            raise ValueError(
+                f"{path}: step {step['name']}: gather: expected a list of "
+                '{"from": folder, "to": folder}'
+            )
     return doc
+
+
+def _folder_pair(pair: Any) -> bool:
+    return (
+        isinstance(pair, dict)
+        and set(pair) == {"from", "to"}
+        and all(isinstance(v, str) and v for v in pair.values())
+    )
 
 
 class _Refused(argparse.ArgumentParser):
@@ -186,6 +205,9 @@ def planned(command: list[str]) -> tuple[list[dict[str, Any]], list[Path]]:
         experiment = tradeoff
     elif name == "input-size" and "--summary-only" in options:
         return [], []
+    elif name in ("detection", "gradient-alignment") and "--from-records" in options:
+        _check_from_records(name, options)
+        return [], []
     else:
         raise ValueError(f"megex {' '.join(command)}: not known to compute nothing; not run")
     out = Path(args.out).resolve()
@@ -193,9 +215,41 @@ def planned(command: list[str]) -> tuple[list[dict[str, Any]], list[Path]]:
     return experiment.plan(config, args, out, victims), list(victims.values())
 
 
+def _check_from_records(name: str, options: list[str]) -> None:
+    """A --from-records step's records file is there (ValueError naming it where not)."""
+    if name == "detection":
+        args = add_detection_arguments(_Refused(prog=f"megex {name}")).parse_args(options)
+        path = Path(args.out) / scores.SCORES
+    else:
+        # Its other options are refused by the command itself; only --out matters here.
+        out = _Refused(prog=f"megex {name}", add_help=False)
+        out.add_argument("--out", default="benchmarks/results/gradient_alignment")
+        path = Path(out.parse_known_args(options)[0].out) / gradient_alignment.MEASUREMENTS
+    if not path.is_file():
+        raise ValueError(f"megex {name}: no records file {path}")
+
+
+def _gather(step: dict[str, Any], work: Path) -> None:
+    """Copy each "from" folder's contents into its "to" folder in `work`, a folder of the
+    same name replacing the one there (so later pairs win)."""
+    for pair in step.get("gather", []):
+        source, target = work / pair["from"], work / pair["to"]
+        if not source.is_dir():
+            raise FileNotFoundError(f"step {step['name']}: gather: no folder {pair['from']}")
+        target.mkdir(parents=True, exist_ok=True)
+        for item in sorted(source.iterdir()):
+            if (target / item.name).is_dir():
+                shutil.rmtree(target / item.name)
+            if item.is_dir():
+                shutil.copytree(item, target / item.name)
+            else:
+                shutil.copy2(item, target / item.name)
+
+
 def _run_step(step: dict[str, Any], work: Path) -> str | None:
     """Run one step in `work`; None, or why it was not run or failed."""
     try:
+        _gather(step, work)
         with contextlib.chdir(work):
             jobs, victims = planned(step["command"])
     except (ValueError, OSError) as err:
@@ -254,7 +308,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             verdicts += made
             if args.write and any(v in ("differs", "not committed") for _, v, _ in made):
                 _write_back(step["outputs"], work, root)
-        _report(verdicts, manifest.get("not_rebuilt", []))
+        _report(verdicts, manifest.get("not_rebuilt", []), manifest.get("retired", []))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -271,8 +325,14 @@ def _write_back(outputs: list[str], work: Path, root: Path) -> None:
             print(f"rebuild: wrote {root / output}", file=sys.stderr)
 
 
-def _report(verdicts: list[tuple[str, str, str]], not_rebuilt: list[dict[str, Any]]) -> None:
+def _report(
+    verdicts: list[tuple[str, str, str]],
+    not_rebuilt: list[dict[str, Any]],
+    retired: list[dict[str, Any]],
+) -> None:
     for output, verdict, detail in verdicts:
         print(f"{output}: {verdict}" + (f" ({detail})" if detail else ""))
     for entry in not_rebuilt:
         print(f"not rebuilt ({entry.get('why', '')}): {', '.join(entry.get('outputs', []))}")
+    for entry in retired:
+        print(f"retired ({entry.get('why', '')}): {', '.join(entry.get('outputs', []))}")

@@ -19,7 +19,7 @@ from ..experiments.gradient_alignment import DIRECTIONS
 from ..experiments.input_size import SIZES, check_search
 from ..experiments.query_efficiency import load_config
 from .common import positive_float, positive_int, whole_number
-from .errors import UsageError
+from .errors import UsageError, user_input
 
 __all__ = ["FORWARDS_UNKNOWN_OPTIONS", "Steps", "add_parsers", "search_command"]
 
@@ -35,6 +35,10 @@ class Steps:
 
 # The commands whose unknown options are passed on (to megex bench, for every size).
 FORWARDS_UNKNOWN_OPTIONS = ("input-size",)
+# The options of gradient-alignment that choose what is measured: --from-records takes the
+# record's instead.
+_MEASURE_OPTIONS = ("sizes", "directions", "batches", "batch_size", "epsilon", "train_queries",
+                    "seed", "victims_root", "data_root", "threads")  # fmt: skip
 
 
 def add_parsers(sub: Any, steps: Steps, **kwargs: Any) -> None:
@@ -132,7 +136,16 @@ def _add_gradient_alignment(sub: Any, **kwargs: Any) -> None:
     p.add_argument("--out", default="benchmarks/results/gradient_alignment", help="output folder")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.set_defaults(func=run_gradient_alignment)
+    p.add_argument(
+        "--from-records",
+        action="store_true",
+        help="measure nothing: write the table and plot again from OUT/measurements.jsonl.gz "
+        "(what a run keeps); takes only --out and --no-plot",
+    )
+    p.set_defaults(
+        func=run_gradient_alignment,
+        measure_defaults={name: p.get_default(name) for name in _MEASURE_OPTIONS},
+    )
 
 
 def run_input_size(args: argparse.Namespace, run: Steps) -> int:
@@ -206,10 +219,23 @@ def search_command(
 
 
 def run_gradient_alignment(args: argparse.Namespace) -> int:
-    """Measure the alignment at each size; write JSON, markdown and PNG."""
+    """Measure the alignment at each size, or read the measurements kept by an earlier run
+    (--from-records); write JSON, markdown and PNG."""
+    out, plot_too = Path(args.out), not args.no_plot
+    if args.from_records:
+        changed = [n for n, v in args.measure_defaults.items() if getattr(args, n) != v]
+        if changed:
+            raise UsageError(
+                f"--{changed[0].replace('_', '-')}: --from-records measures nothing and takes "
+                "the record's settings; it takes only --out and --no-plot"
+            )
+        with user_input("--out"):
+            paths = gradient_alignment.tables_from_records(out, plot_too=plot_too)
+        print(f"alignment: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+        return 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    summary = gradient_alignment.run_sizes(
+    record = gradient_alignment.measure_sizes(
         args.sizes,
         victims_root=args.victims_root,
         train_queries=args.train_queries,
@@ -221,8 +247,8 @@ def run_gradient_alignment(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
-    summary["wall_s"] = round(time.time() - t0, 1)
-    summary["threads"] = args.threads
-    paths = gradient_alignment.write_outputs(summary, Path(args.out), plot_too=not args.no_plot)
+    record.settings["wall_s"] = round(time.time() - t0, 1)
+    record.settings["threads"] = args.threads
+    paths = gradient_alignment.write_outputs(record, out, plot_too=plot_too)
     print(f"alignment: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0

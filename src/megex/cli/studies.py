@@ -37,11 +37,13 @@ def add_parsers(sub: Any, **kwargs: Any) -> None:
         "victim, calibrate each query monitor's threshold on validation streams for a target "
         "false-positive rate, and report detection rates, queries until detection and false "
         "positives on test streams (JSON and markdown), with a calibration file per monitor "
-        "for megex serve --monitor NAME:calibration=FILE.",
+        "for megex serve --monitor NAME:calibration=FILE. The calibrations and every stream's "
+        "scores are kept in OUT/scores.jsonl.gz, from which --from-records writes the tables "
+        "again.",
         **kwargs,
     )
     add_detection_arguments(p)
-    p.set_defaults(func=lambda args: run_tool(detection.run_detection, args))
+    p.set_defaults(func=lambda args: run_tool(_detection, args))
     p = sub.add_parser(
         "art-peer",
         help="our knockoff beside ART's KnockoffNets, with matched settings",
@@ -132,7 +134,34 @@ def add_detection_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", help="cpu or cuda for the attacks (default: the config's)")
+    parser.add_argument(
+        "--from-records",
+        action="store_true",
+        help="run nothing: write the tables and calibration files again from the run kept in "
+        "OUT/scores.jsonl.gz (the --quick run with --quick); takes only --out and --quick",
+    )
     return parser
+
+
+# What --from-records leaves to the record: options that choose what a run measures.
+_RUN_OPTIONS = (
+    "config", "data_root", "queries", "seeds", "victim_seeds", "methods", "streams",
+    "target_fpr", "settings_file", "device",
+)  # fmt: skip
+
+
+def _detection(args: argparse.Namespace) -> None:
+    if not args.from_records:
+        detection.run_detection(args)
+        return
+    given = [name for name in _RUN_OPTIONS if getattr(args, name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(
+            f"{flag}: --from-records runs nothing and takes the record's settings; it takes "
+            "only --out and --quick"
+        )
+    detection.tables_from_records(args.out, quick=args.quick)
 
 
 def add_art_peer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

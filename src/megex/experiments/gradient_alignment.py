@@ -21,13 +21,20 @@ the mean over batches with a 95% bootstrap interval, beside sqrt(m / d). For m =
 expected cosine is E|cos(u, g)| = sqrt(2 / (pi d)), about 0.8 sqrt(1 / d); it approaches
 sqrt(m / d) as m grows (while m << d). Two phases: DFME's generator and clone as the attack
 sets them up (random weights), and after DFME has trained them for some queries.
+
+The measurements (per size, phase and m: each batch's mean cosine, and the ideal cosine's
+mean over the batches) are kept in ``<out>/measurements.jsonl.gz`` (byte-stable, as the run
+records); the table and plot are made from them alone, so :func:`tables_from_records` writes
+them again without measuring.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +52,35 @@ from ..oracle import LocalOracle
 from ..stats import bootstrap_interval
 from ..tables import markdown_table
 from ..victim import cached_victim
-from . import common
+from . import common, records
 from .input_size import SIZES
 from .query_efficiency import DEFAULTS
 
-__all__ = ["DIRECTIONS", "measure_alignment", "markdown", "run_sizes", "write_outputs"]
+__all__ = [
+    "DIRECTIONS",
+    "MEASUREMENTS",
+    "AlignmentRecord",
+    "markdown",
+    "measure_alignment",
+    "measure_sizes",
+    "read_record",
+    "summarise",
+    "tables_from_records",
+    "write_outputs",
+]
 
 DIRECTIONS = (1, 2, 5, 10, 20)
+MEASUREMENTS = "measurements.jsonl.gz"
+
+
+@dataclass
+class AlignmentRecord:
+    """What the table and plot are made from: the settings (with the wall time and threads
+    once the run is over) and, per size, its victim and each phase's measurements (per m,
+    each batch's mean cosine, and the ideal cosine's mean over the batches)."""
+
+    settings: dict[str, Any]
+    sizes: list[dict[str, Any]]
 
 
 def _loss(attack: Any, victim: torch.nn.Module, pre: torch.Tensor) -> torch.Tensor:
@@ -77,6 +106,30 @@ def measure_alignment(
     `attack`: a DFME attack after `setup` (its generator, clone and loss are used). Returns
     {"d", "m": {m: {"mean", "low", "high", "ideal", "sqrt_m_over_d", "batches"}}}.
     """
+    found = _measure(
+        attack,
+        victim,
+        directions=directions,
+        batches=batches,
+        batch_size=batch_size,
+        epsilon=epsilon,
+        seed=seed,
+    )
+    return _statistics(found["d"], found["directions"])
+
+
+def _measure(
+    attack: Any,
+    victim: torch.nn.Module,
+    *,
+    directions: tuple[int, ...],
+    batches: int,
+    batch_size: int,
+    epsilon: float,
+    seed: int,
+) -> dict[str, Any]:
+    """The measurements: {"d", "directions": [{"m", "cosines", "ideal"}]}: per m each batch's
+    mean cosine, and the ideal cosine's mean over the batches."""
     for name, value in (("batches", batches), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a whole number >= 1, got {value!r}")
@@ -109,21 +162,34 @@ def measure_alignment(
             linear = torch.cat([torch.zeros(n, 1), slopes], dim=1)
             best = forward_difference_gradient(linear, u, epsilon)
             ideal[m].append(float(F.cosine_similarity(best, exact, dim=1).mean()))
-    out: dict[str, Any] = {"d": dims, "m": {}}
-    for m in directions:
-        mean, low, high = bootstrap_interval({0: dict(enumerate(measured[m]))})
+    return {
+        "d": dims,
+        "directions": [
+            {"m": m, "cosines": measured[m], "ideal": statistics.fmean(ideal[m])}
+            for m in directions
+        ],
+    }
+
+
+def _statistics(d: int, directions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per m: the mean cosine over batches with its 95% bootstrap interval, the ideal one,
+    sqrt(m / d), and the batches' cosines."""
+    out: dict[str, Any] = {"d": d, "m": {}}
+    for row in directions:
+        m, cosines = row["m"], row["cosines"]
+        mean, low, high = bootstrap_interval({0: dict(enumerate(cosines))})
         out["m"][m] = {
             "mean": mean,
             "low": low,
             "high": high,
-            "ideal": statistics.fmean(ideal[m]),
-            "sqrt_m_over_d": math.sqrt(m / dims),
-            "batches": measured[m],
+            "ideal": row["ideal"],
+            "sqrt_m_over_d": math.sqrt(m / d),
+            "batches": cosines,
         }
     return out
 
 
-def run_sizes(
+def measure_sizes(
     sizes: list[str],
     *,
     victims_root: str | Path,
@@ -135,7 +201,7 @@ def run_sizes(
     seed: int = 0,
     data_root: str | None = None,
     log: Any = print,
-) -> dict[str, Any]:
+) -> AlignmentRecord:
     """Measure every size: its recipe's victim (seed 0, 5,000 validation images held out,
     from `victims_root`/<size>/victims, trained there if absent), DFME's models as set up,
     and after `train_queries` queries of DFME (0: that phase is skipped)."""
@@ -150,11 +216,11 @@ def run_sizes(
         "epsilon": epsilon,
         "seed": seed,
     }
-    results = [
+    measured = [
         _measure_size(size, settings, measure, victims_root, train_queries, data_root, log)
         for size in sizes
     ]
-    return {
+    about = {
         "directions": list(directions),
         "batches": batches,
         "batch_size": batch_size,
@@ -162,8 +228,8 @@ def run_sizes(
         "seed": seed,
         "train_queries": train_queries,
         "attack_settings": settings,
-        "sizes": results,
     }
+    return AlignmentRecord(about, measured)
 
 
 def _measure_size(
@@ -186,23 +252,30 @@ def _measure_size(
         data_root=data_root,
         log=log,
     )
-    phases = {}
     seed = measure["seed"]
     oracle = LocalOracle(victim, budget=max(train_queries, 1), seed=seed)
     attack = DFME(seed=seed, **settings)
     attack.setup(oracle, iterations=1)
     attack.generator.train()
     t0 = time.time()
-    phases["initial"] = measure_alignment(attack, victim, **measure)
-    phases["initial"]["seconds"] = round(time.time() - t0, 1)
+    phases = [{"phase": "initial", **_measure(attack, victim, **measure)}]
+    phases[0]["seconds"] = round(time.time() - t0, 1)
     if train_queries > 0:
-        phases["trained"] = _trained_phase(
-            oracle, victim, dataset, settings, measure, train_queries, data_root
+        phases.append(
+            {
+                "phase": "trained",
+                **_trained_phase(
+                    oracle, victim, dataset, settings, measure, train_queries, data_root
+                ),
+            }
         )
-    for phase, found in phases.items():
+    for found in phases:
         log(
-            f"alignment: {size} (d = {d}) {phase}: "
-            + ", ".join(f"m={m} {v['mean']:.4f}" for m, v in found["m"].items())
+            f"alignment: {size} (d = {d}) {found['phase']}: "
+            + ", ".join(
+                f"m={row['m']} {statistics.fmean(row['cosines']):.4f}"
+                for row in found["directions"]
+            )
         )
     return {
         "size": size,
@@ -223,7 +296,7 @@ def _trained_phase(
     train_queries: int,
     data_root: str | None,
 ) -> dict[str, Any]:
-    """The alignment after a fresh DFME has spent `train_queries` queries on `oracle`."""
+    """The measurements after a fresh DFME has spent `train_queries` queries on `oracle`."""
     x_test, y_test = load(dataset, data_root).test_tensors()
     attack = DFME(seed=measure["seed"], **settings)
     t0 = time.time()
@@ -239,7 +312,7 @@ def _trained_phase(
         raise KeyboardInterrupt  # not the trained state the phase claims
     del x_test, y_test
     attack.generator.train()
-    found = measure_alignment(attack, victim, **measure)
+    found = _measure(attack, victim, **measure)
     found.update(
         {
             "queries": result.queries_used,
@@ -248,6 +321,47 @@ def _trained_phase(
         }
     )
     return found
+
+
+def summarise(record: AlignmentRecord) -> dict[str, Any]:
+    """The summary the table and plot are made from: the settings, and per size and phase
+    the statistics of each m (:func:`measure_alignment`'s)."""
+    sizes = []
+    for row in record.sizes:
+        phases = {}
+        for found in row["phases"]:
+            stats = _statistics(found["d"], found["directions"])
+            extra = {k: v for k, v in found.items() if k not in ("phase", "d", "directions")}
+            phases[found["phase"]] = {**stats, **extra}
+        sizes.append({**{k: v for k, v in row.items() if k != "phases"}, "phases": phases})
+    return {**record.settings, "sizes": sizes}
+
+
+def read_record(out: str | os.PathLike) -> AlignmentRecord:
+    """The record kept in ``<out>/measurements.jsonl.gz`` (FileNotFoundError or ValueError,
+    naming the file, where there is none)."""
+    path = Path(out) / MEASUREMENTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no measurements (megex gradient-alignment writes them)")
+    rows = records.read_lines(path)
+    heads = [r for r in rows if r.get("record") == "settings"]
+    sizes = [r for r in rows if r.get("record") == "size"]
+    if len(heads) != 1 or len(heads) + len(sizes) != len(rows):
+        raise ValueError(
+            f"{path}: expected one settings line, then one line per size "
+            "(each with 'record' 'settings' or 'size')"
+        )
+    for row in sizes:
+        phases = row.get("size", {}).get("phases")
+        if not isinstance(phases, list) or not all("directions" in p for p in phases):
+            raise ValueError(f"{path}: {row.get('name')}: no measurements per phase")
+    return AlignmentRecord(heads[0]["settings"], [r["size"] for r in sizes])
+
+
+def _write_record(record: AlignmentRecord, out: Path) -> Path:
+    head = {"record": "settings", "name": "settings", "settings": record.settings}
+    rows = [{"record": "size", "name": f"size/{r['size']}", "size": r} for r in record.sizes]
+    return records.write_lines(out / MEASUREMENTS, [head, *rows])
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -325,7 +439,20 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return plots.save(fig, path, dpi=120)
 
 
-def write_outputs(summary: dict[str, Any], out: Path, plot_too: bool = True) -> list[Path]:
-    """gradient_alignment.json, .md and (with `plot_too`) .png under `out`."""
-    plots = [("", plot)] if plot_too else []
-    return common.write_outputs(summary, out, "gradient_alignment", markdown, plots)
+def write_outputs(record: AlignmentRecord, out: Path, plot_too: bool = True) -> list[Path]:
+    """measurements.jsonl.gz (the record), then gradient_alignment.json, .md and (with
+    `plot_too`) .png made from it, under `out`."""
+    kept = _write_record(record, Path(out))
+    figures = [("", plot)] if plot_too else []
+    made = common.write_outputs(
+        summarise(record), Path(out), "gradient_alignment", markdown, figures
+    )
+    return [kept, *made]
+
+
+def tables_from_records(out: str | os.PathLike, plot_too: bool = True) -> list[Path]:
+    """Write the table (and plot) of the measurements kept in ``<out>/measurements.jsonl.gz``
+    again, measuring nothing."""
+    figures = [("", plot)] if plot_too else []
+    summary = summarise(read_record(out))
+    return common.write_outputs(summary, Path(out), "gradient_alignment", markdown, figures)

@@ -9,6 +9,10 @@ with no time and no file name), and unpacking writes the three files back byte f
 the run wrote them, so an experiment reuses the unpacked runs as it reuses any finished run
 folder whose settings match. :func:`compare_output` tells how a table rebuilt from the
 records differs from the committed one (``megex records rebuild``).
+
+Experiments whose results are not run folders keep their own records file in the same form
+(:func:`write_lines`, :func:`read_lines`: JSON lines, gzip with no time and no file name):
+the detection benchmark its streams' scores, the gradient alignment its measurements.
 """
 
 from __future__ import annotations
@@ -37,11 +41,14 @@ __all__ = [
     "copy_without_runs",
     "experiment_folders",
     "finished_runs",
+    "encode_lines",
     "pack",
+    "read_lines",
     "read_records",
     "unpack",
     "unready_jobs",
     "victim_file",
+    "write_lines",
 ]
 
 RECORDS = "runs.jsonl.gz"
@@ -142,14 +149,58 @@ def _record_of(run: Path, experiment: Path) -> dict[str, Any]:
 # --- the records file -------------------------------------------------------------------
 
 
-def _encode(records: Iterable[dict[str, Any]]) -> bytes:
-    """The records file's bytes: JSON lines sorted by name, gzip with a fixed header."""
-    lines = sorted(json.dumps(r, sort_keys=True, separators=(",", ":")) for r in records)
+def _json_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, separators=(",", ":"))
+
+
+def _gzip(lines: Iterable[str]) -> bytes:
     buffer = io.BytesIO()
-    # mtime 0 and no file name: the same records always give the same bytes.
+    # mtime 0 and no file name: the same lines always give the same bytes.
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0, filename="") as f:
         f.write("".join(line + "\n" for line in lines).encode())
     return buffer.getvalue()
+
+
+def encode_lines(rows: Iterable[dict[str, Any]]) -> bytes:
+    """The bytes of a records file holding `rows`, one JSON line each, in the order given
+    (keys sorted, gzip with no time and no file name: the same rows give the same bytes)."""
+    return _gzip(_json_line(row) for row in rows)
+
+
+def _encode(records: Iterable[dict[str, Any]]) -> bytes:
+    """The run records file's bytes: JSON lines sorted by their text, gzip with a fixed
+    header."""
+    return _gzip(sorted(_json_line(r) for r in records))
+
+
+def write_lines(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write `rows` as a records file (:func:`encode_lines`), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_bytes_atomic(path, encode_lines(rows))
+    return path
+
+
+def read_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a records file, in order (ValueError, naming the file and line, where it
+    is not a gzip file of JSON objects)."""
+    data = Path(path).read_bytes()
+    try:
+        text = gzip.decompress(data).decode()
+    except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a gzip file of JSON lines ({err})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number}: not JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}: line {number}: expected a JSON object, got {type(row).__name__}"
+            )
+        rows.append(row)
+    return rows
 
 
 def _check_record(record: Any, where: str) -> dict[str, Any]:
@@ -173,18 +224,10 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records in a records file (ValueError, naming the file, if it is not one)."""
-    data = Path(path).read_bytes()
-    try:
-        text = gzip.decompress(data).decode()
-    except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a gzip file of JSON lines ({err})") from None
     records, names = [], set()
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, row in enumerate(read_lines(path), 1):
         where = f"{path}: line {number}"
-        try:
-            record = _check_record(json.loads(line), where)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not JSON ({err})") from None
+        record = _check_record(row, where)
         if record["name"] in names:
             raise ValueError(f"{where}: {record['name']} appears twice")
         names.add(record["name"])
@@ -312,13 +355,15 @@ def copy_without_runs(source: Path, target: Path) -> None:
 
 def victim_file(folder: Path, config: dict[str, Any], seed: int) -> Path:
     """Where :func:`megex.victim.cached_victim` keeps the victim of `config` and `seed`
-    (the same name; it trains one there when the file is missing)."""
+    (the same name, held-out pool images included; it trains one there when the file is
+    missing)."""
     return cached_victim_path(
         folder,
         config["dataset"],
         config.get("victim_arch"),
         seed,
         config.get("validation_images", 0),
+        config.get("pool_images", 0),
     )
 
 

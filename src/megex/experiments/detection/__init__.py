@@ -21,8 +21,10 @@ out of its training split):
 Reported: per monitor and method, the detection rate over victims and seeds and the queries
 until detection (median and range, over the runs detected); per monitor and benign kind, the
 false-positive rate on the test streams; and the same for "any monitor". Writes
-<out>/<stem>.json and <stem>.md. Everything runs in one process and takes minutes, so there
-is nothing to resume.
+<out>/<stem>.json and <stem>.md, and keeps what they are made from (the calibrations and every
+stream's scores) in <out>/scores.jsonl.gz (:mod:`.scores`), from which
+:func:`tables_from_records` writes them again without running an attack. Everything runs in
+one process and takes minutes, so there is nothing to resume.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import data as data_mod
-from ...detection import MONITORS, calibrate
+from ...detection import MONITORS, Calibration, calibrate
 from ...victim import cached_victim
 from .. import config as config_files
 from ..common import log
@@ -46,8 +48,10 @@ from ..methods import (
     require_tuned,
 )
 from ..runner import prepare_torch
+from . import scores
 from .config import BENIGN_KINDS, DEFAULTS, DetectionConfig
-from .report import summarise, write_outputs
+from .report import describe, summarise, write_outputs
+from .scores import DetectionRecord
 from .streams import attack_stream, benign_stream, score_stream
 
 __all__ = [
@@ -58,6 +62,7 @@ __all__ = [
     "benign_stream",
     "load_config",
     "run_detection",
+    "tables_from_records",
 ]
 
 
@@ -133,6 +138,7 @@ def run_detection(args: Any) -> dict[str, Any]:
         config["device"] = args.device
     plan = _plan(config, args)
     out = Path(args.out)
+    scores.check_writable(out)  # refused now, not after the run
     out.mkdir(parents=True, exist_ok=True)
     prepare_torch(args.threads, config["device"])
     t0, load_before = time.time(), _load()
@@ -155,18 +161,55 @@ def run_detection(args: Any) -> dict[str, Any]:
         calibrations.update(_calibrate(config, plan, victim, path, victim_seed, x_val, out))
         benign_runs += _benign_runs(config, plan, victim, victim_seed, x_test, calibrations)
         attack_runs += _attack_runs(config, plan, victim, victim_seed, calibrations, args.data_root)
-    summary = summarise(config, plan, victims, calibrations, attack_runs, benign_runs)
-    summary["wall_s"] = round(time.time() - t0, 1)
-    summary["machine"] = {
+    benchmark = describe(config, plan, victims)
+    benchmark["wall_s"] = round(time.time() - t0, 1)
+    benchmark["machine"] = {
         "cpus": os.cpu_count(),
         "torch_threads": args.threads,
         "load_average_before": load_before,
         "load_average_after": _load(),
     }
-    stem = "detection_quick" if args.quick else "detection"
+    record = DetectionRecord(
+        benchmark, [c.to_dict() for c in calibrations.values()], attack_runs, benign_runs
+    )
+    stem = _stem(args.quick)
+    # The record first: tables are never left without what they were made from.
+    kept = scores.write(out, stem, record)
+    summary = summarise(record)
     paths = write_outputs(summary, out, stem)
-    log(f"detection: {summary['wall_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+    log(
+        f"detection: {benchmark['wall_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}; "
+        f"kept its scores in {kept}"
+    )
     return summary
+
+
+def tables_from_records(out: str | os.PathLike, quick: bool = False) -> dict[str, Any]:
+    """Write the tables and calibration files of the run kept in ``<out>/scores.jsonl.gz``
+    (its quick run with `quick`) again, running nothing; return the summary."""
+    out = Path(out)
+    stem = _stem(quick)
+    record = scores.read(out, stem)
+    victims = record.benchmark["victims"]
+    for c in record.calibrations:
+        seed = c["about"]["victim_seed"]
+        path = _calibration_path(
+            out, c["monitor"], record.benchmark["dataset"], victims[str(seed)]["arch"], seed
+        )
+        Calibration(**c).save(path)
+    summary = summarise(record)
+    paths = write_outputs(summary, out, stem)
+    log(f"detection: from {out / scores.SCORES}: wrote {', '.join(str(p) for p in paths)}")
+    return summary
+
+
+def _stem(quick: bool) -> str:
+    return "detection_quick" if quick else "detection"
+
+
+def _calibration_path(out: Path, monitor: str, dataset: str, arch: str, seed: int) -> Path:
+    """Where a monitor's calibration for one victim is saved (megex serve --monitor reads it)."""
+    return out / "calibration" / f"{monitor}-{dataset}-{arch}-seed{seed}.json"
 
 
 def _image_pools(config: dict[str, Any], data_root: Any, queries: int) -> tuple[Any, Any]:
@@ -213,8 +256,7 @@ def _calibrate(
     calibrations = {}
     for name, monitor in plan["monitors"].items():
         calibration = calibrate(monitor, streams, float(plan["target_fpr"]), about=about)
-        stem = f"{name}-{config['dataset']}-{victim.arch}-seed{victim_seed}"
-        calibration.save(out / "calibration" / f"{stem}.json")
+        calibration.save(_calibration_path(out, name, config["dataset"], victim.arch, victim_seed))
         calibrations[(name, victim_seed)] = calibration
         log(
             f"detection: victim {victim_seed}: {name} threshold {calibration.threshold:.4f} "

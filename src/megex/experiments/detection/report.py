@@ -1,4 +1,6 @@
-"""The detection benchmark's summary and markdown table."""
+"""The detection benchmark's summary and markdown table, made from its record (the run's
+settings, calibrations and each stream's scores: megex.experiments.detection.scores), so
+that a run and a rebuild from its record write the same tables."""
 
 from __future__ import annotations
 
@@ -6,15 +8,17 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ...detection import MONITORS
 from ...stats import wilson_interval
 from ...tables import markdown_table
 from .. import common
+from .scores import DetectionRecord
 
-__all__ = ["markdown", "summarise", "write_outputs"]
+__all__ = ["describe", "markdown", "summarise", "write_outputs"]
 
 
-def summarise(config, plan, victims, calibrations, attack_runs, benign_runs) -> dict[str, Any]:
-    names = [*config["monitors"], "any"]
+def describe(config: dict[str, Any], plan: dict[str, Any], victims: dict) -> dict[str, Any]:
+    """The summary's settings and victims: everything in it that no stream decides."""
     return {
         "benchmark": "detection",
         "dataset": config["dataset"],
@@ -33,11 +37,21 @@ def summarise(config, plan, victims, calibrations, attack_runs, benign_runs) -> 
             "noise_std": config["noise_std"],
             "augment": config["augment"],
         },
-        "thresholds": _thresholds(calibrations),
-        "detection": _detection(names, plan["methods"], attack_runs),
-        "false_positives": _false_positives(names, config["benign_kinds"], benign_runs),
-        "attack_runs": attack_runs,
-        "benign_runs": benign_runs,
+    }
+
+
+def summarise(record: DetectionRecord) -> dict[str, Any]:
+    """The summary of a run: its settings, thresholds, detection and false-positive rates,
+    and every stream's scores."""
+    head = record.benchmark
+    names = _monitors(record.calibrations)
+    return {
+        **head,
+        "thresholds": _thresholds(record.calibrations),
+        "detection": _detection(names, head["methods"], record.attack_runs),
+        "false_positives": _false_positives(names, head["benign"]["kinds"], record.benign_runs),
+        "attack_runs": record.attack_runs,
+        "benign_runs": record.benign_runs,
     }
 
 
@@ -83,19 +97,26 @@ def _false_positives(
     return false_positives
 
 
-def _thresholds(calibrations: dict[tuple[str, Any], Any]) -> list[dict[str, Any]]:
+def _thresholds(calibrations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each monitor's calibrated threshold per victim."""
     return [
         {
-            "monitor": name,
-            "victim_seed": seed,
-            "threshold": c.threshold,
-            "flags_when": "below" if name == "prada" else "above",
-            "calibration_fpr": c.calibration_fpr,
-            "streams": c.streams,
+            "monitor": c["monitor"],
+            "victim_seed": c["about"]["victim_seed"],
+            "threshold": c["threshold"],
+            "flags_when": MONITORS[c["monitor"]].flags_when,
+            "calibration_fpr": c["calibration_fpr"],
+            "streams": c["streams"],
         }
-        for (name, seed), c in calibrations.items()
+        for c in calibrations
     ]
+
+
+def _monitors(calibrated: list[dict[str, Any]]) -> list[str]:
+    """The monitors in the order they were calibrated (the config's), "any" last, from the
+    calibrations or the summary's thresholds: the same order whether a summary was just made
+    or read back from its JSON (whose keys are sorted)."""
+    return [*dict.fromkeys(c["monitor"] for c in calibrated), "any"]
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -122,7 +143,7 @@ def _introduction(summary: dict[str, Any]) -> list[str]:
     q = summary["queries"]
     victims = ", ".join(
         f"seed {seed} ({v['arch']}, test accuracy {v['accuracy']:.4f})"
-        for seed, v in summary["victims"].items()
+        for seed, v in sorted(summary["victims"].items(), key=lambda item: int(item[0]))
     )
     benign = summary["benign"]
     return [
@@ -158,8 +179,9 @@ def _detection_table(summary: dict[str, Any]) -> list[str]:
         "range",
     ]  # fmt: skip
     rows = []
-    for name, methods in summary["detection"].items():
-        for method, d in methods.items():
+    for name in _monitors(summary["thresholds"]):
+        for method in summary["methods"]:
+            d = summary["detection"][name][method]
             median = "-" if d["median_queries"] is None else f"{d['median_queries']:g}"
             span = "-" if d["min_queries"] is None else f"{d['min_queries']}-{d['max_queries']}"
             detected = f"{d['detected']}/{d['runs']}"
@@ -177,7 +199,8 @@ def _false_positive_table(summary: dict[str, Any]) -> list[str]:
         "",
     ]
     rows = []
-    for name, kinds in summary["false_positives"].items():
+    for name in _monitors(summary["thresholds"]):
+        kinds = {k: summary["false_positives"][name][k] for k in summary["benign"]["kinds"]}
         for kind, f in kinds.items():
             rows.append(
                 [name, kind, f"{f['flagged']}/{f['streams']}", _rate(f["flagged"], f["streams"])]
