@@ -63,7 +63,7 @@ from ..explain import METHODS, OUTPUTS, Explanation, parse_target
 from ..ledger import Usage
 from ..oracle import Answer, ExplanationNotOffered, Responder
 from ..serving.codec import INPUT_NAME, WireError, dump_json, numeric_array
-from ..serving.errors import HTTPError, bad_request
+from ..serving.errors import HTTPError, bad_request, check_passes
 from ..serving.limits import DEFAULT_MAX_PASSES_PER_REQUEST
 from ..serving.monitoring import MonitorHub
 from ..serving.parsing import Parsed, explanation_from_parameters, validated_images
@@ -253,17 +253,7 @@ class MegexModel(kserve.Model):
         return answer
 
     def _check_compute(self, n: int, passes: int) -> None:
-        limit = self.max_passes_per_request
-        if limit is not None and passes > limit:
-            raise HTTPError(
-                400,
-                f"compute: this request needs {passes} model passes ({n} images x "
-                f"{passes // n}), more than the {limit} allowed per request; send fewer "
-                "images, or ask for a cheaper explanation (fewer samples or steps, one class)",
-                "compute_limit",
-                passes=passes,
-                max_passes_per_request=limit,
-            )
+        check_passes(n, passes, self.max_passes_per_request)
 
 
 # --- the Open Inference Protocol over KServe's request and response types -----------------

@@ -28,3 +28,18 @@ class HTTPError(Exception):
 
 def bad_request(message: str, code: str = "invalid_request") -> HTTPError:
     return HTTPError(400, message, code)
+
+
+def check_passes(n: int, passes: int, limit: int | None) -> None:
+    """Refuse (400, compute_limit) a request of `n` images costing `passes` model passes,
+    more than `limit` per request (None: no limit)."""
+    if limit is not None and passes > limit:
+        raise HTTPError(
+            400,
+            f"compute: this request needs {passes} model passes ({n} images x "
+            f"{passes // n}), more than the {limit} allowed per request; send fewer "
+            "images, or ask for a cheaper explanation (fewer samples or steps, one class)",
+            "compute_limit",
+            passes=passes,
+            max_passes_per_request=limit,
+        )

@@ -40,7 +40,7 @@ from ..sqlite_ledger import (
 )
 from .body import drain, read_body
 from .codec import WireError
-from .errors import HTTPError, bad_request
+from .errors import HTTPError, bad_request, check_passes
 from .limits import PARSE_SLOTS, Limits
 from .monitoring import MonitorHub
 from .parsing import Afford, Parsed
@@ -293,17 +293,7 @@ class Service:
             log.exception("queueing a request of account %s for the monitors", account.id)
 
     def _check_compute(self, account: Account, n: int, passes: int) -> None:
-        limit = self.limits.max_passes_per_request
-        if limit is not None and passes > limit:
-            raise HTTPError(
-                400,
-                f"compute: this request needs {passes} model passes ({n} images x "
-                f"{passes // n}), more than the {limit} allowed per request; send fewer "
-                "images, or ask for a cheaper explanation (fewer samples or steps, one class)",
-                "compute_limit",
-                passes=passes,
-                max_passes_per_request=limit,
-            )
+        check_passes(n, passes, self.limits.max_passes_per_request)
         if self.compute_limiter is not None:
             wait = self.compute_limiter.acquire(account.id, passes)
             if wait > 0:
