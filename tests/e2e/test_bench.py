@@ -115,6 +115,26 @@ def test_settings_come_from_the_search_and_variants_take_their_methods(tmp_path)
         methods.load_tuned(config)
 
 
+def test_the_published_dfme_takes_the_papers_settings_and_is_never_searched(tmp_path):
+    from megex.attacks.presets import DFME_PAPER
+    from megex.experiments.tuning.search import _check_methods
+
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"methods": {"dfme": {"clone_lr": 0.05, "ngf": 8}}}))
+    config = bench.load_config(_config(tmp_path, tuned_settings=str(tuned)))
+    found = methods.load_tuned(config)
+    attack, settings = methods.method_settings(config, "dfme-paper", found)
+    published = {k: v for k, v in DFME_PAPER.items() if k != "lr_schedule"}
+    assert attack == "dfme" and {k: settings[k] for k in published} == published
+    # Neither dfme's searched settings nor this loop's shared ones (a narrow generator, a
+    # weight average) reach it; its schedule is constant.
+    assert "clone_lr" not in settings and settings["ngf"] == 64
+    assert settings["clone_ema"] == 0.0 and settings["lr_schedule"] == "constant"
+    methods.require_tuned(config, "dfme-paper", found)  # needs no search
+    with pytest.raises(ValueError, match="'dfme-paper' is not a searched method"):
+        _check_methods(["dfme-paper"])
+
+
 def test_a_benchmark_stopped_part_way_holds_every_method_on_the_same_runs(tmp_path):
     import argparse
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks import ATTACKS, POOL_ATTACKS
+from ..attacks.presets import DFME_PAPER
 from ..explain import Explanation
 from .config import SHARED_SETTINGS
 
@@ -43,7 +44,20 @@ METHODS: dict[str, dict[str, Any]] = {
     "megex-all": {"attack": "megex", "explanation": "gradient-all"},
     "megex-predicted": {"attack": "megex", "explanation": "gradient-predicted"},
     "megex-smoothgrad": {"attack": "megex", "explanation": "smoothgrad-predicted"},
+    # DFME's estimator in megex's loop (replay, free clone updates, ...), its settings searched.
     "dfme": {"attack": "dfme"},
+    # DFME as published (Truong et al. 2021; presets.DFME_PAPER: no replay, 5 clone steps per
+    # iteration) with a constant learning rate (its multistep schedule decays at fractions of
+    # a 20M-query run), its generator as wide as published and no weight average (the shared
+    # settings' ngf 8 and clone_ema are this loop's), never searched: the literature's DFME.
+    "dfme-paper": {
+        "attack": "dfme",
+        **DFME_PAPER,
+        "lr_schedule": "constant",
+        "ngf": 64,
+        "clone_ema": 0.0,
+        "tuned_as": None,
+    },
     # DFME with 10 directions per image (11 queries per generator image), as MAZE uses.
     "dfme-m10": {"attack": "dfme", "directions": 10, "tuned_as": "dfme"},
     # The strongest use of the maps: every answered map, fresh or replayed, also trains the
@@ -180,7 +194,8 @@ def method_settings(
     spec = dict(METHODS[method])
     attack = spec.pop("attack")
     tuned_as = spec.pop("tuned_as", method)
-    searched = ((tuned or {}).get("methods") or {}).get(tuned_as, {})
+    # tuned_as None: published settings, never searched.
+    searched = ((tuned or {}).get("methods") or {}).get(tuned_as, {}) if tuned_as else {}
     shared = dict(config["settings"])
     if attack in POOL_ATTACKS:
         # The data-free attacks' shared generator and schedule settings mean nothing to an
@@ -200,7 +215,7 @@ def require_tuned(config: dict[str, Any], method: str, tuned: dict[str, Any] | N
     """With a search's output `tuned`, refuse a method whose settings it does not hold (the
     search has not finished it) rather than run it untuned."""
     source = METHODS[method].get("tuned_as", method)
-    if tuned and source not in (tuned.get("methods") or {}):
+    if tuned and source is not None and source not in (tuned.get("methods") or {}):
         raise ValueError(
             f"tuned_settings: {config['tuned_settings']} has no settings for {source!r} "
             f"(the search has not finished it); run megex tune --methods {source}, or run "
