@@ -3,13 +3,14 @@
 Each test runs one attack end to end through the public API (a Victim behind a LocalOracle,
 which counts every query; `megex.run` owns the budget) on the digits victim (8x8, 10 classes,
 small_cnn, about 99% test accuracy), with the attack's defaults except a small generator
-(ngf=8, the demo's), at 8,000 queries and attack seed 0, and checks the clone's test
-accuracy. A change that breaks learning (a wrong sign in a gradient, maps read wrongly, a
-clone that never trains) leaves the clone near chance (10%) and fails here.
+(ngf=8, the demo's), at 5,000 queries (8,000 for the two that learn later) and attack seed
+0, and checks the clone's test accuracy. A change that breaks learning (a wrong sign in a
+gradient, maps read wrongly, a clone that never trains) leaves the clone near chance (10%)
+and fails here.
 
 Thresholds: chance + half the gap between chance and the lowest accuracy measured over
 attack seeds 0, 1 and 2 (same victim, same budget, one torch thread, 2-core CPU). The
-measured accuracies are in MEASURED; each test takes 5-12 s on one idle thread.
+measured accuracies are in MEASURED; each test takes 3-8 s on one idle thread.
 """
 
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from megex.evaluate import Evaluator
 
 pytestmark = pytest.mark.e2e
 
-BUDGET = 8000
+BUDGET = 5000
 CHANCE = 0.1
 ALL_CLASSES = Explanation("gradient", target="all")
 PREDICTED = Explanation("gradient", target="predicted")
@@ -34,13 +35,14 @@ PREDICTED = Explanation("gradient", target="predicted")
 @dataclass(frozen=True)
 class Family:
     """One attack family: the attack, its settings, what the service returns, and the
-    clone accuracies measured at BUDGET with attack seeds 0, 1, 2."""
+    clone accuracies measured at its budget with attack seeds 0, 1, 2."""
 
     method: str
     measured: tuple[float, float, float]
     settings: dict[str, Any] = field(default_factory=dict)
     explanation: Explanation | None = PREDICTED
     defenses: tuple[str, ...] = ()
+    budget: int = BUDGET
 
     @property
     def threshold(self) -> float:
@@ -55,38 +57,38 @@ JACOBIAN = {"replay_maps": True, "explain_clone_queries": True}
 MEASURED = {
     # maps of every class: the exact generator gradient
     "megex-all-classes": Family(
-        "megex", (0.928, 0.775, 0.922), {"explanation": ALL_CLASSES}, ALL_CLASSES
+        "megex", (0.803, 0.575, 0.836), {"explanation": ALL_CLASSES}, ALL_CLASSES
     ),
     # the predicted class's map only (what real services return)
     "megex-predicted-class": Family(
-        "megex", (0.875, 0.758, 0.847), {"explanation": PREDICTED}, PREDICTED
+        "megex", (0.786, 0.703, 0.764), {"explanation": PREDICTED}, PREDICTED
     ),
     # predictions only: forward differences
-    "dfme": Family("dfme", (0.894, 0.872, 0.856), explanation=None),
+    "dfme": Family("dfme", (0.803, 0.731, 0.769), explanation=None),
     "megex-jacobian-all-classes": Family(
-        "megex", (0.944, 0.886, 0.922), {"explanation": ALL_CLASSES, **JACOBIAN}, ALL_CLASSES
+        "megex", (0.878, 0.778, 0.861), {"explanation": ALL_CLASSES, **JACOBIAN}, ALL_CLASSES
     ),
     "megex-jacobian-predicted-class": Family(
-        "megex", (0.881, 0.878, 0.872), {"explanation": PREDICTED, **JACOBIAN}, PREDICTED
+        "megex", (0.775, 0.767, 0.806), {"explanation": PREDICTED, **JACOBIAN}, PREDICTED
     ),
     # the adaptive attacker against the defences it adapts to (settings from adapt_to)
     "megex-adaptive-sign-maps": Family(
         "megex-adaptive",
-        (0.950, 0.842, 0.933),
+        (0.869, 0.731, 0.797),
         {"explanation": ALL_CLASSES},
         ALL_CLASSES,
         ("sign",),
     ),
     "megex-adaptive-noisy-maps": Family(
         "megex-adaptive",
-        (0.919, 0.917, 0.919),
+        (0.767, 0.761, 0.703),
         {"explanation": ALL_CLASSES},
         ALL_CLASSES,
         ("noise:0.5",),
     ),
     "megex-adaptive-withheld-maps": Family(
         "megex-adaptive",
-        (0.894, 0.917, 0.856),
+        (0.794, 0.786, 0.733),
         {"explanation": ALL_CLASSES, "explain_clone_queries": True},
         ALL_CLASSES,
         ("withhold:0.5",),
@@ -94,17 +96,18 @@ MEASURED = {
     # evasion: confident latents selected by the clone, one padding query per attack image
     "megex-evasive-padded": Family(
         "megex-evasive",
-        (0.928, 0.919, 0.900),
+        (0.750, 0.778, 0.769),
         {"explanation": ALL_CLASSES, "padding_per_query": 1},
         ALL_CLASSES,
     ),
-    "dfme-evasive": Family("dfme-evasive", (0.894, 0.842, 0.908), explanation=None),
+    "dfme-evasive": Family("dfme-evasive", (0.694, 0.744, 0.661), explanation=None),
     # predictions only, the generator led by several clones' disagreement (no queries)
-    "disguide": Family("disguide", (0.619, 0.789, 0.800), explanation=None),
-    "dual-students": Family("dual-students", (0.422, 0.753, 0.817), explanation=None),
+    # (they learn later: at 5,000 queries 0.31 and 0.23 at worst, so measured at 8,000)
+    "disguide": Family("disguide", (0.619, 0.789, 0.800), explanation=None, budget=8000),
+    "dual-students": Family("dual-students", (0.422, 0.753, 0.817), explanation=None, budget=8000),
     # the same, each clone also matching the predicted class's maps
     "disguide-maps-predicted-class": Family(
-        "disguide-maps", (0.867, 0.922, 0.878), {"explanation": PREDICTED}, PREDICTED
+        "disguide-maps", (0.772, 0.708, 0.778), {"explanation": PREDICTED}, PREDICTED
     ),
 }
 
@@ -142,14 +145,15 @@ def test_clone_beats_chance_by_a_wide_margin(name, digits_victim, evaluator):
     defenses = [build_defense(spec) for spec in family.defenses]
     settings = {**family.settings, **adapt_to(defenses)}
     attack = ATTACKS[family.method](seed=0, ngf=8, **settings)
+    budget = family.budget
     oracle = LocalOracle(
-        digits_victim, budget=BUDGET, explanation=family.explanation, defenses=defenses
+        digits_victim, budget=budget, explanation=family.explanation, defenses=defenses
     )
-    result = megex.run(attack, oracle, evaluator=evaluator, eval_every=BUDGET, progress=False)
+    result = megex.run(attack, oracle, evaluator=evaluator, eval_every=budget, progress=False)
 
     # The oracle counted every query and the run stayed within one iteration of the budget.
-    assert result.queries_used == oracle.queries_used <= BUDGET
-    assert result.queries_used > BUDGET - attack.iteration_cost()
+    assert result.queries_used == oracle.queries_used <= budget
+    assert result.queries_used > budget - attack.iteration_cost()
     if family.explanation is not None and "withhold:0.5" not in family.defenses:
         # The maps steered the generator, and they were the maps asked for.
         assert result.details["explanation"]["target"] == family.explanation.target

@@ -1,5 +1,7 @@
 """Every Python example in the README and the docs runs as written."""
 
+import re
+
 import pytest
 from docs_support import python_blocks
 
@@ -17,4 +19,5 @@ def test_doc_python_examples_run(tmp_path, monkeypatch, capsys, where, code):
     assert out.strip()
     if "class MyNet" in code:  # the Python API's first example
         assert "torch.Size([4, 10]) torch.Size([4, 10, 1, 8, 8]) 4" in out
-        assert "megex 1" in out and "exact (all classes)" in out
+        # MEGEX spent its budget (to within one iteration) and said which gradient it used.
+        assert re.search(r"^megex 99\d\d ", out, re.M) and "exact (all classes)" in out
