@@ -19,6 +19,7 @@ import torch
 
 from megex import data as data_module
 from megex.attacks.base import default_clone_arch
+from megex.cli.common import positive_int, whole_number
 from megex.evaluate import Evaluator
 from megex.runs import write_text_atomic
 from megex.victim import Victim
@@ -33,26 +34,6 @@ ROOT = Path(__file__).resolve().parents[3]
 RESULTS_STEM = "data_free_peers"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="data_free.py",
@@ -62,9 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", help="the victim's dataset (default: its own record)")
     parser.add_argument("--data-root", help="where the dataset's files are")
     parser.add_argument(
-        "--budgets", nargs="+", type=_positive_int, default=[25_000, 50_000, 100_000]
+        "--budgets", nargs="+", type=positive_int, default=[25_000, 50_000, 100_000]
     )
-    parser.add_argument("--seeds", nargs="+", type=_seed, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=whole_number(0), default=[0])
     parser.add_argument(
         "--mebench", type=Path, help="checkout of caumin/model-extraction-benchmark"
     )
@@ -84,9 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the searched settings for our tuned dfme",
     )
     parser.add_argument(
-        "--test-images", type=_positive_int, help="evaluate on the first N test images"
+        "--test-images", type=positive_int, help="evaluate on the first N test images"
     )
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     return parser.parse_args(argv)
 
 
