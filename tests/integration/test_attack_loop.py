@@ -288,6 +288,33 @@ def test_classes_hidden_by_rounding_do_not_blow_up_the_generator_gradient(digits
     assert dlogp[~hidden].abs().max() < 10 * exact.abs().max()
 
 
+class _Sharpened(nn.Module):
+    def __init__(self, model: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.factor
+
+
+def test_probability_maps_of_classes_below_1e_8_are_left_out(digits_victim):
+    """A class shown with 0 < p < 1e-8 is unknown (zeros), not its map over p clamped at
+    1e-8; every other class keeps its exact d log p. (Sharpened so that some classes fall
+    below 1e-8 on random images.)"""
+    from megex.attacks.megex import log_probability_gradients
+
+    torch.manual_seed(0)
+    victim = megex.Victim.from_module(_Sharpened(digits_victim, 20.0), (1, 8, 8), 10).eval()
+    x = torch.rand(8, 1, 8, 8)
+    answer = LocalOracle(victim, explanation=Explanation(target="all")).query(x, explanation=True)
+    unlikely = answer.probabilities < 1e-8
+    assert ((answer.probabilities > 0) & unlikely).any() and (~unlikely).any()
+    dlogp = log_probability_gradients(answer, x)
+    assert (dlogp[unlikely] == 0).all()
+    exact = megex.explain(victim, x, Explanation(target="all", output="log_probability"))
+    torch.testing.assert_close(dlogp[~unlikely], exact[~unlikely], rtol=1e-3, atol=1e-4)
+
+
 def _averaged_path_gradients(victim, x: torch.Tensor, steps: int) -> torch.Tensor:
     """(N, K, C, H, W): the mean of dp_k/dx at the midpoints of the path 0 -> x, by autograd."""
     total = torch.zeros(x.shape[0], 10, *x.shape[1:])

@@ -54,9 +54,9 @@ def _undo_attribution(maps: torch.Tensor, x: torch.Tensor, spec: Explanation) ->
 def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
     """d log p / dx from an explanation: (N, K, C, H, W) for 'all', else (N, C, H, W).
 
-    A map that cannot be turned into d log p (its class shown as 0, or too unlikely for an
-    integrated-gradients map to stand for it) comes back as zeros: unknown, not zero. A
-    non-finite value in a map is unknown too."""
+    A probability map that cannot be turned into d log p (its class shown below 1e-8, or too
+    unlikely for an integrated-gradients map to stand for it) comes back as zeros: unknown,
+    not zero. A non-finite value in a map is unknown too."""
     spec = answer.explanation_spec
     maps = _undo_attribution(answer.explanation.to(x.device), x, spec)
     finite = torch.isfinite(maps)
@@ -69,20 +69,22 @@ def log_probability_gradients(answer: Answer, x: torch.Tensor) -> torch.Tensor:
     p = shown.clamp_min(LOG_EPS)
     if spec.output == "log_probability":
         return maps
+    # A class shown below LOG_EPS (exactly 0 when rounded, top-k or label only) is left out:
+    # its map divided by the clamped p would not be d log p, and it is flat in the clone's
+    # loss anyway (log p clamped there).
     floor = INTEGRATED_GRADIENTS_MIN_PROBABILITY if spec.method == "integrated_gradients" else 0
+    floor = max(floor, LOG_EPS)
     if maps.dim() == 5:
         if spec.output == "probability":
-            # A class shown as exactly 0 (rounded, top-k, label only) hides its true p:
-            # dividing its map by the floor would blow it up, so it is left out instead.
             # (One multiply by per-class weights: the maps are the largest tensor here.)
-            scale = torch.where((shown > 0) & (shown >= floor), 1.0 / p, 0.0)
+            scale = torch.where(shown >= floor, 1.0 / p, 0.0)
             return maps * scale.view(*p.shape, 1, 1, 1)
         # logits: d log p_k = d z_k - sum_j p_j d z_j
         return maps - class_combination(p, maps).unsqueeze(1)
     cls = explained_class(answer).to(x.device)
     if spec.output == "probability":
         p_c = shown.gather(1, cls.view(-1, 1)).view(-1, 1, 1, 1)
-        usable = (p_c > 0) & (p_c >= floor)
+        usable = p_c >= floor
         return torch.where(usable, maps / p_c.clamp_min(LOG_EPS), 0.0)
     # One logit's gradient alone cannot give d log p_c; (1 - p_c) d z_c is its main term.
     return maps * (1 - p.gather(1, cls.view(-1, 1))).view(-1, 1, 1, 1)

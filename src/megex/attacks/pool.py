@@ -249,8 +249,8 @@ class PoolAttack:
         dlogp = log_probability_gradients(answer, x.detach().cpu())
         if dlogp.dim() == 5:
             # A class the victim puts below LOG_EPS is flat in the clone's loss (its log p is
-            # clamped there), and its map is not read as d log p (log_probability_gradients
-            # divides by p clamped at LOG_EPS): left out of the map term, as unknown.
+            # clamped there): left out of the map term, as unknown, whatever the maps' output
+            # (log_probability_gradients already leaves it out of probability maps).
             likely = (probs >= LOG_EPS).to(dlogp.dtype)
             dlogp = dlogp * likely.view(*likely.shape, 1, 1, 1)
         # The first answer says which maps the service returns (every class, or one).
