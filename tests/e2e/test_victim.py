@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,9 +59,31 @@ def test_training_arguments_are_checked():
         train_victim("digits", "vgg", progress=False)
 
 
-def test_fashion_mnist_lenet5_recipe_reaches_89_percent(fashion_mnist):
-    ds = fashion_mnist
+def test_fashion_mnist_lenet5_recipe_learns(fashion_mnist):
+    # The recipe's first 2 of 12 epochs (seed 0, one thread: 85.1%); the whole recipe takes
+    # 100 s here, and its result is the committed victims' (the next test).
     torch.manual_seed(0)
-    victim = train_victim(ds, progress=False)
+    victim = train_victim(fashion_mnist, epochs=2, progress=False)
     assert victim.arch == "lenet5"
-    assert victim.accuracy >= 0.89, victim.accuracy
+    assert victim.accuracy >= 0.83, victim.accuracy
+
+
+def test_the_committed_victims_are_their_recipes_and_reach_its_accuracy():
+    """Every victim the benchmarks keep was trained by its dataset's recipe as it stands
+    (architecture, epochs, learning rate) and reached the recipe's accuracy on the test split."""
+    from megex.recipes import RECIPES
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    sidecars = [p for p in root.rglob("victims/*.json") if p.with_suffix(".safetensors").is_file()]
+    checked = 0
+    for sidecar in sidecars:
+        info = json.loads(sidecar.read_text())
+        recipe = RECIPES[info["dataset"]]
+        if info.get("validation_images", 0) != 5000:
+            continue  # the benchmarks' victims hold out 5,000 images; others are not recipes'
+        where = sidecar.relative_to(root)
+        assert (info["arch"], info["epochs"], info["lr"]) == (recipe.arch, recipe.epochs,
+                                                              recipe.lr), where  # fmt: skip
+        assert info["accuracy"] >= recipe.expected_accuracy, where
+        checked += 1
+    assert checked >= 30
