@@ -192,7 +192,9 @@ def paired_difference(a: Nested, b: Nested, level: float = 0.95, **kwargs: Any) 
     over the victims' mean differences (over the seeds where there is one victim).
     `verdict` is 'a ahead' or 'b ahead' only where both intervals exclude 0 on the same
     side, else 'no difference measured'; with one pair there is no interval: 'one pair,
-    no interval'. `level` sets both intervals' coverage.
+    no interval'. `level` sets both intervals' coverage. `spread` splits the differences'
+    variance between victims and seeds (variance_components): a lead whose spread is mostly
+    the victim's needs more victims, not more seeds.
     """
     diffs: Nested = {}
     for victim, by_seed in a.items():
@@ -223,6 +225,7 @@ def paired_difference(a: Nested, b: Nested, level: float = 0.95, **kwargs: Any) 
         "t_low": t_low,
         "t_high": t_high,
         "verdict": verdict,
+        "spread": variance_components(diffs),
     }
 
 

@@ -271,6 +271,11 @@ def test_hierarchical_bootstrap_and_paired_differences():
     d = stats.paired_difference(spread, data)
     assert d["low"] > 0 and d["units"] == 3
     assert d["t_low"] < 0 < d["t_high"] and d["verdict"] == "no difference measured"
+    # ... and that lead is the victims' (their differences vary, the seeds' do not).
+    assert d["spread"]["victim_share"] > 0.99 and d["spread"]["seed_var"] < 1e-12
+    # A lead that varies with the seed alone is none of the victim's.
+    seedy = {v: {s: x + 0.02 * s for s, x in seeds.items()} for v, seeds in data.items()}
+    assert stats.paired_difference(seedy, data)["spread"]["victim_share"] == 0.0
     # One victim: the seeds are the t interval's units.
     single = stats.paired_difference(
         {0: {0: 0.70, 1: 0.71, 2: 0.72}}, {0: {0: 0.5, 1: 0.5, 2: 0.5}}

@@ -171,6 +171,16 @@ def _spread(summary: dict[str, Any]) -> list[str]:
             # Not estimable from one victim, or without a repeated seed on some victim.
             cells.append("-" if share is None else f"{100 * share:.0f}%")
         rows.append(cells)
+    for method, by_budget in summary["stats"].items():
+        # The same split of the paired differences: how much of a lead is the victim's.
+        against = [by_budget.get(b, {}).get("vs_baseline") or {} for b in summary["budgets"]]
+        if not any("spread" in vs for vs in against):
+            continue
+        cells = [f"{method} - {next(vs['baseline'] for vs in against if 'baseline' in vs)}"]
+        for vs in against:
+            share = vs.get("spread", {}).get("victim_share")
+            cells.append("-" if share is None else f"{100 * share:.0f}%")
+        rows.append(cells)
     return [*lines, *_table(summary, rows)]
 
 
