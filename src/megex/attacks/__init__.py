@@ -3,7 +3,8 @@ students and their variants) and with the attacker's own images (knockoff, JBDA 
 maps variants)."""
 
 from . import presets
-from .adaptive import AdaptiveMEGEX, AdaptiveMEGEXConfig, adapt_to
+from .adaptive import AdaptiveMEGEX, AdaptiveMEGEXConfig, adapt_to, applicable_settings
+from .adaptive_pool import AdaptiveKnockoffMaps, AdaptiveKnockoffMapsConfig
 from .base import Attack
 from .config import AttackConfig, SettingError, describe_settings, parse_setting
 from .dfme import DFME, DFMEConfig
@@ -26,6 +27,7 @@ ATTACKS = {
     "disguide-maps": DisGUIDEMaps,
     "knockoff": Knockoff,
     "knockoff-maps": KnockoffMaps,
+    "knockoff-maps-adaptive": AdaptiveKnockoffMaps,
     "jbda": JBDA,
     "jbda-maps": JBDAMaps,
 }
@@ -34,6 +36,8 @@ POOL_ATTACKS = frozenset(name for name, cls in ATTACKS.items() if issubclass(cls
 
 __all__ = [
     "ATTACKS",
+    "AdaptiveKnockoffMaps",
+    "AdaptiveKnockoffMapsConfig",
     "AdaptiveMEGEX",
     "AdaptiveMEGEXConfig",
     "Attack",
@@ -63,6 +67,7 @@ __all__ = [
     "PoolAttackConfig",
     "SettingError",
     "adapt_to",
+    "applicable_settings",
     "describe_settings",
     "parse_setting",
     "presets",

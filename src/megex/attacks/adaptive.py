@@ -8,14 +8,16 @@ generator at all the attacker can fall back to estimating the gradient from pred
 
 `AdaptiveMEGEX` is MEGEX with those adaptations as settings, and :func:`adapt_to` chooses
 them from the defences a service declares (by their names), with the rule for each written
-next to it. The trade-off benchmark reports the naive and the adaptive attacker side by side;
+next to it. The adaptations that only read maps (:class:`MapAdaptationsConfig`) are shared
+with the attacker with images (:mod:`megex.attacks.adaptive_pool`), through the functions
+here. The trade-off benchmark reports the naive and the adaptive attacker side by side;
 a defence stops an attacker only if neither of the two stays ahead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +28,31 @@ from ..explain import Explanation, explain
 from ..oracle import Answer, Oracle
 from .config import COUNT, POSITIVE, Choice, setting
 from .dfme import DFME
+from .maps import relative_map_error
 from .megex import MEGEX, MEGEXConfig
 
-__all__ = ["AdaptiveMEGEX", "AdaptiveMEGEXConfig", "adapt_to"]
+__all__ = [
+    "MAP_ERRORS",
+    "AdaptiveMEGEX",
+    "AdaptiveMEGEXConfig",
+    "MapAdaptationsConfig",
+    "adapt_to",
+    "adapted_answer",
+    "adaptations",
+    "applicable_settings",
+    "averaged_answer",
+    "clone_map_norms",
+    "cosine_map_error",
+    "predicted_class_only",
+    "with_class_norms",
+]
 
 
 @dataclass(frozen=True)
-class AdaptiveMEGEXConfig(MEGEXConfig):
+class MapAdaptationsConfig:
+    """The adaptations of any attacker that reads maps, with or without a generator (a
+    mixin of the adaptive attackers' configs)."""
+
     map_repeats: int = setting(
         1,
         "send every image that asks for a map this many times and average the answers "
@@ -43,9 +63,9 @@ class AdaptiveMEGEXConfig(MEGEXConfig):
     map_scale: str = setting(
         "returned",
         "'returned': use the maps' magnitudes as they come; 'clone': give each class's map "
-        "the norm of the clone's own d log p / dx for that class, and the victim's part of "
-        "the generator's gradient, per image, the norm of the clone's part (for sign, "
-        "quantised, sparse or coarse maps, whose magnitudes say little)",
+        "the norm of the clone's own d log p / dx for that class (and, with a generator, the "
+        "victim's part of the generator's gradient, per image, the norm of the clone's part): "
+        "for sign, quantised, sparse or coarse maps, whose magnitudes say little",
         Choice(("returned", "clone")),
         "adaptive",
     )
@@ -63,6 +83,10 @@ class AdaptiveMEGEXConfig(MEGEXConfig):
         Choice(("returned", "predicted")),
         "adaptive",
     )
+
+
+@dataclass(frozen=True)
+class AdaptiveMEGEXConfig(MapAdaptationsConfig, MEGEXConfig):
     generator_gradient: str = setting(
         "maps",
         "where the generator's gradient comes from: 'maps', or 'zeroth-order' (DFME's "
@@ -80,10 +104,6 @@ class AdaptiveMEGEXConfig(MEGEXConfig):
         POSITIVE,
         "adaptive",
     )
-
-
-# The clone's own d log p_k / dx for every class (explained in eval mode, like the victim).
-_CLONE_LOG_PROBABILITY_MAPS = Explanation("gradient", target="all", output="log_probability")
 
 
 class AdaptiveMEGEX(MEGEX):
@@ -115,11 +135,7 @@ class AdaptiveMEGEX(MEGEX):
             return super().ask(oracle, x)
         r = c.map_repeats
         answer = super().ask(oracle, x.repeat(r, 1, 1, 1) if r > 1 else x, explanation)
-        if r > 1:
-            answer = _averaged(answer, r)
-        if c.maps_of == "predicted" and answer.explanation is not None:
-            answer = _predicted_class_only(answer)
-        return answer
+        return adapted_answer(answer, c)
 
     def map_gradients(self, answer: Answer, x: torch.Tensor) -> torch.Tensor:
         dlogp = super().map_gradients(answer, x)
@@ -130,11 +146,7 @@ class AdaptiveMEGEX(MEGEX):
         # the others by orders of magnitude (measured on sign maps: median ratio of the
         # largest to the smallest class's norm 2e6, against 2e2 for honest maps). Each
         # class's map is given the norm of the clone's own d log pS_k / dx, direction kept.
-        own = explain(self.clone, x.detach(), _CLONE_LOG_PROBABILITY_MAPS)
-        target = own.flatten(2).norm(dim=2).to(dlogp.dtype)
-        current = dlogp.flatten(2).norm(dim=2)
-        scale = torch.where(current > 0, target / current.clamp_min(1e-12), 0.0)
-        return dlogp * scale.view(*scale.shape, 1, 1, 1)
+        return with_class_norms(dlogp, clone_map_norms(self.clone, x))
 
     def scale_victim_gradient(
         self, victim_grad: torch.Tensor, clone_term: torch.Tensor, x: torch.Tensor
@@ -151,24 +163,42 @@ class AdaptiveMEGEX(MEGEX):
         return victim_grad * scale.view(-1, *([1] * len(dims)))
 
     def map_error(self, grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.config.map_matching == "relative":
-            return super().map_error(grad, target)
-        return 1 - F.cosine_similarity(grad.flatten(1), target.flatten(1), dim=1, eps=1e-12)
+        return MAP_ERRORS[self.config.map_matching](grad, target)
 
     def details(self) -> dict[str, Any]:
         c = self.config
         out = super().details() if c.generator_gradient == "maps" else {}
         if c.generator_gradient == "zeroth-order":
             out["generator_gradient"] = f"zeroth-order, m={c.directions}, eps={c.epsilon}"
-        out["adaptation"] = {
-            f.name: getattr(c, f.name)
-            for f in dataclasses.fields(AdaptiveMEGEXConfig)
-            if f.metadata.get("group") == "adaptive"
-        }
+        out["adaptation"] = adaptations(c)
         return out
 
 
-def _averaged(answer: Answer, repeats: int) -> Answer:
+# --- what every adaptive attacker shares -------------------------------------------------
+
+
+def adaptations(config: Any) -> dict[str, Any]:
+    """The settings of group "adaptive" of a config, by name: what a run adapted, for its
+    details."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.metadata.get("group") == "adaptive"
+    }
+
+
+def adapted_answer(answer: Answer, config: MapAdaptationsConfig) -> Answer:
+    """An answer to `config.map_repeats` copies of each image, sent one copy after
+    another, as the adaptive attacker reads it: the copies averaged, and maps of every class
+    read as the predicted class's where `maps_of` is 'predicted'."""
+    if config.map_repeats > 1:
+        answer = averaged_answer(answer, config.map_repeats)
+    if config.maps_of == "predicted" and answer.explanation is not None:
+        answer = predicted_class_only(answer)
+    return answer
+
+
+def averaged_answer(answer: Answer, repeats: int) -> Answer:
     """The mean of `repeats` answers to the same images, sent one copy after another."""
 
     def mean(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -186,7 +216,7 @@ def _averaged(answer: Answer, repeats: int) -> Answer:
     )
 
 
-def _predicted_class_only(answer: Answer) -> Answer:
+def predicted_class_only(answer: Answer) -> Answer:
     """An answer with maps of every class read as the predicted class's map alone."""
     spec = answer.explanation_spec
     maps = answer.explanation
@@ -195,6 +225,37 @@ def _predicted_class_only(answer: Answer) -> Answer:
     picked = maps[torch.arange(maps.shape[0]), answer.labels.to(torch.long)]
     one = Explanation(spec.method, target="predicted", output=spec.output, **spec.params)
     return dataclasses.replace(answer, explanation=picked, explanation_spec=one)
+
+
+# The clone's own d log p_k / dx for every class (explained in eval mode, like the victim).
+_CLONE_LOG_PROBABILITY_MAPS = Explanation("gradient", target="all", output="log_probability")
+
+
+def clone_map_norms(clone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The norm of the clone's own d log pS_k / dx for every image and class, (N, K)."""
+    own = explain(clone, x.detach(), _CLONE_LOG_PROBABILITY_MAPS)
+    return own.flatten(2).norm(dim=2)
+
+
+def with_class_norms(maps: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Maps of every class (N, K, C, H, W), each class's map given the norm `norms[n, k]`
+    and its direction kept; an all-zero map (unknown) stays zero."""
+    current = maps.flatten(2).norm(dim=2)
+    scale = torch.where(current > 0, norms.to(maps.dtype) / current.clamp_min(1e-12), 0.0)
+    return maps * scale.view(*scale.shape, 1, 1, 1)
+
+
+def cosine_map_error(grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image, 1 - the cosine between the clone's input gradient and the map's: the
+    direction alone, for maps whose scale was changed."""
+    return 1 - F.cosine_similarity(grad.flatten(1), target.flatten(1), dim=1, eps=1e-12)
+
+
+# How the clone's input gradient is matched to a map, by the `map_matching` setting.
+MAP_ERRORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "relative": relative_map_error,
+    "cosine": cosine_map_error,
+}
 
 
 # How each declared defence is met (keyed by the defence's name; a strength where it
@@ -212,7 +273,8 @@ def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
     - withholding maps for a fraction >= 1/2 of queries: the generator falls back to
       zeroth-order estimates; where the attack asks for maps on its clone's queries
       (explain_clone_queries), the clone keeps learning from the maps that come back
-      (images with all-zero maps are left out of that term);
+      (images with all-zero maps are left out of that term; an attacker with images, which
+      has no generator, does only that: see :func:`applicable_settings`);
     - prediction defences (rounding, top-k, label only, reverse sigmoid) and smoothing: no
       adaptation here; the attack already leaves classes shown as 0 out of its maps.
     """
@@ -232,3 +294,15 @@ def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
         elif name == "withhold" and float(params.get("fraction", 0)) >= 0.5:
             settings["generator_gradient"] = "zeroth-order"
     return settings
+
+
+def applicable_settings(config_class: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `settings` that `config_class` has a field for.
+
+    :func:`adapt_to` answers for every adaptive attacker at once, so some of what it returns
+    may not apply to a given one: the attacker with images has no generator, so
+    `generator_gradient` (with `directions` and `epsilon`), MEGEX's fallback when maps are
+    withheld, means nothing to it, and withheld (all-zero) maps are already left out of its
+    map term as unknown. Passing such a setting would be refused as unknown."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return {name: value for name, value in settings.items() if name in fields}

@@ -6,10 +6,10 @@ For each defence and strength (a list of defence specs, applied in order by the 
   undefended ones, on real test images (megex.experiments.utility: cosine, rank correlation, top-k
   overlap, deletion and insertion AUC), and how much it moves the probabilities;
 - what it buys: the clone accuracy of each explanation attacker, naive and adaptive
-  (megex.attacks.adaptive: the attacker that knows the defence), and of the
-  predictions-only attacker (DFME), at fixed budgets, over several victims and attack seeds,
-  under the benchmark's fair protocol (its shared settings, the tuned settings file, equal
-  clone updates per query).
+  (megex.attacks.adaptive and, for the attacker with images, megex.attacks.adaptive_pool:
+  the attacker that knows the defence), and of the predictions-only attacker (DFME), at
+  fixed budgets, over several victims and attack seeds, under the benchmark's fair protocol
+  (its shared settings, the tuned settings file, equal clone updates per query).
 
 An explanation attacker "leads" when, without a defence, the paired difference attacker
 minus DFME (same victim, same seed) at the largest budget is measurably above 0 (both its
@@ -24,7 +24,8 @@ both; where no attacker leads, there is nothing to stop and it names none, and s
 Explanation defences do not change what DFME is answered (it asks for no maps): DFME runs
 once without a defence and under each prediction defence, and its undefended runs stand for
 it in the rows of explanation defences. An adaptive attacker whose settings equal the naive
-one's (nothing to adapt to) is the naive run, not run twice.
+one's (nothing to adapt to, or nothing that applies to it: the attacker with images has no
+generator to steer when maps are withheld) is the naive run, not run twice.
 
 Runs are the benchmark's run folders (megex.experiments.runner.run_one; a defence list in
 the job), so an interrupted grid resumes; they are spread by megex.experiments.sweep
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import data as data_mod
-from ...attacks import adapt_to
+from ...attacks import ATTACKS, adapt_to, applicable_settings
 from ...defenses import build_defense
 from ...explain import Explanation
 from ...runs import write_json_atomic
@@ -68,6 +69,7 @@ from .summary import summarise
 
 __all__ = [
     "ADAPTIVE",
+    "ADAPTIVE_ATTACKS",
     "DEFAULTS",
     "TradeoffConfig",
     "configured",
@@ -75,6 +77,11 @@ __all__ = [
     "plan",
     "run_tradeoff",
 ]
+
+
+# The attack that knows the defence, for each explanation attack that has one (the
+# adaptive row of a method whose attack is the key).
+ADAPTIVE_ATTACKS = {"megex": "megex-adaptive", "knockoff-maps": "knockoff-maps-adaptive"}
 
 
 def load_config(path: str | os.PathLike | None, quick: bool = False) -> dict[str, Any]:
@@ -182,9 +189,13 @@ def plan(config: dict[str, Any], args: Any, out: Path, victims: dict) -> list:
                     f"{method}: every budget is read off one run: needs a constant lr_schedule"
                 )
             add(method, attack, settings, specs)
-            adaptation = adapt_to(defenses)
-            if adaptation and attack == "megex":
-                add(method + ADAPTIVE, "megex-adaptive", {**settings, **adaptation}, specs)
+            adaptive = ADAPTIVE_ATTACKS.get(attack)
+            if adaptive is None:
+                continue
+            config_class = ATTACKS[adaptive].config_class
+            adaptation = applicable_settings(config_class, adapt_to(defenses))
+            if adaptation:
+                add(method + ADAPTIVE, adaptive, {**settings, **adaptation}, specs)
     return jobs
 
 
