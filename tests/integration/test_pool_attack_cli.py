@@ -171,3 +171,16 @@ def test_bad_pool_input_is_one_line_and_leaves_no_run_folder(tmp_path, victim_fi
     assert err.startswith("megex attack: error: --pool"), err
     assert expected in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_budget_below_one_request_says_what_a_request_costs(tmp_path, victim_file, capsys):
+    out = tmp_path / "run"
+    argv = ["attack", "--method", "knockoff-maps-adaptive", "--victim", str(victim_file)]
+    argv += ["--pool", "digits:unseen:100", "--budget", "100", "--set", "map_repeats=4"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "--budget: 100 queries is less than one iteration of knockoff-maps-adaptive (200 "
+        "queries); raise --budget or lower query_batch"
+    ), err
+    assert "\n" not in err and not out.exists()

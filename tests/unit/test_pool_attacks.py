@@ -6,6 +6,7 @@ an interrupted run resumed exactly."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -240,6 +241,27 @@ def test_maps_of_classes_below_1e_8_are_left_out(digits_victim, pool):
     assert bool(unlikely.any()) and bool((~unlikely).any())
     assert maps[unlikely].abs().sum() == 0
     assert bool(maps[~unlikely].flatten(1).ne(0).any(dim=1).all())
+
+
+def test_maps_past_float16s_range_are_unknown_not_infinite(digits_victim, pool):
+    # Sign maps read as d log p (divided by p, down to 1e-8) pass float16's 65504, the
+    # store's type: such an image's map of that class is left out, and the clone's loss
+    # stays finite.
+    from megex.defenses import build_defense
+
+    sign = [build_defense("sign")]
+    oracle = LocalOracle(digits_victim, budget=10_000, explanation=ALL, defenses=sign)
+    attack = KnockoffMaps(pool, seed=0, query_batch=20, training="streaming")
+    attack.setup(oracle, 10)
+    attack.step(oracle)
+    maps, probs = attack.store.get("maps").float(), attack.store.get("probs")
+    assert torch.isfinite(maps).all()
+    # Some classes the victim puts above 1e-8 are unknown (all zero): those that overflowed;
+    # the likely ones are kept.
+    unknown = (probs >= 1e-8) & (maps.flatten(2).abs().sum(dim=2) == 0)
+    assert bool(unknown.any())
+    assert bool(maps[probs > 0.5].flatten(1).ne(0).any(dim=1).all())
+    assert math.isfinite(attack.replay(1))
 
 
 # --- JBDA: gradients and augmentation rounds ------------------------------------------------
@@ -617,3 +639,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     for field in a["store"]:
         if field != "size":
             assert torch.equal(a["store"][field], b["store"][field]), field
+
+
+def test_a_budget_below_one_request_is_a_clear_error(digits_victim, pool):
+    with pytest.raises(ValueError, match=r"\(50 = one request: query_batch 50\); raise the budg"):
+        megex.run(Knockoff(pool, seed=0), LocalOracle(digits_victim, budget=10), progress=False)

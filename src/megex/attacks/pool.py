@@ -39,8 +39,16 @@ from .config import (
     setting,
     with_overrides,
 )
-from .maps import explained_class, log_probability_gradients, map_matching_loss
+from .maps import (
+    explained_class,
+    log_probability_gradients,
+    map_matching_loss,
+    relative_map_error,
+)
 from .training import LOG_EPS, disagreement, new_weight_average, warmed_weight_average
+
+# The largest value a float16 holds: the answer store's maps.
+FLOAT16_MAX = torch.finfo(torch.float16).max
 
 __all__ = ["PoolAttack", "PoolAttackConfig", "PoolMapsConfig", "PoolMapsMixin", "pool_tensor"]
 
@@ -246,19 +254,29 @@ class PoolAttack:
                 f"{self.name}: the service explained with {spec.describe()}, earlier with "
                 f"{self.explanation_used.describe()}"
             )
-        dlogp = log_probability_gradients(answer, x.detach().cpu())
+        dlogp = self.map_gradients(answer, x.detach().cpu())
         if dlogp.dim() == 5:
             # A class the victim puts below LOG_EPS is flat in the clone's loss (its log p is
             # clamped there): left out of the map term, as unknown, whatever the maps' output
             # (log_probability_gradients already leaves it out of probability maps).
             likely = (probs >= LOG_EPS).to(dlogp.dtype)
             dlogp = dlogp * likely.view(*likely.shape, 1, 1, 1)
+        # The store keeps maps in float16: a map with a value past its range (a sign or
+        # quantised map divided by a small p) would be kept as infinite and turn the clone's
+        # loss into NaN. That image's map of that class is unknown instead.
+        storable = (dlogp.abs() <= FLOAT16_MAX).flatten(dlogp.dim() - 3).all(dim=-1)
+        dlogp = torch.where(storable.view(*storable.shape, 1, 1, 1), dlogp, 0.0)
         # The first answer says which maps the service returns (every class, or one).
         self.store.keep_maps(tuple(dlogp.shape[1:]))
         self.explanation_used = spec
         # The class a one-class map explains (maps of every class: the predicted class).
         classes = answer.labels if spec.target == "all" else explained_class(answer)
         self.store.add(x, probs, dlogp, classes)
+
+    def map_gradients(self, answer: Answer, x: torch.Tensor) -> torch.Tensor:
+        """d log p / dx read off an answer's maps (log_probability_gradients; a hook for
+        attackers that know the maps' magnitudes were changed)."""
+        return log_probability_gradients(answer, x)
 
     def replay(self, updates: int) -> float | None:
         """`updates` clone updates, each on a batch drawn from every answer so far."""
@@ -393,5 +411,18 @@ class PoolMapsMixin:
             v = v * known.view(-1, 1)
             target = maps
         return map_matching_loss(
-            self.clone, x, probs, target, v, self.explanation_used, c.loss, c.explanation_loss
+            self.clone,
+            x,
+            probs,
+            target,
+            v,
+            self.explanation_used,
+            c.loss,
+            c.explanation_loss,
+            self.map_error,
         )
+
+    def map_error(self, grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per image, how far the clone's input gradient is from the map's (a hook):
+        :func:`.maps.relative_map_error`."""
+        return relative_map_error(grad, target)

@@ -447,9 +447,11 @@ def _report_finished(args: argparse.Namespace, folder: RunFolder) -> int:
 def _check_budget(args: argparse.Namespace, attack: Any) -> None:
     cost = attack.iteration_cost()
     if args.budget < cost:
+        # An attack with images sends query_batch images per step (--set), not --batch-size.
+        lower = "query_batch" if hasattr(attack.config, "query_batch") else "--batch-size"
         raise UsageError(
             f"--budget: {args.budget} queries is less than one iteration of {args.method} "
-            f"({cost} queries); raise --budget or lower --batch-size"
+            f"({cost} queries); raise --budget or lower {lower}"
         )
 
 

@@ -286,11 +286,22 @@ def _iterations(attack: Attack, budget: int, cost: int) -> int:
     iterations = budget // cost
     if iterations < 1:
         c = attack.config
+        if not hasattr(c, "query_batch"):
+            made_of = (
+                f"batch {c.batch_size} x (generator steps x "
+                f"{attack.queries_per_generator_step()} + {c.clone_steps} clone steps)"
+            )
+            lower = "batch_size"
+        else:
+            # An attack with images: one request of its own images per step.
+            repeats = int(getattr(c, "map_repeats", 1))
+            made_of = f"one request: query_batch {c.query_batch}" + (
+                f" x map_repeats {repeats}" if repeats > 1 else ""
+            )
+            lower = "query_batch"
         raise ValueError(
             f"budget: {budget} queries is less than one iteration of {attack.name} "
-            f"({cost} = batch {c.batch_size} x (generator steps x "
-            f"{attack.queries_per_generator_step()} + {c.clone_steps} clone steps)); "
-            "raise the budget or lower batch_size"
+            f"({cost} = {made_of}); raise the budget or lower {lower}"
         )
     return iterations
 
