@@ -30,29 +30,32 @@ def _megex(*argv: str) -> list[str]:
     return [sys.executable, "-m", "megex", *argv]
 
 
+BENCH = {
+    "dataset": "digits",
+    "victim_seeds": [0],
+    "seeds": [0, 1],
+    "validation_images": 200,
+    "budgets": BUDGETS,
+    "eval_at": [250, 500],
+    "methods": ["dfme", "megex-predicted"],
+    "assumption_methods": [],
+    "baseline": "dfme",
+    "targets": [0.8, 0.9, 0.95],
+    "tuned_settings": str(TUNED / "data-free.json"),
+}
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """The benchmark on a digits victim with the audit's settings, budgets and seeds: the
-    figures the audit must reproduce, and the victim file it trained."""
+    """The benchmark's config with the audit's settings, budgets and seeds, and the victim
+    it trains (its cache path), which the audit then audits: (config file, victim file)."""
+    from megex.experiments.query_efficiency import load_config
+    from megex.experiments.runner import get_victim
+
     folder = tmp_path_factory.mktemp("bench")
-    config = {
-        "dataset": "digits",
-        "victim_seeds": [0],
-        "seeds": [0, 1],
-        "validation_images": 200,
-        "budgets": BUDGETS,
-        "eval_at": [250, 500],
-        "methods": ["dfme", "megex-predicted"],
-        "assumption_methods": [],
-        "baseline": "dfme",
-        "targets": [0.8, 0.9, 0.95],
-        "tuned_settings": str(TUNED / "data-free.json"),
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    argv = ["bench", "--config", str(folder / "config.json"), "--out", str(folder)]
-    assert main([*argv, "--no-plot", "--no-progress"]) == 0
-    (victim,) = (folder / "victims").glob("*.safetensors")
-    return json.loads((folder / "query_efficiency.json").read_text()), victim
+    (folder / "config.json").write_text(json.dumps(BENCH))
+    _, victim = get_victim(load_config(folder / "config.json"), folder / "victims", None, 0)
+    return folder / "config.json", victim
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +89,25 @@ def _rows(report: dict, key: str = "data-free") -> dict:
     return {row["budget"]: row for row in tm["accuracy"]}
 
 
-def test_the_audits_figures_are_the_benchmarks_on_the_same_victim(bench, audited):
-    summary, _ = bench
+def test_the_audits_figures_are_the_benchmarks_on_the_same_victim(bench, audited, tmp_path, capsys):
+    # `megex bench` with the benchmark's own config, on a copy of the audit's runs: it reuses
+    # a run only if it holds the very settings the benchmark would run (else it refuses), so
+    # the audit ran the benchmark's runs, and its figures must be the benchmark's table's.
+    import shutil
+
+    config, victim = bench
     report, _ = audited
+    folder = tmp_path / "bench"
+    shutil.copytree(Path(report["out"]) / "data-free" / "runs", folder / "runs")
+    (folder / "victims").mkdir()
+    for part in victim.parent.glob(victim.stem + ".*"):
+        shutil.copy(part, folder / "victims" / part.name)
+    argv = ["bench", "--config", str(config), "--out", str(folder), "--no-plot", "--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    # Every one of the benchmark's 4 runs was the audit's: none ran again.
+    assert capsys.readouterr().err.count("(already done)") == 4
+    summary = json.loads((folder / "query_efficiency.json").read_text())
     rows = _rows(report)
     assert sorted(rows) == BUDGETS
     for budget in BUDGETS:
