@@ -38,7 +38,7 @@ class QueryEfficiencyConfig:
     validation_images: int = setting(
         5000, "the last training images, held out of the victims' training", COUNT
     )
-    # Up to 250k: 8 methods x 9 runs fit about a working day on 2 cores (500k would double it).
+    # Up to 250k: 9 methods x 9 runs fit about a working day on 2 cores (500k would double it).
     pool: str | None = setting(
         None,
         "the attacker's images (megex.pools spec, e.g. 'fashion-mnist:unseen:1000'; each "
@@ -61,7 +61,7 @@ class QueryEfficiencyConfig:
     )  # fmt: skip
     methods: list = setting(
         ["megex-all", "megex-predicted", "megex-smoothgrad", "megex-jacobian",
-         "megex-jacobian-predicted", "dfme"],
+         "megex-jacobian-predicted", "dfme", "dfme-paper"],
         "methods compared (data-free, no prior)",
         NAMES,
     )  # fmt: skip
