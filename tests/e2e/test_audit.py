@@ -66,8 +66,15 @@ def audited(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "audit"
     argv = ["audit", "--victim", str(victim), "--out", str(out), *AUDIT]
     argv += ["--defense", "quantize:bits=2"]
+    # SIGINT as a terminal sends it: a worker process of the test runner may ignore SIGINT,
+    # and an ignored signal stays ignored in its children.
     first = subprocess.Popen(
-        _megex(*argv), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env()
+        _megex(*argv),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not list(out.glob("data-free/runs/*/result.json")):
