@@ -20,4 +20,4 @@ def test_doc_python_examples_run(tmp_path, monkeypatch, capsys, where, code):
     if "class MyNet" in code:  # the Python API's first example
         assert "torch.Size([4, 10]) torch.Size([4, 10, 1, 8, 8]) 4" in out
         # MEGEX spent its budget (to within one iteration) and said which gradient it used.
-        assert re.search(r"^megex 99\d\d ", out, re.M) and "exact (all classes)" in out
+        assert re.search(r"^megex 4[6-9]\d\d ", out, re.M) and "exact (all classes)" in out
