@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from victim_support import scaled_digits_victim
 
 import megex
 from megex import Answer, BudgetExceeded, Explanation, LocalOracle
@@ -288,15 +289,6 @@ def test_classes_hidden_by_rounding_do_not_blow_up_the_generator_gradient(digits
     assert dlogp[~hidden].abs().max() < 10 * exact.abs().max()
 
 
-class _Sharpened(nn.Module):
-    def __init__(self, model: nn.Module, factor: float) -> None:
-        super().__init__()
-        self.model, self.factor = model, factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) * self.factor
-
-
 def test_probability_maps_of_classes_below_1e_8_are_left_out(digits_victim):
     """A class shown with 0 < p < 1e-8 is unknown (zeros), not its map over p clamped at
     1e-8; every other class keeps its exact d log p. (Sharpened so that some classes fall
@@ -304,7 +296,7 @@ def test_probability_maps_of_classes_below_1e_8_are_left_out(digits_victim):
     from megex.attacks.megex import log_probability_gradients
 
     torch.manual_seed(0)
-    victim = megex.Victim.from_module(_Sharpened(digits_victim, 20.0), (1, 8, 8), 10).eval()
+    victim = scaled_digits_victim(digits_victim, 20.0)
     x = torch.rand(8, 1, 8, 8)
     answer = LocalOracle(victim, explanation=Explanation(target="all")).query(x, explanation=True)
     unlikely = answer.probabilities < 1e-8

@@ -180,7 +180,7 @@ def test_a_budget_below_one_request_says_what_a_request_costs(tmp_path, victim_f
     assert main([*argv, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(
-        "--budget: 100 queries is less than one iteration of knockoff-maps-adaptive (200 "
-        "queries); raise --budget or lower query_batch"
+        "--budget: 100 queries is less than one iteration of knockoff-maps-adaptive (200 = "
+        "one request: query_batch 50 x map_repeats 4); raise --budget or lower query_batch"
     ), err
     assert "\n" not in err and not out.exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from victim_support import scaled_digits_victim
 
 import megex
 from megex import Explanation, LocalOracle, data
@@ -36,23 +37,13 @@ def pool() -> torch.Tensor:
     return data.load("digits").train_tensors()[0][:60]
 
 
-class _Scaled(nn.Module):
-    def __init__(self, model: nn.Module, factor: float):
-        super().__init__()
-        self.model, self.factor = model, factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) * self.factor
-
-
 @pytest.fixture(scope="module")
 def soft_victim(digits_victim) -> megex.Victim:
     """The digits victim at temperature 5: no class's probability comes near 1e-8.
 
     The trained victim gives some classes p < 1e-8, where the stored maps are not d log p
     (see test_maps_of_classes_below_1e_8_are_the_victims_d_log_p)."""
-    module = _Scaled(copy.deepcopy(digits_victim), 0.2)
-    return megex.Victim.from_module(module, (1, 8, 8), 10).eval()
+    return scaled_digits_victim(digits_victim, 0.2)
 
 
 def _stepped(attack_class, victim, pool, explanation=ALL, steps=1, **settings):

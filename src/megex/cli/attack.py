@@ -15,7 +15,7 @@ from .. import data as data_mod
 from ..accel import exact_fp32
 from ..attacks import ATTACKS, POOL_ATTACKS
 from ..defenses import build_defense
-from ..engine import changed_settings, describe_run
+from ..engine import changed_settings, describe_run, step_cost
 from ..explain import METHODS, Explanation
 from ..oracle import PREDICTION_MODES, LocalOracle
 from ..pools import VictimImages, load_pool, parse_pool, victim_images
@@ -447,11 +447,12 @@ def _report_finished(args: argparse.Namespace, folder: RunFolder) -> int:
 def _check_budget(args: argparse.Namespace, attack: Any) -> None:
     cost = attack.iteration_cost()
     if args.budget < cost:
-        # An attack with images sends query_batch images per step (--set), not --batch-size.
-        lower = "query_batch" if hasattr(attack.config, "query_batch") else "--batch-size"
+        made_of, setting = step_cost(attack)
+        # batch_size is an option here; query_batch only a --set key.
+        lower = "--batch-size" if setting == "batch_size" else setting
         raise UsageError(
             f"--budget: {args.budget} queries is less than one iteration of {args.method} "
-            f"({cost} queries); raise --budget or lower {lower}"
+            f"({cost} = {made_of}); raise --budget or lower {lower}"
         )
 
 

@@ -21,7 +21,7 @@ and continues a checkpoint exactly.
 from .loop import run
 from .protocol import Attack, Evaluator, LoopSettings
 from .resume import changed_settings, check_same_settings, describe_run
-from .steps import AttackResult, Metered
+from .steps import AttackResult, Metered, step_cost
 
 __all__ = [
     "Attack",
@@ -33,4 +33,5 @@ __all__ = [
     "check_same_settings",
     "describe_run",
     "run",
+    "step_cost",
 ]

@@ -285,25 +285,30 @@ def _iterations(attack: Attack, budget: int, cost: int) -> int:
     """Whole steps of `cost` queries within `budget`, or ValueError when not even one fits."""
     iterations = budget // cost
     if iterations < 1:
-        c = attack.config
-        if not hasattr(c, "query_batch"):
-            made_of = (
-                f"batch {c.batch_size} x (generator steps x "
-                f"{attack.queries_per_generator_step()} + {c.clone_steps} clone steps)"
-            )
-            lower = "batch_size"
-        else:
-            # An attack with images: one request of its own images per step.
-            repeats = int(getattr(c, "map_repeats", 1))
-            made_of = f"one request: query_batch {c.query_batch}" + (
-                f" x map_repeats {repeats}" if repeats > 1 else ""
-            )
-            lower = "query_batch"
+        made_of, setting = step_cost(attack)
         raise ValueError(
             f"budget: {budget} queries is less than one iteration of {attack.name} "
-            f"({cost} = {made_of}); raise the budget or lower {lower}"
+            f"({cost} = {made_of}); raise the budget or lower {setting}"
         )
     return iterations
+
+
+def step_cost(attack: Attack) -> tuple[str, str]:
+    """What one iteration's queries are made of, and the setting that lowers them: the
+    words of every "budget below one iteration" message (engine and CLI alike)."""
+    c = attack.config
+    if not hasattr(c, "query_batch"):
+        made_of = (
+            f"batch {c.batch_size} x (generator steps x "
+            f"{attack.queries_per_generator_step()} + {c.clone_steps} clone steps)"
+        )
+        return made_of, "batch_size"
+    # An attack with images: one request of its own images per step.
+    repeats = int(getattr(c, "map_repeats", 1))
+    made_of = f"one request: query_batch {c.query_batch}" + (
+        f" x map_repeats {repeats}" if repeats > 1 else ""
+    )
+    return made_of, "query_batch"
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
