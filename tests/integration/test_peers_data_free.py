@@ -51,7 +51,8 @@ def victim_file(tmp_path, digits_victim):
 @pytest.fixture
 def tuned_file(tmp_path):
     path = tmp_path / "tuned.json"
-    path.write_text(json.dumps({"methods": {"dfme": {"clone_steps": 1, "directions": 2}}}))
+    searched = {"dfme": {"clone_steps": 1, "directions": 2}, "disguide": {"class_balance": 0.5}}
+    path.write_text(json.dumps({"methods": searched}))
     return path
 
 
@@ -76,7 +77,12 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     assert f"wrote {out / 'data_free_peers'}.md" in printed
 
     rows = _rows(out)
-    assert set(rows) == {("megex", "dfme-paper"), ("megex", "dfme"), ("megex", "disguide-paper")}
+    assert set(rows) == {
+        ("megex", "dfme-paper"),
+        ("megex", "dfme"),
+        ("megex", "disguide-paper"),
+        ("megex", "disguide"),
+    }
     for row in rows.values():
         assert row["status"] == "finished"
         assert [e["budget"] for e in row["evaluations"]] == BUDGETS
@@ -101,6 +107,7 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     )
     assert disguide["replay_size"] == BUDGETS[-1]  # the 1M ring, as large as the budget
     assert rows[("megex", "dfme")]["settings"]["directions"] == 2  # from the tuned file
+    assert rows[("megex", "disguide")]["settings"]["class_balance"] == 0.5
 
     table = (out / "data_free_peers.md").read_text()
     assert "| attack | implementation | acc @ 1k | acc @ 2k | queries/s | seeds |" in table
@@ -109,17 +116,26 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     assert cells[0] == "DFME" and cells[2] == "-"
     assert cells[3] == f"{100 * second['clone_accuracy']:.1f}"
 
-    # A second run reuses every finished row and runs nothing.
+    # A second run reuses every finished row and runs nothing, also after the search has
+    # added another method's settings to the file.
     files = {p: p.read_text() for p in (out / "runs").iterdir()}
-    assert len(files) == 3
+    assert len(files) == 4
+    searched = json.loads(tuned_file.read_text())
+    searched["methods"]["megex-all"] = {"clone_lr": 0.2}
+    tuned_file.write_text(json.dumps(searched))
     assert harness.main(_argv(victim_file, tuned_file, out)) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished before") == 3
+    assert printed.count("finished before") == 4
     assert not any(line.endswith("queries/s") for line in printed.splitlines())  # no runs
     assert {p: p.read_text() for p in (out / "runs").iterdir()} == files
     # Another plan in the same folder is refused rather than mixed in.
     assert harness.main(_argv(victim_file, tuned_file, out, "--schedule", "published")) == 2
     assert "was run with another plan (schedule differ)" in capsys.readouterr().err
+    # So is a row whose own searched settings changed.
+    searched["methods"]["disguide"] = {"class_balance": 0.1}
+    tuned_file.write_text(json.dumps(searched))
+    assert harness.main(_argv(victim_file, tuned_file, out)) == 2
+    assert "another plan (tuned_settings differ)" in capsys.readouterr().err
 
 
 # --- fake peers with the imported interfaces ------------------------------------------------

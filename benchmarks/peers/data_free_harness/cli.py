@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tuned",
         type=Path,
         default=ROOT / "benchmarks" / "results" / "tuning" / "tuned.json",
-        help="the searched settings for our tuned dfme",
+        help="the searched settings for our tuned dfme and disguide",
     )
     parser.add_argument(
         "--test-images", type=positive_int, help="evaluate on the first N test images"
@@ -135,7 +135,7 @@ def _main(args: argparse.Namespace) -> int:
     victim, dataset = _load_victim(args)
     peers = _peer_folders(args)
     if not args.tuned.is_file():
-        raise UserError(f"--tuned: no file at {args.tuned} (our tuned dfme's settings)")
+        raise UserError(f"--tuned: no file at {args.tuned} (our tuned methods' settings)")
     x_test, y_test = _test_split(args, dataset, victim)
     clone_arch = default_clone_arch(tuple(victim.input_shape))
     setup = Setup(

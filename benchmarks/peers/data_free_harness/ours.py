@@ -1,8 +1,9 @@
 """One run of ours (megex): ``dfme-paper`` (DFME as published: ``presets.DFME_PAPER``,
 constant learning rate, generator width 64, no weight average), ``dfme`` (DFME's estimator in
-megex's loop, with the benchmark's searched settings from the tuned-settings file), and
+megex's loop, with the benchmark's searched settings from the tuned-settings file),
 ``disguide-paper`` (our DisGUIDE with the settings of the authors' run script, see
-DISGUIDE_PAPER), each through ``megex.engine.run`` with ``eval_at`` = the budgets.
+DISGUIDE_PAPER) and ``disguide`` (our DisGUIDE with the benchmark's searched settings), each
+through ``megex.engine.run`` with ``eval_at`` = the budgets.
 """
 
 from __future__ import annotations
@@ -46,15 +47,26 @@ DISGUIDE_PAPER: dict[str, Any] = {
 }
 
 
+# Ours with the benchmark's searched settings (the others have fixed, published ones).
+TUNED_METHODS = ("dfme", "disguide")
+
+
+def searched_settings(method: str, tuned_path: Path) -> dict[str, Any]:
+    """What the tuned-settings file holds for `method`: a row's plan names these, not the
+    whole file, so a search that goes on for other methods leaves finished rows valid."""
+    tuned = load_tuned({"tuned_settings": str(tuned_path)})
+    return (tuned.get("methods") or {}).get(method, {})
+
+
 def ours_settings(
     method: str, budget: int, schedule: str, tuned_path: Path
 ) -> tuple[str, dict[str, Any]]:
     """(attack, settings) of one of our methods."""
-    if method == "dfme":
+    if method in TUNED_METHODS:
         config = {**DEFAULTS, "tuned_settings": str(tuned_path)}
         tuned = load_tuned(config)
-        require_tuned(config, "dfme", tuned)
-        return method_settings(config, "dfme", tuned)
+        require_tuned(config, method, tuned)
+        return method_settings(config, method, tuned)
     if method == "dfme-paper":
         attack, settings = method_settings(DEFAULTS, "dfme-paper")
         if schedule == "published":

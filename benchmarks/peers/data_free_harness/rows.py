@@ -24,6 +24,7 @@ ROWS: list[tuple[str, str, str]] = [
     (MEBENCH, "disguide", "DisGUIDE"),
     (AUTHORS, "disguide", "DisGUIDE"),
     (OURS, "disguide-paper", "DisGUIDE"),
+    (OURS, "disguide", "DisGUIDE"),
 ]
 NAMES = {
     (MEBENCH, "dfme"): "mebench DFME (mebench.attackers.dfme.DFME)",
@@ -33,6 +34,7 @@ NAMES = {
     (MEBENCH, "disguide"): "mebench DisGUIDE (mebench.attackers.disguide.DisGUIDE)",
     (AUTHORS, "disguide"): "DisGUIDE authors' code (run script's settings)",
     (OURS, "disguide-paper"): "megex disguide (the authors' run script's settings)",
+    (OURS, "disguide"): "megex disguide (DisGUIDE in megex's loop, tuned)",
 }
 
 

@@ -21,8 +21,8 @@ from megex.victim import Victim
 from .authors_peer import run_authors
 from .errors import PeerUnavailable, UserError
 from .mebench_peer import run_mebench
-from .ours import run_ours
-from .rows import MEBENCH, NAMES, OURS, ROWS, read_finished, row_path, sha256
+from .ours import TUNED_METHODS, run_ours, searched_settings
+from .rows import MEBENCH, NAMES, OURS, ROWS, read_finished, row_path
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def run_all(
             continue
         for seed in seeds:
             plan = {**plan_base, "peer_commit": commits.get(peer)}
-            if peer == OURS and method == "dfme":
-                plan["tuned_sha256"] = sha256(setup.tuned)
+            if peer == OURS and method in TUNED_METHODS:
+                plan["tuned_settings"] = searched_settings(method, setup.tuned)
             row = run_row(setup, peer, method, seed, plan)
             failed += row["status"] == "failed"
             rows.append(row)
