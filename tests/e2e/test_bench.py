@@ -351,3 +351,65 @@ def test_censored_queries_to_reach_give_a_one_sided_ratio():
     assert _queries_saved(method_missed, baseline_missed, runs, runs) == {}
     assert _queries_saved({0: {0: 1, 1: 1}, 1: {0: 1}}, baseline_missed, runs, runs) == {}
     assert _queries_saved(method, baseline_missed, runs, runs[:3]) == {}
+
+
+def test_an_attacker_with_maps_is_compared_with_itself_without_them():
+    """disguide-maps-predicted against disguide (what the maps add to that attacker), where
+    both are in the runs; megex against dfme, the table's baseline, as before."""
+    from types import SimpleNamespace
+
+    from megex.experiments.query_efficiency.report import markdown
+    from megex.experiments.query_efficiency.summary import summarise
+
+    methods_present = {"dfme", "disguide", "disguide-maps-predicted", "megex-predicted"}
+    assert baseline_of("disguide-maps-predicted", methods_present) == "disguide"
+    assert baseline_of("megex-predicted", methods_present) == "dfme"
+    assert baseline_of("disguide", methods_present) == "dfme"
+    # Without disguide in the runs it falls back to the table's baseline.
+    assert baseline_of("disguide-maps-predicted", {"dfme", "disguide-maps-predicted"}) == "dfme"
+
+    # Accuracy at 1k and 2k queries: disguide-maps-predicted 20 points over disguide on
+    # every run, disguide 5 under dfme.
+    level = {"dfme": 0.5, "disguide": 0.45, "disguide-maps-predicted": 0.65}
+    finished = [
+        {
+            "method": method,
+            "victim_seed": v,
+            "seed": s,
+            "victim_accuracy": 0.9,
+            "budgets": [1000, 2000],
+            "wall_s": 1.0,
+            "metrics": [
+                {
+                    "queries": q,
+                    "clone_accuracy": acc + 0.01 * v + 0.002 * s + q / 1e5,
+                    "clone_updates": 1,
+                    "generator_updates": 1,
+                    "elapsed_s": 1.0,
+                }
+                for q in (1000, 2000)
+            ],
+        }
+        for method, acc in level.items()
+        for v in range(3)
+        for s in range(2)
+    ]
+    config = {**bench.load_config(None), "targets": [0.5, 0.7]}
+    config["tuned_settings"] = None
+    args = SimpleNamespace(threads=1, jobs=1, ray=None)
+    summary = summarise(finished, config, 1.0, args)
+    vs = summary["stats"]["disguide-maps-predicted"][2000]["vs_baseline"]
+    assert vs["baseline"] == "disguide" and vs["mean"] == pytest.approx(0.20)
+    assert summary["stats"]["disguide"][2000]["vs_baseline"]["baseline"] == "dfme"
+    reach = summary["queries_to_reach"]["0.7"]["disguide-maps-predicted"]
+    assert reach["baseline"] == "disguide"
+    text = markdown(summary)
+    assert "| disguide-maps-predicted - disguide | 20.0" in text
+    assert "| disguide | -5.0" in text
+    assert "disguide needs >= 2.00 [2.00, 2.00]x" in text
+
+
+def baseline_of(method: str, present: set[str]) -> str | None:
+    from megex.experiments.query_efficiency.summary import baseline_for
+
+    return baseline_for(method, "dfme", present)

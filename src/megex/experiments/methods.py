@@ -114,6 +114,10 @@ METHODS: dict[str, dict[str, Any]] = {
         "replay_maps": True,
     },
 }
+# A method with maps compared with the same attacker without them, where that is not the
+# benchmark's baseline (DFME's estimator is MEGEX's own counterpart): what the maps add to
+# that attacker, when both are in the runs.
+WITHOUT_MAPS = {"disguide-maps": "disguide", "disguide-maps-predicted": "disguide"}
 # Attackers that try to stay under an out-of-distribution query monitor (megex.detection):
 # their generator also raises the victim's confidence, they send the images their clone is
 # most confident on, and 6 confident padding images after each (6/7 of the budget: on the

@@ -99,21 +99,28 @@ def _difference_rows(summary: dict[str, Any], methods: list[str]) -> list[list[s
     rows = []
     for method in methods:
         by_budget = summary["stats"][method]
-        cells = [
-            _difference_cell(by_budget.get(b, {}).get("vs_baseline")) for b in summary["budgets"]
-        ]
+        against = [by_budget.get(b, {}).get("vs_baseline") for b in summary["budgets"]]
+        cells = [_difference_cell(vs) for vs in against]
         if any(c != "-" for c in cells):
-            rows.append([method, *cells])
+            base = next(vs["baseline"] for vs in against if vs)
+            rows.append([_against(method, base, summary["baseline"]), *cells])
     return rows
+
+
+def _against(method: str, base: str, primary: str) -> str:
+    """The row's name: the method, and what it is compared with where that is not the
+    table's baseline (disguide for disguide-maps)."""
+    return method if base == primary else f"{method} - {base}"
 
 
 def _differences(summary: dict[str, Any], methods: list[str]) -> list[str]:
     base = summary["baseline"]
     return [
         "",
-        f"Paired difference method - {base} (same victim, same seed), points: mean "
-        "[95% hierarchical bootstrap interval] (t: 95% Student t interval over the victims' "
-        "mean differences); 'ahead' or 'behind' only where both intervals exclude 0:",
+        f"Paired difference method - {base} (same victim, same seed; a row named 'method - "
+        "other' is against that attacker without maps), points: mean [95% hierarchical "
+        "bootstrap interval] (t: 95% Student t interval over the victims' mean differences); "
+        "'ahead' or 'behind' only where both intervals exclude 0:",
         "",
         *_table(summary, _difference_rows(summary, methods)),
     ]
@@ -122,6 +129,7 @@ def _differences(summary: dict[str, Any], methods: list[str]) -> list[str]:
 def _reach_cell(row: dict[str, Any] | None, base: str) -> str:
     if row is None:
         return "-"
+    base = row.get("baseline", base)  # the method's own, where it has one
     if "median" not in row:
         return f"reached in {row['reached']}/{row['runs']} runs" + saved_cell(row, base)
     return ci(row["median"], scale=1, digits=0) + saved_cell(row, base)

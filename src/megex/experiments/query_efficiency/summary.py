@@ -12,7 +12,7 @@ from typing import Any
 
 from ...evaluate import queries_to_reach
 from ...stats import Nested, bootstrap_interval, paired_difference, variance_components
-from ..methods import ASSUMPTIONS, load_tuned, method_settings
+from ..methods import ASSUMPTIONS, WITHOUT_MAPS, load_tuned, method_settings
 from ..runner import cells_of
 from ..sweep import describe
 
@@ -79,9 +79,14 @@ def _queries_saved(hits: Nested, base: Nested, runs: list, base_runs: list) -> d
 
 
 def baseline_for(method: str, baseline: str, methods: Any) -> str | None:
-    """What `method` is compared with: the baseline under the same assumption (dfme+prior
-    for megex-all+prior), the plain baseline for a data-free method; None where the run
-    has no such baseline (a prior is never weighed against a data-free run)."""
+    """What `method` is compared with: the same attacker without maps where it is not the
+    baseline (disguide for disguide-maps, WITHOUT_MAPS) and is in the runs; else the
+    baseline under the same assumption (dfme+prior for megex-all+prior), the plain baseline
+    for a data-free method; None where the run has no such baseline (a prior is never
+    weighed against a data-free run)."""
+    counterpart = WITHOUT_MAPS.get(method)
+    if counterpart in methods:
+        return counterpart
     tags = [tag for tag in ASSUMPTIONS if tag in method]
     other = baseline + "".join(tags)
     return other if other != method and other in methods else None
@@ -199,6 +204,7 @@ def _reach_table(
             against = against_of[method]
             if against:
                 base = _nested(by_method[against], lambda r, f=fraction: _reach(r, f))
+                row["baseline"] = against
                 row.update(_queries_saved(hits, base, runs, by_method[against]))
             reach[str(fraction)][method] = row
     return reach
