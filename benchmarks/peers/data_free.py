@@ -1,13 +1,16 @@
-"""Our data-free attacks beside public implementations of DFME and DisGUIDE, on one victim.
+"""Our data-free attacks beside public implementations of DFME, DisGUIDE and dual students, on
+one victim.
 
 One run of this script steals one of our victims with every implementation below, each to
 the largest budget, evaluates every clone on our test split at each budget on the way, and
 writes a side-by-side table (clone test accuracy per budget, queries per second):
 
-- ours (megex): ``dfme-paper`` (DFME as published), ``dfme`` (DFME's estimator in megex's
-  loop, with the benchmark's searched settings) and ``disguide-paper`` (our DisGUIDE with the
-  settings of the authors' run script), each through ``megex.engine.run`` with ``eval_at`` =
-  the budgets (``data_free_harness/ours.py``);
+- ours (megex): ``dfme-paper`` (DFME as published), ``disguide-paper`` and
+  ``dual-students-paper`` (ours with the settings of each paper's authors' run script), and
+  ``dfme``, ``disguide`` and ``dual-students`` with the benchmark's searched settings from
+  ``--tuned`` (a method the file does not hold yet is reported as not run, and run by a
+  later invocation), each through ``megex.engine.run`` with ``eval_at`` = the budgets
+  (``data_free_harness/ours.py``);
 - mebench (caumin/model-extraction-benchmark, a checkout given by ``--mebench``):
   ``mebench.attackers.dfme.DFME`` and, where the checkout has it,
   ``mebench.attackers.disguide.DisGUIDE``, each driven by its own ``run(ctx)``
@@ -15,7 +18,11 @@ writes a side-by-side table (clone test accuracy per budget, queries per second)
 - the DisGUIDE authors' code (lin-tan/disguide, a checkout given by ``--disguide``): its
   ``train.train_epoch_ensemble`` with the arguments of its ``cli_parser.parse_args`` for the
   run script's flags (``disguide``), or for its DFME experiment (``dfme``)
-  (``data_free_harness/authors_peer.py``).
+  (``data_free_harness/authors_peer.py``);
+- the dual students authors' code (James-Beetham/dual_students, a checkout given by
+  ``--dual-students``): its ``train.train`` with the arguments of the parser in its
+  ``train.main()`` for the flags of its run script ``run_cifar_ds.sh``
+  (``data_free_harness/dual_students_peer.py``).
 
 The peers' code is imported from the given folders, never copied
 (``data_free_harness/peer_imports.py``). What is adapted, only at the boundary, is recorded
@@ -39,7 +46,8 @@ not run again; the table (``<out>/data_free_peers.md`` and ``.json``) is rebuilt
 
     python benchmarks/peers/data_free.py --victim FILE [--dataset fashion-mnist]
         [--budgets 25000 50000 100000] [--seeds 0 1] [--mebench PATH] [--disguide PATH]
-        [--out DIR] [--schedule constant|published] [--tuned FILE] [--test-images N]
+        [--dual-students PATH] [--out DIR] [--schedule constant|published] [--tuned FILE]
+        [--test-images N]
 """
 
 from __future__ import annotations

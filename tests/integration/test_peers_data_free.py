@@ -74,6 +74,7 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     assert harness.main(_argv(victim_file, tuned_file, out)) == 0
     printed = capsys.readouterr().out
     assert "peers not given: --mebench" in printed and "--disguide" in printed
+    assert "--dual-students (the dual-students-authors rows)" in printed
     assert f"wrote {out / 'data_free_peers'}.md" in printed
 
     rows = _rows(out)
@@ -82,7 +83,15 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
         ("megex", "dfme"),
         ("megex", "disguide-paper"),
         ("megex", "disguide"),
+        ("megex", "dual-students-paper"),
+        ("megex", "dual-students"),
     }
+    # The tuned file has no dual-students yet (its search still running): not run, not a
+    # failure (exit status 0), said in the output and in the table.
+    waiting = rows.pop(("megex", "dual-students"))
+    assert waiting["status"] == "unavailable"
+    assert "has no settings for 'dual-students' yet" in waiting["reason"]
+    assert "megex dual-students (dual students in megex's loop, tuned), seed 0: not run" in printed
     for row in rows.values():
         assert row["status"] == "finished"
         assert [e["budget"] for e in row["evaluations"]] == BUDGETS
@@ -106,6 +115,18 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
         0.2,
     )
     assert disguide["replay_size"] == BUDGETS[-1]  # the 1M ring, as large as the budget
+    # Dual students with its authors' run script: lr_S 0.3, lr_G 1e-4, two students, 5
+    # query batches of 256 per generator step, no replay, the first student's average.
+    dual = rows[("megex", "dual-students-paper")]
+    expected = {
+        "attack": "dual-students", "clone_lr": 0.3, "generator_lr": 1e-4, "clones": 2,
+        "class_balance": 0.0, "discrepancy": "logit_l1", "batch_size": 256,
+        "generator_steps": 1, "clone_steps": 5, "replay_size": 0,
+        "clone_updates_per_1k_queries": 0.0, "evaluated": "first", "ngf": 64,
+        "lr_schedule": "constant",
+    }  # fmt: skip
+    assert {k: dual["settings"][k] for k in expected} == expected
+    assert dual["queries_counted"] == 1280  # one iteration of 5 x 256 fits in 2,000
     assert rows[("megex", "dfme")]["settings"]["directions"] == 2  # from the tuned file
     assert rows[("megex", "disguide")]["settings"]["class_balance"] == 0.5
 
@@ -115,19 +136,26 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[0] == "DFME" and cells[2] == "-"
     assert cells[3] == f"{100 * second['clone_accuracy']:.1f}"
+    assert "dual students in megex's loop, tuned): not run: --tuned:" in table
 
-    # A second run reuses every finished row and runs nothing, also after the search has
-    # added another method's settings to the file.
+    # A second run reuses every finished row, also after the search has added other
+    # methods' settings to the file; it runs only the row whose settings are new there.
     files = {p: p.read_text() for p in (out / "runs").iterdir()}
-    assert len(files) == 4
+    assert len(files) == 5
     searched = json.loads(tuned_file.read_text())
     searched["methods"]["megex-all"] = {"clone_lr": 0.2}
+    searched["methods"]["dual-students"] = {"clone_lr": 0.05}
     tuned_file.write_text(json.dumps(searched))
     assert harness.main(_argv(victim_file, tuned_file, out)) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished before") == 4
-    assert not any(line.endswith("queries/s") for line in printed.splitlines())  # no runs
-    assert {p: p.read_text() for p in (out / "runs").iterdir()} == files
+    assert printed.count("finished before") == 5
+    ran = [line for line in printed.splitlines() if line.endswith("queries/s")]
+    assert len(ran) == 1 and ran[0].startswith("megex dual-students (dual students")
+    tuned_dual = _rows(out)[("megex", "dual-students")]
+    assert tuned_dual["status"] == "finished"
+    assert tuned_dual["settings"]["clone_lr"] == 0.05
+    assert tuned_dual["plan"]["tuned_settings"] == {"clone_lr": 0.05}
+    assert {p: p.read_text() for p in (out / "runs").iterdir() if p in files} == files
     # Another plan in the same folder is refused rather than mixed in.
     assert harness.main(_argv(victim_file, tuned_file, out, "--schedule", "published")) == 2
     assert "was run with another plan (schedule differ)" in capsys.readouterr().err
@@ -347,6 +375,171 @@ FAKE_AUTHORS = {
 }
 
 
+# The dual students authors' code: the parser in train.main(), train.train (an epoch, its own
+# count), and the classes it is given. The students' averages step every 2nd iteration here.
+FAKE_DUAL_STUDENTS = {
+    "dual_students/train.py": """
+        import argparse
+        import dataclasses
+        import json
+
+        import torch
+        import torchvision  # imported at the top, as the authors' is, never used
+        from tqdm import tqdm
+
+        import my_utils
+        import network
+
+        @dataclasses.dataclass(frozen=True)
+        class TrainOpts:
+            student: torch.nn.Module
+            generator: torch.nn.Module
+            student_loss: torch.nn.Module
+            device: torch.device
+            use_tqdm: tqdm
+            use_tqdm_desc: str
+            teacher: torch.nn.Module
+            generator_loss: torch.nn.Module
+            student_optimizer: list
+            generator_optimizer: torch.optim.Optimizer
+            args: argparse.Namespace
+
+        def train(opts):
+            args = opts.args
+            for i in range(args.epoch_itrs):
+                opts.generator.train()
+                opts.student.eval()
+                opts.generator_optimizer.zero_grad()
+                fake = opts.generator(torch.randn(args.batch_size, args.nz), pre_x=True)
+                s_logit = opts.student(fake, combine=False)
+                loss_G = -opts.generator_loss(s_logit[0], s_logit[1])
+                loss_G.backward()
+                opts.generator_optimizer.step()
+                opts.generator.eval()
+                opts.student.train()
+                for _ in range(args.d_iter):
+                    fake = opts.generator(torch.randn(args.batch_size, args.nz)).detach()
+                    for o in opts.student_optimizer:
+                        o.zero_grad()
+                    with torch.no_grad():
+                        t_logit = opts.teacher(fake)
+                    for m, o in zip(opts.student.models, opts.student_optimizer):
+                        opts.student_loss(m(fake), t_logit).backward()
+                        o.step()
+                if i == 0:
+                    with open(args.log_dir + "/loss.json.txt", "a") as f:
+                        f.write(json.dumps(dict(epoch=args.epoch)) + "\\n")
+                opts.use_tqdm.update()
+                if i % 2 == 1:
+                    [m(None, step=True) for m in opts.student.models]
+                args.query_budget -= args.cost_per_iteration
+                if args.query_budget < args.cost_per_iteration:
+                    break
+
+        def main():
+            parser = argparse.ArgumentParser()
+            for name, value in dict(
+                batch_size=256, query_budget=20.0, epoch_itrs=50, g_iter=1, d_iter=1,
+                lr_S=0.1, lr_G=1e-4, nz=16, loss="l1", generator_loss="l1",
+                scheduler="multistep", scale=0.3, dataset="cifar10", data_dir="data",
+                model="resnet34_8x", weight_decay=5e-4, cuda=0, seed=7, ckpt="x.pt",
+                log_dir="results", grad_m=1, rec_grad_norm=1, student_model="resnet18_8x",
+                num_students=1, combine_student_outputs="first", student_momentum=0.9,
+                generator_momentum=0.9, MAZE=0,
+            ).items():
+                parser.add_argument("--" + name, type=type(value), default=value)
+            parser.add_argument("--steps", nargs="+", type=float, default=[0.1, 0.3, 0.5])
+            parser.add_argument("--resume", action="store_true")
+            parser.add_argument("--disable_tqdm", action="store_true")
+            args = parser.parse_args()
+            my_utils.setup_args(args)
+            raise RuntimeError("the rest of main() needs the teacher's checkpoint")
+    """,
+    "dual_students/my_utils.py": """
+        import torch
+
+        import network
+        import train
+
+        def setup_args(args):
+            raise RuntimeError("makes log folders and a logger: main() is stopped here")
+
+        class TargetModel(torch.nn.Module):
+            def __init__(self, args, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                o = torch.log_softmax(self.model(x), dim=1)
+                return (o - o.mean(dim=1, keepdim=True)).detach()
+
+        def build_criterion(args):
+            return torch.nn.L1Loss(), torch.nn.L1Loss()
+
+        def build_optimizers_and_schedulers(args, student, generator, s_state, g_state):
+            opt_s = [torch.optim.SGD(s.parameters(), lr=args.lr_S) for s in student.models]
+            opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_G)
+            if args.scheduler == "multistep":
+                sched_class = torch.optim.lr_scheduler.MultiStepLR
+            steps = sorted(int(step * args.number_epochs) for step in args.steps)
+            return opt_s, opt_g, [sched_class(o, steps, args.scale) for o in [*opt_s, opt_g]]
+
+        def measure_true_grad_norm(opts: train.TrainOpts, x):  # needs train fully imported
+            raise RuntimeError("--rec_grad_norm must be 0")
+    """,
+    "dual_students/network/__init__.py": """
+        from . import gan, moving_averages, multi_student
+    """,
+    "dual_students/network/gan.py": """
+        from torch import nn
+
+        class GeneratorA(nn.Module):
+            def __init__(self, nz=100, ngf=64, nc=1, img_size=32, activation=None):
+                super().__init__()
+                self.shape = (nc, img_size, img_size)
+                self.l1 = nn.Linear(nz, nc * img_size * img_size)
+                self.activation = activation
+
+            def forward(self, z, pre_x=False):
+                img = self.l1(z).view(len(z), *self.shape)
+                return img if pre_x else self.activation(img)
+    """,
+    "dual_students/network/moving_averages.py": """
+        import torch
+        from torch import nn
+
+        class MovingAverages(nn.Module):
+            def __init__(self, model_class, args_kwargs=([], {}), momentum=0):
+                super().__init__()
+                self.model_train = model_class(*args_kwargs[0], **args_kwargs[1])
+                self.model_test = model_class(*args_kwargs[0], **args_kwargs[1])
+                self.momentum = momentum
+
+            def forward(self, x, test=False, step=False, **kwargs):
+                if step:
+                    with torch.no_grad():
+                        for tr, te in zip(self.model_train.state_dict().values(),
+                                          self.model_test.state_dict().values()):
+                            te.copy_(self.momentum * te + (1 - self.momentum) * tr)
+                    return None
+                return (self.model_test if test else self.model_train)(x, **kwargs)
+    """,
+    "dual_students/network/multi_student.py": """
+        import torch
+
+        class MultiStudentModel(torch.nn.Module):
+            def __init__(self, args, models):
+                super().__init__()
+                self.models = torch.nn.ModuleList(models)
+
+            def forward(self, x, *args, combine=True, **kwargs):
+                models = self.models[:1] if combine else self.models
+                out = [m(x, *args, **kwargs) for m in models]
+                return out[0] if combine else out
+    """,
+}
+
+
 def _write_tree(root: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         path = root / name
@@ -411,6 +604,76 @@ def test_fake_peers_are_counted_stopped_and_evaluated_at_the_boundary(
         assert module is None or not isinstance(module, peer_imports._AbsentPackage)
 
 
+def test_fake_dual_students_is_counted_evaluated_and_adapted(
+    harness, peer_imports, victim_file, tuned_file, tmp_path, capsys, monkeypatch
+):
+    checkout = _write_tree(tmp_path / "dual_students-checkout", FAKE_DUAL_STUDENTS)
+    out = tmp_path / "out"
+    # The peer's row alone (ours are the test above's).
+    run_rows = importlib.import_module("data_free_harness.run_rows")
+    monkeypatch.setattr(run_rows, "ROWS", [r for r in run_rows.ROWS if r[0] != "megex"])
+    argv = _argv(victim_file, tuned_file, out, "--dual-students", str(checkout))
+    assert harness.main(argv) == 0, capsys.readouterr().out
+    printed = capsys.readouterr().out
+    not_given = next(x for x in printed.splitlines() if x.startswith("peers not given"))
+    assert "--disguide" in not_given and "--dual-students" not in not_given
+    row = _rows(out)[("dual-students-authors", "dual-students")]
+    assert row["status"] == "finished", row.get("reason")
+    # The parser's batch of 256 and --d_iter 1 here: 7 iterations fit in 2,000; their own
+    # count (the budget they decrement) and the counted victim's agree.
+    assert row["queries_counted"] == row["peer_reported_queries"] == 1792
+    assert [e["budget"] for e in row["evaluations"]] == BUDGETS
+    assert [e["queries"] for e in row["evaluations"]] == [768, 1792]
+    assert all(0 <= e["clone_accuracy"] <= 1 for e in row["evaluations"])
+    low, high = row["query_pixels"]  # [-1, 1] images shown to the victim as [0, 1]
+    assert 0 <= low < high <= 1
+    argv_given = row["settings"]["argv"]
+    for flag, value in [
+        ("--lr_S", "0.3"),
+        ("--num_students", "2"),
+        ("--query_budget", "0.002"),
+        ("--epoch_itrs", "70"),
+        ("--rec_grad_norm", "0"),
+        ("--scheduler", "none"),
+    ]:
+        assert argv_given[argv_given.index(flag) + 1] == value
+    assert row["settings"]["lr_S"] == 0.3 and row["settings"]["num_students"] == 2
+    assert row["settings"]["cost_per_iteration"] == 256 and row["settings"]["epochs"] == 1
+    adapted = " | ".join(row["adapted"])
+    for part in (
+        "--epoch_itrs 70 instead of -1",
+        "--rec_grad_norm 0",
+        "megex small_cnn",
+        "their TargetModel",
+        "student(x, test=True)",
+        "--scheduler none",
+        "stopped at my_utils.setup_args",
+        "torchvision",
+    ):
+        assert part in adapted, part
+    assert '"epoch": 1' in (Path(row["peer_log_dir"]) / "loss.json.txt").read_text()
+    assert row["plan"]["peer_commit"] == "unknown"  # not a git checkout
+
+    # The published schedule goes through their own optimiser and schedule builder.
+    published = _argv(
+        victim_file,
+        tuned_file,
+        tmp_path / "published",
+        "--schedule",
+        "published",
+        "--dual-students",
+        str(checkout / "dual_students"),
+    )
+    assert harness.main(published) == 0
+    row = _rows(tmp_path / "published")[("dual-students-authors", "dual-students")]
+    assert row["status"] == "finished" and row["settings"]["scheduler"] == "multistep"
+    assert not any("--scheduler none" in a for a in row["adapted"])
+
+    for name in ("train", "my_utils", "network", "network.gan"):
+        assert name not in sys.modules
+    assert not isinstance(sys.modules.get("torchvision"), peer_imports._AbsentPackage)
+
+
 def test_the_meter_evaluates_before_a_mark_is_passed_and_refuses_whole(metering):
     meter = metering.QueryMeter(budget=100, marks=[50, 100])
     seen = []
@@ -437,6 +700,12 @@ def test_bad_arguments_are_named(harness, victim_file, tuned_file, tmp_path, cap
     assert "expected a checkout of caumin/model-extraction-benchmark" in capsys.readouterr().err
     assert harness.main(_argv(victim_file, tuned_file, out, "--disguide", str(tmp_path))) == 2
     assert "expected a checkout of lin-tan/disguide" in capsys.readouterr().err
+    for folder in (tmp_path, tmp_path / "nope"):
+        bad = _argv(victim_file, tuned_file, out, "--dual-students", str(folder))
+        assert harness.main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("data_free.py: error: --dual-students:")
+        assert "expected a checkout of James-Beetham/dual_students" in err
     wrong = _argv(victim_file, tuned_file, out)
     wrong[wrong.index("digits")] = "fashion-mnist"
     assert harness.main(wrong) == 2

@@ -3,7 +3,8 @@ test split, the plan, and the table written from the rows.
 
     python benchmarks/peers/data_free.py --victim FILE [--dataset fashion-mnist]
         [--budgets 25000 50000 100000] [--seeds 0 1] [--mebench PATH] [--disguide PATH]
-        [--out DIR] [--schedule constant|published] [--tuned FILE] [--test-images N]
+        [--dual-students PATH] [--out DIR] [--schedule constant|published] [--tuned FILE]
+        [--test-images N]
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from megex.runs import write_text_atomic
 from megex.victim import Victim
 
 from .errors import UserError
-from .peer_imports import authors_root, git_commit, mebench_root
-from .rows import AUTHORS, MEBENCH, sha256
+from .peer_imports import authors_root, dual_students_root, git_commit, mebench_root
+from .rows import AUTHORS, DUAL_STUDENTS, MEBENCH, sha256
 from .run_rows import Setup, run_all
 from .table import markdown, summarise
 
@@ -37,7 +38,8 @@ RESULTS_STEM = "data_free_peers"
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="data_free.py",
-        description="DFME and DisGUIDE: public implementations beside ours, on one victim.",
+        description="DFME, DisGUIDE and dual students: public implementations beside ours, "
+        "on one victim.",
     )
     parser.add_argument("--victim", required=True, type=Path, help="victim .safetensors file")
     parser.add_argument("--dataset", help="the victim's dataset (default: its own record)")
@@ -50,6 +52,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mebench", type=Path, help="checkout of caumin/model-extraction-benchmark"
     )
     parser.add_argument("--disguide", type=Path, help="checkout of lin-tan/disguide")
+    parser.add_argument(
+        "--dual-students", type=Path, help="checkout of James-Beetham/dual_students"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers-data-free"))
     parser.add_argument(
         "--schedule",
@@ -62,7 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tuned",
         type=Path,
         default=ROOT / "benchmarks" / "results" / "tuning" / "tuned.json",
-        help="the searched settings for our tuned dfme and disguide",
+        help="the searched settings for our tuned dfme, disguide and dual-students (a method "
+        "it does not hold yet is not run)",
     )
     parser.add_argument(
         "--test-images", type=positive_int, help="evaluate on the first N test images"
@@ -106,6 +112,8 @@ def _peer_folders(args: argparse.Namespace) -> dict[str, Path]:
         peers[MEBENCH] = mebench_root(args.mebench)
     if args.disguide is not None:
         peers[AUTHORS] = authors_root(args.disguide)
+    if args.dual_students is not None:
+        peers[DUAL_STUDENTS] = dual_students_root(args.dual_students)
     return peers
 
 
@@ -162,7 +170,11 @@ def _main(args: argparse.Namespace) -> int:
     }
     not_given = [
         f"{flag} (the {name} rows)"
-        for flag, name in (("--mebench", MEBENCH), ("--disguide", AUTHORS))
+        for flag, name in (
+            ("--mebench", MEBENCH),
+            ("--disguide", AUTHORS),
+            ("--dual-students", DUAL_STUDENTS),
+        )
         if name not in peers
     ]
     if not_given:

@@ -2,8 +2,14 @@
 constant learning rate, generator width 64, no weight average), ``dfme`` (DFME's estimator in
 megex's loop, with the benchmark's searched settings from the tuned-settings file),
 ``disguide-paper`` (our DisGUIDE with the settings of the authors' run script, see
-DISGUIDE_PAPER) and ``disguide`` (our DisGUIDE with the benchmark's searched settings), each
+DISGUIDE_PAPER), ``disguide`` (our DisGUIDE with the benchmark's searched settings),
+``dual-students-paper`` (our dual students with the settings of its authors' run script, see
+DUAL_STUDENTS_PAPER) and ``dual-students`` (with the benchmark's searched settings), each
 through ``megex.engine.run`` with ``eval_at`` = the budgets.
+
+A tuned method whose settings the tuned-settings file does not hold yet (its search has not
+finished) is not run: its row is "unavailable", as a peer's that is not there, and a later
+run with the same ``--out`` runs it once the file holds them.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from torch import nn
 
 from megex.engine import run as run_attack
 from megex.evaluate import Evaluator
-from megex.experiments.methods import build_attack, load_tuned, method_settings, require_tuned
+from megex.experiments.methods import build_attack, load_tuned, method_settings
 from megex.experiments.query_efficiency.config import DEFAULTS
 from megex.oracle import LocalOracle
 from megex.victim import Victim
+
+from .errors import PeerUnavailable
 
 # The settings of lin-tan/disguide's run_cifar-10.sh in megex's names: batch 256, student
 # SGD lr 0.03 (momentum 0.9, weight decay 5e-4: the package's), generator Adam 1e-4, lambda
@@ -46,9 +54,47 @@ DISGUIDE_PAPER: dict[str, Any] = {
     "lr_gamma": 0.3,
 }
 
+# The settings of James-Beetham/dual_students's run_cifar_ds.sh in megex's names (the
+# parser's defaults where the script sets none): batch 256 (default), student SGD lr 0.3
+# (--lr_S; momentum 0.9, weight decay 5e-4: the defaults, and the package's), generator Adam
+# 1e-4 (--lr_G), two students (--num_students 2) and the generator ascending the mean
+# absolute difference of their logits (--generator_loss l1, default), no class-balance term,
+# one generator step (--g_iter 1) then 5 query batches (--d_iter 5) per iteration, each
+# batch training both students once (10 updates per 1,280 queries, nothing replayed: no
+# replay memory), soft labels (--loss l1 on mean-corrected log-probabilities), generator
+# width 64 and latent 256 (GeneratorA's and --nz's defaults); the first student's weight
+# average evaluated (--combine_student_outputs first, --student_momentum 0.9 every 10
+# iterations: a decay of 0.9 per 50 updates, 0.9 ** (1 / 50) = 0.9979 per update); decays
+# x0.3 at 10%, 30% and 50% of the run under --schedule published (--steps, --scale). Not
+# carried over: their generator step shows the students its images before tanh.
+DUAL_STUDENTS_PAPER: dict[str, Any] = {
+    "batch_size": 256,
+    "clone_lr": 0.3,
+    "generator_lr": 1e-4,
+    "clones": 2,
+    "discrepancy": "logit_l1",
+    "class_balance": 0.0,
+    "generator_steps": 1,
+    "clone_steps": 5,
+    "replay_size": 0,
+    "clone_updates_per_1k_queries": 0.0,
+    "loss": "l1",
+    "ngf": 64,
+    "nz": 256,
+    "evaluated": "first",
+    "clone_ema": 0.9979,
+    "lr_milestones": (0.1, 0.3, 0.5),
+    "lr_gamma": 0.3,
+}
+
 
 # Ours with the benchmark's searched settings (the others have fixed, published ones).
-TUNED_METHODS = ("dfme", "disguide")
+TUNED_METHODS = ("dfme", "disguide", "dual-students")
+
+
+class TunedSettingsMissing(PeerUnavailable):
+    """The tuned-settings file does not hold a tuned method's settings yet: its row is not
+    run (reported as unavailable, not as a failure)."""
 
 
 def searched_settings(method: str, tuned_path: Path) -> dict[str, Any]:
@@ -65,16 +111,26 @@ def ours_settings(
     if method in TUNED_METHODS:
         config = {**DEFAULTS, "tuned_settings": str(tuned_path)}
         tuned = load_tuned(config)
-        require_tuned(config, method, tuned)
+        if method not in (tuned.get("methods") or {}):
+            raise TunedSettingsMissing(
+                f"--tuned: {tuned_path} has no settings for {method!r} yet (its search has "
+                "not finished); a later run with this --out runs it once the file has them"
+            )
         return method_settings(config, method, tuned)
     if method == "dfme-paper":
         attack, settings = method_settings(DEFAULTS, "dfme-paper")
         if schedule == "published":
             settings["lr_schedule"] = "multistep"
         return attack, settings
-    attack, settings = method_settings(DEFAULTS, "disguide")
-    settings.update(DISGUIDE_PAPER)
-    settings["replay_size"] = min(DISGUIDE_PAPER["replay_size"], budget)
+    if method == "disguide-paper":
+        attack, settings = method_settings(DEFAULTS, "disguide")
+        settings.update(DISGUIDE_PAPER)
+        settings["replay_size"] = min(DISGUIDE_PAPER["replay_size"], budget)
+    elif method == "dual-students-paper":
+        attack, settings = method_settings(DEFAULTS, "dual-students")
+        settings.update(DUAL_STUDENTS_PAPER)
+    else:
+        raise ValueError(f"unknown method of ours: {method!r}")
     settings["lr_schedule"] = "multistep" if schedule == "published" else "constant"
     return attack, settings
 

@@ -1,9 +1,10 @@
 """Importing a peer's code from the folder given on the command line, never copied.
 
 Packages the called functions never use but the peers' modules import at the top
-(torchvision, torchmetrics, tensorboard, ipdb) stand in as empty modules when they are not
-installed; a call into one is an error naming the package. Once a run is over, the peer's
-modules and the stand-ins are forgotten, so that the next run imports them afresh.
+(torchvision, torchmetrics, tensorboard, ipdb; for the dual students authors' code also
+scipy and matplotlib) stand in as empty modules when they are not installed; a call into one
+is an error naming the package. Once a run is over, the peer's modules and the stand-ins are
+forgotten, so that the next run imports them afresh.
 """
 
 from __future__ import annotations
@@ -82,22 +83,23 @@ class _AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def absent_packages() -> list[str]:
-    """Which of UNUSED_PACKAGES are not installed (and torch's tensorboard module, which
-    needs the tensorboard package)."""
-    missing = [n for n in UNUSED_PACKAGES if importlib.util.find_spec(n) is None]
+def absent_packages(names: Sequence[str] = UNUSED_PACKAGES) -> list[str]:
+    """Which of `names` are not installed (and torch's tensorboard module, which needs the
+    tensorboard package)."""
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
     if "tensorboard" in missing:
         missing.append("torch.utils.tensorboard")
     return missing
 
 
 @contextlib.contextmanager
-def peer_imports(folder: Path) -> Iterator[list[str]]:
-    """Import from `folder` for the length of the block, with stand-ins for the packages in
-    :func:`absent_packages`; afterwards the peer's modules and the stand-ins are forgotten,
-    so that the next run imports them afresh. Yields the stand-ins' names."""
+def peer_imports(folder: Path, unused: Sequence[str] = UNUSED_PACKAGES) -> Iterator[list[str]]:
+    """Import from `folder` for the length of the block, with stand-ins for the packages of
+    `unused` that :func:`absent_packages` finds missing; afterwards the peer's modules and
+    the stand-ins are forgotten, so that the next run imports them afresh. Yields the
+    stand-ins' names."""
     folder = folder.resolve()
-    missing = absent_packages()
+    missing = absent_packages(unused)
     finder = _AbsentFinder(missing)
     before = set(sys.modules)
     sys.path.insert(0, str(folder))
@@ -165,7 +167,8 @@ def import_attack_module(folder: Path, name: str) -> tuple[types.ModuleType, str
 
 def git_commit(folder: Path) -> str | None:
     """The commit of the checkout at `folder` (or at its parent: the authors' code lives in
-    the checkout's disguide/), or None where it is not the top of a git checkout."""
+    the checkout's disguide/ or dual_students/), or None where it is not the top of a git
+    checkout."""
     try:
         done = subprocess.run(
             ["git", "-C", str(folder), "rev-parse", "--show-toplevel", "HEAD"],
@@ -201,4 +204,17 @@ def authors_root(path: Path) -> Path:
     raise UserError(
         f"--disguide: no disguide/train.py and cli_parser.py under {path}; expected a checkout "
         "of lin-tan/disguide"
+    )
+
+
+def dual_students_root(path: Path) -> Path:
+    """The folder holding the dual students authors' train.py (the checkout's
+    dual_students/ or that folder)."""
+    for candidate in (path / "dual_students", path):
+        code = (candidate / "train.py", candidate / "network" / "multi_student.py")
+        if all(p.is_file() for p in code):
+            return candidate
+    raise UserError(
+        f"--dual-students: no dual_students/train.py and network/multi_student.py under "
+        f"{path}; expected a checkout of James-Beetham/dual_students"
     )

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import UserError
 
 OURS, MEBENCH, AUTHORS = "megex", "mebench", "disguide-authors"
+DUAL_STUDENTS = "dual-students-authors"
 # (implementation, method) in table order, with the attack each is.
 ROWS: list[tuple[str, str, str]] = [
     (MEBENCH, "dfme", "DFME"),
@@ -25,6 +26,9 @@ ROWS: list[tuple[str, str, str]] = [
     (AUTHORS, "disguide", "DisGUIDE"),
     (OURS, "disguide-paper", "DisGUIDE"),
     (OURS, "disguide", "DisGUIDE"),
+    (DUAL_STUDENTS, "dual-students", "Dual students"),
+    (OURS, "dual-students-paper", "Dual students"),
+    (OURS, "dual-students", "Dual students"),
 ]
 NAMES = {
     (MEBENCH, "dfme"): "mebench DFME (mebench.attackers.dfme.DFME)",
@@ -35,6 +39,9 @@ NAMES = {
     (AUTHORS, "disguide"): "DisGUIDE authors' code (run script's settings)",
     (OURS, "disguide-paper"): "megex disguide (the authors' run script's settings)",
     (OURS, "disguide"): "megex disguide (DisGUIDE in megex's loop, tuned)",
+    (DUAL_STUDENTS, "dual-students"): "dual students authors' code (run script's settings)",
+    (OURS, "dual-students-paper"): "megex dual-students (the authors' run script's settings)",
+    (OURS, "dual-students"): "megex dual-students (dual students in megex's loop, tuned)",
 }
 
 

@@ -3,7 +3,9 @@ where its checkout was given.
 
 A finished row is written to ``<out>/runs/`` and skipped by a later run with the same plan;
 a peer's own output goes to ``<out>/logs/``; a peer's own failure is reported in its row and
-the others go on.
+the others go on (the run's exit status is then 1). A row that cannot be run yet (a
+method the peer's checkout lacks, a tuned method the tuned-settings file does not hold yet)
+is "unavailable": said, not written, not a failure, and run by a later invocation that can.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from megex.runs import write_text_atomic
 from megex.victim import Victim
 
 from .authors_peer import run_authors
+from .dual_students_peer import run_dual_students
 from .errors import PeerUnavailable, UserError
 from .mebench_peer import run_mebench
 from .ours import TUNED_METHODS, run_ours, searched_settings
-from .rows import MEBENCH, NAMES, OURS, ROWS, read_finished, row_path
+from .rows import AUTHORS, DUAL_STUDENTS, MEBENCH, NAMES, OURS, ROWS, read_finished, row_path
+
+# One run of each peer's implementation, all called alike.
+PEER_RUNNERS = {MEBENCH: run_mebench, AUTHORS: run_authors, DUAL_STUDENTS: run_dual_students}
 
 
 @dataclass(frozen=True)
@@ -105,9 +111,8 @@ def _run_implementation(
         return run_ours(
             method, setup.victim, seed, setup.budgets, setup.evaluator, setup.schedule, setup.tuned
         )
-    runner = run_mebench if peer == MEBENCH else run_authors
     with log_path.open("w") as log:
-        result = runner(
+        result = PEER_RUNNERS[peer](
             setup.peers[peer],
             method,
             setup.victim,
