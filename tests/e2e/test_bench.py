@@ -62,6 +62,22 @@ def test_quick_benchmark_pairs_runs_and_reports_intervals(tmp_path, capsys):
     capsys.readouterr()
     assert megex_main(["bench", *argv + ["--no-plot"]]) == 0
     assert "already done" in capsys.readouterr().err
+    # Against another method of the runs: its own table beside the config's, nothing run.
+    assert megex_main(["bench", *argv + ["--no-plot", "--baseline", "megex-all"]]) == 0
+    err = capsys.readouterr().err
+    assert "already done" in err and "query_efficiency_quick_vs_megex-all.md" in err
+    against = json.loads(
+        (tmp_path / "out" / "query_efficiency_quick_vs_megex-all.json").read_text()
+    )
+    assert against["baseline"] == "megex-all"
+    assert against["stats"]["dfme"]["600"]["vs_baseline"]["baseline"] == "megex-all"
+    assert "vs_baseline" not in against["stats"]["megex-all"]["600"]
+    mean = against["stats"]["dfme"]["600"]["vs_baseline"]["mean"]
+    assert mean == pytest.approx(-cell["vs_baseline"]["mean"])  # the same pairs, other sign
+    # A baseline that is not run beside the others is refused before anything runs.
+    assert megex_main(["bench", *argv + ["--baseline", "disguide"]]) == 2
+    err = capsys.readouterr().err
+    assert "--baseline: disguide is not among the methods run (megex-all, dfme)" in err
     # A benchmark stopped part-way: --finished-only runs nothing and tables the (seed,
     # victim) pairs that every method finished, so that the table stays paired.
     (tmp_path / "out" / "runs-quick" / "dfme-v1-s1" / "result.json").unlink()

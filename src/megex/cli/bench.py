@@ -49,6 +49,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--victim-seeds", type=int, nargs="+", help="victims (recipe seeds)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods to run")
     parser.add_argument(
+        "--baseline",
+        choices=sorted(METHODS),
+        help="the predictions-only method the others are compared with, one of the methods "
+        "run (default: the config's, dfme); the outputs are then <stem>_vs_<method>.*, beside "
+        "the config's (finished runs are reused: with every run finished, this runs nothing)",
+    )
+    parser.add_argument(
         "--out", default="benchmarks/results", help="output folder (default: benchmarks/results)"
     )
     parser.add_argument(

@@ -93,6 +93,13 @@ def plan(config: dict[str, Any], args: argparse.Namespace, out: Path, victims: d
     methods = args.methods or (
         config["methods"] if args.quick else config["methods"] + config["assumption_methods"]
     )
+    baseline = getattr(args, "baseline", None)
+    if baseline and baseline not in methods:
+        # A table against a method not run beside the others would compare nothing.
+        raise ValueError(
+            f"--baseline: {baseline} is not among the methods run ({', '.join(methods)}); "
+            "add it to --methods"
+        )
     device = args.device or config["device"]
     out, data_root = out.resolve(), args.data_root and str(Path(args.data_root).resolve())
     progress = not args.no_progress and (args.jobs or 1) == 1 and not getattr(args, "ray", None)
@@ -184,11 +191,13 @@ def merged_runs(finished: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def configured(args: argparse.Namespace) -> dict[str, Any]:
-    """The benchmark's config as `args` set it: the --config file, then --device and the
-    --settings-file."""
+    """The benchmark's config as `args` set it: the --config file, then --device, the
+    --baseline and the --settings-file."""
     config = load_config(args.config)
     if args.device:
         config["device"] = args.device
+    if getattr(args, "baseline", None):
+        config["baseline"] = args.baseline
     apply_settings_file(config, getattr(args, "settings_file", None))
     return config
 
@@ -217,6 +226,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.time() - t0
     summary = summarise(finished, config, wall, args)
     stem = "query_efficiency_quick" if args.quick else "query_efficiency"
+    if getattr(args, "baseline", None):
+        stem += f"_vs_{args.baseline}"
     if len(jobs) < planned:
         summary["partial"] = {"runs": len(jobs), "planned": planned}
         stem += "_partial"
