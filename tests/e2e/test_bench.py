@@ -218,13 +218,14 @@ def test_tuning_search_runs_resumes_and_writes_the_settings(tmp_path):
     out = tmp_path / "tuning"
     argv = ["--config", config, "--out", str(out), "--trials", "1", "--budget", "300"]
     doc = tune.run_search(parser.parse_args(argv + ["--methods", "dfme"]))
-    assert doc["trials"]["dfme"] == 1 and doc["search"]["budget"] == 300
+    # One searched trial and the published settings' one.
+    assert doc["trials"]["dfme"] == 2 and doc["search"]["budget"] == 300
     assert {"directions", "epsilon", "generator_lr"} <= set(doc["methods"]["dfme"])
     # Asked again for more trials, the study continues from the one it has.
     doc = tune.run_search(
         parser.parse_args(argv[:-3] + ["2", "--budget", "300", "--methods", "dfme"])
     )
-    assert doc["trials"]["dfme"] == 2
+    assert doc["trials"]["dfme"] == 3 and doc["published"]["dfme"]["trial"] == 0
     _, settings = methods.method_settings(
         bench.load_config(_config(tmp_path, tuned_settings=str(out / "tuned.json"))),
         "dfme",

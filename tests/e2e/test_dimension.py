@@ -96,10 +96,11 @@ def test_the_sweep_runs_each_size_and_writes_one_table_across_sizes(
     assert "megex tune --config" in err and "--trials 1 --budget 300" in err
     assert "--confirm-trials 3 --confirm-seeds 102" in err
     found = json.loads((out / "14" / "tuning" / "tuned.json").read_text())
-    assert found["trials"] == {"megex-all": 1, "megex-predicted": 1, "dfme": 1}
-    # The one trial of each method was scored again on the confirmation seed.
+    # One searched trial and the published settings' one per method.
+    assert found["trials"] == {"megex-all": 2, "megex-predicted": 2, "dfme": 2}
+    # Both trials of each method were scored again on the confirmation seed.
     for row in found["confirmation"].values():
-        assert [list(r["seed_scores"]) for r in row["rows"]] == [["102"]]
+        assert [list(r["seed_scores"]) for r in row["rows"]] == [["102"]] * 2
     methods = ["--methods", "megex-all", "dfme-m10"]
     assert megex_main(["input-size", "--sizes", "colour-56", *common, *methods, "--no-plot"]) == 0
     capsys.readouterr()

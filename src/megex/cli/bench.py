@@ -111,6 +111,12 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
 
     parser.add_argument(
+        "--no-published-trial",
+        action="store_true",
+        help="queue no trial of each method's published settings (by default each study "
+        "runs them as one more trial; a study that has it keeps it)",
+    )
+    parser.add_argument(
         "--parallel-trials",
         type=positive_int,
         default=1,

@@ -82,8 +82,10 @@ def searched_source(tuned: Path, target: AuditTarget) -> str:
     """Where searched settings come from, in words."""
     doc: dict[str, Any] = json.loads(Path(tuned).read_text())
     search = doc.get("search", {})
+    published = " and its published settings" if search.get("published_trial") else ""
     return (
         f"a search on this victim (megex audit --search): {search.get('trials')} trials per "
-        f"method to {search.get('budget')} queries, scored on its {target.validation_images} "
-        f"held-out validation images with tuning seed {SEARCH_SEED} (not an attack seed)"
+        f"method{published} to {search.get('budget')} queries, scored on its "
+        f"{target.validation_images} held-out validation images with tuning seed "
+        f"{SEARCH_SEED} (not an attack seed)"
     )

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from ..common import log
-from . import trials
+from . import published, trials
 from .trials import curve_score, judged_trials, method_setup, open_storage
 
 __all__ = ["confirm_key", "confirm_method", "validate"]
@@ -70,6 +70,7 @@ def confirm_method(job: dict[str, Any]) -> dict[str, Any]:
         "value": chosen["mean"],
         "trial": best.number,
         "trials": len(judged),
+        "published": published.published_row(judged),
         "confirmation": {
             "chosen_by_search": best_first[0].number,
             "seeds": list(search["confirm_seeds"]),

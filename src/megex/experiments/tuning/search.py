@@ -28,6 +28,10 @@ on a shared filesystem, is not offered: it has no heartbeats, so a trial on a wo
 died would stay running for ever. Every method is judged on the same number of trials: its
 first `--trials` finished trials by number (parallel workers may finish a few more).
 
+Each study also runs its method's published settings as one more trial (:mod:`.published`;
+`--no-published-trial` queues none): queued before the first searched trial of a new study,
+after the last one of a study that has its trials.
+
 With `--confirm-trials N` (:mod:`.confirm`), each method's N best trials are then scored
 on more tuning seeds and the best mean over all seeds is chosen: a setting that scored well
 on the search's few seeds by luck does not reach the benchmark.
@@ -47,7 +51,7 @@ from ..common import log
 from ..methods import METHODS
 from ..query_efficiency import load_config
 from ..runner import get_victim
-from . import confirm, trials
+from . import confirm, published, trials
 from .trials import (
     SEARCH,
     judged_trials,
@@ -102,12 +106,14 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
         return value
 
     complete = optuna.trial.TrialState.COMPLETE
+    # The searched trials, and the published settings' one where the study holds it.
+    extra = sum(published.is_published(t) for t in study.get_trials(deepcopy=False))
+    target = search["trials"] + extra
     done = len(study.get_trials(deepcopy=False, states=(complete,)))
-    if done < search["trials"]:
-        log(f"tune {method}: {done} of {search['trials']} trials done; running the rest")
+    if done < target:
+        log(f"tune {method}: {done} of {target} trials done; running the rest")
         study.optimize(
-            objective,
-            callbacks=[optuna.study.MaxTrialsCallback(search["trials"], states=(complete,))],
+            objective, callbacks=[optuna.study.MaxTrialsCallback(target, states=(complete,))]
         )
     judged = judged_trials(study, search["trials"])
     best = max(judged, key=lambda t: t.value)
@@ -117,6 +123,7 @@ def search_method(job: dict[str, Any]) -> dict[str, Any]:
         "value": best.value,
         "trial": best.number,
         "trials": len(judged),
+        "published": published.published_row(judged),
     }
 
 
@@ -137,7 +144,7 @@ def run_search(args: Any) -> dict[str, Any]:
     else:
         _, vpath = get_victim(config, out / "victims", args.data_root, search["victim_seed"])
     jobs = _worker_jobs(args, methods, config, search, str(vpath), url, device)
-    _create_studies(url, methods)
+    _create_studies(url, methods, search["published_trial"])
     t0 = time.time()
     tuned_path = out / "tuned.json"
     doc: dict[str, Any] = {}
@@ -193,6 +200,8 @@ def _search_settings(args: Any) -> dict[str, Any]:
         search["confirm_trials"] = args.confirm_trials
     if args.confirm_seeds:
         search["confirm_seeds"] = args.confirm_seeds
+    if getattr(args, "no_published_trial", False):
+        search["published_trial"] = False
     confirm.validate(search)
     return search
 
@@ -239,9 +248,10 @@ def _worker_jobs(
     ]
 
 
-def _create_studies(url: str, methods: list[str]) -> None:
+def _create_studies(url: str, methods: list[str], published_trial: bool) -> None:
     """The database and one study per method, made here, once: two workers creating the
-    same schema at once collide."""
+    same schema at once collide; each with its published settings' trial queued, if asked
+    and not there yet."""
     try:
         import optuna
     except ModuleNotFoundError:
@@ -250,9 +260,13 @@ def _create_studies(url: str, methods: list[str]) -> None:
 
     storage = open_storage(url)
     for method in methods:
-        optuna.create_study(
+        study = optuna.create_study(
             study_name=method, storage=storage, direction="maximize", load_if_exists=True
         )
+        if published_trial and published.enqueue_published(
+            study, method, METHODS[method]["attack"], pinned=METHODS[method]
+        ):
+            log(f"tune {method}: its published settings queued as a trial")
 
 
 def _record(
@@ -274,6 +288,10 @@ def _record(
     for key, value in (("methods", res["params"]), ("validation_score", res["value"]),
                        ("trials", res["trials"])):  # fmt: skip
         doc.setdefault(key, {})[method] = value
+    if res.get("published"):
+        doc.setdefault("published", {})[method] = res["published"]
+    else:
+        doc.get("published", {}).pop(method, None)
     # The methods this file holds settings for (searched by this call or an earlier one),
     # not the default list.
     doc["search"] = {**search, "methods": list(doc["methods"])}

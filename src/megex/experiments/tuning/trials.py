@@ -43,6 +43,8 @@ SEARCH: dict[str, Any] = {
     # use it.
     "confirm_trials": 0,
     "confirm_seeds": [102, 103, 104],
+    # Each method's published settings as one more trial (:mod:`.published`).
+    "published_trial": True,
     "methods": [
         "megex-all",
         "megex-predicted",
@@ -264,9 +266,12 @@ def method_setup(job: dict[str, Any]) -> tuple[Any, Any, str, dict[str, Any]]:
 
 def judged_trials(study: Any, trials: int) -> list[Any]:
     """The trials a method is judged on, the same number for every method: its first
-    `trials` finished ones by number (parallel workers may finish a few more)."""
+    `trials` finished searched ones by number (parallel workers may finish a few more), and
+    its published settings' trial where the study has it (:mod:`.published`)."""
     import optuna
 
     complete = optuna.trial.TrialState.COMPLETE
-    finished = study.get_trials(deepcopy=False, states=(complete,))
-    return sorted(finished, key=lambda t: t.number)[:trials]
+    finished = sorted(study.get_trials(deepcopy=False, states=(complete,)), key=lambda t: t.number)
+    published = [t for t in finished if t.user_attrs.get("published")]
+    searched = [t for t in finished if not t.user_attrs.get("published")][:trials]
+    return sorted(searched + published, key=lambda t: t.number)
