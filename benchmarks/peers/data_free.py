@@ -9,8 +9,10 @@ writes a side-by-side table (clone test accuracy per budget, queries per second)
   ``dual-students-paper`` (ours with the settings of each paper's authors' run script), and
   ``dfme``, ``disguide`` and ``dual-students`` with the benchmark's searched settings from
   ``--tuned`` (a method the file does not hold yet is reported as not run, and run by a
-  later invocation), each through ``megex.engine.run`` with ``eval_at`` = the budgets
-  (``data_free_harness/ours.py``);
+  later invocation), and ``dfme-published``, ``disguide-published`` and
+  ``dual-students-published``, the search's trial of each paper's searched knobs in the
+  benchmark's shared settings; each through ``megex.engine.run`` with ``eval_at`` = the
+  budgets (``data_free_harness/ours.py``);
 - mebench (caumin/model-extraction-benchmark, a checkout given by ``--mebench``):
   ``mebench.attackers.dfme.DFME`` and, where the checkout has it,
   ``mebench.attackers.disguide.DisGUIDE``, each driven by its own ``run(ctx)``

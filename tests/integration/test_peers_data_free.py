@@ -80,10 +80,13 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     rows = _rows(out)
     assert set(rows) == {
         ("megex", "dfme-paper"),
+        ("megex", "dfme-published"),
         ("megex", "dfme"),
         ("megex", "disguide-paper"),
+        ("megex", "disguide-published"),
         ("megex", "disguide"),
         ("megex", "dual-students-paper"),
+        ("megex", "dual-students-published"),
         ("megex", "dual-students"),
     }
     # The tuned file has no dual-students yet (its search still running): not run, not a
@@ -128,6 +131,17 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     assert {k: dual["settings"][k] for k in expected} == expected
     assert dual["queries_counted"] == 1280  # one iteration of 5 x 256 fits in 2,000
     assert rows[("megex", "dfme")]["settings"]["directions"] == 2  # from the tuned file
+    # The search's published-settings trial: the paper's searched knobs (DFME's 5 clone
+    # steps moved to the space's 3), the shared settings for the rest (not the paper's).
+    published = rows[("megex", "dfme-published")]["settings"]
+    assert (published["clone_lr"], published["generator_lr"], published["directions"]) == (
+        0.1,
+        1e-4,
+        1,
+    )
+    assert published["clone_steps"] == 3 and published["ngf"] == 8  # not the paper's 64
+    published = rows[("megex", "disguide-published")]["settings"]
+    assert (published["clone_lr"], published["class_balance"], published["ngf"]) == (0.03, 0.2, 8)
     assert rows[("megex", "disguide")]["settings"]["class_balance"] == 0.5
 
     table = (out / "data_free_peers.md").read_text()
@@ -141,14 +155,14 @@ def test_ours_alone_table_json_and_resume(harness, victim_file, tuned_file, tmp_
     # A second run reuses every finished row, also after the search has added other
     # methods' settings to the file; it runs only the row whose settings are new there.
     files = {p: p.read_text() for p in (out / "runs").iterdir()}
-    assert len(files) == 5
+    assert len(files) == 8
     searched = json.loads(tuned_file.read_text())
     searched["methods"]["megex-all"] = {"clone_lr": 0.2}
     searched["methods"]["dual-students"] = {"clone_lr": 0.05}
     tuned_file.write_text(json.dumps(searched))
     assert harness.main(_argv(victim_file, tuned_file, out)) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished before") == 5
+    assert printed.count("finished before") == 8
     ran = [line for line in printed.splitlines() if line.endswith("queries/s")]
     assert len(ran) == 1 and ran[0].startswith("megex dual-students (dual students")
     tuned_dual = _rows(out)[("megex", "dual-students")]

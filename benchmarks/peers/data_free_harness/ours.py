@@ -5,7 +5,13 @@ megex's loop, with the benchmark's searched settings from the tuned-settings fil
 DISGUIDE_PAPER), ``disguide`` (our DisGUIDE with the benchmark's searched settings),
 ``dual-students-paper`` (our dual students with the settings of its authors' run script, see
 DUAL_STUDENTS_PAPER) and ``dual-students`` (with the benchmark's searched settings), each
-through ``megex.engine.run`` with ``eval_at`` = the budgets.
+through ``megex.engine.run`` with ``eval_at`` = the budgets. ``dfme-published``,
+``disguide-published`` and ``dual-students-published`` are the trial of each method's search
+that holds its published settings (``megex.experiments.tuning.published``): the paper's
+values of the searched knobs, the benchmark's shared settings (generator width, replay,
+clone updates per query, weight average) for the rest; beside the ``-paper`` row (the
+paper's settings throughout) and the tuned one, they tell which of the two a gap between
+those comes from.
 
 A tuned method whose settings the tuned-settings file does not hold yet (its search has not
 finished) is not run: its row is "unavailable", as a peer's that is not there, and a later
@@ -23,8 +29,9 @@ from torch import nn
 
 from megex.engine import run as run_attack
 from megex.evaluate import Evaluator
-from megex.experiments.methods import build_attack, load_tuned, method_settings
+from megex.experiments.methods import METHODS, build_attack, load_tuned, method_settings
 from megex.experiments.query_efficiency.config import DEFAULTS
+from megex.experiments.tuning.published import published_params
 from megex.oracle import LocalOracle
 from megex.victim import Victim
 
@@ -90,6 +97,8 @@ DUAL_STUDENTS_PAPER: dict[str, Any] = {
 
 # Ours with the benchmark's searched settings (the others have fixed, published ones).
 TUNED_METHODS = ("dfme", "disguide", "dual-students")
+# Ours at the search's published-settings trial: row name -> the method searched.
+PUBLISHED_TRIAL = {f"{m}-published": m for m in TUNED_METHODS}
 
 
 class TunedSettingsMissing(PeerUnavailable):
@@ -117,6 +126,11 @@ def ours_settings(
                 "not finished); a later run with this --out runs it once the file has them"
             )
         return method_settings(config, method, tuned)
+    if method in PUBLISHED_TRIAL:
+        searched = PUBLISHED_TRIAL[method]
+        attack, settings = method_settings(DEFAULTS, searched)
+        settings.update(published_params(searched, attack, METHODS[searched])[0])
+        return attack, settings
     if method == "dfme-paper":
         attack, settings = method_settings(DEFAULTS, "dfme-paper")
         if schedule == "published":
