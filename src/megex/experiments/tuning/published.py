@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .trials import search_space
+
 __all__ = [
     "PUBLISHED",
     "SOURCES",
@@ -157,8 +159,6 @@ class _ProjectingTrial:
 def published_params(method: str, attack: str, pinned: Any = ()) -> tuple[dict, dict]:
     """(params, moves): `method`'s published settings as a point of its search space, and
     {knob: [published, used]} for each value moved into the space."""
-    from .trials import search_space
-
     if method not in PUBLISHED:
         raise KeyError(f"no published settings for {method!r}; expected one of {list(PUBLISHED)}")
     trial = _ProjectingTrial(method, PUBLISHED[method])
