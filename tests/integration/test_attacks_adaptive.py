@@ -162,6 +162,9 @@ def test_adaptive_run_against_sign_maps_counts_exactly(digits_victim, digits_tes
         ([{"name": "withhold", "fraction": 0.6}], {"generator_gradient": "zeroth-order"}),
         ([{"name": "withhold", "fraction": 0.2}], {}),
         ([{"name": "round", "decimals": 2}], {}),
+        ([{"name": "reverse-sigmoid"}], {"answers_as": "labels"}),
+        ([{"name": "reverse-sigmoid", "keep_label": False}], {}),
+        ([{"name": "reverse-sigmoid", "keep_label": "false"}], {}),
         (
             [{"name": "laplace", "scale": 1.0}, {"name": "topk", "fraction": 0.1}],
             {"map_repeats": 4, "map_scale": "clone", "map_matching": "cosine"},

@@ -21,7 +21,13 @@ from megex import LocalOracle, data
 from megex.attacks import AdaptiveKnockoffMaps, KnockoffMaps
 from megex.cli import main
 from megex.cli.studies import add_tradeoff_arguments
-from megex.defenses import ExplanationSign, GaussianNoise, PredictedClassOnly
+from megex.defenses import (
+    ExplanationSign,
+    GaussianNoise,
+    LabelOnly,
+    PredictedClassOnly,
+    ReverseSigmoid,
+)
 from megex.evaluate import Evaluator
 from megex.experiments import tradeoff
 from megex.experiments.methods import build_attack
@@ -77,7 +83,7 @@ def test_with_every_adaptation_off_it_is_knockoff_maps(digits_victim, digits_tes
         assert torch.equal(a, b)
     assert adaptive_run.details["adaptation"] == {
         "map_repeats": 1, "map_scale": "returned", "map_matching": "relative",
-        "maps_of": "returned",
+        "maps_of": "returned", "answers_as": "probabilities",
     }  # fmt: skip
 
 
@@ -221,12 +227,34 @@ def test_maps_of_the_predicted_class_are_read_as_that_class_alone(digits_victim,
     torch.testing.assert_close(attack.store.get("maps"), one.store.get("maps"), **HALF)
 
 
+def test_answers_behind_reverse_sigmoid_are_read_as_the_label_it_keeps(digits_victim, pool):
+    attack, _ = _behind([ReverseSigmoid()], digits_victim, pool, answers_as="labels")
+    probs = attack.store.get("probs")
+    with torch.no_grad():
+        truth = digits_victim.eval()(attack.store.get("images").float()).argmax(dim=1)
+    assert torch.equal(probs, F.one_hot(truth, 10).to(probs.dtype))
+    # So it keeps what a label-only service gives the naive attacker: the same labels and
+    # the same maps (the top class's, read through a probability of 1).
+    plain, _ = _behind([LabelOnly()], digits_victim, pool)
+    assert torch.equal(plain.store.get("probs"), probs)
+    torch.testing.assert_close(attack.store.get("maps"), plain.store.get("maps"), **HALF)
+    # Read as they come, the perturbed probabilities are not one-hot.
+    naive, _ = _behind([ReverseSigmoid()], digits_victim, pool)
+    assert not torch.equal(naive.store.get("probs"), probs)
+
+
 # --- refusals -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("map_scale", "banana"), ("map_repeats", 0), ("map_matching", "l2"), ("maps_of", "all")],
+    [
+        ("map_scale", "banana"),
+        ("map_repeats", 0),
+        ("map_matching", "l2"),
+        ("maps_of", "all"),
+        ("answers_as", "logits"),
+    ],
 )
 def test_bad_adaptations_are_refused_naming_the_setting(setting, value):
     with pytest.raises(ValueError, match=setting):
@@ -250,7 +278,7 @@ def test_the_cli_lists_its_adaptations(capsys):
 
 POOL_ROWS = [
     [], ["quantize:bits=2"], ["gaussian:2"], ["predicted-only"], ["withhold:0.9"],
-    ["gaussian:2", "withhold:0.9"], ["label-only"],
+    ["gaussian:2", "withhold:0.9"], ["label-only"], ["reverse-sigmoid"],
 ]  # fmt: skip
 
 
@@ -270,6 +298,7 @@ def test_the_tradeoff_plans_the_adaptive_attacker_with_images_where_it_adapts(tm
         "gaussian:2",
         "predicted-only",
         "gaussian:2+withhold:0.9",
+        "reverse-sigmoid",
     }
     naive = planned["knockoff-maps", "gaussian:2"]["settings"]
 
@@ -283,6 +312,7 @@ def test_the_tradeoff_plans_the_adaptive_attacker_with_images_where_it_adapts(tm
     assert added("quantize:bits=2") == {"map_scale": "clone", "map_matching": "cosine"}
     assert added("gaussian:2") == {"map_repeats": 4}
     assert added("predicted-only") == {"maps_of": "predicted"}
+    assert added("reverse-sigmoid") == {"answers_as": "labels"}
     # The generator's fallback against withheld maps is dropped: this attacker has none.
     assert added("gaussian:2+withhold:0.9") == {"map_repeats": 4}
     assert planned["megex-all+adaptive", "withhold:0.9"]["settings"]["generator_gradient"] == (

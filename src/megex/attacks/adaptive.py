@@ -2,7 +2,8 @@
 
 A defence is worth something only against an attacker who knows it is there: a noisy map
 can be averaged, a sign map is still a direction, a service that zeroes all but the
-predicted class's map still explains that class, and where the maps cannot steer the
+predicted class's map still explains that class, probabilities perturbed around a label
+the service keeps still give that label, and where the maps cannot steer the
 generator at all the attacker can fall back to estimating the gradient from predictions
 (DFME's forward differences) while its clone still learns from whatever the maps say.
 
@@ -39,6 +40,7 @@ __all__ = [
     "adapt_to",
     "adapted_answer",
     "adaptations",
+    "answers_read",
     "applicable_settings",
     "averaged_answer",
     "clone_map_norms",
@@ -81,6 +83,14 @@ class MapAdaptationsConfig:
         "'predicted': of maps for every class keep only the predicted class's (a service "
         "that zeroes the others), and use them as one class's map",
         Choice(("returned", "predicted")),
+        "adaptive",
+    )
+    answers_as: str = setting(
+        "probabilities",
+        "'labels': read every answer as its top class alone (one-hot), for a defence that "
+        "perturbs the probabilities but keeps the label on top (reverse sigmoid): the "
+        "label is all it leaves true, and the maps are then read with it",
+        Choice(("probabilities", "labels")),
         "adaptive",
     )
 
@@ -132,7 +142,7 @@ class AdaptiveMEGEX(MEGEX):
     def ask(self, oracle: Oracle, x: torch.Tensor, explanation: Any = None) -> Answer:
         c = self.config
         if explanation is None or explanation is False:
-            return super().ask(oracle, x)
+            return answers_read(super().ask(oracle, x), c)
         r = c.map_repeats
         answer = super().ask(oracle, x.repeat(r, 1, 1, 1) if r > 1 else x, explanation)
         return adapted_answer(answer, c)
@@ -189,13 +199,25 @@ def adaptations(config: Any) -> dict[str, Any]:
 
 def adapted_answer(answer: Answer, config: MapAdaptationsConfig) -> Answer:
     """An answer to `config.map_repeats` copies of each image, sent one copy after
-    another, as the adaptive attacker reads it: the copies averaged, and maps of every class
-    read as the predicted class's where `maps_of` is 'predicted'."""
+    another, as the adaptive attacker reads it: the copies averaged, maps of every class
+    read as the predicted class's where `maps_of` is 'predicted', and the probabilities as
+    the label alone where `answers_as` is 'labels'."""
     if config.map_repeats > 1:
         answer = averaged_answer(answer, config.map_repeats)
     if config.maps_of == "predicted" and answer.explanation is not None:
         answer = predicted_class_only(answer)
-    return answer
+    return answers_read(answer, config)
+
+
+def answers_read(answer: Answer, config: MapAdaptationsConfig) -> Answer:
+    """The answer's predictions as the attacker reads them: as they come, or (answers_as
+    'labels') one-hot at the top class, with no logits, as a label-only service answers."""
+    if config.answers_as != "labels":
+        return answer
+    one_hot = F.one_hot(answer.labels, answer.probabilities.shape[1])
+    return dataclasses.replace(
+        answer, probabilities=one_hot.to(answer.probabilities.dtype), logits=None
+    )
 
 
 def averaged_answer(answer: Answer, repeats: int) -> Answer:
@@ -275,8 +297,11 @@ def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
       (explain_clone_queries), the clone keeps learning from the maps that come back
       (images with all-zero maps are left out of that term; an attacker with images, which
       has no generator, does only that: see :func:`applicable_settings`);
-    - prediction defences (rounding, top-k, label only, reverse sigmoid) and smoothing: no
-      adaptation here; the attack already leaves classes shown as 0 out of its maps.
+    - reverse sigmoid that keeps the label on top (its default): read every answer as its
+      label alone, one-hot (the perturbed probabilities would also mis-scale the maps, which
+      are read as d log p / dx through them);
+    - other prediction defences (rounding, top-k, label only) and smoothing: no adaptation
+      here; the attack already leaves classes shown as 0 out of its maps.
     """
     settings: dict[str, Any] = {}
     for defense in defenses:
@@ -293,7 +318,16 @@ def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
             settings["maps_of"] = "predicted"
         elif name == "withhold" and float(params.get("fraction", 0)) >= 0.5:
             settings["generator_gradient"] = "zeroth-order"
+        elif name == "reverse-sigmoid" and _flag(params.get("keep_label", True)):
+            settings["answers_as"] = "labels"
     return settings
+
+
+def _flag(value: Any) -> bool:
+    """A declared boolean parameter, from JSON (true) or a spec's text ('false')."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off")
+    return bool(value)
 
 
 def applicable_settings(config_class: type, settings: dict[str, Any]) -> dict[str, Any]:
