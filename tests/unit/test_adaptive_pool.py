@@ -269,7 +269,7 @@ def test_the_generator_fallback_is_not_a_setting_of_the_attacker_with_images():
 def test_the_cli_lists_its_adaptations(capsys):
     assert main(["settings", "--method", "knockoff-maps-adaptive"]) == 0
     listed = capsys.readouterr().out
-    for name in ("map_repeats", "map_scale", "map_matching", "maps_of", "selection"):
+    for name in ("map_repeats", "map_scale", "map_matching", "maps_of", "answers_as", "selection"):
         assert name in listed
     assert "generator_gradient" not in listed
 
@@ -313,6 +313,9 @@ def test_the_tradeoff_plans_the_adaptive_attacker_with_images_where_it_adapts(tm
     assert added("gaussian:2") == {"map_repeats": 4}
     assert added("predicted-only") == {"maps_of": "predicted"}
     assert added("reverse-sigmoid") == {"answers_as": "labels"}
+    # Reading answers as labels is the attacker with images' adaptation alone: the data-free
+    # one learns less from labels, so it has no adaptive row there.
+    assert ("megex-all+adaptive", "reverse-sigmoid") not in planned
     # The generator's fallback against withheld maps is dropped: this attacker has none.
     assert added("gaussian:2+withhold:0.9") == {"map_repeats": 4}
     assert planned["megex-all+adaptive", "withhold:0.9"]["settings"]["generator_gradient"] == (

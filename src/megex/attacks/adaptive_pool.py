@@ -7,7 +7,9 @@ adaptations of :mod:`megex.attacks.adaptive` that apply to an attacker without a
   given the norm of the clone's own d log pS_k / dx for that image as the clone is then
   (for sign, quantised, sparse or coarse maps, whose magnitudes say little);
 - `map_matching='cosine'`: the clone's input gradient is matched to the map by direction;
-- `maps_of='predicted'`: maps of every class are read as the predicted class's map alone.
+- `maps_of='predicted'`: maps of every class are read as the predicted class's map alone;
+- `answers_as='labels'`: every answer is read as its top class alone (one-hot), against a
+  defence that perturbs the probabilities around a label it keeps (reverse sigmoid).
 
 MEGEX's fourth adaptation, the generator's zeroth-order fallback where maps are withheld,
 has nothing to act on here: there is no generator, and a withheld (all-zero) map is already
@@ -26,6 +28,7 @@ import torch
 from ..oracle import Answer
 from .adaptive import (
     MAP_ERRORS,
+    AnswersAsLabelsConfig,
     MapAdaptationsConfig,
     adaptations,
     adapted_answer,
@@ -38,7 +41,7 @@ __all__ = ["AdaptiveKnockoffMaps", "AdaptiveKnockoffMapsConfig"]
 
 
 @dataclass(frozen=True)
-class AdaptiveKnockoffMapsConfig(MapAdaptationsConfig, KnockoffMapsConfig):
+class AdaptiveKnockoffMapsConfig(AnswersAsLabelsConfig, MapAdaptationsConfig, KnockoffMapsConfig):
     pass
 
 
