@@ -38,6 +38,8 @@ SETTINGS_ADDED_SINCE: dict[str, Any] = {
     "compile": "off",
     "on_device": False,
     "lr_scaling": "none",
+    # The adaptive attacker with images' reading of its answers (megex.attacks.adaptive).
+    "answers_as": "probabilities",
 }
 # Recorded only when set (describe_run): a run made behind a defence is not one without.
 _RECORDED_WHEN_SET = ("defenses",)
