@@ -96,9 +96,9 @@ def add_parser(sub: Any, **kwargs: Any) -> None:
         "--search",
         type=positive_int,
         metavar="TRIALS",
-        help="search both attackers' settings on this victim first (TRIALS per method, "
-        "scored on the validation images it held out; megex train-victim "
-        "--validation-images), instead of the shipped settings",
+        help="search both attackers' settings on this victim first (TRIALS per method and "
+        "one of its published settings, scored on the validation images it held out; "
+        "megex train-victim --validation-images), instead of the shipped settings",
     )
     p.add_argument("--no-defenses", action="store_true", help="measure no defence")
     p.add_argument("--no-monitors", action="store_true", help="run no query monitor")
