@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..explain import Explanation, explain
 from ..oracle import Answer, Oracle
-from .config import COUNT, POSITIVE, Choice, setting
+from .config import COUNT, FLAG, POSITIVE, Choice, setting
 from .dfme import DFME
 from .maps import relative_map_error
 from .megex import MEGEX, MEGEXConfig
@@ -327,16 +327,11 @@ def adapt_to(defenses: Iterable[Any]) -> dict[str, Any]:
             settings["maps_of"] = "predicted"
         elif name == "withhold" and float(params.get("fraction", 0)) >= 0.5:
             settings["generator_gradient"] = "zeroth-order"
-        elif name == "reverse-sigmoid" and _flag(params.get("keep_label", True)):
+        elif name == "reverse-sigmoid" and FLAG.parse(
+            params.get("keep_label", True), "reverse-sigmoid: keep_label"
+        ):
             settings["answers_as"] = "labels"
     return settings
-
-
-def _flag(value: Any) -> bool:
-    """A declared boolean parameter, from JSON (true) or a spec's text ('false')."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("false", "0", "no", "off")
-    return bool(value)
 
 
 def applicable_settings(config_class: type, settings: dict[str, Any]) -> dict[str, Any]:

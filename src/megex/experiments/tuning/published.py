@@ -20,11 +20,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .trials import search_space
+from .trials import is_published, search_space
 
 __all__ = [
     "PUBLISHED",
-    "SOURCES",
     "enqueue_published",
     "is_published",
     "published_params",
@@ -73,13 +72,14 @@ _POOL: dict[str, Any] = {
 # Where a method's maps weigh in a clone loss that no paper has (MEGEX's clone learns from
 # the answers only), the loss's weight is 1.
 _MAPS_WEIGHT_ONE = {"explanation_loss": 1.0}
+# MEGEX (Miura et al. 2021) is DFME's code with the maps as the generator's gradient.
+_MEGEX = {**_DFME_LOOP, "explanation_loss": 0.0, "explain_clone_queries": False}
 
 PUBLISHED: dict[str, dict[str, Any]] = {
     "dfme": {**_DFME_LOOP, "directions": 1, "epsilon": 1e-3},
-    # MEGEX (Miura et al. 2021) is DFME's code with the maps as the generator's gradient.
-    "megex-all": {**_DFME_LOOP, "explanation_loss": 0.0, "explain_clone_queries": False},
-    "megex-predicted": {**_DFME_LOOP, "explanation_loss": 0.0, "explain_clone_queries": False},
-    "megex-smoothgrad": {**_DFME_LOOP, "explanation_loss": 0.0, "explain_clone_queries": False},
+    "megex-all": _MEGEX,
+    "megex-predicted": _MEGEX,
+    "megex-smoothgrad": _MEGEX,
     "megex-jacobian": {**_DFME_LOOP, **_MAPS_WEIGHT_ONE},
     "megex-jacobian-predicted": {**_DFME_LOOP, **_MAPS_WEIGHT_ONE},
     "disguide": _DISGUIDE,
@@ -95,21 +95,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "generator_restart_every": 0,
         "disagreement_until": 0,
     },
-    "knockoff": {**_POOL},
-    "knockoff-uncertainty": {**_POOL},
-    "knockoff-kcenter": {**_POOL},
+    "knockoff": _POOL,
+    "knockoff-uncertainty": _POOL,
+    "knockoff-kcenter": _POOL,
     "knockoff-maps": {**_POOL, **_MAPS_WEIGHT_ONE},
     "knockoff-maps-predicted": {**_POOL, **_MAPS_WEIGHT_ONE},
-    "jbda": {**_POOL},
+    "jbda": _POOL,
     "jbda-maps": {**_POOL, **_MAPS_WEIGHT_ONE},
-}
-SOURCES = {
-    "dfme": "Truong et al. 2021 (DFME's code)",
-    "megex": "Miura et al. 2021 (DFME's code; the maps' clone loss at weight 1 where the "
-    "method has one)",
-    "disguide": "Rosenthal et al. 2023 (lin-tan/disguide's run script)",
-    "dual-students": "Beetham et al. 2023 (James-Beetham/dual_students's run script)",
-    "pool": "Pal et al. 2020 (ActiveThief's Adam), Papernot et al. 2017 (JBDA's step)",
 }
 
 
@@ -169,16 +161,12 @@ def published_params(method: str, attack: str, pinned: Any = ()) -> tuple[dict, 
 def enqueue_published(study: Any, method: str, attack: str, pinned: Any = ()) -> bool:
     """Queue `method`'s published trial in its study unless the study has it (in any
     state); True when it was queued now."""
-    if any(t.user_attrs.get("published") for t in study.get_trials(deepcopy=False)):
+    if any(is_published(t) for t in study.get_trials(deepcopy=False)):
         return False
     params, moved = published_params(method, attack, pinned)
+    # The mark is_published reads.
     study.enqueue_trial(params, user_attrs={"published": True, "published_moves": moved})
     return True
-
-
-def is_published(trial: Any) -> bool:
-    """Whether a trial of a study is its method's published settings."""
-    return bool(trial.user_attrs.get("published"))
 
 
 def published_row(judged: list[Any]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ __all__ = [
     "CLONE_DISAGREEMENT_ATTACKS",
     "SEARCH",
     "curve_score",
+    "is_published",
     "judged_trials",
     "method_setup",
     "open_storage",
@@ -272,6 +273,12 @@ def judged_trials(study: Any, trials: int) -> list[Any]:
 
     complete = optuna.trial.TrialState.COMPLETE
     finished = sorted(study.get_trials(deepcopy=False, states=(complete,)), key=lambda t: t.number)
-    published = [t for t in finished if t.user_attrs.get("published")]
-    searched = [t for t in finished if not t.user_attrs.get("published")][:trials]
+    published = [t for t in finished if is_published(t)]
+    searched = [t for t in finished if not is_published(t)][:trials]
     return sorted(searched + published, key=lambda t: t.number)
+
+
+def is_published(trial: Any) -> bool:
+    """Whether a trial of a study is its method's published settings (:mod:`.published`
+    queues it with this mark)."""
+    return bool(trial.user_attrs.get("published"))
