@@ -16,7 +16,11 @@ For each method, side by side in one process (one torch thread by default, the C
   attack step's own lines). Means over repeats, which add up to the mean total;
 - floor: per 1,000 queries, the passes the method cannot avoid, each timed alone on copies
   of the run's own models at the batch sizes the method uses: the engine's clone updates
-  (``clone_updates_per_1k_queries`` forward+backward+SGD steps of the clone on a batch), the
+  (``clone_updates_per_1k_queries`` forward+backward+SGD steps of the clone on a batch; for
+  a MEGEX variant whose clone also matches the maps, ``explanation_loss`` > 0, the updates
+  on answers that carry maps (fresh ones, and replayed ones where the buffer keeps maps) as
+  that term needs them: the clone's input gradient with its graph, and the backward through
+  it), the
   victim's answers (DFME: one forward per query, in its batches of (m + 1) x batch and
   batch; MEGEX: one forward per query plus the explanation's backward passes, one for the
   predicted class, K for all classes, by the minimal autograd equivalent of
@@ -56,6 +60,7 @@ import torch  # noqa: E402
 
 import megex.oracle.responder as responder_module  # noqa: E402
 from megex import data as data_module  # noqa: E402
+from megex.attacks.maps import relative_map_error  # noqa: E402
 from megex.attacks.training import disagreement  # noqa: E402
 from megex.engine import run  # noqa: E402
 from megex.engine.steps import RunSteps  # noqa: E402
@@ -296,6 +301,21 @@ def victim_maps(victim: torch.nn.Module, x: torch.Tensor, spec: Explanation) -> 
         return torch.autograd.grad(values.gather(1, classes.view(-1, 1)).sum(), x)[0]
 
 
+def updates_with_map_term(attack: Any, clone_updates: float, steps_per_1k: float) -> float:
+    """Of `clone_updates` per 1,000 queries, how many carry a map term: a MEGEX variant's
+    with explanation_loss > 0, on fresh answers with maps (the generator's queries' where
+    the clone trains on them, the clone's queries' where it asks for maps) and on replayed
+    ones where the buffer keeps maps."""
+    c = attack.config
+    if attack.name != "megex" or not c.explanation_loss:
+        return 0.0
+    fresh = c.generator_steps if c.train_on_generator_queries else 0
+    fresh += c.clone_steps if attack.clone_query_explanation() is not None else 0
+    fresh_all = c.clone_steps + (c.generator_steps if c.train_on_generator_queries else 0)
+    replayed = clone_updates - fresh_all * steps_per_1k
+    return fresh * steps_per_1k + (replayed if attack.replays_maps() else 0.0)
+
+
 def floor(attack: Any, oracle_victim: torch.nn.Module, num_classes: int) -> dict[str, Any]:
     """The passes per 1,000 queries that `attack`'s method cannot avoid, each timed alone on
     copies of its models at its batch sizes: ms per 1,000 queries, pass counts, and what the
@@ -321,6 +341,20 @@ def floor(attack: Any, oracle_victim: torch.nn.Module, num_classes: int) -> dict
         disagreement(clone(x), probs, c.loss).mean().backward()
         clone_opt.step()
 
+    # What a map term adds to an update: the clone's d (sum_k v_k log p_k) / dx with its
+    # graph, and the backward through it (megex.attacks.maps.map_matching_loss).
+    target, weights = torch.randn_like(x), torch.randn(n, num_classes)
+
+    def clone_update_with_maps() -> None:
+        clone_opt.zero_grad(set_to_none=True)
+        images = x.detach().requires_grad_(True)
+        logits = clone(images)
+        logp = torch.log_softmax(logits, dim=1)
+        (grad,) = torch.autograd.grad((weights * logp).sum(), images, create_graph=True)
+        error = relative_map_error(grad, target).mean()
+        (disagreement(logits, probs, c.loss).mean() + error).backward()
+        clone_opt.step()
+
     z = torch.randn(n, c.nz)
     direction = torch.randn_like(x)
 
@@ -343,15 +377,20 @@ def floor(attack: Any, oracle_victim: torch.nn.Module, num_classes: int) -> dict
     # The engine's count: the allotment, or more when fresh answers alone pass it.
     fresh = c.clone_steps + (c.generator_steps if c.train_on_generator_queries else 0)
     clone_updates = max(float(c.clone_updates_per_1k_queries), fresh * steps_per_1k)
+    with_map_term = updates_with_map_term(attack, clone_updates, steps_per_1k)
+    clone_seconds = (clone_updates - with_map_term) * median_seconds(clone_update)
+    if with_map_term:
+        clone_seconds += with_map_term * median_seconds(clone_update_with_maps)
     generator_steps = c.generator_steps * steps_per_1k
     generator_forwards = c.clone_steps * steps_per_1k
     pieces = {
-        "clone": clone_updates * median_seconds(clone_update),
+        "clone": clone_seconds,
         "generator": generator_steps * median_seconds(generator_step)
         + generator_forwards * median_seconds(generator_forward),
     }
     passes = {
         "clone_updates": clone_updates,
+        "clone_updates_with_map_term": with_map_term,
         "clone_batch": n,
         "generator_steps": generator_steps,
         "generator_forwards": generator_forwards,
@@ -402,6 +441,7 @@ def floor(attack: Any, oracle_victim: torch.nn.Module, num_classes: int) -> dict
             f"({per_map} per map, {maps_per_1k:g} maps), batches of {n}"
         )
     seconds = sum(pieces.values())
+    map_term_text = f" ({with_map_term:.3g} with the maps' term)" if with_map_term else ""
     generator_text = f"{generator_steps:.3g} generator steps of {n}"
     if generator_forwards:
         generator_text += f" + {generator_forwards:.3g} forwards of {n}"
@@ -409,7 +449,8 @@ def floor(attack: Any, oracle_victim: torch.nn.Module, num_classes: int) -> dict
         "ms_per_1k": seconds * 1e3,
         "pieces_ms_per_1k": {k: v * 1e3 for k, v in pieces.items()},
         "passes": passes,
-        "passes_text": f"{clone_updates:g} clone updates of {n}; {victim_text}; {generator_text}",
+        "passes_text": f"{clone_updates:g} clone updates of {n}{map_term_text}; {victim_text}; "
+        f"{generator_text}",
         "maps_timed_by": maps_by,
     }
 

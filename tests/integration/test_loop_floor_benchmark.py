@@ -88,7 +88,8 @@ def test_every_method_is_measured_broken_down_and_floored(tmp_path, bench):
         # The engine's allotment (the benchmark's shared setting), and one victim forward
         # per query; the run's own counts agree with the floor's.
         assert passes["clone_updates"] == 25 and passes["victim_forwards"] == 1000
-        assert floor["passes_text"].startswith("25 clone updates of 128; 1000 victim forwards")
+        assert floor["passes_text"].startswith("25 clone updates of 128")
+        assert "; 1000 victim forwards" in floor["passes_text"]
         assert floor["passes_text"] in table
         assert m["counted_per_1k"]["clone_updates"] == pytest.approx(25, abs=0.5)
         assert m["counted_per_1k"]["generator_updates"] == pytest.approx(passes["generator_steps"])
@@ -103,6 +104,11 @@ def test_every_method_is_measured_broken_down_and_floored(tmp_path, bench):
     assert megex["floor"]["passes"]["victim_backwards"] == 1000
     assert "megex.explain" in megex["floor"]["maps_timed_by"]
     assert megex["floor"]["passes"]["generator_steps"] == pytest.approx(1000 / 384)
+    # MEGEX's clone, as tuned, also matches the maps of its own 2 queries per step (the
+    # replayed answers keep none): those updates are floored with the map term's passes.
+    assert dfme["floor"]["passes"]["clone_updates_with_map_term"] == 0
+    assert megex["floor"]["passes"]["clone_updates_with_map_term"] == pytest.approx(2000 / 384)
+    assert "(5.21 with the maps' term)" in megex["floor"]["passes_text"]
 
 
 @pytest.mark.parametrize(
