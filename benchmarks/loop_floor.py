@@ -301,18 +301,16 @@ def victim_maps(victim: torch.nn.Module, x: torch.Tensor, spec: Explanation) -> 
         return torch.autograd.grad(values.gather(1, classes.view(-1, 1)).sum(), x)[0]
 
 
-def updates_with_map_term(attack: Any, clone_updates: float, steps_per_1k: float) -> float:
-    """Of `clone_updates` per 1,000 queries, how many carry a map term: a MEGEX variant's
+def updates_with_map_term(attack: Any, replayed: float, steps_per_1k: float) -> float:
+    """Of the clone updates per 1,000 queries, how many carry a map term: a MEGEX variant's
     with explanation_loss > 0, on fresh answers with maps (the generator's queries' where
-    the clone trains on them, the clone's queries' where it asks for maps) and on replayed
-    ones where the buffer keeps maps."""
+    the clone trains on them, the clone's queries' where it asks for maps) and on the
+    `replayed` ones where the buffer keeps maps."""
     c = attack.config
     if attack.name != "megex" or not c.explanation_loss:
         return 0.0
     fresh = c.generator_steps if c.train_on_generator_queries else 0
     fresh += c.clone_steps if attack.clone_query_explanation() is not None else 0
-    fresh_all = c.clone_steps + (c.generator_steps if c.train_on_generator_queries else 0)
-    replayed = clone_updates - fresh_all * steps_per_1k
     return fresh * steps_per_1k + (replayed if attack.replays_maps() else 0.0)
 
 
@@ -377,7 +375,8 @@ def floor(attack: Any, oracle_victim: torch.nn.Module, num_classes: int) -> dict
     # The engine's count: the allotment, or more when fresh answers alone pass it.
     fresh = c.clone_steps + (c.generator_steps if c.train_on_generator_queries else 0)
     clone_updates = max(float(c.clone_updates_per_1k_queries), fresh * steps_per_1k)
-    with_map_term = updates_with_map_term(attack, clone_updates, steps_per_1k)
+    replayed = clone_updates - fresh * steps_per_1k
+    with_map_term = updates_with_map_term(attack, replayed, steps_per_1k)
     clone_seconds = (clone_updates - with_map_term) * median_seconds(clone_update)
     if with_map_term:
         clone_seconds += with_map_term * median_seconds(clone_update_with_maps)

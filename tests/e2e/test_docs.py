@@ -108,9 +108,10 @@ def _cache_the_trained_victim_for_the_demo(folder: Path) -> None:
     `megex train-victim --dataset digits` trained (the same seeded recipe, seed 0, nothing
     held out, so a second training would give the same weights), as on a user's second
     run of the demo; the demo's own training is test_cli.py's."""
+    from megex.cli.common import cache_dir
     from megex.recipes import cached_victim_path
 
-    cached = cached_victim_path(folder / "cache" / "victims", "digits", None, 0, 0)
+    cached = cached_victim_path(cache_dir() / "victims", "digits", None, 0, 0)
     cached.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".json"):
         shutil.copy(folder / "victims" / f"digits{suffix}", cached.with_suffix(suffix))
@@ -126,9 +127,7 @@ def test_doc_commands_run_as_written(tmp_path, monkeypatch, capsys):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.chdir(tmp_path)
-    # The demo's cached victim goes to the test's folder, not the user's cache.
-    monkeypatch.setenv("MEGEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # (the demo's cache is the test's own: conftest.py)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     assert any(f"--budget {DOCUMENTED_BUDGET} " in line for line in runnable_lines())
     background = []
