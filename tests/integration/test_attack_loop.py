@@ -11,7 +11,7 @@ from victim_support import scaled_digits_victim
 
 import megex
 from megex import Answer, BudgetExceeded, Explanation, LocalOracle
-from megex.attacks import DFME, MEGEX
+from megex.attacks import DFME, MEGEX, Ideal
 from megex.evaluate import Evaluator
 
 SMALL = {"batch_size": 32, "clone_steps": 2}
@@ -153,14 +153,18 @@ def _run_in_folder(attack, victim, budget, evaluator, every, run_dir, **kwargs):
     return result, oracle
 
 
-@pytest.mark.parametrize("attack_class", [MEGEX, DFME])
+# IDEAL with 1 generator update per batch (its 30 would make this test minutes long); its
+# generator is re-drawn before every batch, from a seed of its own.
+@pytest.mark.parametrize(
+    "attack_class, extra", [(MEGEX, {}), (DFME, {}), (Ideal, {"generator_steps": 1})]
+)
 def test_interrupted_and_resumed_run_equals_uninterrupted(
-    tmp_path, digits_victim, digits_test, attack_class
+    tmp_path, digits_victim, digits_test, attack_class, extra
 ):
     x, y = digits_test
     evaluator = Evaluator.from_victim(digits_victim, x, y)
     budget, every = 6000, 1000
-    settings = dict(seed=3, **SMALL)
+    settings = dict(seed=3, **SMALL, **extra)
 
     straight, _ = _run_in_folder(
         attack_class(**settings), digits_victim, budget, evaluator, every, tmp_path / "a"

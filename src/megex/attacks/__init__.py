@@ -1,5 +1,5 @@
 """Model extraction attacks over the Oracle protocol: data-free (MEGEX, DFME, DisGUIDE, dual
-students and their variants) and with the attacker's own images (knockoff, JBDA and their
+students, IDEAL and their variants) and with the attacker's own images (knockoff, JBDA and their
 maps variants)."""
 
 from . import presets
@@ -11,6 +11,7 @@ from .dfme import DFME, DFMEConfig
 from .disguide import DisGUIDE, DisGUIDEConfig, DisGUIDEMaps, DisGUIDEMapsConfig
 from .dual_students import DualStudents, DualStudentsConfig
 from .evasive import EvasiveDFME, EvasiveMEGEX
+from .ideal import Ideal, IdealConfig
 from .jbda import JBDA, JBDAConfig, JBDAMaps, JBDAMapsConfig
 from .knockoff import Knockoff, KnockoffConfig, KnockoffMaps, KnockoffMapsConfig
 from .megex import MEGEX, MEGEXConfig
@@ -24,6 +25,7 @@ ATTACKS = {
     "dfme-evasive": EvasiveDFME,
     "disguide": DisGUIDE,
     "dual-students": DualStudents,
+    "ideal": Ideal,
     "disguide-maps": DisGUIDEMaps,
     "knockoff": Knockoff,
     "knockoff-maps": KnockoffMaps,
@@ -52,6 +54,8 @@ __all__ = [
     "DualStudentsConfig",
     "EvasiveDFME",
     "EvasiveMEGEX",
+    "Ideal",
+    "IdealConfig",
     "JBDA",
     "JBDAConfig",
     "JBDAMaps",

@@ -99,6 +99,9 @@ METHODS: dict[str, dict[str, Any]] = {
     # evaluated) and dual students (as the paper: two students, no diversity term).
     "disguide": {"attack": "disguide"},
     "dual-students": {"attack": "dual-students", "clones": 2, "class_balance": 0.0},
+    # IDEAL: one clone; before each batch a fresh generator is trained on the clone alone (its
+    # confidence in the classes asked for, and their balance), then the batch is sent once.
+    "ideal": {"attack": "ideal"},
     # DisGUIDE when the service returns maps: every query asks for them, and every clone
     # matches its input gradients to each map it has paid for, fresh or replayed.
     "disguide-maps": {

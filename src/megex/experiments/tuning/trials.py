@@ -24,6 +24,7 @@ __all__ = [
     "CLONE_DISAGREEMENT_ATTACKS",
     "SEARCH",
     "curve_score",
+    "ideal_search_space",
     "is_published",
     "judged_trials",
     "method_setup",
@@ -64,6 +65,8 @@ def search_space(trial: Any, attack: str, pinned: Any = ()) -> dict[str, Any]:
         return pool_search_space(trial, attack)
     if attack in CLONE_DISAGREEMENT_ATTACKS:
         return clone_disagreement_search_space(trial, attack, pinned)
+    if attack == "ideal":
+        return ideal_search_space(trial, pinned)
     params = {
         "generator_lr": trial.suggest_float("generator_lr", 1e-4, 5e-2, log=True),
         "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
@@ -116,6 +119,35 @@ def clone_disagreement_search_space(trial: Any, attack: str, pinned: Any = ()) -
         params["clones"] = trial.suggest_categorical("clones", [2, 3, 4])
     if attack == "disguide-maps":
         params["explanation_loss"] = trial.suggest_float("explanation_loss", 0.0, 3.0)
+    return params
+
+
+def ideal_search_space(trial: Any, pinned: Any = ()) -> dict[str, Any]:
+    """The knobs searched for IDEAL: the loop's shared ones that apply
+    (its generator sends no queries and has no disagreement term), the generator's updates
+    per batch (the authors' 5 and 30 among them; 30 at most, the compute bound), how often
+    it is re-drawn (1: before every batch, the paper's), the information-entropy weight
+    (the authors' 5 inside) and whose prediction it takes (each image's, the authors' code;
+    the batch's, the paper's), and what the clone learns from (the paper's top-1 class or the
+    probabilities); less what the method pins."""
+    params = {
+        "generator_lr": trial.suggest_float("generator_lr", 1e-4, 3e-2, log=True),
+        "clone_lr": trial.suggest_float("clone_lr", 0.01, 0.3, log=True),
+        "clone_steps": trial.suggest_int("clone_steps", 1, 3),
+        "replay_policy": trial.suggest_categorical("replay_policy", ["reservoir", "ring"]),
+        "generator_restart_every": trial.suggest_categorical(
+            "generator_restart_every", [1, 2_000, 20_000, 0]
+        ),
+        "class_balance": trial.suggest_float("class_balance", 0.1, 30.0, log=True),
+    }
+    if "generator_steps" not in pinned:
+        params["generator_steps"] = trial.suggest_categorical("generator_steps", [1, 5, 10, 30])
+    if "clone_target" not in pinned:
+        params["clone_target"] = trial.suggest_categorical(
+            "clone_target", ["top1", "probabilities"]
+        )
+    if "information_of" not in pinned:
+        params["information_of"] = trial.suggest_categorical("information_of", ["image", "batch"])
     return params
 
 
