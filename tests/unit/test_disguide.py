@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from victim_support import untrained_8x8_victim
 
 import megex
 from megex import Explanation, LocalOracle
@@ -25,11 +26,7 @@ ALL_CLASSES = Explanation("gradient", target="all")
 
 @pytest.fixture(scope="module")
 def victim() -> megex.Victim:
-    torch.manual_seed(0)
-    module = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
-    )
-    return megex.Victim.from_module(module, (1, 8, 8), 10, mean=0.5, std=0.5)
+    return untrained_8x8_victim()
 
 
 @pytest.fixture(scope="module")

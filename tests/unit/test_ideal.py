@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from victim_support import untrained_8x8_victim
 
 import megex
 from megex import LocalOracle
@@ -22,11 +23,7 @@ TINY = {"batch_size": 16, "nz": 16, "ngf": 8, "generator_steps": 2}
 
 @pytest.fixture(scope="module")
 def victim() -> megex.Victim:
-    torch.manual_seed(0)
-    module = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
-    )
-    return megex.Victim.from_module(module, (1, 8, 8), 10, mean=0.5, std=0.5)
+    return untrained_8x8_victim()
 
 
 def _by_hand(logits: list[list[float]], targets: list[int], weight: float, of: str) -> float:
