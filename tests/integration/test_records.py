@@ -220,6 +220,20 @@ def test_pack_refuses_to_drop_runs_the_file_holds(tmp_path, capsys):
     assert megex_main(["records", "pack", str(experiment)]) == 0
 
 
+def test_pack_out_of_an_experiment_folder_that_holds_others_packs_it_alone(tmp_path, capsys):
+    # A benchmark's root folder keeps its own runs and other experiments' folders below it.
+    root = tmp_path / "results"
+    _hand_made(root)
+    _hand_made(root / "nested")
+    out = tmp_path / "root.jsonl.gz"
+    assert megex_main(["records", "pack", str(root), "--out", str(out)]) == 0
+    assert len(records.read_records(out)) == 2
+    assert not (root / "nested" / records.RECORDS).exists()
+    # A folder above both is not one experiment: --out stays refused there.
+    assert megex_main(["records", "pack", str(tmp_path), "--out", str(out)]) == 2
+    assert "holds 2 experiment folders" in capsys.readouterr().err
+
+
 def test_check_names_each_difference(tmp_path, capsys):
     experiment = tmp_path / "exp"
     _hand_made(experiment)

@@ -103,6 +103,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     found = [e for e in _experiments(args.dir, "DIR") if records.finished_runs(e)]
     if not found:
         raise UsageError(f"DIR: no finished run folder (<runs>/<run>/result.json) under {args.dir}")
+    here = [e for e in found if e.resolve() == Path(args.dir).resolve()]
+    if args.out and here:
+        # DIR is an experiment folder itself: the ones nested in it keep their own files.
+        found = here
     if args.out and len(found) > 1:
         raise UsageError(
             f"--out: {args.dir} holds {len(found)} experiment folders ({found[0]}, {found[1]}, "
